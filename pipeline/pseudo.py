@@ -1,0 +1,382 @@
+"""Pseudo-labels for data distillation: teacher test-time augmentation, ensembling, thresholds.
+
+The teacher sees every unlabeled image under several transforms (horizontal flip x scales).
+Each transform's predictions are mapped back to the original frame (boxes un-flipped and
+rescaled, soft masks un-flipped and resized), then **ensembled**: detections of one class that
+overlap across transforms form a cluster whose box is the top one (``merge="nms"``) or the
+score-weighted average (``merge="wbv"``, weighted box voting), whose soft masks are averaged
+before binarization and whose scores are combined (``score_mode``).
+
+Per-class thresholds follow the data-distillation rule (Radosavovic et al., CVPR 2018):
+choose class ``c``'s threshold so the average number of pseudo instances per unlabeled image
+equals the labeled set's average for ``c`` (``density_thresholds``), or use a fixed threshold.
+
+``run_pseudo_labels`` wires it to Ray Data and storage: candidates (every ensembled instance
+above ``min_score``) are written once as maskray shards, thresholds are chosen from their
+scores, and the pseudo-label dataset is the thresholded copy, with ``round`` and ``teacher`` in
+the manifest's ``extra``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.errors import MaskrayError
+
+logger = logging.getLogger(__name__)
+
+MERGE_MODES = ("wbv", "nms")
+SCORE_MODES = ("mean", "max")
+THRESHOLD_MODES = ("density", "fixed")
+# A threshold above every score: no pseudo instance of that class (JSON-safe, unlike inf).
+NEVER = 1.0 + 1e-6
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class TTAConfig:
+    """Which transforms the teacher runs and how their predictions are merged.
+
+    ``scales`` multiply both the image size and the model's ``min_size``/``max_size`` so each
+    scale really changes the resolution the network sees. ``min_score`` drops weak detections
+    of every transform before merging; ``iou_threshold`` groups same-class detections across
+    transforms; ``max_detections`` caps the merged result per image.
+    """
+
+    scales: tuple[float, ...] = (1.0,)
+    hflip: bool = True
+    merge: str = "wbv"
+    score_mode: str = "mean"
+    iou_threshold: float = 0.55
+    min_score: float = 0.05
+    mask_threshold: float = 0.5
+    max_detections: int = 100
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        if not self.scales or any(not (s > 0 and math.isfinite(s)) for s in self.scales):
+            raise MaskrayError(f"tta.scales: expected positive numbers, got {list(self.scales)}")
+        if self.merge not in MERGE_MODES:
+            raise MaskrayError(f"tta.merge: expected one of {MERGE_MODES}, got {self.merge!r}")
+        if self.score_mode not in SCORE_MODES:
+            raise MaskrayError(f"tta.score_mode: expected one of {SCORE_MODES}, got {self.score_mode!r}")
+        for name in ("iou_threshold", "min_score", "mask_threshold"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise MaskrayError(f"tta.{name}: expected a value in [0, 1], got {value}")
+        if self.max_detections < 1:
+            raise MaskrayError(f"tta.max_detections: expected >= 1, got {self.max_detections}")
+
+    def transforms(self) -> list["Transform"]:
+        flips = (False, True) if self.hflip else (False,)
+        return [Transform(scale=s, hflip=f) for s in self.scales for f in flips]
+
+
+@dataclass(frozen=True)
+class ThresholdConfig:
+    """``mode="density"``: per-class thresholds from the labeled set's instances per image,
+    never below ``floor``; ``mode="fixed"``: one threshold ``value`` for every class."""
+
+    mode: str = "density"
+    value: float = 0.5
+    floor: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.mode not in THRESHOLD_MODES:
+            raise MaskrayError(f"thresholds.mode: expected one of {THRESHOLD_MODES}, got {self.mode!r}")
+        for name in ("value", "floor"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise MaskrayError(f"thresholds.{name}: expected a value in [0, 1], got {getattr(self, name)}")
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+@dataclass
+class Prediction:
+    """One image's detections: ``boxes`` float32[N,4] xyxy pixels, ``scores`` float32[N],
+    ``labels`` int64[N] (model labels 1..K), ``masks`` float32[N,H,W] soft masks in [0,1] in the
+    frame of the image the prediction belongs to."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+    masks: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.masks.shape[-2]), int(self.masks.shape[-1])
+
+    @classmethod
+    def empty(cls, height: int, width: int) -> "Prediction":
+        return cls(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64),
+                   torch.zeros(0, height, width))
+
+    @classmethod
+    def from_output(cls, output: dict, height: int, width: int) -> "Prediction":
+        """From a torchvision Mask R-CNN output dict (``masks`` [N,1,H,W])."""
+        masks = output["masks"].detach().float()
+        if masks.dim() == 4:
+            masks = masks[:, 0]
+        if masks.shape[0] == 0:
+            masks = masks.new_zeros(0, height, width)
+        return cls(
+            boxes=output["boxes"].detach().float().reshape(-1, 4),
+            scores=output["scores"].detach().float().reshape(-1),
+            labels=output["labels"].detach().to(torch.int64).reshape(-1),
+            masks=masks,
+        )
+
+    def select(self, keep: torch.Tensor) -> "Prediction":
+        return Prediction(self.boxes[keep], self.scores[keep], self.labels[keep], self.masks[keep])
+
+
+@dataclass(frozen=True)
+class Transform:
+    """A horizontal flip and/or a rescale of the input; ``invert`` maps predictions back."""
+
+    scale: float = 1.0
+    hflip: bool = False
+
+    def size(self, height: int, width: int) -> tuple[int, int]:
+        return max(1, int(round(height * self.scale))), max(1, int(round(width * self.scale)))
+
+    def apply(self, image: torch.Tensor) -> torch.Tensor:
+        """float image [C,H,W] -> the transformed image (bilinear resize, then flip)."""
+        height, width = image.shape[-2:]
+        new_size = self.size(height, width)
+        if new_size != (height, width):
+            image = F.interpolate(image[None], size=new_size, mode="bilinear", align_corners=False)[0]
+        if self.hflip:
+            image = image.flip(-1)
+        return image
+
+    def invert(self, pred: Prediction, height: int, width: int) -> Prediction:
+        """Predictions made on ``apply(image)`` -> predictions in the original ``height x width``."""
+        th, tw = self.size(height, width)
+        boxes = pred.boxes.clone()
+        masks = pred.masks
+        if self.hflip:
+            boxes[:, 0], boxes[:, 2] = tw - pred.boxes[:, 2], tw - pred.boxes[:, 0]
+            masks = masks.flip(-1)
+        if (th, tw) != (height, width):
+            boxes[:, 0::2] *= width / tw
+            boxes[:, 1::2] *= height / th
+            if masks.shape[0]:
+                masks = F.interpolate(masks[:, None], size=(height, width), mode="bilinear",
+                                      align_corners=False)[:, 0]
+            else:
+                masks = masks.new_zeros(0, height, width)
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        return Prediction(boxes, pred.scores.clone(), pred.labels.clone(), masks.clamp(0, 1))
+
+
+# --------------------------------------------------------------------------- ensembling
+
+
+def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
+    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    lt = torch.max(a[:, None, :2], b[None, :, :2])
+    rb = torch.min(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
+
+
+def ensemble(preds: Sequence[Prediction], config: TTAConfig) -> Prediction:
+    """Merge predictions of the same image (all in the original frame) from ``len(preds)``
+    transforms into one :class:`Prediction`.
+
+    Greedy clustering per class in score order: the best unassigned detection takes every
+    unassigned same-class detection with IoU >= ``iou_threshold``. From each transform only its
+    best member of the cluster counts (a transform votes once). The merged score is the mean
+    over *all* transforms (a transform that missed the object contributes 0) or the max; the
+    box is the top member's (nms) or the score-weighted mean of the members' (wbv); the soft
+    mask is the mean of the members' soft masks.
+    """
+    if not preds:
+        raise ValueError("ensemble: no predictions")
+    height, width = preds[0].image_size
+    for p in preds:
+        if p.image_size != (height, width):
+            raise ValueError(f"ensemble: predictions in different frames {p.image_size} vs {(height, width)}")
+    num_t = len(preds)
+    boxes = torch.cat([p.boxes for p in preds])
+    scores = torch.cat([p.scores for p in preds])
+    labels = torch.cat([p.labels for p in preds])
+    masks = torch.cat([p.masks for p in preds])
+    tidx = torch.cat([torch.full((len(p),), i, dtype=torch.int64) for i, p in enumerate(preds)])
+    keep = scores >= config.min_score
+    boxes, scores, labels, masks, tidx = boxes[keep], scores[keep], labels[keep], masks[keep], tidx[keep]
+
+    out_boxes, out_scores, out_labels, out_masks = [], [], [], []
+    for label in labels.unique().tolist():
+        idx = torch.nonzero(labels == label).flatten()
+        idx = idx[torch.argsort(scores[idx], descending=True, stable=True)]
+        iou = _box_iou(boxes[idx], boxes[idx])
+        assigned = torch.zeros(len(idx), dtype=torch.bool)
+        for i in range(len(idx)):
+            if assigned[i]:
+                continue
+            members = (~assigned) & (iou[i] >= config.iou_threshold)
+            members[i] = True
+            assigned |= members
+            # each transform's best member: members are in score order, so its first one
+            best: dict[int, int] = {}
+            for j in torch.nonzero(members).flatten().tolist():
+                best.setdefault(int(tidx[idx[j]]), int(idx[j]))
+            sel = torch.tensor(list(best.values()), dtype=torch.int64)
+            s = scores[sel]
+            merged_score = s.sum() / num_t if config.score_mode == "mean" else s.max()
+            if config.merge == "nms":
+                box = boxes[int(idx[i])]
+            else:
+                box = (boxes[sel] * s[:, None]).sum(0) / s.sum().clamp(min=1e-12)
+            out_boxes.append(box)
+            out_scores.append(merged_score)
+            out_labels.append(label)
+            out_masks.append(masks[sel].mean(0))
+    if not out_scores:
+        return Prediction.empty(height, width)
+    result = Prediction(torch.stack(out_boxes), torch.stack(out_scores).float(),
+                        torch.tensor(out_labels, dtype=torch.int64), torch.stack(out_masks))
+    order = torch.argsort(result.scores, descending=True, stable=True)[: config.max_detections]
+    return result.select(order)
+
+
+@contextlib.contextmanager
+def _model_scale(model: torch.nn.Module, scale: float) -> Iterator[None]:
+    """Scale a torchvision detector's internal resize (min_size/max_size) for one transform, so
+    the network really sees the image at ``scale``; restored on exit."""
+    transform = getattr(model, "transform", None)
+    if transform is None or scale == 1.0 or not hasattr(transform, "min_size"):
+        yield
+        return
+    min_size, max_size = transform.min_size, transform.max_size
+    transform.min_size = tuple(max(1, int(round(m * scale))) for m in min_size)
+    transform.max_size = max(1, int(round(max_size * scale)))
+    try:
+        yield
+    finally:
+        transform.min_size, transform.max_size = min_size, max_size
+
+
+def predict_tta(model: Callable, images: Sequence[torch.Tensor], config: TTAConfig) -> list[Prediction]:
+    """Run ``model`` (list of float [3,H,W] images -> torchvision output dicts in each input's
+    frame) under every transform of ``config`` and return one ensembled Prediction per image."""
+    per_image: list[list[Prediction]] = [[] for _ in images]
+    with torch.inference_mode():
+        for t in config.transforms():
+            with _model_scale(model, t.scale):
+                outputs = model([t.apply(img) for img in images])
+            for i, (img, out) in enumerate(zip(images, outputs)):
+                th, tw = t.size(*img.shape[-2:])
+                per_image[i].append(t.invert(Prediction.from_output(out, th, tw), *img.shape[-2:]))
+    return [ensemble(p, config) for p in per_image]
+
+
+# --------------------------------------------------------------------------- annotations
+
+
+def to_annotations(pred: Prediction, categories: Sequence[dict], *, image_id: int,
+                   mask_threshold: float = 0.5) -> list[dict]:
+    """Prediction -> shard annotation dicts (COCO xywh bbox, RLE of the binarized mask, score).
+    Instances whose binarized mask is empty are dropped."""
+    from pycocotools import mask as mask_utils
+
+    if len(pred) == 0:
+        return []
+    binary = (pred.masks >= mask_threshold).to(torch.uint8).numpy()
+    rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+    areas = binary.reshape(len(pred), -1).sum(1)
+    annotations = []
+    for i, rle in enumerate(rles):
+        if areas[i] == 0:
+            continue
+        x1, y1, x2, y2 = (float(v) for v in pred.boxes[i].tolist())
+        label = int(pred.labels[i])
+        if not 1 <= label <= len(categories):
+            raise MaskrayError(f"teacher predicted label {label}, but the manifest has {len(categories)} categories")
+        annotations.append({
+            "id": int(image_id) * 1000 + i,
+            "category_id": int(categories[label - 1]["id"]),
+            "bbox": [x1, y1, x2 - x1, y2 - y1],
+            "area": float(areas[i]),
+            "iscrowd": False,
+            "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"]},
+            "score": float(pred.scores[i]),
+        })
+    return annotations
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+def labeled_density(annotation_lists: Iterable[Sequence[dict]], category_ids: Sequence[int]) -> dict[int, float]:
+    """Average number of (non-crowd) instances per image for each category id."""
+    counts = {int(c): 0 for c in category_ids}
+    images = 0
+    for annotations in annotation_lists:
+        images += 1
+        for ann in annotations or ():
+            if ann.get("iscrowd"):
+                continue
+            cid = int(ann["category_id"])
+            if cid in counts:
+                counts[cid] += 1
+    if images == 0:
+        raise MaskrayError("density rule: the labeled dataset has no images")
+    return {c: n / images for c, n in counts.items()}
+
+
+def density_thresholds(scores: dict[int, Sequence[float]], num_images: int,
+                       target_per_image: dict[int, float], *, floor: float = 0.0) -> dict[int, float]:
+    """Per-class thresholds so that ``#{score >= t_c} / num_images`` matches
+    ``target_per_image[c]`` (rounded to whole instances): ``t_c`` is the k-th highest score with
+    ``k = round(target * num_images)``; never below ``floor``; :data:`NEVER` when ``k == 0``."""
+    if num_images <= 0:
+        raise MaskrayError("density rule: no unlabeled images to threshold")
+    thresholds = {}
+    for cid, target in target_per_image.items():
+        k = int(round(target * num_images))
+        s = np.sort(np.asarray(scores.get(cid, ()), dtype=np.float64))[::-1]
+        if k <= 0:
+            t = NEVER
+        elif k >= len(s):
+            t = floor
+        else:
+            t = float(s[k - 1])
+        thresholds[int(cid)] = float(max(t, floor))
+    return thresholds
+
+
+def apply_thresholds(annotations: Sequence[dict], thresholds: dict[int, float]) -> list[dict]:
+    return [a for a in annotations if a["score"] >= thresholds.get(int(a["category_id"]), NEVER)]
+
+
+# --------------------------------------------------------------------------- Ray Data + storage
+
+
+@dataclass
+class PseudoLabelResult:
+    dataset: str
+    thresholds: dict[int, float]
+    images: int
+    instances: int
+    candidates: int
+    extra: dict = field(default_factory=dict)
