@@ -1,0 +1,225 @@
+"""Self-describing checkpoints: model state plus the small JSON-able config that rebuilds it.
+
+A checkpoint is ``torch.save`` of a dict holding only tensors and plain data::
+
+    {"format": "maskray-checkpoint/1", "config": ModelConfig.to_dict(),
+     "model": state_dict, "extra": {...}}
+
+so it loads with ``torch.load(weights_only=True)``: loading never unpickles arbitrary
+objects. Label convention: model label ``i`` (1..K) is ``config.categories[i - 1]``,
+label 0 is background.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import pickle
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import torch
+from torch import nn
+
+from model.errors import MaskrayError
+
+FORMAT = "maskray-checkpoint/1"
+_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+_VARIANTS = ("v1", "v2")
+_NORMS = ("bn", "frozen_bn", "gn")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model for a checkpoint (validated on construction).
+
+    ``categories`` are COCO ``{"id", "name"}`` dicts for labels 1..K (so ``num_classes`` is
+    ``len(categories) + 1``); an empty list means "unnamed": label ``i`` is category id ``i``
+    (the convention of torchvision's COCO models, whose 91 labels are COCO ids).
+    ``options`` holds any further keyword arguments of ``build_maskrcnn`` (JSON-able values).
+    """
+
+    backbone: str = "resnet50"
+    num_classes: int = 91
+    variant: str = "v1"
+    min_size: int = 800
+    max_size: int = 1333
+    categories: list[dict] = field(default_factory=list)
+    norm: str = "bn"
+    trainable_layers: int = 5
+    box_score_thresh: float = 0.05
+    box_detections_per_img: int = 100
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.backbone not in _BACKBONES:
+            raise MaskrayError(f"model config backbone {self.backbone!r} is not one of {', '.join(_BACKBONES)}")
+        if self.variant not in _VARIANTS:
+            raise MaskrayError(f"model config variant {self.variant!r} is not one of {', '.join(_VARIANTS)}")
+        if self.norm not in _NORMS:
+            raise MaskrayError(f"model config norm {self.norm!r} is not one of {', '.join(_NORMS)}")
+        if not isinstance(self.num_classes, int) or self.num_classes < 2:
+            raise MaskrayError(f"model config num_classes={self.num_classes!r} must be an int >= 2")
+        if not 0 < self.min_size <= self.max_size:
+            raise MaskrayError(
+                f"model config min_size={self.min_size} / max_size={self.max_size}: need 0 < min_size <= max_size"
+            )
+        if not 0 <= self.trainable_layers <= 5:
+            raise MaskrayError(f"model config trainable_layers={self.trainable_layers} is outside 0..5")
+        self.categories = [dict(c) for c in self.categories]
+        for i, c in enumerate(self.categories):
+            if "id" not in c or "name" not in c:
+                raise MaskrayError(f"model config categories[{i}]={c!r} needs 'id' and 'name'")
+        if self.categories and len(self.categories) != self.num_classes - 1:
+            raise MaskrayError(
+                f"model config has {len(self.categories)} categories but num_classes={self.num_classes}; "
+                "expected num_classes = len(categories) + 1 (label 0 is background)"
+            )
+        reserved = {f.name for f in dataclasses.fields(self)} | {"backbone_module"}
+        clash = sorted(set(self.options) & reserved)
+        if clash:
+            raise MaskrayError(f"model config options repeat top-level fields: {', '.join(clash)}")
+
+    @classmethod
+    def for_categories(cls, categories: list[dict], **kwargs: Any) -> ModelConfig:
+        """A config whose ``num_classes`` follows from ``categories``."""
+        return cls(categories=list(categories), num_classes=len(categories) + 1, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise MaskrayError(f"model config must be a dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise MaskrayError(f"model config has unknown fields: {', '.join(unknown)}")
+        return cls(**data)
+
+    def category_ids(self) -> list[int]:
+        """Category id of each label 1..K (``list[label - 1]``)."""
+        if self.categories:
+            return [int(c["id"]) for c in self.categories]
+        return list(range(1, self.num_classes))
+
+
+def build_from_config(config: ModelConfig) -> nn.Module:
+    """A freshly initialised model for ``config``."""
+    from model.maskrcnn import build_maskrcnn
+
+    return build_maskrcnn(
+        backbone=config.backbone,
+        num_classes=config.num_classes,
+        variant=config.variant,
+        min_size=config.min_size,
+        max_size=config.max_size,
+        norm=config.norm,
+        trainable_layers=config.trainable_layers,
+        box_score_thresh=config.box_score_thresh,
+        box_detections_per_img=config.box_detections_per_img,
+        **config.options,
+    )
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP (``.module``) or ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Raise unless ``value`` is made of tensors and JSON-like data (what weights_only loads)."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor, torch.dtype, torch.Size)):
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise MaskrayError(f"checkpoint {where} has a key of type {type(k).__name__}; use str or int keys")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    raise MaskrayError(
+        f"checkpoint {where} is a {type(value).__name__}; only tensors, numbers, strings, lists and dicts "
+        "can be stored (checkpoints load with weights_only=True)"
+    )
+
+
+def save_checkpoint(
+    f: str | os.PathLike | BinaryIO,
+    model: nn.Module,
+    config: ModelConfig,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write ``model``'s state, ``config`` and ``extra`` (plain data / tensors) to a path or binary file."""
+    if not isinstance(config, ModelConfig):
+        raise MaskrayError(f"save_checkpoint needs a ModelConfig, got {type(config).__name__}")
+    extra = dict(extra or {})
+    _check_plain(extra, "extra")
+    config_dict = config.to_dict()
+    _check_plain(config_dict, "config")
+    state = {k: v.detach().contiguous() for k, v in _unwrap(model).state_dict().items()}
+    torch.save({"format": FORMAT, "config": config_dict, "model": state, "extra": extra}, f)
+
+
+def _name(f: Any) -> str:
+    if isinstance(f, (str, os.PathLike)):
+        return os.fspath(f)
+    return str(getattr(f, "name", "<stream>"))
+
+
+def load_checkpoint(
+    f: str | os.PathLike | BinaryIO | bytes, *, map_location: Any = "cpu"
+) -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
+    """Load ``(model, config, extra)``; the model is rebuilt from the config, in eval mode.
+
+    Objects other than tensors and plain data are refused (``weights_only=True``), as are
+    files that are not maskray checkpoints, with a one-line :class:`MaskrayError`.
+    """
+    name = _name(f)
+    if isinstance(f, (bytes, bytearray, memoryview)):
+        f = io.BytesIO(bytes(f))
+    try:
+        data = torch.load(f, map_location=map_location, weights_only=True)
+    except FileNotFoundError as exc:
+        raise MaskrayError(f"checkpoint {name} does not exist") from exc
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MaskrayError(
+            f"checkpoint {name} holds objects other than tensors and plain data and was refused "
+            f"(loaded with weights_only=True): {first}"
+        ) from exc
+    except (RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MaskrayError(f"checkpoint {name} is not a readable torch file: {first}") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise MaskrayError(
+            f"checkpoint {name} is not a {FORMAT} file (found {found!r}); "
+            "a plain torchvision state dict loads with model.load_state_dict(..., strict=True)"
+        )
+    for key in ("config", "model"):
+        if key not in data:
+            raise MaskrayError(f"checkpoint {name} lacks its {key!r} entry")
+    config = ModelConfig.from_dict(data["config"])
+    model = build_from_config(config)
+    try:
+        model.load_state_dict(data["model"], strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise MaskrayError(f"checkpoint {name} weights do not fit its config ({config.backbone}, "
+                           f"{config.variant}, {config.num_classes} classes): {first}") from exc
+    if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
+        model.to(map_location)
+    model.eval()
+    return model, config, dict(data.get("extra") or {})

@@ -1,0 +1,220 @@
+"""Mask R-CNN assembled from torchvision's detection parts, pooling with our RoIAlign op.
+
+``build_maskrcnn`` composes a ResNet-FPN backbone, anchor generator, RPN, RoI heads and
+mask head/predictor exactly as torchvision's ``maskrcnn_resnet50_fpn`` (``variant="v1"``)
+and ``maskrcnn_resnet50_fpn_v2`` (``variant="v2"``) do, so a torchvision state dict of
+those models loads with ``strict=True`` and gives the same outputs. The only difference is
+the box and mask poolers: ``model.ops.MultiScaleRoIAlign``, which runs
+``torch.ops.maskray.roi_align``.
+
+Every submodule can be passed in; those left ``None`` are built with torchvision's
+defaults. Masks are per-class binary masks, decoupled from classification (the mask of the
+predicted class is selected after classification), as in the Mask R-CNN paper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import misc as misc_nn_ops
+
+from model import ops
+from model.errors import MaskrayError
+
+BACKBONES: dict[str, Callable[..., resnet.ResNet]] = {
+    "resnet18": resnet.resnet18,
+    "resnet34": resnet.resnet34,
+    "resnet50": resnet.resnet50,
+    "resnet101": resnet.resnet101,
+}
+VARIANTS = ("v1", "v2")
+NORMS = ("bn", "frozen_bn", "gn")
+
+DEFAULT_ANCHOR_SIZES: tuple[tuple[int, ...], ...] = ((32,), (64,), (128,), (256,), (512,))
+DEFAULT_ASPECT_RATIOS: tuple[float, ...] = (0.5, 1.0, 2.0)
+FEATURE_MAPS = ["0", "1", "2", "3"]
+GN_GROUPS = 32
+
+
+def norm_layer(norm: str | None) -> Callable[[int], nn.Module] | None:
+    """The normalisation constructor for ``norm`` ("bn", "frozen_bn", "gn"; None = no norm)."""
+    if norm is None:
+        return None
+    if norm == "bn":
+        return nn.BatchNorm2d
+    if norm == "frozen_bn":
+        return misc_nn_ops.FrozenBatchNorm2d
+    if norm == "gn":
+        return partial(nn.GroupNorm, GN_GROUPS)
+    raise MaskrayError(f"model norm {norm!r} is not one of {', '.join(NORMS)}")
+
+
+def build_backbone(
+    *,
+    backbone: str = "resnet50",
+    trainable_layers: int = 5,
+    norm: str = "bn",
+    fpn_norm: str | None = None,
+) -> BackboneWithFPN:
+    """A randomly initialised ResNet with an FPN on top (levels "0".."3" and "pool", 256 channels).
+
+    ``norm`` normalises the ResNet body, ``fpn_norm`` the FPN convolutions (None: plain convs,
+    as torchvision v1; "bn": as torchvision v2). ``trainable_layers`` (0..5) counts the ResNet
+    stages left trainable from the top, as torchvision's ``trainable_backbone_layers``.
+    """
+    if backbone not in BACKBONES:
+        raise MaskrayError(f"model backbone {backbone!r} is not one of {', '.join(BACKBONES)}")
+    if not 0 <= trainable_layers <= 5:
+        raise MaskrayError(f"model trainable_layers={trainable_layers} is outside 0..5")
+    body = BACKBONES[backbone](weights=None, norm_layer=norm_layer(norm))
+    return _resnet_fpn_extractor(body, trainable_layers, norm_layer=norm_layer(fpn_norm))
+
+
+def build_maskrcnn(
+    *,
+    backbone: str = "resnet50",
+    num_classes: int = 91,
+    variant: str = "v1",
+    min_size: int | tuple[int, ...] = 800,
+    max_size: int = 1333,
+    trainable_layers: int = 5,
+    norm: str = "bn",
+    head_norm: str | None = None,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
+    # anchors and RPN (torchvision's defaults)
+    anchor_sizes: Sequence[Sequence[int]] = DEFAULT_ANCHOR_SIZES,
+    aspect_ratios: Sequence[float] = DEFAULT_ASPECT_RATIOS,
+    rpn_pre_nms_top_n_train: int = 2000,
+    rpn_pre_nms_top_n_test: int = 1000,
+    rpn_post_nms_top_n_train: int = 2000,
+    rpn_post_nms_top_n_test: int = 1000,
+    rpn_nms_thresh: float = 0.7,
+    rpn_fg_iou_thresh: float = 0.7,
+    rpn_bg_iou_thresh: float = 0.3,
+    rpn_batch_size_per_image: int = 256,
+    rpn_positive_fraction: float = 0.5,
+    rpn_score_thresh: float = 0.0,
+    # RoI heads (torchvision's defaults)
+    box_score_thresh: float = 0.05,
+    box_nms_thresh: float = 0.5,
+    box_detections_per_img: int = 100,
+    box_fg_iou_thresh: float = 0.5,
+    box_bg_iou_thresh: float = 0.5,
+    box_batch_size_per_image: int = 512,
+    box_positive_fraction: float = 0.25,
+    bbox_reg_weights: tuple[float, float, float, float] | None = None,
+    # submodules: built as torchvision does when None
+    backbone_module: nn.Module | None = None,
+    rpn_anchor_generator: AnchorGenerator | None = None,
+    rpn_head: nn.Module | None = None,
+    box_roi_pool: nn.Module | None = None,
+    box_head: nn.Module | None = None,
+    box_predictor: nn.Module | None = None,
+    mask_roi_pool: nn.Module | None = None,
+    mask_head: nn.Module | None = None,
+    mask_predictor: nn.Module | None = None,
+) -> MaskRCNN:
+    """A torchvision ``MaskRCNN`` whose box and mask poolers are ``model.ops.MultiScaleRoIAlign``.
+
+    ``variant="v1"`` is ``maskrcnn_resnet50_fpn`` (TwoMLPHead box head, plain FPN and mask
+    head, one-conv RPN head); ``variant="v2"`` is ``maskrcnn_resnet50_fpn_v2`` (FPN, 4conv1fc
+    box head and mask head normalised with ``head_norm``, default "bn"; two-conv RPN head).
+    ``norm`` normalises the ResNet body; the defaults ("bn", ``trainable_layers=5``) are what
+    torchvision uses without pretrained weights, so its state dicts load with ``strict=True``.
+    ``head_norm="gn"`` gives the GroupNorm heads of the paper's later variants.
+
+    Input: a list of float CHW images in [0, 1]; output: torchvision's target/prediction dicts.
+    """
+    if variant not in VARIANTS:
+        raise MaskrayError(f"model variant {variant!r} is not one of {', '.join(VARIANTS)}")
+    if num_classes < 2:
+        raise MaskrayError(f"model num_classes={num_classes} must be >= 2 (background + at least one class)")
+    if variant == "v2" and head_norm is None:
+        head_norm = "bn"
+    if variant == "v1" and head_norm is not None:
+        raise MaskrayError("model head_norm applies to variant 'v2' only (v1 heads have no normalisation)")
+
+    if backbone_module is None:
+        backbone_module = build_backbone(
+            backbone=backbone, trainable_layers=trainable_layers, norm=norm, fpn_norm=head_norm
+        )
+    channels = backbone_module.out_channels
+
+    if rpn_anchor_generator is None:
+        sizes = tuple(tuple(s) for s in anchor_sizes)
+        rpn_anchor_generator = AnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
+    if rpn_head is None:
+        rpn_head = RPNHead(
+            channels, rpn_anchor_generator.num_anchors_per_location()[0], conv_depth=2 if variant == "v2" else 1
+        )
+    if box_roi_pool is None:
+        box_roi_pool = ops.MultiScaleRoIAlign(FEATURE_MAPS, 7, 2)
+    if box_head is None:
+        resolution = _output_size(box_roi_pool)
+        if variant == "v1":
+            box_head = TwoMLPHead(channels * resolution**2, 1024)
+        else:
+            box_head = FastRCNNConvFCHead(
+                (channels, resolution, resolution), [256, 256, 256, 256], [1024], norm_layer=norm_layer(head_norm)
+            )
+    if box_predictor is None:
+        box_predictor = FastRCNNPredictor(1024, num_classes)
+    if mask_roi_pool is None:
+        mask_roi_pool = ops.MultiScaleRoIAlign(FEATURE_MAPS, 14, 2)
+    if mask_head is None:
+        mask_head = MaskRCNNHeads(channels, [256, 256, 256, 256], 1, norm_layer=norm_layer(head_norm))
+    if mask_predictor is None:
+        mask_predictor = MaskRCNNPredictor(256, 256, num_classes)
+
+    model = MaskRCNN(
+        backbone_module,
+        num_classes=None,
+        min_size=min_size,
+        max_size=max_size,
+        image_mean=image_mean,
+        image_std=image_std,
+        rpn_anchor_generator=rpn_anchor_generator,
+        rpn_head=rpn_head,
+        rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
+        rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
+        rpn_nms_thresh=rpn_nms_thresh,
+        rpn_fg_iou_thresh=rpn_fg_iou_thresh,
+        rpn_bg_iou_thresh=rpn_bg_iou_thresh,
+        rpn_batch_size_per_image=rpn_batch_size_per_image,
+        rpn_positive_fraction=rpn_positive_fraction,
+        rpn_score_thresh=rpn_score_thresh,
+        box_head=box_head,
+        box_predictor=box_predictor,
+        box_score_thresh=box_score_thresh,
+        box_nms_thresh=box_nms_thresh,
+        box_detections_per_img=box_detections_per_img,
+        box_fg_iou_thresh=box_fg_iou_thresh,
+        box_bg_iou_thresh=box_bg_iou_thresh,
+        box_batch_size_per_image=box_batch_size_per_image,
+        box_positive_fraction=box_positive_fraction,
+        bbox_reg_weights=bbox_reg_weights,
+        mask_head=mask_head,
+        mask_predictor=mask_predictor,
+    )
+    # MaskRCNN's constructor type-checks poolers against torchvision's own class, so ours
+    # are installed on the RoI heads after construction (poolers hold no parameters).
+    model.roi_heads.box_roi_pool = box_roi_pool
+    model.roi_heads.mask_roi_pool = mask_roi_pool
+    return model
+
+
+def _output_size(pool: nn.Module) -> int:
+    size = pool.output_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return int(size)
