@@ -1,0 +1,200 @@
+"""COCO bbox and segm evaluation (pycocotools ``COCOeval``) of predictions against shard ground truth.
+
+Metrics layout, the same everywhere metrics are written::
+
+    {"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl"}, "segm": {...same keys}}
+
+Values are in [0, 1]. ``None`` (``null`` in JSON) stands for COCOeval's -1: no ground truth
+in that size range (or no ground truth at all), so the metric is undefined.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.errors import MaskrayError
+from pipeline.instances import Instances, from_result_instances
+
+log = logging.getLogger(__name__)
+
+IOU_TYPES = ("bbox", "segm")
+METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def coco_ground_truth(rows: Iterable[dict[str, Any]], categories: Sequence[dict]) -> dict[str, Any]:
+    """A COCO ground-truth dataset dict from shard rows (``image_id``, ``width``, ``height``, ``annotations``).
+
+    Annotation ids are renumbered 1..N: pycocotools treats id 0 as "unmatched".
+    """
+    images, annotations = [], []
+    for row in rows:
+        image_id = int(row["image_id"])
+        images.append({"id": image_id, "width": int(row["width"]), "height": int(row["height"]),
+                       "file_name": row.get("file_name") or str(image_id)})
+        for ann in row.get("annotations") or []:
+            gt = from_result_instances(image_id, [ann])[0]
+            gt.pop("score")
+            gt["id"] = len(annotations) + 1
+            gt["iscrowd"] = int(bool(ann.get("iscrowd")))
+            gt["area"] = float(ann["area"]) if ann.get("area") is not None else float(gt["bbox"][2] * gt["bbox"][3])
+            annotations.append(gt)
+    cats = [{"id": int(c["id"]), "name": str(c.get("name", c["id"])),
+             "supercategory": str(c.get("supercategory", ""))} for c in categories]
+    return {"images": images, "annotations": annotations, "categories": cats}
+
+
+def _quiet(fn, *args, **kwargs):
+    """Call a pycocotools function with its progress prints swallowed."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args, **kwargs)
+
+
+def _coco(dataset: dict[str, Any]):
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = dataset
+    _quiet(coco.createIndex)
+    return coco
+
+
+def _results_for(results: list[dict[str, Any]], iou_type: str) -> list[dict[str, Any]]:
+    """Results laid out for ``loadRes``: bbox eval uses box areas; segm eval uses mask areas and boxes."""
+    if iou_type == "bbox":
+        return [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
+    return [{k: v for k, v in r.items() if k != "bbox"} for r in results if r.get("segmentation") is not None]
+
+
+def coco_metrics(ground_truth: dict[str, Any], results: list[dict[str, Any]],
+                 iou_types: Sequence[str] = IOU_TYPES) -> dict[str, dict[str, float | None]]:
+    """COCOeval's AP, AP50, AP75, APs, APm, APl per IoU type, from a GT dataset dict and COCO results."""
+    from pycocotools.cocoeval import COCOeval
+
+    gt = _coco(ground_truth)
+    image_ids = {img["id"] for img in ground_truth["images"]}
+    stray = {r["image_id"] for r in results} - image_ids
+    if stray:
+        raise MaskrayError(f"predictions name image ids absent from the ground truth: {sorted(stray)[:5]}")
+    metrics: dict[str, dict[str, float | None]] = {}
+    for iou_type in iou_types:
+        if iou_type not in IOU_TYPES:
+            raise MaskrayError(f"unknown COCO IoU type {iou_type!r}; use one of {', '.join(IOU_TYPES)}")
+        dets = _results_for(results, iou_type)
+        if not ground_truth["annotations"]:
+            metrics[iou_type] = dict.fromkeys(METRIC_KEYS)
+            continue
+        if dets:
+            dt = _quiet(gt.loadRes, dets)
+        else:  # loadRes cannot take an empty list
+            dt = _coco({"images": ground_truth["images"], "annotations": [],
+                        "categories": ground_truth["categories"]})
+        evaluator = COCOeval(gt, dt, iouType=iou_type)
+        evaluator.params.imgIds = sorted(image_ids)
+        _quiet(evaluator.evaluate)
+        _quiet(evaluator.accumulate)
+        _quiet(evaluator.summarize)
+        metrics[iou_type] = {
+            key: (None if value < 0 else float(value)) for key, value in zip(METRIC_KEYS, evaluator.stats[:6])
+        }
+    return metrics
+
+
+def format_table(metrics: dict[str, dict[str, float | None]]) -> str:
+    """A fixed-width table: one row per IoU type, AP columns in percent ("-" for undefined)."""
+    lines = [f"{'':6}" + "".join(f"{k:>8}" for k in METRIC_KEYS)]
+    for iou_type, values in metrics.items():
+        cells = "".join(f"{'-':>8}" if values.get(k) is None else f"{100 * values[k]:8.1f}" for k in METRIC_KEYS)
+        lines.append(f"{iou_type:6}{cells}")
+    return "\n".join(lines)
+
+
+def _decode_rows(rows: Iterable[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+    from pipeline.dataset import decode_image
+
+    for row in rows:
+        try:
+            image = decode_image(row["image"])
+        except MaskrayError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - name the row at fault
+            raise MaskrayError(f"image {row.get('image_id')} ({row.get('file_name')}): cannot decode: {exc}") from exc
+        yield row, image
+
+
+def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def predict_rows(model: torch.nn.Module, rows: Iterable[dict[str, Any]], *, batch_size: int = 2,
+                 device: str | torch.device = "cpu", amp_dtype: torch.dtype | None = None
+                 ) -> Iterator[tuple[dict[str, Any], torch.Tensor, Instances]]:
+    """Run ``model`` (eval mode) over shard rows: yields ``(row, uint8 image [3, H, W], Instances)``."""
+    device = torch.device(device)
+    model.eval().to(device)
+    for batch in _batches(_decode_rows(rows), max(1, batch_size)):
+        images = [image.to(device, non_blocking=True).float().div_(255) for _, image in batch]
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            outputs = model(images)
+        for (row, image), output in zip(batch, outputs):
+            output = {k: v.float() if v.is_floating_point() else v for k, v in output.items()}
+            yield row, image, Instances.from_output(output, (image.shape[1], image.shape[2])).to("cpu")
+
+
+def evaluate_model(model: torch.nn.Module, data: str | Iterable[dict[str, Any]],
+                   categories: Sequence[dict] | None = None, *, category_ids: Sequence[int] | None = None,
+                   batch_size: int = 2, device: str | torch.device = "cpu", limit: int | None = None,
+                   amp_dtype: torch.dtype | None = None) -> dict[str, dict[str, float | None]]:
+    """COCO bbox/segm metrics of ``model`` on a dataset URI or on shard rows.
+
+    ``categories`` (COCO dicts) define the ground truth's categories; for a URI they default
+    to the manifest's. ``category_ids`` maps model labels 1..K to category ids
+    (``ModelConfig.category_ids()``); it defaults to the ids of ``categories`` in order.
+    """
+    if isinstance(data, str):
+        from pipeline.format import read_manifest, read_rows
+
+        if categories is None:
+            categories = read_manifest(data).categories
+        rows: Iterable[dict[str, Any]] = read_rows(data)
+    else:
+        rows = data
+    if categories is None:
+        raise MaskrayError("evaluate_model needs the dataset's categories when given rows")
+    if category_ids is None:
+        category_ids = [int(c["id"]) for c in categories]
+    if limit is not None:
+        rows = (row for i, row in zip(range(limit), rows))
+
+    seen: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    for row, _, instances in predict_rows(model, rows, batch_size=batch_size, device=device, amp_dtype=amp_dtype):
+        seen.append({k: row.get(k) for k in ("image_id", "file_name", "width", "height", "annotations")})
+        results.extend(instances.to_coco(int(row["image_id"]), category_ids))
+    if not seen:
+        raise MaskrayError("evaluation got no images")
+    log.info("evaluated %d images, %d detections", len(seen), len(results))
+    return coco_metrics(coco_ground_truth(seen, categories), results)
+
+
+def metrics_to_json(metrics: dict[str, dict[str, float | None]]) -> dict[str, dict[str, float | None]]:
+    """Plain floats / None (NaN and -1 become None), ready for ``json.dumps``."""
+    out = {}
+    for iou_type, values in metrics.items():
+        out[iou_type] = {
+            k: (None if v is None or not np.isfinite(v) or v < 0 else float(v)) for k, v in values.items()
+        }
+    return out
