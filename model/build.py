@@ -1,0 +1,212 @@
+"""Build (ahead of time) and load the RoIAlign extension in ``model/cuda``.
+
+``python -m model.build [--cuda | --no-cuda] [--arch 8.0 9.0] [--verbose]`` compiles the op
+with ``torch.utils.cpp_extension.load`` (ninja) into a cache folder keyed by the torch
+version and a hash of the sources and flags:
+
+    $MASKRAY_OPS_DIR (default ~/.cache/maskray/ops) / <torch version>-<hash> / maskray_ops.so
+
+``model.ops`` calls :func:`load`, which loads that library, building it first (JIT, with a
+log line) when it is missing. CUDA sources are compiled only when a GPU is visible and
+nvcc / CUDA_HOME are found; otherwise the CPU-only library (one translation unit) is built.
+A failed build raises :class:`~model.errors.MaskrayError` with the compiler's last lines;
+there is never a fallback to torchvision's kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from model.errors import MaskrayError
+
+log = logging.getLogger(__name__)
+
+NAME = "maskray_ops"
+SOURCE_DIR = Path(__file__).resolve().parent / "cuda"
+CPP_SOURCES = ["roi_align.cpp"]
+CUDA_SOURCES = ["roi_align_kernel.cu"]
+HEADERS = ["roi_align_common.h"]
+CFLAGS = ["-O3", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+
+
+def cuda_home() -> str | None:
+    """The CUDA toolkit folder holding bin/nvcc, or None."""
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if home and (Path(home) / "bin" / "nvcc").exists():
+        return home
+    return None
+
+
+def extra_cuda_includes() -> list[str]:
+    """Header folders of the pip-installed CUDA libraries (cusparse.h etc. live in nvidia/cu13/include)."""
+    import torch
+
+    site = Path(torch.__file__).resolve().parent.parent
+    return [str(p) for p in sorted((site / "nvidia").glob("cu*/include")) if p.is_dir()]
+
+
+def cuda_wanted() -> bool:
+    """Build the CUDA kernels: only when a GPU is visible and nvcc is there."""
+    import torch
+
+    return bool(torch.version.cuda) and torch.cuda.is_available() and cuda_home() is not None
+
+
+def default_arch_list() -> list[str]:
+    """Compute capabilities of the visible GPUs, e.g. ['9.0']."""
+    import torch
+
+    caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    return [f"{major}.{minor}" for major, minor in sorted(caps)]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MASKRAY_OPS_DIR") or Path.home() / ".cache" / "maskray" / "ops")
+
+
+def build_dir(with_cuda: bool, arch: list[str] | None) -> Path:
+    """The cache folder for this torch version, these sources and these flags."""
+    import torch
+
+    h = hashlib.sha256()
+    files = CPP_SOURCES + HEADERS + (CUDA_SOURCES if with_cuda else [])
+    for name in files:
+        h.update(name.encode())
+        h.update((SOURCE_DIR / name).read_bytes())
+    h.update(repr((CFLAGS, LDFLAGS, NVCC_FLAGS, with_cuda, arch, torch.version.cuda, sys.version_info[:2])).encode())
+    return cache_root() / f"{torch.__version__}-{h.hexdigest()[:16]}"
+
+
+def library_path(with_cuda: bool | None = None, arch: list[str] | None = None) -> Path:
+    if with_cuda is None:
+        with_cuda = cuda_wanted()
+    if with_cuda and arch is None:
+        arch = default_arch_list()
+    return build_dir(with_cuda, arch) / f"{NAME}.so"
+
+
+def build(with_cuda: bool | None = None, arch: list[str] | None = None, verbose: bool = False) -> Path:
+    """Compile the extension (a no-op when the cache is up to date) and return the library path.
+
+    The library is also loaded into this process (``torch.ops.maskray`` becomes available).
+    """
+    from torch.utils import cpp_extension
+
+    if with_cuda is None:
+        with_cuda = cuda_wanted()
+    if with_cuda and cuda_home() is None:
+        raise MaskrayError(
+            "cannot build the CUDA RoIAlign kernels: nvcc not found (set CUDA_HOME to the CUDA toolkit, "
+            "or build with --no-cuda)"
+        )
+    if with_cuda and arch is None:
+        arch = default_arch_list()
+    directory = build_dir(with_cuda, arch)
+    directory.mkdir(parents=True, exist_ok=True)
+    sources = [str(SOURCE_DIR / s) for s in CPP_SOURCES + (CUDA_SOURCES if with_cuda else [])]
+    log.info(
+        "building the RoIAlign op (%s) in %s", f"CPU+CUDA, arch {' '.join(arch or [])}" if with_cuda else "CPU only",
+        directory,
+    )
+    saved_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if with_cuda and arch:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(arch)
+    try:
+        cpp_extension.load(
+            name=NAME,
+            sources=sources,
+            extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
+            extra_cuda_cflags=NVCC_FLAGS,
+            extra_include_paths=[str(SOURCE_DIR)] + (extra_cuda_includes() if with_cuda else []),
+            build_directory=str(directory),
+            with_cuda=with_cuda,
+            is_python_module=False,
+            verbose=verbose,
+        )
+    except (RuntimeError, OSError, ImportError) as exc:
+        raise _build_error(exc, directory) from exc
+    finally:
+        if with_cuda and arch:
+            if saved_arch is None:
+                os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+            else:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = saved_arch
+    return directory / f"{NAME}.so"
+
+
+def _build_error(exc: BaseException, directory: Path) -> MaskrayError:
+    text = str(exc)
+    log_file = directory / "build.log"
+    try:
+        log_file.write_text(text)
+    except OSError:
+        log_file = None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    tail = " | ".join((errors or lines)[-6:])[-1500:]
+    where = f"; full log in {log_file}" if log_file else ""
+    return MaskrayError(
+        f"building the RoIAlign op from {SOURCE_DIR} failed: {tail}{where}. Hint: a C++17 compiler (g++) and "
+        "ninja are needed (and nvcc with CUDA_HOME for GPUs); retry with `python -m model.build --verbose`"
+    )
+
+
+_loaded: Path | None = None
+
+
+def load() -> Path:
+    """Load the op into this process (building it first when the cache lacks it)."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    import torch
+
+    path = library_path()
+    if not path.exists():
+        log.warning("RoIAlign op not built yet for this environment: compiling it now (once; cached in %s)", path.parent)
+        path = build()
+    else:
+        try:
+            torch.ops.load_library(str(path))
+        except OSError as exc:
+            raise MaskrayError(
+                f"cannot load the RoIAlign op {path}: {exc}. Hint: delete {path.parent} and run `python -m model.build`"
+            ) from exc
+    _loaded = path
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.build", description=__doc__.splitlines()[0])
+    cuda = parser.add_mutually_exclusive_group()
+    cuda.add_argument("--cuda", dest="cuda", action="store_true", default=None, help="also build the CUDA kernels")
+    cuda.add_argument("--no-cuda", dest="cuda", action="store_false", help="build the CPU kernels only")
+    parser.add_argument("--arch", nargs="+", metavar="X.Y", help="CUDA compute capabilities (default: visible GPUs)")
+    parser.add_argument("--verbose", action="store_true", help="show the compiler commands")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.arch and args.cuda is None:
+        args.cuda = True
+    if args.cuda and not args.arch and not cuda_wanted():
+        parser.error("--cuda needs --arch when no GPU is visible")
+    try:
+        path = build(with_cuda=args.cuda, arch=args.arch, verbose=args.verbose)
+    except MaskrayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
