@@ -1,0 +1,224 @@
+"""Reading maskray shards with Ray Data, and decoding rows into tensors.
+
+- :func:`read_shards` streams the shards a manifest lists (``ray.data.read_parquet`` with the
+  filesystem from :func:`pipeline.storage.resolve`; nothing is listed beyond the manifest).
+- :func:`decode_image` turns the stored bytes into a ``uint8`` CHW tensor with 3 channels
+  (gray, palette, RGBA, 16-bit and CMYK inputs are normalised); :func:`decode_target` turns
+  the ``annotations`` list into torchvision detection targets.
+- :func:`read_rows` (re-exported from :mod:`pipeline.format`) iterates rows without Ray.
+
+Ray and torch are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from model.errors import MaskrayError
+from pipeline import storage
+from pipeline.format import dataset_root, read_manifest, read_rows, shard_uris  # noqa: F401
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+class ImageDecodeError(MaskrayError):
+    """Image bytes that cannot be decoded (empty, corrupt, unsupported, too large)."""
+
+
+class TargetError(MaskrayError):
+    """Annotations that cannot be turned into a target (bad RLE size, unknown category)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data
+
+
+def read_shards(dataset_uri: str, *, columns: list[str] | None = None,
+                override_num_blocks: int | None = None, shuffle: str | None = None,
+                ray_remote_args: dict | None = None, **read_parquet_args: Any):
+    """A ``ray.data.Dataset`` streaming the rows of the dataset at ``dataset_uri``.
+
+    Only the shards listed in its ``manifest.json`` are read (a shard left by an interrupted
+    writer is invisible). ``columns`` projects (e.g. everything but ``image`` for statistics);
+    ``shuffle="files"`` shuffles shard order each epoch; other keyword arguments go to
+    ``ray.data.read_parquet``.
+    """
+    import ray.data
+
+    manifest = read_manifest(dataset_uri)
+    uris = shard_uris(dataset_uri, manifest)
+    if not uris:
+        raise MaskrayError(f"{dataset_root(dataset_uri)}: the manifest lists no shards")
+    fs, _ = storage.resolve(uris[0])
+    paths = [storage.resolve(u)[1] for u in uris]
+    kwargs: dict[str, Any] = dict(read_parquet_args)
+    if override_num_blocks is not None:
+        kwargs["override_num_blocks"] = override_num_blocks
+    if shuffle is not None:
+        kwargs["shuffle"] = shuffle
+    if ray_remote_args is not None:
+        kwargs["ray_remote_args"] = ray_remote_args
+    try:
+        return ray.data.read_parquet(paths, filesystem=fs, columns=columns, **kwargs)
+    except OSError as exc:
+        raise storage.storage_error(dataset_root(dataset_uri), exc) from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+def open_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    """A PIL image for encoded ``data`` (header parsed; pixels not decoded yet).
+
+    Raises :class:`ImageDecodeError` for empty or unrecognised data and for images larger than
+    ``max_pixels`` (``None`` disables the limit), before any pixel memory is allocated.
+    """
+    from PIL import Image
+
+    if data is None or len(data) == 0:
+        raise ImageDecodeError("empty image data (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"image too large to decode safely ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - PIL raises several types for junk
+        head = bytes(data[:8]).hex()
+        raise ImageDecodeError(f"not a recognised image format ({len(data)} bytes starting "
+                               f"with {head}: {exc})") from None
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(f"image has an empty size {width}x{height}")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageDecodeError(f"image is {width}x{height} = {width * height / 1e6:.1f} MP, over "
+                               f"the {max_pixels / 1e6:.0f} MP limit (max_pixels)")
+    return img
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """``(width, height)`` from the header of encoded image bytes (no pixel decode)."""
+    return open_image(data, max_pixels=None).size
+
+
+def decode_array(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded bytes -> ``uint8`` array ``[H, W, 3]``.
+
+    Gray and palette images are expanded to RGB; alpha is dropped; 16-bit and 32-bit integer
+    images are scaled to 8 bits (``v * 255 / 65535``, rounded); CMYK/YCbCr/LAB are converted to
+    RGB. EXIF orientation is not applied (annotations refer to the stored pixel grid).
+    """
+    from PIL import Image
+
+    img = open_image(data, max_pixels=max_pixels)
+    # PIL's own bomb check is hard-wired to ~179 MP; ours (max_pixels) already ran.
+    old_limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = None
+        img.load()
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt streams raise several types
+        raise ImageDecodeError(f"corrupt or truncated {img.format or 'image'} data "
+                               f"({len(data)} bytes: {exc})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = old_limit
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img)
+        if arr.ndim != 2:
+            raise ImageDecodeError(f"unsupported image layout {arr.shape} for mode {mode}")
+        arr = arr.astype(np.int64)
+        arr = np.clip(arr, 0, 65535)
+        arr = ((arr * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    if mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
+        arr = np.rint(arr).astype(np.uint8)
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    if mode in ("P", "PA") and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ImageDecodeError(f"unexpected decoded shape {arr.shape} from mode {mode}")
+    return arr
+
+
+def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    """Encoded image bytes -> ``torch.uint8`` tensor ``[3, H, W]`` (see :func:`decode_array`).
+
+    Raises :class:`ImageDecodeError` (one line saying what is wrong) for empty, corrupt or
+    truncated data and for images over ``max_pixels`` (default 50 MP; ``None`` = no limit).
+    """
+    import torch
+
+    arr = decode_array(data, max_pixels=max_pixels)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets
+
+
+def decode_masks(annotations: Sequence[dict], height: int, width: int) -> np.ndarray:
+    """``uint8 [N, H, W]`` masks from the annotations' compressed RLE."""
+    from pycocotools import mask as mask_utils
+
+    if not annotations:
+        return np.zeros((0, height, width), dtype=np.uint8)
+    rles = []
+    for ann in annotations:
+        seg = ann.get("segmentation") or {}
+        size = [int(v) for v in (seg.get("size") or ())]
+        counts = seg.get("counts")
+        if size != [height, width]:
+            raise TargetError(f"annotation {ann.get('id')}: RLE size {size} does not match the "
+                              f"image ({height}x{width})")
+        if counts is None:
+            raise TargetError(f"annotation {ann.get('id')}: no RLE counts")
+        if isinstance(counts, str):
+            counts = counts.encode()
+        rles.append({"size": size, "counts": bytes(counts)})
+    masks = mask_utils.decode(rles)  # [H, W, N], Fortran order
+    return np.ascontiguousarray(masks.transpose(2, 0, 1), dtype=np.uint8)
+
+
+def decode_target(annotations: Sequence[dict] | None, height: int, width: int,
+                  category_ids: Sequence[int]) -> dict:
+    """Annotations of one row -> a torchvision detection target.
+
+    Returns ``{"boxes": float32 [N, 4] xyxy pixels, "labels": int64 [N] in 1..K,
+    "masks": uint8 [N, H, W], "iscrowd": bool [N], "area": float32 [N]}`` where label ``i``
+    is ``category_ids[i - 1]`` (manifest category order).
+    """
+    import torch
+
+    annotations = list(annotations or ())
+    label_of = {int(c): i + 1 for i, c in enumerate(category_ids)}
+    n = len(annotations)
+    boxes = np.zeros((n, 4), dtype=np.float32)
+    labels = np.zeros((n,), dtype=np.int64)
+    iscrowd = np.zeros((n,), dtype=bool)
+    area = np.zeros((n,), dtype=np.float32)
+    for i, ann in enumerate(annotations):
+        cat = int(ann["category_id"])
+        if cat not in label_of:
+            raise TargetError(f"annotation {ann.get('id')}: category_id {cat} not in the "
+                              f"dataset's categories {list(category_ids)}")
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        boxes[i] = (x, y, x + w, y + h)
+        labels[i] = label_of[cat]
+        iscrowd[i] = bool(ann.get("iscrowd"))
+        area[i] = float(ann.get("area") or 0.0)
+    masks = decode_masks(annotations, int(height), int(width))
+    return {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels),
+            "masks": torch.from_numpy(masks), "iscrowd": torch.from_numpy(iscrowd),
+            "area": torch.from_numpy(area)}
