@@ -1,0 +1,169 @@
+"""``maskray submit/status/logs/stop`` without a cluster: arguments, runtime env, entry point,
+and the exit codes / messages, against a fake JobSubmissionClient."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from jobs import submit
+from model.errors import MaskrayError
+
+
+def parse(adder, argv):
+    parser = argparse.ArgumentParser()
+    adder(parser)
+    return parser.parse_args(argv)
+
+
+class FakeClient:
+    """Records calls; the job goes through ``statuses`` one poll at a time."""
+
+    def __init__(self, statuses=("RUNNING", "SUCCEEDED"), logs="line 1\nline 2\n", message="", stream=True):
+        self.statuses = list(statuses)
+        self.logs = logs
+        self.message = message
+        self.stream = stream
+        self.submitted = {}
+        self.stopped = []
+
+    def get_address(self):
+        return "http://head:8265"
+
+    def submit_job(self, **kwargs):
+        self.submitted = kwargs
+        return kwargs.get("submission_id") or "raysubmit_123"
+
+    def get_job_status(self, submission_id):
+        return self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+
+    def get_job_logs(self, submission_id):
+        return self.logs
+
+    async def tail_job_logs(self, submission_id):
+        if not self.stream:
+            raise ConnectionError("websocket refused")
+        yield self.logs
+
+    def get_job_info(self, submission_id):
+        if submission_id == "missing":
+            raise RuntimeError("Request failed with status code 404: Job missing does not exist.")
+        return argparse.Namespace(status=self.statuses[-1], message=self.message, entrypoint="python -m jobs.train")
+
+    def stop_job(self, submission_id):
+        self.stopped.append(submission_id)
+        return True
+
+    def list_jobs(self):
+        return []
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    holder = {}
+
+    def install(**kwargs):
+        client = FakeClient(**kwargs)
+        holder["address"] = None
+        monkeypatch.setattr(submit, "make_client", lambda address: holder.__setitem__("address", address) or client)
+        monkeypatch.setattr(submit.time, "sleep", lambda s: None)
+        return client
+
+    install.holder = holder
+    return install
+
+
+def test_double_dash_separates_the_job_command_and_its_arguments():
+    args = parse(submit.add_submit_arguments, ["--address", "http://h:1", "--wait", "--", "train", "--config", "c.yaml",
+                                               "--set", "name=x y"])
+    assert (args.address, args.wait, args.job) == ("http://h:1", True, "train")
+    assert submit.build_entrypoint(args.job, args.job_args) == "python -m jobs.train --config c.yaml --set 'name=x y'"
+    args = parse(submit.add_submit_arguments, ["infer", "--verbose"])
+    assert submit.build_entrypoint(args.job, args.job_args) == "python -m jobs.infer --verbose"
+    with pytest.raises(SystemExit):
+        parse(submit.add_submit_arguments, ["--", "convert", "x"])
+
+
+def test_address_from_flag_then_env_then_local(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert submit.resolve_address(None) == "http://127.0.0.1:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:8265")
+    assert submit.resolve_address(None) == "http://10.0.0.5:8265"
+    assert submit.resolve_address("https://ray.example.com/") == "https://ray.example.com"
+
+
+def test_runtime_env_is_the_project_minus_envs_data_outputs_plus_the_file(tmp_path):
+    env = submit.load_runtime_env(submit.RUNTIME_ENV_FILE, extra_env=["MASKRAY_X=1"])
+    assert env["working_dir"] == str(submit.PROJECT_ROOT)
+    for pattern in (".venv/", ".tools/", ".git/", "data/", "outputs/", "demo-out/"):
+        assert pattern in env["excludes"]
+    assert env["env_vars"]["PYTHONUNBUFFERED"] == "1" and env["env_vars"]["MASKRAY_X"] == "1"
+    own = tmp_path / "env.yaml"
+    own.write_text("working_dir: s3://bucket/pkg.zip\nexcludes: ['*.ckpt']\npip: [six]\n")
+    env = submit.load_runtime_env(own)
+    assert env["working_dir"] == "s3://bucket/pkg.zip" and env["pip"] == ["six"] and "*.ckpt" in env["excludes"]
+    own.write_text("- not a mapping\n")
+    with pytest.raises(MaskrayError, match="must be a YAML mapping"):
+        submit.load_runtime_env(own)
+    with pytest.raises(MaskrayError, match="not found"):
+        submit.load_runtime_env(tmp_path / "nope.yaml")
+    with pytest.raises(MaskrayError, match="KEY=VALUE"):
+        submit.load_runtime_env(submit.RUNTIME_ENV_FILE, extra_env=["NOVALUE"])
+
+
+def test_submit_prints_id_and_dashboard_url(fake, capsys):
+    client = fake()
+    args = parse(submit.add_submit_arguments, ["--address", "http://head:8265", "--", "train", "--config", "c.yaml"])
+    assert submit.run_submit(args) == 0
+    out = capsys.readouterr().out
+    assert "submission id: raysubmit_123" in out and "http://head:8265/#/jobs/raysubmit_123" in out
+    assert client.submitted["entrypoint"] == "python -m jobs.train --config c.yaml"
+    assert client.submitted["runtime_env"]["working_dir"] == str(submit.PROJECT_ROOT)
+    assert fake.holder["address"] == "http://head:8265"
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["websocket", "polling"])
+def test_wait_follows_logs_and_succeeds(fake, capsys, stream):
+    fake(statuses=["RUNNING", "RUNNING", "SUCCEEDED"], stream=stream)
+    args = parse(submit.add_submit_arguments, ["--wait", "--", "train", "--config", "c.yaml"])
+    assert submit.run_submit(args) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("line 1") == 1 and "line 2" in captured.out
+    assert "SUCCEEDED" in captured.err
+
+
+@pytest.mark.parametrize("status", ["FAILED", "STOPPED"])
+def test_wait_exits_non_zero_and_shows_the_error(fake, capsys, status):
+    fake(statuses=["RUNNING", status], logs="Traceback...\nmaskray train: error: c.yaml: no such file\n",
+         message="Job entrypoint command failed with exit code 1, last available logs (truncated to 20,000 chars):\n"
+                 "Traceback...\nmaskray train: error: c.yaml: no such file\n")
+    args = parse(submit.add_submit_arguments, ["--wait", "--", "train", "--config", "c.yaml"])
+    assert submit.run_submit(args) == 1
+    err = capsys.readouterr().err
+    assert f"job raysubmit_123 {status}" in err
+    assert "exit code 1; last log line: maskray train: error: c.yaml: no such file" in err
+
+
+def test_status_logs_stop(fake, capsys):
+    client = fake(statuses=["FAILED"], message="boom\nmore")
+    assert submit.run_status(parse(submit.add_status_arguments, ["raysubmit_123"])) == 0
+    assert capsys.readouterr().out.splitlines() == ["raysubmit_123\tFAILED\tpython -m jobs.train", "boom"]
+    assert submit.run_logs(parse(submit.add_logs_arguments, ["raysubmit_123"])) == 0
+    assert capsys.readouterr().out == "line 1\nline 2\n"
+    client.statuses = ["RUNNING", "STOPPED"]
+    assert submit.run_stop(parse(submit.add_stop_arguments, ["--wait", "raysubmit_123"])) == 0
+    assert client.stopped == ["raysubmit_123"] and "STOPPED" in capsys.readouterr().out
+    with pytest.raises(MaskrayError, match="no job 'missing'"):
+        submit.run_status(parse(submit.add_status_arguments, ["missing"]))
+
+
+def test_unreachable_dashboard_is_one_clear_line(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(MaskrayError, match=rf"cannot reach the Ray dashboard at http://127.0.0.1:{port}"):
+        submit.make_client(f"127.0.0.1:{port}")
