@@ -182,23 +182,26 @@ def _fatal_storage(exc: storage.StorageError) -> bool:
 
 def _check_image(data: bytes) -> tuple[int, int]:
     """``(width, height)`` after fully decoding ``data`` (raises ImageDecodeError)."""
-    from PIL import Image
-
     img = open_image(data, max_pixels=None)
-    old = Image.MAX_IMAGE_PIXELS
     try:
-        Image.MAX_IMAGE_PIXELS = None
         img.load()
-    except Exception as exc:  # noqa: BLE001
-        raise ImageDecodeError(f"corrupt or truncated {img.format or 'image'} data: {exc}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt streams raise several types
+        raise ImageDecodeError(f"corrupt or truncated {img.format or 'image'} data "
+                               f"({len(data)} bytes: {exc})") from None
     return img.size
 
 
 def _prepare_output(out_uri: str) -> None:
+    """Check access, remove the old manifest (the dataset is unreadable until this run
+    completes) and temporary files that an interrupted local run left behind."""
     storage.check_access(out_uri)
     storage.makedirs(out_uri)
+    if not storage.is_s3(out_uri):
+        folder = storage.resolve(out_uri)[1]
+        for name in os.listdir(folder):
+            if name.startswith(".part-") and name.endswith(".tmp"):
+                log.info("removing %s left by an interrupted run", os.path.join(folder, name))
+                os.unlink(os.path.join(folder, name))
     muri = manifest_uri(out_uri)
     if storage.exists(muri):
         log.info("removing the existing %s; it is rewritten when the conversion completes", muri)

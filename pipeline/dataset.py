@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +27,7 @@ from pipeline.format import dataset_root, read_manifest, read_rows, shard_uris  
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 50_000_000
+_PIL_LIMIT_LOCK = threading.Lock()
 
 
 class ImageDecodeError(MaskrayError):
@@ -86,9 +88,13 @@ def open_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS):
     if data is None or len(data) == 0:
         raise ImageDecodeError("empty image data (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"image too large to decode safely ({exc})") from None
+        # PIL's own bomb check (warning at 89 MP, error at 179 MP) is replaced by max_pixels
+        with _PIL_LIMIT_LOCK:
+            old_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                img = Image.open(io.BytesIO(data))
+            finally:
+                Image.MAX_IMAGE_PIXELS = old_limit
     except Exception as exc:  # noqa: BLE001 - PIL raises several types for junk
         head = bytes(data[:8]).hex()
         raise ImageDecodeError(f"not a recognised image format ({len(data)} bytes starting "
@@ -114,19 +120,12 @@ def decode_array(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     images are scaled to 8 bits (``v * 255 / 65535``, rounded); CMYK/YCbCr/LAB are converted to
     RGB. EXIF orientation is not applied (annotations refer to the stored pixel grid).
     """
-    from PIL import Image
-
     img = open_image(data, max_pixels=max_pixels)
-    # PIL's own bomb check is hard-wired to ~179 MP; ours (max_pixels) already ran.
-    old_limit = Image.MAX_IMAGE_PIXELS
     try:
-        Image.MAX_IMAGE_PIXELS = None
         img.load()
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt streams raise several types
         raise ImageDecodeError(f"corrupt or truncated {img.format or 'image'} data "
                                f"({len(data)} bytes: {exc})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = old_limit
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img)

@@ -1,0 +1,121 @@
+"""pipeline.dataset decode_image / decode_target (no Ray)."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import format as fmt
+from pipeline.dataset import ImageDecodeError, TargetError, decode_image, decode_target, image_size
+from pipeline.synth import encode_rle
+
+
+def _encode(img: Image.Image, fmt_: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt_, **kw)
+    return buf.getvalue()
+
+
+def _rgb(h=6, w=5):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def test_rgb_png_exact():
+    arr = _rgb()
+    t = decode_image(_encode(Image.fromarray(arr)))
+    assert t.dtype == torch.uint8 and t.shape == (3, 6, 5)
+    assert np.array_equal(t.permute(1, 2, 0).numpy(), arr)
+
+
+def test_gray_rgba_palette():
+    gray = _rgb()[:, :, 0]
+    t = decode_image(_encode(Image.fromarray(gray, "L")))
+    assert t.shape == (3, 6, 5) and all(np.array_equal(t[c].numpy(), gray) for c in range(3))
+    rgba = np.concatenate([_rgb(), np.full((6, 5, 1), 7, np.uint8)], axis=2)
+    t = decode_image(_encode(Image.fromarray(rgba, "RGBA")))
+    assert np.array_equal(t.permute(1, 2, 0).numpy(), rgba[:, :, :3])
+    pal = Image.fromarray(_rgb()).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    t = decode_image(_encode(pal))
+    assert np.array_equal(t.permute(1, 2, 0).numpy(), np.asarray(pal.convert("RGB")))
+
+
+def test_16bit_png_scaled_to_8bit():
+    arr16 = np.array([[0, 257, 65535], [32768, 1000, 65280]], dtype=np.uint16)
+    img = Image.fromarray(arr16)  # mode I;16
+    data = _encode(img)
+    t = decode_image(data)
+    expected = np.array([[0, 1, 255], [128, 4, 254]], dtype=np.uint8)
+    assert t.shape == (3, 2, 3) and np.array_equal(t[0].numpy(), expected)
+
+
+def test_jpeg_and_cmyk():
+    arr = np.full((16, 16, 3), (200, 30, 90), np.uint8)
+    t = decode_image(_encode(Image.fromarray(arr), "JPEG", quality=95))
+    assert t.shape == (3, 16, 16)
+    assert np.abs(t.permute(1, 2, 0).numpy().astype(int) - arr).max() <= 6
+    cmyk = Image.fromarray(arr).convert("CMYK")
+    t = decode_image(_encode(cmyk, "JPEG", quality=95))
+    assert t.shape == (3, 16, 16)
+
+
+def test_bad_bytes_raise_clear_errors():
+    with pytest.raises(ImageDecodeError, match=r"empty image data \(0 bytes\)"):
+        decode_image(b"")
+    with pytest.raises(ImageDecodeError, match="not a recognised image format"):
+        decode_image(b"hello, this is not an image")
+    png = _encode(Image.fromarray(_rgb(64, 64)))
+    with pytest.raises(ImageDecodeError, match="corrupt or truncated PNG"):
+        decode_image(png[: len(png) // 2])
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(
+            ">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_pixel_limit_refuses_before_decoding():
+    huge = _png_header_only(10_000, 10_000)
+    assert image_size(huge) == (10_000, 10_000)
+    with pytest.raises(ImageDecodeError, match=r"10000x10000 = 100\.0 MP, over the 50 MP limit"):
+        decode_image(huge)
+    small = _encode(Image.fromarray(_rgb(40, 40)))
+    with pytest.raises(ImageDecodeError, match="over the"):
+        decode_image(small, max_pixels=1000)
+    assert decode_image(small, max_pixels=None).shape == (3, 40, 40)
+
+
+def test_decode_target():
+    h, w = 8, 10
+    m1 = np.zeros((h, w), bool)
+    m1[1:4, 2:7] = True
+    m2 = np.zeros((h, w), bool)
+    m2[5:8, 0:3] = True
+    anns = []
+    for i, (m, cat, crowd) in enumerate([(m1, 7, False), (m2, 3, True)]):
+        rle = encode_rle(m)
+        ys, xs = np.nonzero(m)
+        anns.append(fmt.make_annotation(
+            id=i, category_id=cat, bbox=[xs.min(), ys.min(), np.ptp(xs) + 1, np.ptp(ys) + 1],
+            area=m.sum(), iscrowd=crowd, size=rle["size"], counts=rle["counts"]))
+    t = decode_target(anns, h, w, [3, 7])
+    assert t["labels"].tolist() == [2, 1]
+    assert t["boxes"].dtype == torch.float32
+    assert t["boxes"].tolist() == [[2, 1, 7, 4], [0, 5, 3, 8]]
+    assert t["masks"].dtype == torch.uint8 and t["masks"].shape == (2, h, w)
+    assert np.array_equal(t["masks"][0].numpy(), m1) and np.array_equal(t["masks"][1].numpy(), m2)
+    assert t["iscrowd"].tolist() == [False, True] and t["area"].tolist() == [15.0, 9.0]
+    empty = decode_target([], h, w, [3, 7])
+    assert empty["boxes"].shape == (0, 4) and empty["masks"].shape == (0, h, w)
+    assert empty["labels"].dtype == torch.int64
+    with pytest.raises(TargetError, match="category_id 7 not in"):
+        decode_target(anns, h, w, [3])
+    with pytest.raises(TargetError, match="does not match the image"):
+        decode_target(anns, h + 1, w, [3, 7])
