@@ -198,3 +198,13 @@ def metrics_to_json(metrics: dict[str, dict[str, float | None]]) -> dict[str, di
             k: (None if v is None or not np.isfinite(v) or v < 0 else float(v)) for k, v in values.items()
         }
     return out
+
+
+def load_checkpoint_uri(uri: str, *, map_location: Any = "cpu"):
+    """``model.checkpoint.load_checkpoint`` of a local path or ``s3://`` URI: ``(model, config, extra)``."""
+    from model.checkpoint import load_checkpoint
+    from pipeline import storage
+
+    buffer = io.BytesIO(storage.read_bytes(uri))
+    buffer.name = uri  # named in load errors
+    return load_checkpoint(buffer, map_location=map_location)

@@ -1,0 +1,110 @@
+"""``maskray show``: PNG overlays (masks, boxes, class names, scores) of predictions (``python -m jobs.show``).
+
+Either runs a checkpoint on the first ``--limit`` images of ``--data``, or draws stored
+predictions (``--results``: the Parquet files ``maskray infer`` wrote) on those images.
+One ``<image_id>.png`` per image is written under ``--out`` (local folder or ``s3://`` prefix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from jobs import cli
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="URI", help="run this maskray checkpoint on the images")
+    source.add_argument("--results", metavar="URI", help="draw stored predictions (maskray infer output prefix)")
+    parser.add_argument("--data", required=True, metavar="URI", help="dataset (maskray shards) holding the images")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder or s3:// prefix for the PNGs")
+    parser.add_argument("--limit", type=int, default=16, metavar="N", help="first N images (default 16)")
+    parser.add_argument("--score-thresh", type=float, default=0.5, metavar="S",
+                        help="draw instances scoring at least S (default 0.5)")
+    parser.add_argument("--batch-size", type=int, default=2, metavar="N", help="images per forward pass (default 2)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
+
+
+def _stored_results(results_uri: str, image_ids: set[int]) -> dict[int, dict]:
+    """``image_id -> results row`` for the wanted images, from every Parquet file under ``results_uri``."""
+    import pyarrow.dataset as pads
+
+    from model.errors import MaskrayError
+    from pipeline import storage
+
+    files = storage.list_files(results_uri, suffixes=(".parquet",))
+    if not files:
+        raise MaskrayError(f"--results {results_uri}: no .parquet result files there")
+    found: dict[int, dict] = {}
+    for uri in files:
+        fs, path = storage.resolve(uri)
+        try:
+            table = pads.dataset(path, filesystem=fs, format="parquet").to_table(
+                columns=["image_id", "instances", "error"], filter=pads.field("image_id").isin(list(image_ids)))
+        except Exception as exc:  # noqa: BLE001 - name the file at fault
+            raise MaskrayError(f"--results {uri}: not a results file: {exc}".splitlines()[0]) from exc
+        for row in table.to_pylist():
+            found[int(row["image_id"])] = row
+        if len(found) == len(image_ids):
+            break
+    return found
+
+
+def run(args: argparse.Namespace) -> int:
+    from itertools import islice
+
+    from jobs.evaluate import resolve_device
+    from model.errors import MaskrayError
+    from pipeline import storage
+    from pipeline.dataset import decode_image
+    from pipeline.evaluate import load_checkpoint_uri, predict_rows
+    from pipeline.format import read_manifest, read_rows
+    from pipeline.instances import Instances, from_result_instances
+    from pipeline.visualize import draw_instances, to_png
+
+    if args.limit < 1:
+        raise MaskrayError(f"--limit must be >= 1, got {args.limit}")
+    manifest = read_manifest(args.data)
+    names = {int(c["id"]): str(c["name"]) for c in manifest.categories}
+    rows = list(islice(read_rows(args.data, columns=["image_id", "file_name", "width", "height", "image"]),
+                       args.limit))
+
+    drawn: list[tuple[dict, object, list[dict]]] = []  # (row, uint8 image, COCO results)
+    if args.checkpoint:
+        model, config, _ = load_checkpoint_uri(args.checkpoint)
+        for c in config.categories:
+            names.setdefault(int(c["id"]), str(c["name"]))
+        category_ids = config.category_ids()
+        device = resolve_device(args.device)
+        for row, image, instances in predict_rows(model, rows, batch_size=args.batch_size, device=device):
+            drawn.append((row, image, instances.to_coco(int(row["image_id"]), category_ids)))
+    else:
+        stored = _stored_results(args.results, {int(r["image_id"]) for r in rows})
+        for row in rows:
+            result = stored.get(int(row["image_id"]))
+            if result is None:
+                logger.warning("image %s: no stored result, skipped", row["image_id"])
+                continue
+            if result.get("error"):
+                logger.warning("image %s: stored result has an error (%s), skipped", row["image_id"], result["error"])
+                continue
+            drawn.append((row, decode_image(row["image"]), from_result_instances(row["image_id"], result["instances"])))
+
+    ids = sorted(names.keys() | {r["category_id"] for _, _, results in drawn for r in results})
+    label_names = [names.get(i, str(i)) for i in ids]
+    for row, image, results in drawn:
+        size = (int(image.shape[1]), int(image.shape[2]))
+        overlay = draw_instances(image, Instances.from_coco(results, size, ids), label_names,
+                                 score_thresh=args.score_thresh)
+        storage.write_bytes(storage.join(args.out, f"{int(row['image_id'])}.png"), to_png(overlay), fsync=False)
+    logger.info("wrote %d overlays to %s", len(drawn), args.out)
+    print(f"{len(drawn)} overlays in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.module_main("show"))
