@@ -1,0 +1,83 @@
+"""``maskray infer``: batch-segment maskray shards with Ray Data (``python -m jobs.infer`` is the same).
+
+Streams the shards under ``--input`` through CPU decode tasks, an actor pool running the
+checkpoint (one GPU per actor with AMP when the cluster has GPUs, CPU actors otherwise) and CPU
+RLE post-processing, and commits one results Parquet file per input shard under ``--output``
+(same file name, written atomically). A rerun with the same ``--output`` skips the shards already
+done; every input image yields exactly one row (``error`` set when it could not be processed).
+Ends with one summary line: images, errors, instances, images/s, wall time.
+Connects to the Ray cluster in ``RAY_ADDRESS`` when set (``maskray submit``), else starts a local one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from jobs import cli
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="URI", help="maskray checkpoint (local path or s3://)")
+    parser.add_argument("--input", required=True, metavar="URI", help="dataset prefix (maskray shards, labeled or not)")
+    parser.add_argument("--output", required=True, metavar="URI",
+                        help="results prefix: one Parquet file per input shard (rerun to resume)")
+    parser.add_argument("--coco-json", metavar="FILE",
+                        help="also write COCO results JSON (pycocotools COCO.loadRes) covering every shard")
+    parser.add_argument("--batch-size", type=int, default=4, metavar="B", help="images per model call (default 4)")
+    parser.add_argument("--actors", default="1", metavar="N|MIN,MAX",
+                        help="model actors: a fixed count or an autoscaling range MIN,MAX (default 1)")
+    parser.add_argument("--gpus-per-actor", type=float, default=None, metavar="G",
+                        help="GPUs per model actor (default: 1 when the cluster has GPUs, else 0 = CPU actors)")
+    parser.add_argument("--score-threshold", type=float, default=0.05, metavar="T",
+                        help="drop detections scoring below T (default 0.05)")
+    parser.add_argument("--max-pixels", type=int, default=50_000_000, metavar="P",
+                        help="images with more pixels become error rows (default 50,000,000; 0 = no limit)")
+
+
+def parse_actors(text: str) -> int | tuple[int, int]:
+    from model.errors import MaskrayError
+
+    try:
+        parts = [int(p) for p in str(text).split(",")]
+    except ValueError:
+        raise MaskrayError(f"--actors {text!r}: expected N or MIN,MAX (integers)") from None
+    if len(parts) == 1 and parts[0] >= 1:
+        return parts[0]
+    if len(parts) == 2 and 1 <= parts[0] <= parts[1]:
+        return parts[0], parts[1]
+    raise MaskrayError(f"--actors {text!r}: expected N >= 1 or MIN,MAX with 1 <= MIN <= MAX")
+
+
+def run(args: argparse.Namespace) -> int:
+    from model.errors import MaskrayError
+    from pipeline.inference import run_inference
+
+    if args.batch_size < 1:
+        raise MaskrayError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0.0 <= args.score_threshold <= 1.0:
+        raise MaskrayError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    if args.gpus_per_actor is not None and args.gpus_per_actor < 0:
+        raise MaskrayError(f"--gpus-per-actor must be >= 0, got {args.gpus_per_actor}")
+    if args.max_pixels < 0:
+        raise MaskrayError(f"--max-pixels must be >= 0, got {args.max_pixels}")
+    summary = run_inference(
+        args.input, args.output, args.checkpoint,
+        batch_size=args.batch_size,
+        actors=parse_actors(args.actors),
+        gpus_per_actor=args.gpus_per_actor,
+        score_threshold=args.score_threshold,
+        coco_json=args.coco_json,
+        max_pixels=args.max_pixels or None,
+    )
+    print(summary.line())
+    if summary.coco_json:
+        logger.info("COCO results JSON: %s", summary.coco_json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.module_main("infer"))
