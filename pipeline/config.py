@@ -1,0 +1,409 @@
+"""Typed training configuration: nested dataclasses that validate themselves, loaded from YAML.
+
+A config file is a YAML mapping whose sections mirror the dataclasses below::
+
+    name: shapes-r18            # run name: the run folder is <storage_path>/<name>
+    storage_path: demo-out/runs # local path or s3://bucket/prefix
+    num_workers: 2              # Ray Train workers (DDP ranks)
+    images_per_worker: 2        # per-worker batch; global batch = num_workers * images_per_worker
+    data:     {train: URI, val: URI, ...}
+    model:    {backbone: resnet18, min_size: 128, ..., options: {anchor_sizes: ...}}
+    optim:    {base_lr: 0.02, reference_batch: 16, ...}
+    schedule: {max_iters: 600, warmup_iters: 100, policy: step, steps: [400, 550]}
+    augment:  {hflip_prob: 0.5, scale_jitter: [0.8, 1.2]}
+    checkpoint: {every: 200, keep: 2}
+    eval:     {every: 200, max_images: 100}
+
+``load_config(path, overrides)`` reads the file, applies ``--set a.b=value`` overrides (the
+value parsed with ``yaml.safe_load``, so ``--set optim.base_lr=0.01`` is a float and
+``--set schedule.steps=[100,200]`` a list) and builds a :class:`TrainConfig`. An unknown key,
+a value of the wrong type or an invalid value raises :class:`ConfigError` whose one-line
+message names the file and the dotted key at fault.
+
+The learning rate scales linearly with the global batch: ``optim.base_lr`` is the rate for a
+global batch of ``optim.reference_batch`` images, and training uses
+``base_lr * num_workers * images_per_worker / reference_batch`` (:meth:`TrainConfig.lr`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from model.errors import MaskrayError
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+VARIANTS = ("v1", "v2")
+NORMS = ("bn", "frozen_bn", "gn")
+POLICIES = ("step", "cosine")
+
+
+class ConfigError(MaskrayError):
+    """An invalid training configuration (the message names the key at fault)."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class DataConfig:
+    """Where the labeled shards are (``maskray-shards/1`` dataset URIs) and how they stream."""
+
+    train: str = ""  # required: train shards (local path or s3://)
+    val: str = ""  # val shards for periodic/final COCO eval; "" = no evaluation
+    val_max_images: int = 0  # evaluate on at most this many val images (0 = all)
+    shuffle_buffer: int = 64  # local shuffle buffer (rows) per worker; 0 = no shuffling
+    decode_cpus: float = 0.25  # logical CPUs reserved by each decode+augment task in the stream
+    decode_tasks: int = 0  # at most this many decode+augment tasks at once; 0 = Ray Data decides
+
+    def __post_init__(self) -> None:
+        _require(bool(self.train.strip()), "data.train", "a train dataset URI is required (--set data.train=URI)")
+        _require(self.val_max_images >= 0, "data.val_max_images", f"must be >= 0, got {self.val_max_images}")
+        _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
+        _require(self.decode_cpus > 0, "data.decode_cpus", f"must be > 0, got {self.decode_cpus}")
+        _require(self.decode_tasks >= 0, "data.decode_tasks", f"must be >= 0, got {self.decode_tasks}")
+
+
+@dataclass
+class ModelSection:
+    """The model to build (classes come from the train manifest, not from here).
+
+    ``options`` holds further keyword arguments of ``model.build_maskrcnn`` (e.g.
+    ``anchor_sizes: [[16], [32], [64], [128], [256]]``, ``rpn_batch_size_per_image``,
+    ``box_batch_size_per_image``, ``head_norm``); they are stored in the checkpoint's
+    ``ModelConfig.options`` so inference rebuilds the same model.
+    """
+
+    backbone: str = "resnet50"
+    variant: str = "v1"
+    min_size: int = 800
+    max_size: int = 1333
+    norm: str = "bn"
+    trainable_layers: int = 5
+    box_score_thresh: float = 0.05
+    box_detections_per_img: int = 100
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(self.backbone in BACKBONES, "model.backbone", f"{self.backbone!r} is not one of {', '.join(BACKBONES)}")
+        _require(self.variant in VARIANTS, "model.variant", f"{self.variant!r} is not one of {', '.join(VARIANTS)}")
+        _require(self.norm in NORMS, "model.norm", f"{self.norm!r} is not one of {', '.join(NORMS)}")
+        _require(0 < self.min_size <= self.max_size, "model.min_size",
+                 f"need 0 < min_size <= max_size, got {self.min_size} / {self.max_size}")
+        _require(0 <= self.trainable_layers <= 5, "model.trainable_layers", f"{self.trainable_layers} is outside 0..5")
+        _require(0 <= self.box_score_thresh < 1, "model.box_score_thresh", f"{self.box_score_thresh} is outside [0, 1)")
+        _require(self.box_detections_per_img > 0, "model.box_detections_per_img", "must be > 0")
+        for key in self.options:
+            _require(isinstance(key, str), "model.options", f"option names must be strings, got {key!r}")
+
+
+@dataclass
+class OptimConfig:
+    """SGD with momentum. ``base_lr`` is the rate for a global batch of ``reference_batch`` images."""
+
+    base_lr: float = 0.02
+    reference_batch: int = 16
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    grad_clip: float = 0.0  # max global grad norm; 0 = no clipping
+    amp: bool = False  # autocast (bfloat16 on CPU, float16 + GradScaler on GPU)
+
+    def __post_init__(self) -> None:
+        _require(self.base_lr > 0, "optim.base_lr", f"must be > 0, got {self.base_lr}")
+        _require(self.reference_batch > 0, "optim.reference_batch", f"must be > 0, got {self.reference_batch}")
+        _require(0 <= self.momentum < 1, "optim.momentum", f"{self.momentum} is outside [0, 1)")
+        _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class ScheduleConfig:
+    """Iteration-based schedule: set ``max_iters`` or ``epochs`` (converted to iterations).
+
+    Linear warm-up from ``warmup_factor * lr`` over ``warmup_iters``, then ``step`` decay
+    (multiply by ``gamma`` at each iteration in ``steps``) or ``cosine`` decay to
+    ``min_lr_factor * lr`` at ``max_iters``.
+    """
+
+    max_iters: int = 0
+    epochs: float = 0.0
+    warmup_iters: int = 500
+    warmup_factor: float = 0.001
+    policy: str = "step"
+    steps: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    min_lr_factor: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.max_iters >= 0 and self.epochs >= 0, "schedule.max_iters", "must be >= 0")
+        _require((self.max_iters > 0) != (self.epochs > 0), "schedule.max_iters",
+                 f"set exactly one of schedule.max_iters / schedule.epochs (got {self.max_iters} / {self.epochs})")
+        _require(self.warmup_iters >= 0, "schedule.warmup_iters", f"must be >= 0, got {self.warmup_iters}")
+        _require(0 < self.warmup_factor <= 1, "schedule.warmup_factor", f"{self.warmup_factor} is outside (0, 1]")
+        _require(self.policy in POLICIES, "schedule.policy", f"{self.policy!r} is not one of {', '.join(POLICIES)}")
+        _require(list(self.steps) == sorted(self.steps) and all(s > 0 for s in self.steps), "schedule.steps",
+                 f"must be increasing positive iterations, got {self.steps}")
+        if self.max_iters:
+            _require(all(s < self.max_iters for s in self.steps), "schedule.steps",
+                     f"every step must be < max_iters={self.max_iters}, got {self.steps}")
+        _require(0 < self.gamma <= 1, "schedule.gamma", f"{self.gamma} is outside (0, 1]")
+        _require(0 <= self.min_lr_factor <= 1, "schedule.min_lr_factor", f"{self.min_lr_factor} is outside [0, 1]")
+
+
+@dataclass
+class AugmentConfig:
+    """Train-time augmentation applied in the Ray Data stream."""
+
+    hflip_prob: float = 0.5
+    scale_jitter: list[float] = field(default_factory=lambda: [1.0, 1.0])  # [min, max] resize factor
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.hflip_prob <= 1, "augment.hflip_prob", f"{self.hflip_prob} is outside [0, 1]")
+        _require(len(self.scale_jitter) == 2 and 0 < self.scale_jitter[0] <= self.scale_jitter[1],
+                 "augment.scale_jitter", f"must be [min, max] with 0 < min <= max, got {self.scale_jitter}")
+
+
+@dataclass
+class CheckpointSection:
+    """Checkpoint every ``every`` iterations (0 = only at the end), keeping the last ``keep``."""
+
+    every: int = 1000
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "checkpoint.every", f"must be >= 0, got {self.every}")
+        _require(self.keep >= 1, "checkpoint.keep", f"must be >= 1, got {self.keep}")
+
+
+@dataclass
+class EvalConfig:
+    """COCO evaluation on ``data.val`` every ``every`` iterations (0 = only at the end)."""
+
+    every: int = 0
+    at_end: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run; see the module docstring for the YAML layout."""
+
+    data: DataConfig
+    name: str = "maskray-train"
+    storage_path: str = "runs"
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    threads_per_worker: int = 0  # torch intra-op threads per worker; 0 = max(1, int(cpus_per_worker))
+    images_per_worker: int = 2
+    max_failures: int = 0  # worker-group restarts from the last checkpoint; -1 = unlimited
+    seed: int = 0
+    log_every: int = 20  # iterations between console/TensorBoard lines
+    model: ModelSection = field(default_factory=ModelSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(max_iters=1000))
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        name_ok = bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name) and self.name[0] != "."
+        _require(name_ok, "name", f"{self.name!r} must be non-empty and use only letters, digits, '-', '_', '.'")
+        _require(bool(self.storage_path.strip()), "storage_path", "must be a local path or s3:// URI")
+        _require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        _require(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        _require(self.threads_per_worker >= 0, "threads_per_worker", f"must be >= 0, got {self.threads_per_worker}")
+        _require(self.images_per_worker >= 1, "images_per_worker", f"must be >= 1, got {self.images_per_worker}")
+        _require(self.max_failures >= -1, "max_failures", f"must be >= -1, got {self.max_failures}")
+        _require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+
+    @property
+    def global_batch(self) -> int:
+        return self.num_workers * self.images_per_worker
+
+    @property
+    def lr(self) -> float:
+        """The peak learning rate: ``base_lr`` scaled linearly from ``reference_batch`` to the global batch."""
+        return self.optim.base_lr * self.global_batch / self.optim.reference_batch
+
+    @property
+    def threads(self) -> int:
+        return self.threads_per_worker or max(1, int(self.cpus_per_worker))
+
+    def total_iters(self, train_images: int) -> int:
+        """``schedule.max_iters``, or ``schedule.epochs`` converted with the train set size."""
+        if self.schedule.max_iters:
+            return self.schedule.max_iters
+        return max(1, round(self.schedule.epochs * train_images / self.global_batch))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "config") -> TrainConfig:
+        """Build from a plain mapping; errors name ``source`` and the dotted key."""
+        try:
+            return _build(cls, data, "")
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+
+def _type_name(tp: Any) -> str:
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        args = typing.get_args(tp)
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]" if args else origin.__name__
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """``value`` checked against the annotation ``tp`` (ints accepted for floats, never bools for numbers)."""
+    def wrong() -> ConfigError:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        return ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {shown}")
+
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(arg, value, key)
+            except ConfigError:
+                continue
+        raise wrong()
+    if origin is list:
+        if not isinstance(value, list):
+            raise wrong()
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise wrong()
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise wrong()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise wrong()
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise wrong()
+        return None
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}")  # a bug in this module, not in the file
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    section = prefix.rstrip(".") or "the config"
+    if data is None and prefix:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{section}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]!s} (known keys{' in ' + section if prefix else ''}: {', '.join(fields)})"
+        )
+    kwargs = {name: _convert(hints[name], value, prefix + name) for name, value in data.items()}
+    missing = [n for n, f in fields.items() if n not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    for name in list(missing):
+        if dataclasses.is_dataclass(hints[name]):  # a missing section: its own checks name the key
+            kwargs[name] = _build(hints[name], {}, prefix + name + ".")
+            missing.remove(name)
+    if missing:
+        raise ConfigError(f"{prefix}{missing[0]}: required section/key is missing")
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=value"`` -> (["a", "b"], yaml.safe_load("value"))."""
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. optim.base_lr=0.01")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {first}") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of ``data`` with each ``a.b=value`` override set (sections created when absent)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[:i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (local path or URI), apply ``--set`` overrides, validate."""
+    import yaml
+
+    try:
+        if "://" in path:
+            from pipeline import storage
+
+            text = storage.read_bytes(path).decode("utf-8")
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = " ".join(str(exc).split())
+        raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(data).__name__}")
+    source = path
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source = f"{path} (with --set)"
+    return TrainConfig.from_dict(data, source=source)
