@@ -53,12 +53,22 @@ def build_parser(modules: dict[str, object] | None = None) -> argparse.ArgumentP
     return parser
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """Call the job for parsed ``args``; errors become one line unless ``--verbose``."""
+def call(args: argparse.Namespace) -> int:
+    """Run the job for parsed ``args`` and return its exit code; exceptions propagate."""
     module = importlib.import_module(args._module)
     runner = getattr(module, args._runner) if args._runner else module.run
+    return int(runner(args) or 0)
+
+
+def invoke(argv: list[str]) -> int:
+    """Run ``maskray ARGV…`` in this process (used by ``maskray demo``); exceptions propagate."""
+    return call(build_parser().parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Call the job for parsed ``args``; errors become one line unless ``--verbose``."""
     try:
-        return int(runner(args) or 0)
+        return call(args)
     except KeyboardInterrupt:
         print("maskray: interrupted", file=sys.stderr)
         return 130
