@@ -143,6 +143,10 @@ def test_rayjob_entrypoint_is_a_real_command(path):
             from pipeline.config import load_config
 
             load_config(str(_repo_path(config)), args.overrides)  # raises on an unknown key or bad value
+        if module_name == "jobs.distill":
+            from pipeline.distill import load_distill_config
+
+            load_distill_config(str(_repo_path(config)), args.overrides)
         runtime_env = yaml.safe_load(doc["spec"].get("runtimeEnvYAML") or "{}")
         assert "working_dir" not in runtime_env, "RayJobs run the code baked in the image"
 
