@@ -20,10 +20,12 @@ the manifest's ``extra``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -260,29 +262,41 @@ def ensemble(preds: Sequence[Prediction], config: TTAConfig) -> Prediction:
 
 
 @contextlib.contextmanager
-def _model_scale(model: torch.nn.Module, scale: float) -> Iterator[None]:
-    """Scale a torchvision detector's internal resize (min_size/max_size) for one transform, so
-    the network really sees the image at ``scale``; restored on exit."""
-    transform = getattr(model, "transform", None)
-    if transform is None or scale == 1.0 or not hasattr(transform, "min_size"):
+def _model_scale(model: Callable, scale: float) -> Iterator[None]:
+    """Scale a detector's own resize for one transform, so the network really sees the image at
+    ``scale``; restored on exit. Handles a ``pipeline.inference.Predictor`` (integer
+    ``min_size``/``max_size``) and a torchvision detector (``model.transform``)."""
+    if scale == 1.0:
         yield
         return
-    min_size, max_size = transform.min_size, transform.max_size
-    transform.min_size = tuple(max(1, int(round(m * scale))) for m in min_size)
-    transform.max_size = max(1, int(round(max_size * scale)))
+    if isinstance(getattr(model, "min_size", None), int) and isinstance(getattr(model, "max_size", None), int):
+        target, as_tuple = model, False
+    elif hasattr(getattr(model, "transform", None), "min_size"):
+        target, as_tuple = model.transform, True
+    else:
+        yield
+        return
+    min_size, max_size = target.min_size, target.max_size
+    if as_tuple:
+        target.min_size = tuple(max(1, int(round(m * scale))) for m in min_size)
+    else:
+        target.min_size = max(1, int(round(min_size * scale)))
+    target.max_size = max(1, int(round(max_size * scale)))
     try:
         yield
     finally:
-        transform.min_size, transform.max_size = min_size, max_size
+        target.min_size, target.max_size = min_size, max_size
 
 
-def predict_tta(model: Callable, images: Sequence[torch.Tensor], config: TTAConfig) -> list[Prediction]:
+def predict_tta(model: Callable, images: Sequence[torch.Tensor], config: TTAConfig, *,
+                scaler: object | None = None) -> list[Prediction]:
     """Run ``model`` (list of float [3,H,W] images -> torchvision output dicts in each input's
-    frame) under every transform of ``config`` and return one ensembled Prediction per image."""
+    frame) under every transform of ``config`` and return one ensembled Prediction per image.
+    ``scaler`` is the object whose resize is scaled per transform (default: ``model``)."""
     per_image: list[list[Prediction]] = [[] for _ in images]
     with torch.inference_mode():
         for t in config.transforms():
-            with _model_scale(model, t.scale):
+            with _model_scale(model if scaler is None else scaler, t.scale):
                 outputs = model([t.apply(img) for img in images])
             for i, (img, out) in enumerate(zip(images, outputs)):
                 th, tw = t.size(*img.shape[-2:])
@@ -293,10 +307,11 @@ def predict_tta(model: Callable, images: Sequence[torch.Tensor], config: TTAConf
 # --------------------------------------------------------------------------- annotations
 
 
-def to_annotations(pred: Prediction, categories: Sequence[dict], *, image_id: int,
+def to_annotations(pred: Prediction, category_ids: Sequence[int], *, image_id: int,
                    mask_threshold: float = 0.5) -> list[dict]:
-    """Prediction -> shard annotation dicts (COCO xywh bbox, RLE of the binarized mask, score).
-    Instances whose binarized mask is empty are dropped."""
+    """Prediction -> shard annotation dicts (COCO xywh bbox, RLE of the binarized mask, score);
+    model label ``i`` is ``category_ids[i - 1]``. Instances whose binarized mask is empty are
+    dropped."""
     from pycocotools import mask as mask_utils
 
     if len(pred) == 0:
@@ -310,11 +325,11 @@ def to_annotations(pred: Prediction, categories: Sequence[dict], *, image_id: in
             continue
         x1, y1, x2, y2 = (float(v) for v in pred.boxes[i].tolist())
         label = int(pred.labels[i])
-        if not 1 <= label <= len(categories):
-            raise MaskrayError(f"teacher predicted label {label}, but the manifest has {len(categories)} categories")
+        if not 1 <= label <= len(category_ids):
+            raise MaskrayError(f"teacher predicted label {label}, but it has {len(category_ids)} categories")
         annotations.append({
             "id": int(image_id) * 1000 + i,
-            "category_id": int(categories[label - 1]["id"]),
+            "category_id": int(category_ids[label - 1]),
             "bbox": [x1, y1, x2 - x1, y2 - y1],
             "area": float(areas[i]),
             "iscrowd": False,
@@ -372,11 +387,172 @@ def apply_thresholds(annotations: Sequence[dict], thresholds: dict[int, float]) 
 # --------------------------------------------------------------------------- Ray Data + storage
 
 
-@dataclass
-class PseudoLabelResult:
-    dataset: str
-    thresholds: dict[int, float]
-    images: int
-    instances: int
-    candidates: int
-    extra: dict = field(default_factory=dict)
+CANDIDATES = "candidates"
+INPUT_COLUMNS = ["image_id", "file_name", "width", "height", "image"]
+
+
+class TTALabeler:
+    """Ray Data actor stage: a batch of unlabeled shard rows (pyarrow) -> the same rows with
+    ``annotations`` = the teacher's ensembled TTA detections (with ``score``). The checkpoint is
+    loaded once per actor with :class:`pipeline.inference.Predictor`."""
+
+    def __init__(self, checkpoint_uri: str, tta: dict, threads: int = 0) -> None:
+        from pipeline.inference import Predictor
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.config = TTAConfig(**tta)
+        self.predictor = Predictor(checkpoint_uri, device="cpu" if not torch.cuda.is_available() else None,
+                                   score_threshold=self.config.min_score)
+        self.category_ids = self.predictor.category_ids
+
+    def label_rows(self, rows: list[dict]) -> list[dict]:
+        from pipeline.dataset import decode_image
+
+        images = [decode_image(r["image"]).float().div_(255.0) for r in rows]
+        preds = predict_tta(self.predictor.predict, images, self.config, scaler=self.predictor)
+        out = []
+        for row, pred in zip(rows, preds):
+            anns = to_annotations(pred, self.category_ids, image_id=int(row["image_id"]),
+                                  mask_threshold=self.config.mask_threshold)
+            out.append({**{k: row[k] for k in INPUT_COLUMNS}, "annotations": anns})
+        return out
+
+    def __call__(self, table):
+        from pipeline.format import rows_to_table
+
+        return rows_to_table(self.label_rows(table.to_pylist()))
+
+
+def _annotation_scores(dataset_uri: str) -> tuple[dict[int, list[float]], int]:
+    from pipeline.format import read_rows
+
+    scores: dict[int, list[float]] = {}
+    images = 0
+    for row in read_rows(dataset_uri, columns=["annotations"]):
+        images += 1
+        for ann in row["annotations"] or ():
+            scores.setdefault(int(ann["category_id"]), []).append(float(ann["score"]))
+    return scores, images
+
+
+def label_candidates(unlabeled_uri: str, out_uri: str, teacher: str, tta: TTAConfig, *, round_index: int,
+                     batch_size: int = 8, actors: int = 1, cpus_per_actor: float = 1.0, threads: int = 0,
+                     images_per_shard: int = 1000) -> str:
+    """Teacher TTA inference over every unlabeled image with Ray Data -> candidate shards under
+    ``out_uri`` (every ensembled instance >= ``tta.min_score``, with its score). Kept when a
+    previous run already wrote them for this very teacher and round."""
+    import dataclasses
+
+    import ray.data
+
+    from pipeline import storage
+    from pipeline.dataset import read_shards
+    from pipeline.format import Manifest, ShardWriter, read_manifest, write_manifest
+
+    extra = json.loads(json.dumps({"round": round_index, "teacher": teacher, "stage": CANDIDATES,
+                                   "tta": dataclasses.asdict(tta)}))
+    if storage.exists(storage.join(out_uri, "manifest.json")):
+        old = read_manifest(out_uri)
+        if {k: old.extra.get(k) for k in extra} == extra:
+            logger.info("pseudo-labels: candidates of round %d already at %s; kept", round_index, out_uri)
+            return out_uri
+    source = read_manifest(unlabeled_uri)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # same input -> same shards on a rerun
+    ds = read_shards(unlabeled_uri, columns=INPUT_COLUMNS)
+    ds = ds.map_batches(TTALabeler, fn_constructor_kwargs={"checkpoint_uri": teacher,
+                                                           "tta": dataclasses.asdict(tta), "threads": threads},
+                        batch_size=batch_size, batch_format="pyarrow", concurrency=actors,
+                        num_cpus=cpus_per_actor)
+    with ShardWriter(out_uri, images_per_shard=images_per_shard) as writer:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for row in batch.to_pylist():
+                writer.add(row)
+    shards = writer.close()
+    categories = _teacher_categories(teacher, source.categories)
+    write_manifest(out_uri, Manifest(categories=categories, shards=shards, source=unlabeled_uri, extra=extra))
+    return out_uri
+
+
+def _teacher_categories(teacher: str, fallback: list[dict]) -> list[dict]:
+    from pipeline.evaluate import load_checkpoint_uri
+
+    _, config, _ = load_checkpoint_uri(teacher)
+    return [dict(c) for c in config.categories] or list(fallback)
+
+
+def choose_thresholds(candidates_uri: str, labeled_uri: str, config: ThresholdConfig,
+                      category_ids: Sequence[int]) -> dict[int, float]:
+    """Per-class thresholds from the candidates' scores (density rule) or the fixed value."""
+    if config.mode == "fixed":
+        return {int(c): float(config.value) for c in category_ids}
+    from pipeline.format import read_rows
+
+    density = labeled_density((r["annotations"] for r in read_rows(labeled_uri, columns=["annotations"])),
+                              category_ids)
+    scores, images = _annotation_scores(candidates_uri)
+    thresholds = density_thresholds(scores, images, density, floor=config.floor)
+    for cid in category_ids:
+        logger.info("pseudo-labels: category %s: labeled %.2f/image -> threshold %.3f", cid, density[int(cid)],
+                    thresholds[int(cid)])
+    return thresholds
+
+
+def write_pseudo_labels(candidates_uri: str, out_uri: str, thresholds: dict[int, float], *, extra: dict,
+                        keep_empty: bool = False, images_per_shard: int = 1000) -> tuple[int, int]:
+    """The thresholded copy of the candidates as a maskray dataset at ``out_uri``;
+    returns (images, instances)."""
+    from pipeline.format import Manifest, ShardWriter, read_manifest, read_rows, write_manifest
+
+    source = read_manifest(candidates_uri)
+    images = instances = 0
+    with ShardWriter(out_uri, images_per_shard=images_per_shard) as writer:
+        for row in read_rows(candidates_uri):
+            anns = apply_thresholds(row["annotations"] or [], thresholds)
+            if not anns and not keep_empty:
+                continue
+            writer.add({**row, "annotations": anns})
+            images += 1
+            instances += len(anns)
+    shards = writer.close()
+    write_manifest(out_uri, Manifest(categories=source.categories, shards=shards, source=candidates_uri,
+                                     extra=extra))
+    return images, instances
+
+
+def run_pseudo_labels(round_index: int, teacher: str, out_uri: str, *, unlabeled: str, labeled: str,
+                      tta: TTAConfig, thresholds: ThresholdConfig, keep_empty: bool = False,
+                      batch_size: int = 8, actors: int = 1, cpus_per_actor: float = 1.0, threads: int = 0):
+    """The whole pseudo-labeling step of one round: candidates (``<out>/candidates``), thresholds,
+    then the pseudo-label dataset at ``out_uri`` whose manifest ``extra`` names the round and
+    teacher. Returns a :class:`pipeline.rounds.PseudoLabels`."""
+    from pipeline import storage
+    from pipeline.format import read_manifest
+    from pipeline.rounds import PseudoLabels
+
+    start = time.perf_counter()
+    candidates = label_candidates(unlabeled, storage.join(out_uri, CANDIDATES), teacher, tta,
+                                  round_index=round_index, batch_size=batch_size, actors=actors,
+                                  cpus_per_actor=cpus_per_actor, threads=threads)
+    manifest = read_manifest(candidates)
+    category_ids = [int(c["id"]) for c in manifest.categories]
+    chosen = choose_thresholds(candidates, labeled, thresholds, category_ids)
+    extra = {"round": round_index, "teacher": teacher, "thresholds": {str(k): v for k, v in chosen.items()},
+             "threshold_mode": thresholds.mode, "candidates": candidates}
+    images, instances = write_pseudo_labels(candidates, out_uri, chosen, extra=extra, keep_empty=keep_empty)
+    logger.info("pseudo-labels of round %d: %d instances on %d of %d images (%d candidates) in %.1f s -> %s",
+                round_index, instances, images, manifest.num_images, manifest.num_instances,
+                time.perf_counter() - start, out_uri)
+    return PseudoLabels(dataset=out_uri, thresholds=chosen, images=images, instances=instances,
+                        round=round_index, teacher=teacher)
+
+
+def check_pseudo_dataset(dataset_uri: str, *, round_index: int, teacher: str) -> None:
+    """Refuse a pseudo-label dataset that is not the one of ``round_index`` by ``teacher``."""
+    from pipeline.format import read_manifest
+
+    extra = read_manifest(dataset_uri).extra
+    if extra.get("round") != round_index or extra.get("teacher") != teacher:
+        raise MaskrayError(f"{dataset_uri}: pseudo-labels of round {extra.get('round')} by {extra.get('teacher')}, "
+                           f"but round {round_index} with teacher {teacher} asked for them")

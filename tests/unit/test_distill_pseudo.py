@@ -126,8 +126,7 @@ def test_to_annotations_writes_rle_and_scores():
 
     pred = _pred([[2, 3, 7, 9], [0, 0, 1, 1]], [0.9, 0.3], [2, 1])
     pred.masks[1] = 0.0  # empty after binarization: dropped
-    cats = [{"id": 5, "name": "a"}, {"id": 9, "name": "b"}]
-    anns = pseudo.to_annotations(pred, cats, image_id=3, mask_threshold=0.5)
+    anns = pseudo.to_annotations(pred, [5, 9], image_id=3, mask_threshold=0.5)
     assert len(anns) == 1
     ann = anns[0]
     assert ann["category_id"] == 9 and ann["score"] == pytest.approx(0.9)

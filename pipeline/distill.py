@@ -1,0 +1,298 @@
+"""Configuration and data plumbing of ``maskray distill`` (the rounds live in ``pipeline.rounds``,
+the pseudo-labels in ``pipeline.pseudo``).
+
+A distill config is a YAML mapping::
+
+    work_dir: out/distill-shapes     # rounds/ (and data/ when prepared) go here; local or s3://
+    rounds: 1                        # self-training rounds after round 0 (the labeled-only teacher)
+    min_gain: 0.0                    # stop after a round whose student gains < this many mask AP points
+    prepare: {enabled: true, size: 64, labeled: 40, unlabeled: 360, val: 100, seed: 0, ...}
+    data: {labeled: URI, unlabeled: URI, val: URI, val_max_images: 0}   # default: <work_dir>/data/*
+    train: {...}                     # a `maskray train` config (pipeline.config.TrainConfig) without
+                                     # data.train/val, name, storage_path: the distill job fills them
+    student: {mix_ratio: 0.5, overrides: {schedule.max_iters: 800}}
+    tta: {scales: [0.75, 1.0], hflip: true, merge: wbv, score_mode: mean, iou_threshold: 0.55, ...}
+    thresholds: {mode: density, floor: 0.3}           # or {mode: fixed, value: 0.6}
+    inference: {batch_size: 8, actors: 1, cpus_per_actor: 1, threads: 2}
+    eval_threads: 2
+
+``prepare.enabled`` writes the synthetic-shapes data once: ``pipeline.synth.synthesize`` (the
+code of ``maskray synth``) draws ``labeled`` annotated images plus an ``unlabeled`` pool, and
+``val`` held-out annotated images from another seed; ``convert_coco`` (``maskray convert``)
+shards the labeled and val sets and ``pack_images`` (``maskray pack``) the unlabeled pool.
+
+The student's batches mix labeled and pseudo-labeled images at ``student.mix_ratio`` (the
+fraction of labeled images): :func:`write_mixed_dataset` writes one training dataset per round
+in which every block of 64 rows holds exactly that share of labeled rows (the labeled set is
+cycled, reshuffled each pass; each pseudo-labeled image appears once), so ``maskray train``
+trains on it unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from model.errors import MaskrayError
+from pipeline.pseudo import ThresholdConfig, TTAConfig
+
+logger = logging.getLogger(__name__)
+
+MIX_BLOCK = 64
+
+
+class DistillConfigError(MaskrayError):
+    """An invalid distill configuration (the message names the key at fault)."""
+
+
+@dataclass
+class PrepareConfig:
+    enabled: bool = False
+    size: int = 64
+    labeled: int = 40
+    unlabeled: int = 360
+    val: int = 100
+    seed: int = 0
+    categories: int = 3
+    max_objects: int = 3
+
+    def __post_init__(self) -> None:
+        if self.enabled and (self.labeled < 1 or self.unlabeled < 1 or self.val < 1):
+            raise DistillConfigError("prepare: labeled, unlabeled and val must be >= 1")
+
+
+@dataclass
+class DataSection:
+    labeled: str = ""
+    unlabeled: str = ""
+    val: str = ""
+    val_max_images: int = 0
+
+
+@dataclass
+class StudentConfig:
+    mix_ratio: float = 0.5  # fraction of labeled images in each batch
+    keep_empty: bool = False  # keep unlabeled images left without pseudo instances
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted train keys for the student only
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.mix_ratio < 1.0:
+            raise DistillConfigError(f"student.mix_ratio: expected a value in [0, 1), got {self.mix_ratio}")
+
+
+@dataclass
+class InferenceSection:
+    batch_size: int = 8
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.actors < 1 or self.cpus_per_actor <= 0 or self.threads < 0:
+            raise DistillConfigError("inference: batch_size and actors must be >= 1, cpus_per_actor > 0, threads >= 0")
+
+
+@dataclass
+class DistillConfig:
+    work_dir: str
+    train: dict[str, Any]
+    rounds: int = 1
+    min_gain: float = 0.0
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    data: DataSection = field(default_factory=DataSection)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    tta: TTAConfig = field(default_factory=TTAConfig)
+    thresholds: ThresholdConfig = field(default_factory=ThresholdConfig)
+    inference: InferenceSection = field(default_factory=InferenceSection)
+    eval_threads: int = 0
+
+    def __post_init__(self) -> None:
+        from pipeline import storage
+
+        if not str(self.work_dir).strip():
+            raise DistillConfigError("work_dir: a local path or s3:// URI is required")
+        if self.rounds < 0:
+            raise DistillConfigError(f"rounds: expected >= 0, got {self.rounds}")
+        for name in ("labeled", "unlabeled", "val"):
+            if not getattr(self.data, name):
+                if not self.prepare.enabled:
+                    raise DistillConfigError(f"data.{name}: a dataset URI is required (or prepare.enabled: true)")
+                setattr(self.data, name, storage.join(self.work_dir, "data", name))
+        # the train section must be a valid training config once the job fills in the data
+        self.train_config(self.data.labeled, "check", self.work_dir)
+        self.train_config(self.data.labeled, "check", self.work_dir, self.student.overrides)
+
+    def train_config(self, train_uri: str, name: str, storage_path: str, overrides: dict | None = None):
+        """The :class:`pipeline.config.TrainConfig` of one training run of the rounds."""
+        from pipeline.config import ConfigError, TrainConfig, apply_overrides
+
+        data = copy.deepcopy(self.train)
+        data.setdefault("data", {})
+        for key in ("name", "storage_path"):
+            if key in data:
+                raise DistillConfigError(f"train.{key}: set by the distill job; remove it")
+        data["data"]["train"], data["data"]["val"] = train_uri, ""
+        data["name"], data["storage_path"] = name, storage_path
+        try:
+            data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in (overrides or {}).items()])
+            return TrainConfig.from_dict(data, source="train")
+        except ConfigError as exc:
+            raise DistillConfigError(str(exc)) from None
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(to_dict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def to_dict(config: DistillConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _section(cls: type, value: Any, key: str) -> Any:
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise DistillConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise DistillConfigError(f"unknown key {key}.{unknown[0]} (known keys: {', '.join(sorted(known))})")
+    try:
+        return cls(**value)
+    except MaskrayError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise DistillConfigError(f"{key}: {exc}") from None
+
+
+def distill_config_from_dict(data: Any, *, source: str = "config") -> DistillConfig:
+    if not isinstance(data, dict):
+        raise DistillConfigError(f"{source}: expected a mapping at the top level")
+    sections = {"prepare": PrepareConfig, "data": DataSection, "student": StudentConfig, "tta": TTAConfig,
+                "thresholds": ThresholdConfig, "inference": InferenceSection}
+    top = {"work_dir", "train", "rounds", "min_gain", "eval_threads", *sections}
+    unknown = sorted(set(data) - top)
+    if unknown:
+        raise DistillConfigError(f"{source}: unknown key {unknown[0]} (known keys: {', '.join(sorted(top))})")
+    if "work_dir" not in data or "train" not in data:
+        raise DistillConfigError(f"{source}: work_dir and train are required")
+    if not isinstance(data["train"], dict):
+        raise DistillConfigError(f"{source}: train must be a mapping (a maskray train config)")
+    kwargs = {name: _section(cls, data.get(name), name) for name, cls in sections.items()}
+    try:
+        return DistillConfig(work_dir=str(data["work_dir"]), train=data["train"], rounds=int(data.get("rounds", 1)),
+                             min_gain=float(data.get("min_gain", 0.0)), eval_threads=int(data.get("eval_threads", 0)),
+                             **kwargs)
+    except DistillConfigError as exc:
+        raise DistillConfigError(f"{source}: {exc}") from None
+
+
+def load_distill_config(path: str, overrides: list[str] | None = None) -> DistillConfig:
+    """Read a YAML distill config (local path or URI) and apply ``--set a.b=value`` overrides."""
+    import yaml
+
+    from pipeline.config import apply_overrides
+
+    try:
+        if "://" in path:
+            from pipeline import storage
+
+            text = storage.read_bytes(path).decode("utf-8")
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        data = yaml.safe_load(text) or {}
+    except FileNotFoundError:
+        raise DistillConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise DistillConfigError(f"config file {path} cannot be read: {' '.join(str(exc).split())}") from None
+    return distill_config_from_dict(apply_overrides(data, list(overrides or [])), source=path)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def prepare_data(config: DistillConfig) -> None:
+    """Synthesize + convert + pack the shapes data of ``config.prepare`` (skipped when the
+    datasets' manifests already exist)."""
+    from pipeline import storage
+    from pipeline.convert import convert_coco, pack_images
+    from pipeline.format import manifest_uri, read_manifest
+    from pipeline.synth import synthesize
+
+    p = config.prepare
+    if not p.enabled:
+        return
+    d = config.data
+    if all(storage.exists(manifest_uri(u)) for u in (d.labeled, d.unlabeled, d.val)):
+        logger.info("distill: prepared data already in place (%s)", storage.join(config.work_dir, "data"))
+        return
+    raw = storage.join(config.work_dir, "data", "raw")
+    common = {"size": p.size, "num_categories": p.categories, "max_objects": p.max_objects}
+    train_raw, val_raw = storage.join(raw, "train"), storage.join(raw, "val")
+    synthesize(train_raw, images=p.labeled, unlabeled=p.unlabeled, seed=p.seed, **common)
+    synthesize(val_raw, images=p.val, seed=p.seed + 1000, first_id=1, **common)
+    convert_coco(storage.join(train_raw, "annotations.json"), storage.join(train_raw, "images"), d.labeled).check()
+    convert_coco(storage.join(val_raw, "annotations.json"), storage.join(val_raw, "images"), d.val).check()
+    categories = read_manifest(d.labeled).categories
+    pack_images(storage.join(train_raw, "unlabeled"), d.unlabeled, first_id=10_000_000,
+                categories=categories).check()
+    logger.info("distill: prepared %d labeled + %d unlabeled training images (%.0f%% labeled), %d val images",
+                p.labeled, p.unlabeled, 100 * p.labeled / (p.labeled + p.unlabeled), p.val)
+
+
+def mix_pattern(ratio: float, block: int = MIX_BLOCK) -> int:
+    """Labeled rows in each block of ``block`` rows."""
+    return int(round(ratio * block))
+
+
+def write_mixed_dataset(labeled_uri: str, pseudo_uri: str, out_uri: str, *, ratio: float, seed: int = 0,
+                        extra: dict | None = None) -> tuple[int, int]:
+    """The student's training set: every pseudo-labeled image once, interleaved with labeled
+    images so that each block of :data:`MIX_BLOCK` rows holds ``mix_pattern(ratio)`` labeled
+    rows (the labeled set cycled, reshuffled each pass). Returns (rows, labeled rows)."""
+    from pipeline.format import Manifest, ShardWriter, read_manifest, read_rows, write_manifest
+
+    labeled = list(read_rows(labeled_uri))
+    pseudo_rows = list(read_rows(pseudo_uri))
+    if not pseudo_rows:
+        raise MaskrayError(f"{pseudo_uri}: no pseudo-labeled image to train a student on "
+                           "(lower thresholds.floor or check the teacher)")
+    if not labeled and ratio > 0:
+        raise MaskrayError(f"{labeled_uri}: no labeled image to mix in")
+    rng = random.Random(seed)
+    rng.shuffle(pseudo_rows)
+    n_lab = mix_pattern(ratio)
+    n_pseudo = MIX_BLOCK - n_lab
+    if n_pseudo <= 0:
+        raise MaskrayError(f"student.mix_ratio={ratio}: leaves no pseudo-labeled image in a batch")
+    cycle: list[dict] = []
+    rows = labeled_rows = 0
+    with ShardWriter(out_uri) as writer:
+        for start in range(0, len(pseudo_rows), n_pseudo):
+            chunk = pseudo_rows[start:start + n_pseudo]
+            need = int(round(len(chunk) * n_lab / n_pseudo))
+            block = []
+            for _ in range(need):
+                if not cycle:
+                    cycle = labeled[:]
+                    rng.shuffle(cycle)
+                block.append(cycle.pop())
+            labeled_rows += len(block)
+            block += chunk
+            rng.shuffle(block)
+            for row in block:
+                writer.add(row)
+                rows += 1
+    shards = writer.close()
+    manifest = read_manifest(pseudo_uri)
+    write_manifest(out_uri, Manifest(categories=manifest.categories, shards=shards,
+                                     source=f"{labeled_uri} + {pseudo_uri}",
+                                     extra={**(extra or {}), "mix_ratio": ratio, "labeled": labeled_uri,
+                                            "pseudo": pseudo_uri}))
+    return rows, labeled_rows

@@ -1,0 +1,84 @@
+"""Distill config loading/validation and the student's mixed dataset (pipeline.distill)."""
+
+import pytest
+import yaml
+
+from model.errors import MaskrayError
+from pipeline import distill
+from pipeline.format import Manifest, ShardWriter, read_manifest, read_rows, write_manifest
+
+TRAIN = {"model": {"backbone": "resnet18", "min_size": 64, "max_size": 64},
+         "schedule": {"max_iters": 10, "warmup_iters": 1}}
+
+
+def _config(tmp_path, **extra):
+    data = {"work_dir": str(tmp_path / "work"), "train": TRAIN, "prepare": {"enabled": True}, **extra}
+    path = tmp_path / "distill.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_shipped_config_loads_and_fills_the_data_uris():
+    c = distill.load_distill_config("configs/distill-shapes-cpu.yaml", ["work_dir=/tmp/x", "rounds=2"])
+    assert c.rounds == 2 and c.data.labeled == "/tmp/x/data/labeled" and c.data.unlabeled == "/tmp/x/data/unlabeled"
+    assert c.prepare.labeled * 9 == c.prepare.unlabeled  # 10% labeled
+    teacher = c.train_config(c.data.labeled, "run", "/tmp/x/rounds/round-0/teacher")
+    assert teacher.data.train == c.data.labeled and teacher.data.val == "" and teacher.name == "run"
+
+
+def test_student_overrides_and_fingerprint(tmp_path):
+    c = distill.load_distill_config(_config(tmp_path, student={"overrides": {"schedule.max_iters": 20}}))
+    student = c.train_config("/d/mixed", "run", "/out", c.student.overrides)
+    assert student.schedule.max_iters == 20 and c.train_config("/d", "run", "/o").schedule.max_iters == 10
+    other = distill.load_distill_config(_config(tmp_path), ["min_gain=1"])
+    assert c.fingerprint() != other.fingerprint()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["student.mix_ratio=1.0"], "student.mix_ratio"),
+    (["tta.merge=vote"], "tta.merge"),
+    (["thresholds.bogus=1"], "thresholds.bogus"),
+    (["train.name=x"], "train.name"),
+    (["train.schedule.max_iters=-1"], "schedule.max_iters"),
+    (["prepare.enabled=false"], "data.labeled"),
+    (["colour=red"], "unknown key colour"),
+])
+def test_invalid_configs_name_the_key(tmp_path, overrides, message):
+    with pytest.raises(MaskrayError, match=message):
+        distill.load_distill_config(_config(tmp_path), overrides)
+
+
+def _dataset(uri, n, first_id, score):
+    ann = {"id": 1, "category_id": 1, "bbox": [0.0, 0.0, 2.0, 2.0], "area": 4.0, "iscrowd": False,
+           "segmentation": {"size": [4, 4], "counts": b"0"}, "score": score}
+    with ShardWriter(uri, images_per_shard=7) as w:
+        for i in range(n):
+            w.add({"image_id": first_id + i, "file_name": f"{i}.png", "width": 4, "height": 4, "image": b"x",
+                   "annotations": [ann]})
+    write_manifest(uri, Manifest(categories=[{"id": 1, "name": "a"}], shards=w.close(),
+                                 extra={"round": 1, "teacher": "t"}))
+
+
+def test_mixed_dataset_has_the_ratio_in_every_block(tmp_path):
+    labeled, pseudo, out = (str(tmp_path / n) for n in ("labeled", "pseudo", "mixed"))
+    _dataset(labeled, 5, 1, None)
+    _dataset(pseudo, 96, 1000, 0.9)
+    rows, n_labeled = distill.write_mixed_dataset(labeled, pseudo, out, ratio=0.25, seed=3, extra={"round": 1})
+    assert (rows, n_labeled) == (128, 32)
+    ids = [r["image_id"] for r in read_rows(out, columns=["image_id"])]
+    assert sorted(i for i in ids if i >= 1000) == list(range(1000, 1096))  # every pseudo image once
+    for block in (ids[:64], ids[64:]):
+        assert sum(i < 1000 for i in block) == 16
+    counts = [ids.count(i) for i in range(1, 6)]
+    assert max(counts) - min(counts) <= 1  # labeled images cycled evenly
+    assert read_manifest(out).extra == {"round": 1, "mix_ratio": 0.25, "labeled": labeled, "pseudo": pseudo}
+    again = str(tmp_path / "again")
+    distill.write_mixed_dataset(labeled, pseudo, again, ratio=0.25, seed=3)
+    assert [r["image_id"] for r in read_rows(again, columns=["image_id"])] == ids  # deterministic
+
+
+def test_mixed_dataset_refuses_an_empty_pseudo_set(tmp_path):
+    _dataset(str(tmp_path / "l"), 3, 1, None)
+    _dataset(str(tmp_path / "p"), 0, 1, 0.5)
+    with pytest.raises(MaskrayError, match="no pseudo-labeled image"):
+        distill.write_mixed_dataset(str(tmp_path / "l"), str(tmp_path / "p"), str(tmp_path / "m"), ratio=0.5)
