@@ -37,12 +37,17 @@ NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
 
 def cuda_home() -> str | None:
-    """The CUDA toolkit folder holding bin/nvcc, or None."""
+    """The CUDA toolkit folder holding bin/nvcc, or None.
+
+    $CUDA_HOME / $CUDA_PATH first, then /usr/local/cuda, then torch's guess (which, with an
+    nvcc wrapper script on PATH, can be a folder without the CUDA headers and libraries).
+    """
     from torch.utils import cpp_extension
 
-    home = cpp_extension.CUDA_HOME
-    if home and (Path(home) / "bin" / "nvcc").exists():
-        return home
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
+                      cpp_extension.CUDA_HOME):
+        if candidate and (Path(candidate) / "bin" / "nvcc").exists():
+            return candidate
     return None
 
 
@@ -110,6 +115,10 @@ def build(with_cuda: bool | None = None, arch: list[str] | None = None, verbose:
         )
     if with_cuda and arch is None:
         arch = default_arch_list()
+    if with_cuda:
+        home = cuda_home()
+        cpp_extension.CUDA_HOME = home  # torch's own guess may be a folder without headers
+        os.environ.setdefault("CUDA_HOME", home)
     directory = build_dir(with_cuda, arch)
     directory.mkdir(parents=True, exist_ok=True)
     sources = [str(SOURCE_DIR / s) for s in CPP_SOURCES + (CUDA_SOURCES if with_cuda else [])]
@@ -158,6 +167,38 @@ def _build_error(exc: BaseException, directory: Path) -> MaskrayError:
     return MaskrayError(
         f"building the RoIAlign op from {SOURCE_DIR} failed: {tail}{where}. Hint: a C++17 compiler (g++) and "
         "ninja are needed (and nvcc with CUDA_HOME for GPUs); retry with `python -m model.build --verbose`"
+    )
+
+
+def nvcc_command(source: Path, output: Path, arch: list[str]) -> list[str]:
+    """An nvcc command compiling one CUDA source of the op to an object file (CI compile check).
+
+    Same defines, include folders and flags as the extension build, for the given compute
+    capabilities (e.g. ["8.0", "9.0"]); needs no GPU.
+    """
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    home = cuda_home()
+    if home is None:
+        raise MaskrayError("nvcc not found (set CUDA_HOME to the CUDA toolkit)")
+    includes = [str(SOURCE_DIR)]
+    system = cpp_extension.include_paths("cpu") + [str(Path(home) / "include")] + extra_cuda_includes()
+    system.append(sysconfig.get_paths()["include"])
+    gencode = []
+    for a in arch:
+        num = a.replace(".", "")
+        gencode += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
+    return (
+        [str(Path(home) / "bin" / "nvcc"), "-c", str(source), "-o", str(output)]
+        + [f"-I{p}" for p in includes]
+        + [arg for p in system for arg in ("-isystem", p)]
+        + [f"-DTORCH_EXTENSION_NAME={NAME}", "-DTORCH_API_INCLUDE_EXTENSION_H"]
+        + cpp_extension.COMMON_NVCC_FLAGS
+        + gencode
+        + ["--compiler-options", "-fPIC", "-std=c++20"]
+        + NVCC_FLAGS
     )
 
 

@@ -129,6 +129,13 @@ RoiPlan<T> make_plan(
   return plan;
 }
 
+// Channels per parallel task: small problems run on the calling thread (waking the pool
+// costs more than they do); large ones split across all threads.
+int64_t channel_grain(int64_t num_rois, int pooled_height, int pooled_width) {
+  const int64_t per_channel = std::max<int64_t>(1, num_rois * pooled_height * pooled_width);
+  return std::max<int64_t>(1, (int64_t(1) << 15) / per_channel);
+}
+
 void check_inputs(const at::Tensor& input, const at::Tensor& rois, int64_t ph, int64_t pw) {
   TORCH_CHECK(input.dim() == 4, "maskray::roi_align: input must be [N, C, H, W], got ", input.sizes());
   TORCH_CHECK(
@@ -162,7 +169,7 @@ void forward_impl(
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
   const int64_t plane = static_cast<int64_t>(H) * W;
 
-  at::parallel_for(0, C, 1, [&](int64_t c_begin, int64_t c_end) {
+  at::parallel_for(0, C, channel_grain(K, PH, PW), [&](int64_t c_begin, int64_t c_end) {
     std::vector<acc_t> rowbuf(std::max(plan.max_cols, 1));
     acc_t* V = rowbuf.data();
     for (int64_t c = c_begin; c < c_end; ++c) {
@@ -222,7 +229,7 @@ void backward_impl(
   const int64_t sn = grad.stride(0), sc = grad.stride(1), sh = grad.stride(2), sw = grad.stride(3);
   const int64_t plane = static_cast<int64_t>(H) * W;
 
-  at::parallel_for(0, C, 1, [&](int64_t c_begin, int64_t c_end) {
+  at::parallel_for(0, C, channel_grain(K, PH, PW), [&](int64_t c_begin, int64_t c_end) {
     std::vector<acc_t> rowbuf(std::max(plan.max_cols, 1));
     acc_t* G = rowbuf.data();
     for (int64_t c = c_begin; c < c_end; ++c) {

@@ -1,0 +1,439 @@
+// maskray::roi_align — CUDA kernels (forward, atomic backward, deterministic backward).
+//
+// Geometry comes from roi_align_common.h, shared with the CPU kernels. Half and bfloat16
+// inputs are computed in float32 (at::opmath_type): sample positions, sums, and the
+// gradient accumulation (the atomic backward accumulates into a float32 buffer that is
+// converted at the end, so no precision is lost to half-precision atomics).
+//
+// Two backward kernels:
+//  * atomic (default): one thread per output-gradient element scatters its share to the
+//    four pixels of every sample with atomicAdd (like torchvision);
+//  * deterministic (torch.use_deterministic_algorithms(True)): one thread per input pixel
+//    (and 16 channels) gathers the contributions of every RoI that can touch it, in RoI
+//    order — no atomics, so results are bitwise reproducible. RoIs are described once by a
+//    small prep kernel (geometry + footprint) and scanned in shared-memory chunks; blocks
+//    skip RoIs whose footprint misses their 16x16 pixel tile.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "roi_align_common.h"
+
+namespace maskray {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kTile = 16;           // deterministic backward: 16x16 pixels per block
+constexpr int kChannelGroup = 16;   // deterministic backward: channels per thread
+constexpr int kRoiChunk = 128;      // deterministic backward: RoIs staged in shared memory at once
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int grid_size(int64_t work) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, kThreads), int64_t(sms) * 32)));
+}
+
+template <typename T>
+__device__ __forceinline__ bool is_empty(const Tap<T>& t) {
+  return t.w_lo == T(0) && t.w_hi == T(0);
+}
+
+// ---------------------------------------------------------------------------------------
+// forward: one thread per output element (n, c, ph, pw)
+// ---------------------------------------------------------------------------------------
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) roi_align_forward_kernel(
+    int64_t total,
+    const scalar_t* __restrict__ input,
+    const scalar_t* __restrict__ rois,
+    acc_t spatial_scale,
+    int64_t batch_size,
+    int64_t channels,
+    int height,
+    int width,
+    int pooled_height,
+    int pooled_width,
+    int sampling_ratio,
+    bool aligned,
+    scalar_t* __restrict__ output) {
+  for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < total;
+       index += int64_t(blockDim.x) * gridDim.x) {
+    const int pw = static_cast<int>(index % pooled_width);
+    const int ph = static_cast<int>((index / pooled_width) % pooled_height);
+    const int64_t c = (index / pooled_width / pooled_height) % channels;
+    const int64_t n = index / pooled_width / pooled_height / channels;
+    const RoiGeometry<acc_t> g =
+        roi_geometry<acc_t>(rois + n * 5, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
+    if (g.batch < 0 || g.batch >= batch_size) {  // rejected on the host side; never read out of bounds
+      output[index] = scalar_t(0);
+      continue;
+    }
+    const scalar_t* plane = input + (g.batch * channels + c) * height * width;
+    acc_t sum = 0;
+    for (int iy = 0; iy < g.grid_h; ++iy) {
+      const Tap<acc_t> ty = linear_tap(sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h), height);
+      if (is_empty(ty)) continue;
+      const scalar_t* row_lo = plane + int64_t(ty.lo) * width;
+      const scalar_t* row_hi = plane + int64_t(ty.hi) * width;
+      for (int ix = 0; ix < g.grid_w; ++ix) {
+        const Tap<acc_t> tx = linear_tap(sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w), width);
+        if (is_empty(tx)) continue;
+        const acc_t top = tx.w_lo * static_cast<acc_t>(row_lo[tx.lo]) + tx.w_hi * static_cast<acc_t>(row_lo[tx.hi]);
+        const acc_t bottom = tx.w_lo * static_cast<acc_t>(row_hi[tx.lo]) + tx.w_hi * static_cast<acc_t>(row_hi[tx.hi]);
+        sum += ty.w_lo * top + ty.w_hi * bottom;
+      }
+    }
+    output[index] = static_cast<scalar_t>(sum / g.count);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// backward, atomic: one thread per output-gradient element; accumulates into acc_t
+// ---------------------------------------------------------------------------------------
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) roi_align_backward_atomic_kernel(
+    int64_t total,
+    const scalar_t* __restrict__ grad,
+    int64_t sn,
+    int64_t sc,
+    int64_t sh,
+    int64_t sw,
+    const scalar_t* __restrict__ rois,
+    acc_t spatial_scale,
+    int64_t batch_size,
+    int64_t channels,
+    int height,
+    int width,
+    int pooled_height,
+    int pooled_width,
+    int sampling_ratio,
+    bool aligned,
+    acc_t* __restrict__ grad_input) {
+  for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < total;
+       index += int64_t(blockDim.x) * gridDim.x) {
+    const int pw = static_cast<int>(index % pooled_width);
+    const int ph = static_cast<int>((index / pooled_width) % pooled_height);
+    const int64_t c = (index / pooled_width / pooled_height) % channels;
+    const int64_t n = index / pooled_width / pooled_height / channels;
+    const RoiGeometry<acc_t> g =
+        roi_geometry<acc_t>(rois + n * 5, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
+    if (g.batch < 0 || g.batch >= batch_size) continue;
+    const acc_t gv = static_cast<acc_t>(grad[n * sn + c * sc + ph * sh + pw * sw]) / g.count;
+    if (gv == acc_t(0)) continue;
+    acc_t* plane = grad_input + (g.batch * channels + c) * height * width;
+    for (int iy = 0; iy < g.grid_h; ++iy) {
+      const Tap<acc_t> ty = linear_tap(sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h), height);
+      if (is_empty(ty)) continue;
+      acc_t* row_lo = plane + int64_t(ty.lo) * width;
+      acc_t* row_hi = plane + int64_t(ty.hi) * width;
+      const acc_t g_lo = gv * ty.w_lo, g_hi = gv * ty.w_hi;
+      for (int ix = 0; ix < g.grid_w; ++ix) {
+        const Tap<acc_t> tx = linear_tap(sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w), width);
+        if (is_empty(tx)) continue;
+        if (g_lo != acc_t(0)) {
+          if (tx.w_lo != acc_t(0)) atomicAdd(row_lo + tx.lo, g_lo * tx.w_lo);
+          if (tx.w_hi != acc_t(0)) atomicAdd(row_lo + tx.hi, g_lo * tx.w_hi);
+        }
+        if (g_hi != acc_t(0)) {
+          if (tx.w_lo != acc_t(0)) atomicAdd(row_hi + tx.lo, g_hi * tx.w_lo);
+          if (tx.w_hi != acc_t(0)) atomicAdd(row_hi + tx.hi, g_hi * tx.w_hi);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// backward, deterministic
+// ---------------------------------------------------------------------------------------
+
+// Per-RoI description for the gather kernel.
+template <typename acc_t>
+struct RoiDesc {
+  acc_t start_h, start_w, bin_h, bin_w, count;
+  int batch, grid_h, grid_w;
+  int r0, r1, q0, q1;  // inclusive footprint (rows, columns) that may receive gradient; r1 < r0 if none
+};
+
+// Footprint along one axis of the samples start + ... (all bins): pixels [lo, hi].
+template <typename acc_t>
+__device__ void axis_footprint(acc_t start, acc_t bin, int pooled, int grid, int size, int& lo, int& hi) {
+  lo = 0;
+  hi = -1;
+  if (grid <= 0) return;
+  const acc_t a = sample_coord(start, bin, 0, 0, grid);
+  const acc_t b = sample_coord(start, bin, pooled - 1, grid - 1, grid);
+  const acc_t vmin = a < b ? a : b, vmax = a < b ? b : a;
+  if (vmax < acc_t(-1) || vmin > acc_t(size)) return;
+  const acc_t fmin = vmin > acc_t(0) ? vmin : acc_t(0);
+  const acc_t fmax = vmax > acc_t(0) ? vmax : acc_t(0);
+  lo = static_cast<int>(::floor(fmin)) - 1;  // one pixel of slack each side against rounding
+  hi = static_cast<int>(::floor(fmax)) + 2;
+  lo = lo < 0 ? 0 : lo;
+  hi = hi > size - 1 ? size - 1 : hi;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void roi_describe_kernel(
+    int64_t num_rois,
+    const scalar_t* __restrict__ rois,
+    acc_t spatial_scale,
+    int64_t batch_size,
+    int height,
+    int width,
+    int pooled_height,
+    int pooled_width,
+    int sampling_ratio,
+    bool aligned,
+    RoiDesc<acc_t>* __restrict__ out) {
+  const int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (n >= num_rois) return;
+  const RoiGeometry<acc_t> g =
+      roi_geometry<acc_t>(rois + n * 5, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
+  RoiDesc<acc_t> d;
+  d.start_h = g.start_h;
+  d.start_w = g.start_w;
+  d.bin_h = g.bin_h;
+  d.bin_w = g.bin_w;
+  d.count = g.count;
+  d.batch = (g.batch >= 0 && g.batch < batch_size) ? static_cast<int>(g.batch) : -1;
+  d.grid_h = g.grid_h;
+  d.grid_w = g.grid_w;
+  axis_footprint(g.start_h, g.bin_h, pooled_height, g.grid_h, height, d.r0, d.r1);
+  axis_footprint(g.start_w, g.bin_w, pooled_width, g.grid_w, width, d.q0, d.q1);
+  out[n] = d;
+}
+
+// Samples (global index s = p * grid + i, 0 <= s < pooled * grid) that may touch pixel `pix`.
+template <typename acc_t>
+__device__ __forceinline__ void candidate_samples(
+    acc_t start, acc_t bin, int grid, int pooled, int pix, int& s_lo, int& s_hi) {
+  const int total = pooled * grid;
+  const acc_t step = bin / static_cast<acc_t>(grid);
+  s_lo = 0;
+  s_hi = total - 1;
+  if (step > acc_t(1e-6) || step < acc_t(-1e-6)) {
+    // sample s sits near start + (s + 0.5) * step; it touches pix when within 1 pixel of it
+    const acc_t a = (static_cast<acc_t>(pix - 1) - start) / step - acc_t(0.5);
+    const acc_t b = (static_cast<acc_t>(pix + 1) - start) / step - acc_t(0.5);
+    const acc_t lo = (a < b ? a : b) - acc_t(1), hi = (a < b ? b : a) + acc_t(1);
+    if (hi < acc_t(0) || lo > static_cast<acc_t>(total)) {
+      s_lo = 0;
+      s_hi = -1;
+      return;
+    }
+    s_lo = lo > acc_t(0) ? static_cast<int>(::floor(lo)) : 0;
+    s_hi = hi < static_cast<acc_t>(total - 1) ? static_cast<int>(::ceil(hi)) : total - 1;
+  }
+}
+
+// Weight of sample s on pixel `pix` along one axis.
+template <typename acc_t>
+__device__ __forceinline__ acc_t sample_weight(acc_t start, acc_t bin, int grid, int s, int size, int pix) {
+  const Tap<acc_t> t = linear_tap(sample_coord(start, bin, s / grid, s % grid, grid), size);
+  acc_t w = acc_t(0);
+  if (t.lo == pix) w += t.w_lo;
+  if (t.hi == pix) w += t.w_hi;
+  return w;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kTile* kTile) roi_align_backward_gather_kernel(
+    const scalar_t* __restrict__ grad,
+    int64_t sn,
+    int64_t sc,
+    int64_t sh,
+    int64_t sw,
+    const RoiDesc<acc_t>* __restrict__ desc,
+    int64_t num_rois,
+    int64_t channels,
+    int height,
+    int width,
+    int pooled_height,
+    int pooled_width,
+    scalar_t* __restrict__ grad_input) {
+  __shared__ RoiDesc<acc_t> rois_s[kRoiChunk];
+  const int tiles_x = (width + kTile - 1) / kTile;
+  const int tiles_y = (height + kTile - 1) / kTile;
+  int64_t t = blockIdx.x;
+  const int tile_x = static_cast<int>(t % tiles_x);
+  t /= tiles_x;
+  const int tile_y = static_cast<int>(t % tiles_y);
+  const int b = static_cast<int>(t / tiles_y);
+  const int tile_r0 = tile_y * kTile, tile_r1 = min(tile_r0 + kTile, height) - 1;
+  const int tile_q0 = tile_x * kTile, tile_q1 = min(tile_q0 + kTile, width) - 1;
+  const int r = tile_r0 + static_cast<int>(threadIdx.x) / kTile;
+  const int q = tile_q0 + static_cast<int>(threadIdx.x) % kTile;
+  const bool inside = r < height && q < width;
+  const int64_t c0 = int64_t(blockIdx.y) * kChannelGroup;
+  const int nc = static_cast<int>(channels - c0 < kChannelGroup ? channels - c0 : kChannelGroup);
+
+  acc_t acc[kChannelGroup];
+#pragma unroll
+  for (int k = 0; k < kChannelGroup; ++k) acc[k] = acc_t(0);
+
+  for (int64_t chunk = 0; chunk < num_rois; chunk += kRoiChunk) {
+    const int m = static_cast<int>(num_rois - chunk < kRoiChunk ? num_rois - chunk : kRoiChunk);
+    __syncthreads();
+    for (int i = threadIdx.x; i < m; i += blockDim.x) rois_s[i] = desc[chunk + i];
+    __syncthreads();
+    for (int j = 0; j < m; ++j) {
+      const RoiDesc<acc_t>& d = rois_s[j];
+      // block-uniform rejection: other image, or footprint misses this tile
+      if (d.batch != b || d.r1 < tile_r0 || d.r0 > tile_r1 || d.q1 < tile_q0 || d.q0 > tile_q1) continue;
+      if (!inside || r < d.r0 || r > d.r1 || q < d.q0 || q > d.q1) continue;
+      int sy_lo, sy_hi, sx_lo, sx_hi;
+      candidate_samples(d.start_h, d.bin_h, d.grid_h, pooled_height, r, sy_lo, sy_hi);
+      candidate_samples(d.start_w, d.bin_w, d.grid_w, pooled_width, q, sx_lo, sx_hi);
+      const scalar_t* g_roi = grad + (chunk + j) * sn + c0 * sc;
+      for (int sy = sy_lo; sy <= sy_hi; ++sy) {
+        const acc_t wy = sample_weight(d.start_h, d.bin_h, d.grid_h, sy, height, r);
+        if (wy == acc_t(0)) continue;
+        const scalar_t* g_row = g_roi + (sy / d.grid_h) * sh;
+        for (int sx = sx_lo; sx <= sx_hi; ++sx) {
+          const acc_t wx = sample_weight(d.start_w, d.bin_w, d.grid_w, sx, width, q);
+          if (wx == acc_t(0)) continue;
+          const acc_t w = wy * wx / d.count;
+          const scalar_t* g_bin = g_row + (sx / d.grid_w) * sw;
+#pragma unroll
+          for (int k = 0; k < kChannelGroup; ++k) {
+            if (k < nc) acc[k] += w * static_cast<acc_t>(g_bin[k * sc]);
+          }
+        }
+      }
+    }
+  }
+  if (!inside) return;
+  scalar_t* out = grad_input + ((int64_t(b) * channels + c0) * height + r) * width + q;
+  const int64_t plane = int64_t(height) * width;
+#pragma unroll
+  for (int k = 0; k < kChannelGroup; ++k) {
+    if (k < nc) out[k * plane] = static_cast<scalar_t>(acc[k]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// host functions
+// ---------------------------------------------------------------------------------------
+
+void check_rois(const at::Tensor& rois, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(
+      rois.dim() == 2 && rois.size(1) == 5, "maskray::", name, ": rois must be [K, 5] (batch index, x1, y1, x2, y2), got ",
+      rois.sizes());
+  TORCH_CHECK(like.is_cuda() && rois.is_cuda(), "maskray::", name, ": CUDA kernel got tensors on ", like.device(),
+              " and ", rois.device());
+  TORCH_CHECK(like.device() == rois.device(), "maskray::", name, ": tensors on different devices (", like.device(),
+              " vs ", rois.device(), ")");
+  TORCH_CHECK(like.scalar_type() == rois.scalar_type(), "maskray::", name, ": dtypes differ (", like.scalar_type(),
+              " vs ", rois.scalar_type(), ")");
+}
+
+at::Tensor roi_align_forward_cuda(
+    const at::Tensor& input,
+    const at::Tensor& rois,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio,
+    bool aligned) {
+  TORCH_CHECK(input.dim() == 4, "maskray::roi_align: input must be [N, C, H, W], got ", input.sizes());
+  check_rois(rois, input, "roi_align");
+  TORCH_CHECK(pooled_height > 0 && pooled_width > 0, "maskray::roi_align: output size must be positive");
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  at::Tensor output = at::empty({rois.size(0), input.size(1), pooled_height, pooled_width}, input.options());
+  if (output.numel() == 0) return output;
+  const at::Tensor in = input.contiguous();
+  const at::Tensor r = rois.contiguous();
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t total = output.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "maskray_roi_align_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    roi_align_forward_kernel<scalar_t, acc_t><<<grid_size(total), kThreads, 0, stream>>>(
+        total, in.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(), static_cast<acc_t>(spatial_scale),
+        in.size(0), in.size(1), static_cast<int>(in.size(2)), static_cast<int>(in.size(3)),
+        static_cast<int>(pooled_height), static_cast<int>(pooled_width), static_cast<int>(sampling_ratio), aligned,
+        output.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return output;
+}
+
+at::Tensor roi_align_backward_cuda(
+    const at::Tensor& grad,
+    const at::Tensor& rois,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t batch_size,
+    int64_t channels,
+    int64_t height,
+    int64_t width,
+    int64_t sampling_ratio,
+    bool aligned,
+    bool deterministic) {
+  check_rois(rois, grad, "roi_align_backward");
+  TORCH_CHECK(
+      grad.dim() == 4 && grad.size(0) == rois.size(0) && grad.size(1) == channels &&
+          grad.size(2) == pooled_height && grad.size(3) == pooled_width,
+      "maskray::roi_align_backward: grad has shape ", grad.sizes(), ", expected [", rois.size(0), ", ", channels,
+      ", ", pooled_height, ", ", pooled_width, "]");
+  const c10::cuda::CUDAGuard device_guard(grad.device());
+  if (grad.numel() == 0 || batch_size * channels * height * width == 0) {
+    return at::zeros({batch_size, channels, height, width}, grad.options());
+  }
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor r = rois.contiguous();
+  const int64_t K = rois.size(0);
+  const int H = static_cast<int>(height), W = static_cast<int>(width);
+  const int PH = static_cast<int>(pooled_height), PW = static_cast<int>(pooled_width);
+  const int SR = static_cast<int>(sampling_ratio);
+  at::Tensor result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "maskray_roi_align_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t scale = static_cast<acc_t>(spatial_scale);
+    if (deterministic) {
+      at::Tensor desc = at::empty(
+          {static_cast<int64_t>(K * sizeof(RoiDesc<acc_t>))}, grad.options().dtype(at::kByte));
+      auto* desc_ptr = reinterpret_cast<RoiDesc<acc_t>*>(desc.mutable_data_ptr());
+      roi_describe_kernel<scalar_t, acc_t><<<ceil_div(K, kThreads), kThreads, 0, stream>>>(
+          K, r.const_data_ptr<scalar_t>(), scale, batch_size, H, W, PH, PW, SR, aligned, desc_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      result = at::empty({batch_size, channels, height, width}, grad.options());
+      const dim3 blocks(
+          static_cast<unsigned>(batch_size * ceil_div(H, kTile) * ceil_div(W, kTile)),
+          static_cast<unsigned>(ceil_div(channels, kChannelGroup)));
+      TORCH_CHECK(blocks.y <= 65535, "maskray::roi_align_backward: too many channels (", channels, ")");
+      roi_align_backward_gather_kernel<scalar_t, acc_t><<<blocks, kTile * kTile, 0, stream>>>(
+          grad.const_data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3), desc_ptr,
+          K, channels, H, W, PH, PW, result.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      at::Tensor acc = at::zeros({batch_size, channels, height, width}, grad.options().dtype(at::toOpMathType(grad.scalar_type())));
+      const int64_t total = grad.numel();
+      roi_align_backward_atomic_kernel<scalar_t, acc_t><<<grid_size(total), kThreads, 0, stream>>>(
+          total, grad.const_data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
+          r.const_data_ptr<scalar_t>(), scale, batch_size, channels, H, W, PH, PW, SR, aligned,
+          acc.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      result = acc.scalar_type() == grad.scalar_type() ? acc : acc.to(grad.scalar_type());
+    }
+  });
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(maskray, CUDA, m) {
+  m.impl("roi_align", &roi_align_forward_cuda);
+  m.impl("roi_align_backward", &roi_align_backward_cuda);
+}
+
+}  // namespace maskray
