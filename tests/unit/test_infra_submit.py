@@ -85,6 +85,18 @@ def test_double_dash_separates_the_job_command_and_its_arguments():
         parse(submit.add_submit_arguments, ["--", "convert", "x"])
 
 
+def test_the_maskray_cli_passes_everything_after_the_job_to_it():
+    from jobs import cli
+
+    args = cli.build_parser().parse_args(["submit", "--address", "http://h:1", "--wait", "--", "distill", "--config",
+                                          "c.yaml", "--set", "rounds=2", "--verbose"])
+    assert (args._module, args._runner, args.job) == ("jobs.submit", "run_submit", "distill")
+    assert args.job_args == ["--config", "c.yaml", "--set", "rounds=2", "--verbose"] and args.wait
+    for command in ("status", "logs", "stop"):
+        parsed = cli.build_parser().parse_args([command, "raysubmit_1"] if command != "status" else [command])
+        assert parsed._runner == f"run_{command}"
+
+
 def test_address_from_flag_then_env_then_local(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert submit.resolve_address(None) == "http://127.0.0.1:8265"
