@@ -117,6 +117,22 @@ def build_entrypoint(job: str, job_args: list[str]) -> str:
     return shlex.join(["python", "-m", JOB_MODULES[job], *args])
 
 
+def paths_outside_project(job_args: list[str], root: Path = PROJECT_ROOT) -> list[str]:
+    """Local files named in ``job_args`` that do not travel with the working_dir (outside ``root``)."""
+    outside = []
+    for arg in job_args:
+        value = arg.split("=", 1)[-1] if arg.startswith("-") or "=" in arg else arg
+        if not value or "://" in value or value.startswith("-"):
+            continue
+        path = Path(value).expanduser()
+        try:
+            if path.exists() and not path.resolve().is_relative_to(root.resolve()):
+                outside.append(value)
+        except OSError:
+            continue
+    return outside
+
+
 def check_no_secrets(env_vars: dict[str, str], source: str) -> None:
     """Refuse env vars that carry credentials: runtime envs are stored and shown by the dashboard."""
     for name in env_vars:
@@ -268,6 +284,9 @@ def summarize_failure(message: str) -> str:
 def run_submit(args: argparse.Namespace) -> int:
     entrypoint = build_entrypoint(args.job, args.job_args)
     runtime_env = load_runtime_env(args.runtime_env, extra_env=args.env)
+    for path in paths_outside_project(args.job_args):
+        logger.warning("%s is outside the project folder: the job reads it on the cluster, which works only "
+                       "where the nodes share this filesystem (use s3:// or a path inside the project)", path)
     client = make_client(args.address)
     submission_id = client.submit_job(
         entrypoint=entrypoint,

@@ -97,6 +97,14 @@ def test_the_maskray_cli_passes_everything_after_the_job_to_it():
         assert parsed._runner == f"run_{command}"
 
 
+def test_local_files_outside_the_project_are_flagged(tmp_path):
+    outside = tmp_path / "c.yaml"
+    outside.write_text("x: 1\n")
+    args = ["--config", str(outside), "--set", f"data.train={tmp_path}", "--set", "data.val=s3://b/v",
+            "--config", "configs/shapes-cpu.yaml", "--out=relative/missing"]
+    assert submit.paths_outside_project(args) == [str(outside), str(tmp_path)]
+
+
 def test_address_from_flag_then_env_then_local(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert submit.resolve_address(None) == "http://127.0.0.1:8265"
