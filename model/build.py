@@ -78,6 +78,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("MASKRAY_OPS_DIR") or Path.home() / ".cache" / "maskray" / "ops")
 
 
+def torch_version_tag() -> str:
+    import torch
+
+    return torch.__version__
+
+
 def build_dir(with_cuda: bool, arch: list[str] | None) -> Path:
     """The cache folder for this torch version, these sources and these flags."""
     import torch
@@ -88,7 +94,7 @@ def build_dir(with_cuda: bool, arch: list[str] | None) -> Path:
         h.update(name.encode())
         h.update((SOURCE_DIR / name).read_bytes())
     h.update(repr((CFLAGS, LDFLAGS, NVCC_FLAGS, with_cuda, arch, torch.version.cuda, sys.version_info[:2])).encode())
-    return cache_root() / f"{torch.__version__}-{h.hexdigest()[:16]}"
+    return cache_root() / f"{torch_version_tag()}-{h.hexdigest()[:16]}"
 
 
 def library_path(with_cuda: bool | None = None, arch: list[str] | None = None) -> Path:

@@ -8,8 +8,10 @@
 // from that vector; the backward pass runs the same two steps in reverse. Both passes are
 // parallel over channels with at::parallel_for, every thread owning whole (batch, channel)
 // planes, so the backward has no races and is deterministic.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -13,12 +13,16 @@
 //    order — no atomics, so results are bitwise reproducible. RoIs are described once by a
 //    small prep kernel (geometry + footprint) and scanned in shared-memory chunks; blocks
 //    skip RoIs whose footprint misses their 16x16 pixel tile.
-#include <ATen/ATen.h>
+// Narrow includes (no ATen/ATen.h, no cuBLAS/cuSPARSE headers) keep compiles quick.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContextLight.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -352,7 +356,7 @@ at::Tensor roi_align_forward_cuda(
   if (output.numel() == 0) return output;
   const at::Tensor in = input.contiguous();
   const at::Tensor r = rois.contiguous();
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t total = output.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "maskray_roi_align_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -389,7 +393,7 @@ at::Tensor roi_align_backward_cuda(
   if (grad.numel() == 0 || batch_size * channels * height * width == 0) {
     return at::zeros({batch_size, channels, height, width}, grad.options());
   }
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor r = rois.contiguous();
   const int64_t K = rois.size(0);
   const int H = static_cast<int>(height), W = static_cast<int>(width);
