@@ -17,18 +17,20 @@ Public API
     images -> output dicts in each input's frame) and returns what it likes (e.g.
     ``lambda fn, ims: pipeline.pseudo.predict_tta(fn, ims, tta_config)``).
 ``run_inference(dataset_uri, output_uri, checkpoint_uri, *, batch_size=4, actors=1, gpus_per_actor=None,
-    score_threshold=0.05, coco_json=None, predictor_factory=None, max_pixels=50_000_000, on_shard_committed=None)``
+    cpus_per_actor=None, score_threshold=0.05, coco_json=None, predictor_factory=None, max_pixels=50_000_000, on_shard_committed=None)``
     The Ray Data job behind ``maskray infer``; returns an :class:`InferenceSummary`.
-    ``predictor_factory`` replaces :class:`Predictor` in the actor pool (a subclass, constructed
-    with the same keyword arguments; e.g. one that runs TTA in ``predict``).
+    ``predictor_factory`` replaces :class:`Predictor` in the actor pool: a subclass, constructed
+    with the same keyword arguments, that may override ``forward_resized`` (same contract) or
+    ``process_batch`` (e.g. to run TTA in the actors).
 ``result_uri(output_uri, shard_path)``: where the results of one input shard go.
 
 Stages (``run_inference``)
 --------------------------
 1. shard list from the manifest; shards whose result file exists with the manifest's row count
    are skipped (resume).
-2. read: one Ray task per pending shard streams its Parquet row groups (columns ``image_id``,
-   ``file_name``, ``image``) and tags every row with its key ``(shard, row)``.
+2. read: short Ray tasks, each reading a bounded row range of one pending shard (the shard's
+   row count comes from the manifest; only overlapping row groups are fetched; columns
+   ``image_id``, ``file_name``, ``image``), tag every row with its key ``(shard, row)``.
 3. decode + resize on CPU tasks (``pipeline.dataset.decode_image``, with a max-pixels guard;
    the resize is the model's own ``min_size``/``max_size`` rule, done here so the actor does not
    repeat it). A row that cannot be decoded carries ``error`` from here on.
@@ -169,6 +171,12 @@ class Predictor:
             num_classes = self.model.roi_heads.box_predictor.cls_score.out_features
             self.category_ids = list(range(1, num_classes))
 
+    @property
+    def transform(self) -> torch.nn.Module:
+        """The detector's GeneralizedRCNNTransform (so TTA code that rescales ``min_size`` /
+        ``max_size`` of ``model.transform`` works on a Predictor too)."""
+        return self.model.transform
+
     # ---- the model on already-resized images
 
     def forward_resized(
@@ -218,7 +226,8 @@ class Predictor:
 
         floats = [_to_float(img) for img in images]
         sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in floats]
-        resized = [resize_for_model(f, self.min_size, self.max_size) for f in floats]
+        min_size, max_size = model_sizes(self.model)  # read per call: TTA may rescale the transform
+        resized = [resize_for_model(f, min_size, max_size) for f in floats]
         outputs = self.forward_resized(resized, sizes)
         for out, size in zip(outputs, sizes):
             out["masks"] = paste_masks_in_image(out["masks"], out["boxes"], size)
@@ -304,26 +313,41 @@ def predict_images(
 # --------------------------------------------------------------------------- CPU stages
 
 
-def _read_shard(batch: Any, *, columns: Sequence[str], rows_per_block: int):
-    """Ray Data stage: ``{"shard", "uri"}`` rows -> the shard's rows in blocks, each tagged
-    with its key ``(shard, row)``. A generator, so a shard streams row group by row group."""
+def _read_rows(batch: Any, *, columns: Sequence[str]) -> Any:
+    """Ray Data stage: work units ``{"shard", "uri", "start", "stop", "total"}`` -> rows
+    ``start..stop-1`` of each shard, tagged with their key ``(shard, row)``.
+
+    Units are bounded row ranges (not whole shards) so every task is short: a long-lived read
+    task would hold its CPU while backpressured and starve the post-processing tasks of a
+    small node, and one big shard is decoded by many tasks in parallel. Only the row groups
+    overlapping the range are read (shards are written with 64-row groups).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from pipeline import storage
 
-    for shard, uri in zip(batch.column("shard").to_pylist(), batch.column("uri").to_pylist()):
-        fs, path = storage.resolve(uri)
+    tables = []
+    for unit in batch.to_pylist():
+        fs, path = storage.resolve(unit["uri"])
+        start, stop = int(unit["start"]), int(unit["stop"])
         with fs.open_input_file(path) as f:
             parquet = pq.ParquetFile(f)
-            start = 0
-            for record_batch in parquet.iter_batches(batch_size=rows_per_block, columns=list(columns)):
-                n = record_batch.num_rows
-                table = pa.Table.from_batches([record_batch])
-                table = table.append_column("shard", pa.array([shard] * n, pa.string()))
-                table = table.append_column("row", pa.array(np.arange(start, start + n, dtype=np.int64)))
-                start += n
-                yield table
+            if parquet.metadata.num_rows != unit["total"]:
+                raise MaskrayError(f"shard {unit['uri']} has {parquet.metadata.num_rows} rows but the manifest "
+                                   f"says {unit['total']}; the dataset is inconsistent")
+            groups, first, offset = [], None, 0
+            for g in range(parquet.num_row_groups):
+                n = parquet.metadata.row_group(g).num_rows
+                if offset < stop and offset + n > start:
+                    groups.append(g)
+                    first = offset if first is None else first
+                offset += n
+            table = parquet.read_row_groups(groups, columns=list(columns)).slice(start - first, stop - start)
+        table = table.append_column("shard", pa.array([unit["shard"]] * table.num_rows, pa.string()))
+        table = table.append_column("row", pa.array(np.arange(start, stop, dtype=np.int64)))
+        tables.append(table)
+    return pa.concat_tables(tables)
 
 
 def _decode(data: bytes | None, max_pixels: int | None) -> torch.Tensor:
@@ -343,11 +367,14 @@ def _preprocess(table: Any, *, min_size: int, max_size: int, max_pixels: int | N
     n = table.num_rows
     heights, widths, rheights, rwidths, pixels, errors = [], [], [], [], [], []
     for i in range(n):
+        stage = "decode"
         try:
-            data = images[i].as_py()
-            image = _decode(data, max_pixels)
+            image = _decode(images[i].as_py(), max_pixels)
             h, w = int(image.shape[-2]), int(image.shape[-1])
+            stage = "resize"
             resized = resize_for_model(_to_float(image), min_size, max_size).contiguous()
+            if min(resized.shape[-2:]) < 1:
+                raise MaskrayError(f"a {w}x{h} image resizes to {resized.shape[-1]}x{resized.shape[-2]}")
             heights.append(h)
             widths.append(w)
             rheights.append(int(resized.shape[-2]))
@@ -360,7 +387,7 @@ def _preprocess(table: Any, *, min_size: int, max_size: int, max_pixels: int | N
             rheights.append(0)
             rwidths.append(0)
             pixels.append(b"")
-            errors.append(f"decode failed: {_error_text(exc)}")
+            errors.append(f"{stage} failed: {_error_text(exc)}")
     columns = {name: table.column(name) for name in ("shard", "row", "image_id", "file_name")}
     columns["height"] = pa.array(heights, pa.int32())
     columns["width"] = pa.array(widths, pa.int32())
@@ -534,12 +561,6 @@ def _shard_list(dataset_uri: str) -> list[tuple[str, str, int]]:
     return shards
 
 
-def _cluster_gpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("GPU", 0))
-
-
 def run_inference(
     dataset_uri: str,
     output_uri: str,
@@ -548,17 +569,21 @@ def run_inference(
     batch_size: int = 4,
     actors: int | tuple[int, int] = 1,
     gpus_per_actor: float | None = None,
+    cpus_per_actor: float | None = None,
     score_threshold: float = 0.05,
     coco_json: str | None = None,
     predictor_factory: type[Predictor] | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    rows_per_task: int = 64,
     on_shard_committed: Callable[[str], None] | None = None,
 ) -> InferenceSummary:
     """Segment every image of the shards under ``dataset_uri`` into per-shard results files under
     ``output_uri`` (see the module docstring for the stages and the exactly-once invariant).
 
     ``actors`` is a pool size or ``(min, max)``; ``gpus_per_actor`` None = 1 when the cluster has
-    GPUs, else CPU actors. Images over ``max_pixels`` (None: no limit) become error rows.
+    GPUs, else CPU actors. ``cpus_per_actor`` None = 1, lowered on a CPU-only cluster so the pool
+    leaves one CPU for the decode and RLE tasks (else they could never be scheduled). Images over ``max_pixels`` (None: no limit) become error rows.
+    ``rows_per_task`` bounds the rows one read/decode task takes (match the shards' row groups).
     ``on_shard_committed(result_uri)`` is called after each commit.
     Initialises Ray (local) when it is not running.
     """
@@ -567,6 +592,8 @@ def run_inference(
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise MaskrayError(f"batch size {batch_size!r} must be a positive integer")
+    if not isinstance(rows_per_task, int) or rows_per_task < 1:
+        raise MaskrayError(f"rows per task {rows_per_task!r} must be a positive integer")
     if not 0.0 <= score_threshold <= 1.0:
         raise MaskrayError(f"score threshold {score_threshold} must be in [0, 1]")
     started = time.perf_counter()
@@ -608,14 +635,25 @@ def run_inference(
     if pending:
         if not ray.is_initialized():
             ray.init()
+        resources = ray.cluster_resources()
         if gpus_per_actor is None:
-            gpus_per_actor = 1.0 if _cluster_gpus() > 0 else 0.0
+            gpus_per_actor = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+        max_actors = actors[1] if isinstance(actors, tuple) else int(actors)
+        if cpus_per_actor is None:
+            cpus_per_actor = 1.0
+            spare = float(resources.get("CPU", 0)) - 1.0
+            if not gpus_per_actor and spare > 0 and max_actors * cpus_per_actor > spare:
+                cpus_per_actor = max(0.1, spare / max_actors)
+        logger.info("model actors: %s x (%.2f CPU, %.2f GPU), batch size %d",
+                    actors, cpus_per_actor, gpus_per_actor, batch_size)
         compute = (ActorPoolStrategy(min_size=actors[0], max_size=actors[1]) if isinstance(actors, tuple)
                    else ActorPoolStrategy(size=int(actors)))
         factory = predictor_factory or Predictor
-        ds = ray.data.from_items([{"shard": name, "uri": uri} for name, (uri, _) in pending.items()])
-        ds = ds.map_batches(_read_shard, batch_size=1, batch_format="pyarrow",
-                            fn_kwargs={"columns": READ_COLUMNS, "rows_per_block": max(batch_size, 8)})
+        units = [{"shard": name, "uri": uri, "start": begin, "stop": min(begin + rows_per_task, count),
+                  "total": count}
+                 for name, (uri, count) in pending.items() for begin in range(0, count, rows_per_task)]
+        ds = ray.data.from_items(units, override_num_blocks=len(units))
+        ds = ds.map_batches(_read_rows, batch_size=1, batch_format="pyarrow", fn_kwargs={"columns": READ_COLUMNS})
         ds = ds.map_batches(_preprocess, batch_size=batch_size, batch_format="pyarrow",
                             fn_kwargs={"min_size": min_size, "max_size": max_size, "max_pixels": max_pixels})
         with warnings.catch_warnings():
@@ -624,7 +662,7 @@ def run_inference(
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
             ds = ds.map_batches(
                 factory, batch_size=batch_size, batch_format="pyarrow", compute=compute,
-                num_gpus=gpus_per_actor, num_cpus=1,
+                num_gpus=gpus_per_actor, num_cpus=cpus_per_actor,
                 fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "score_threshold": score_threshold},
                 # Ray Data's defaults for actor pools, stated because exactly-once relies on them: a
                 # dead actor is restarted and its batch retried (duplicates are dropped on the

@@ -114,7 +114,7 @@ def test_s3_roundtrip_bad_images_and_coco_json(s3, ray_local, tmp_path):
     coco_json = str(tmp_path / "results.json")
 
     summary = run_inference(data_uri, out_uri, ckpt, batch_size=3, actors=1, score_threshold=0.0,
-                            coco_json=coco_json)
+                            coco_json=coco_json, rows_per_task=2)  # ranges cut across row groups
 
     rows = results(out_uri, data_uri)
     assert sorted(r["image_id"] for r in rows) == sorted(names)  # exactly one row per image
@@ -185,7 +185,7 @@ def test_actor_killed_mid_run_gives_exactly_n_rows(ray_local, tmp_path):
     marker = str(tmp_path / "died")
 
     summary = run_inference(data_uri, out_uri, ckpt, batch_size=2, actors=1, score_threshold=1.0,
-                            predictor_factory=dying_predictor(marker))
+                            predictor_factory=dying_predictor(marker), rows_per_task=4)
 
     assert os.path.exists(marker), "the fault was not injected"
     pid = int(open(marker).read())

@@ -154,6 +154,23 @@ def test_no_detections_and_a_failing_image_only_cost_their_own_rows(tiny, monkey
     assert errors[:2] == [None, None] and "out of memory" in errors[2]
 
 
+def test_read_rows_takes_exact_row_ranges_across_row_groups(tmp_path):
+    rows = [fmt.make_row(image_id=10 + i, file_name=f"{i}.png", width=1, height=1, image=bytes([i]))
+            for i in range(8)]
+    uri = str(tmp_path / "part-00000.parquet")
+    pq.write_table(fmt.rows_to_table(rows), uri, row_group_size=3)
+    units = pa.Table.from_pylist([{"shard": "part-00000.parquet", "uri": uri, "start": a, "stop": b, "total": 8}
+                                  for a, b in ((0, 2), (2, 7), (7, 8))])
+    out = inference._read_rows(units, columns=inference.READ_COLUMNS)
+    assert out.column("row").to_pylist() == list(range(8))
+    assert out.column("image_id").to_pylist() == [10 + i for i in range(8)]
+    assert out.column("image").to_pylist() == [bytes([i]) for i in range(8)]
+    assert set(out.column("shard").to_pylist()) == {"part-00000.parquet"}
+    wrong = pa.Table.from_pylist([{"shard": "p", "uri": uri, "start": 0, "stop": 2, "total": 9}])
+    with pytest.raises(MaskrayError, match="has 8 rows but the manifest says 9"):
+        inference._read_rows(wrong, columns=inference.READ_COLUMNS)
+
+
 def piece(shard: str, rows: list[int]) -> pa.Table:
     return pa.table({"shard": [shard] * len(rows), "row": pa.array(rows, pa.int64())})
 

@@ -1,0 +1,239 @@
+"""Inference throughput: the Ray Data pipeline (``run_inference``) vs a plain single-process loop.
+
+Anchor, measured in the same run: the plain loop over the same model and the same encoded images
+held in memory (decode -> ``Predictor.predict`` -> RLE with ``pipeline.instances``), torch using
+every core. Then ``run_inference`` over the same images stored as local shards, with 1 actor and
+with 2 actors (each a fresh results prefix). Reported per pipeline run:
+
+- end to end: images / wall time of ``run_inference`` (includes starting actors, loading the
+  checkpoint in each and writing results);
+- steady state: images committed after the first shard / time from the first to the last
+  commit, the rate once the stream is full (what scales to a bucket); the ratio to the plain loop
+  uses this rate (target >= 0.9 with one actor).
+
+With CUDA (guarded): R50-FPN at 800 px with AMP, images/s per GPU through the pipeline and the GPU
+busy fraction sampled with ``nvidia-smi`` during the stream.
+
+    python benchmarks/infer.py [--images 64] [--size 128] [--shards 8] [--backbone resnet18]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from model.checkpoint import ModelConfig, build_from_config, save_checkpoint  # noqa: E402
+from pipeline import format as fmt  # noqa: E402
+from pipeline import storage  # noqa: E402
+from pipeline.synth import categories_for, make_image  # noqa: E402
+
+CATEGORIES = categories_for(4)
+
+
+def make_dataset(root: str, images: int, shards: int, size: int) -> list[bytes]:
+    data = [make_image(11, i, size, CATEGORIES)[0] for i in range(images)]
+    per = (images + shards - 1) // shards
+    infos = []
+    for index in range(shards):
+        chunk = data[index * per:(index + 1) * per]
+        if not chunk:
+            break
+        rows = [fmt.make_row(image_id=index * per + i + 1, file_name=f"{index * per + i}.png", width=size,
+                             height=size, image=b) for i, b in enumerate(chunk)]
+        path = fmt.SHARD_PATTERN.format(index=index)
+        sink = io.BytesIO()
+        pq.write_table(fmt.rows_to_table(rows), sink, row_group_size=16)
+        storage.write_bytes(os.path.join(root, path), sink.getvalue())
+        infos.append(fmt.ShardInfo(path=path, images=len(rows), instances=0))
+    fmt.write_manifest(root, fmt.Manifest(categories=CATEGORIES, shards=infos, source="benchmark"))
+    return data
+
+
+def plain_loop(ckpt: str, data: list[bytes], batch_size: int, score_threshold: float) -> dict:
+    from pipeline.dataset import decode_image
+    from pipeline.inference import Predictor
+    from pipeline.instances import Instances
+
+    predictor = Predictor(ckpt, score_threshold=score_threshold)
+    ids = predictor.category_ids
+    predictor.predict([decode_image(data[0])])  # warm-up
+    instances = 0
+    start = time.perf_counter()
+    for i in range(0, len(data), batch_size):
+        images = [decode_image(b) for b in data[i:i + batch_size]]
+        for k, (im, out) in enumerate(zip(images, predictor.predict(images))):
+            instances += len(Instances.from_output(out, tuple(im.shape[-2:])).to_coco(i + k, ids))
+    seconds = time.perf_counter() - start
+    return {"images": len(data), "seconds": seconds, "images_per_s": len(data) / seconds,
+            "instances": instances, "torch_threads": torch.get_num_threads()}
+
+
+class GpuSampler:
+    """``nvidia-smi`` utilization samples (percent) every ``interval_ms`` while running."""
+
+    def __init__(self, interval_ms: int = 200) -> None:
+        self.interval_ms = interval_ms
+        self.samples: list[float] = []
+        self._proc = None
+        self._thread = None
+
+    def __enter__(self) -> "GpuSampler":
+        self._proc = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+             f"-lms={self.interval_ms}"], stdout=subprocess.PIPE, text=True)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        return self
+
+    def _read(self) -> None:
+        for line in self._proc.stdout:
+            try:
+                self.samples.append(float(line.strip().split(",")[0]))
+            except ValueError:
+                pass
+
+    def __exit__(self, *exc) -> None:
+        self._proc.terminate()
+        self._proc.wait(timeout=10)
+
+    def busy_fraction(self, threshold: float = 0.0) -> float:
+        """Mean utilization / 100 over the samples (trimmed of the idle tail/head below threshold)."""
+        s = self.samples
+        while s and s[0] <= threshold:
+            s = s[1:]
+        while s and s[-1] <= threshold:
+            s = s[:-1]
+        return sum(s) / (100.0 * len(s)) if s else 0.0
+
+
+def pipeline_run(data_uri: str, out_uri: str, ckpt: str, *, actors: int, batch_size: int,
+                 score_threshold: float, gpus_per_actor: float | None = None) -> dict:
+    from pipeline.inference import run_inference
+
+    commits: list[tuple[float, str]] = []
+    counts = {s.path: s.images for s in fmt.read_manifest(data_uri).shards}
+    start = time.perf_counter()
+    summary = run_inference(data_uri, out_uri, ckpt, batch_size=batch_size, actors=actors,
+                            gpus_per_actor=gpus_per_actor, score_threshold=score_threshold,
+                            on_shard_committed=lambda uri: commits.append((time.perf_counter(), uri)))
+    wall = time.perf_counter() - start
+    steady = None
+    if len(commits) >= 2:
+        after_first = sum(counts[os.path.basename(u)] for _, u in commits[1:])
+        steady = after_first / (commits[-1][0] - commits[0][0])
+    return {"actors": actors, "images": summary.images, "errors": summary.errors,
+            "instances": summary.instances, "seconds": wall, "images_per_s": summary.images / wall,
+            "steady_images_per_s": steady, "first_commit_s": commits[0][0] - start if commits else None}
+
+
+def write_checkpoint(path: str, backbone: str, size: int, detections: int) -> None:
+    torch.manual_seed(0)
+    config = ModelConfig.for_categories(CATEGORIES, backbone=backbone, min_size=size, max_size=size,
+                                        box_detections_per_img=detections)
+    save_checkpoint(path, build_from_config(config), config)
+
+
+def cpu_benchmark(args: argparse.Namespace, work: str) -> dict:
+    import ray
+
+    data_uri = os.path.join(work, "data")
+    ckpt = os.path.join(work, "ckpt.pt")
+    write_checkpoint(ckpt, args.backbone, args.size, args.detections)
+    data = make_dataset(data_uri, args.images, args.shards, args.size)
+    plain = plain_loop(ckpt, data, args.batch_size, args.score_threshold)
+    print(f"plain loop: {plain['images_per_s']:.2f} images/s ({plain['images']} images, "
+          f"{plain['seconds']:.1f} s, torch threads {plain['torch_threads']})", flush=True)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        runs = []
+        for actors in args.actors:
+            run = pipeline_run(data_uri, os.path.join(work, f"out-{actors}"), ckpt, actors=actors,
+                               batch_size=args.batch_size, score_threshold=args.score_threshold)
+            run["ratio_steady"] = run["steady_images_per_s"] / plain["images_per_s"] if run["steady_images_per_s"] else None
+            run["ratio_end_to_end"] = run["images_per_s"] / plain["images_per_s"]
+            assert run["images"] == args.images and run["errors"] == 0
+            runs.append(run)
+            print(f"pipeline, {actors} actor(s): end to end {run['images_per_s']:.2f} images/s "
+                  f"({run['seconds']:.1f} s, first commit at {run['first_commit_s']:.1f} s), steady "
+                  f"{run['steady_images_per_s'] or float('nan'):.2f} images/s; ratio to plain loop: steady "
+                  f"{run['ratio_steady'] or float('nan'):.2f}, end to end {run['ratio_end_to_end']:.2f}", flush=True)
+    finally:
+        ray.shutdown()
+    return {"plain": plain, "pipeline": runs}
+
+
+def gpu_benchmark(args: argparse.Namespace, work: str) -> dict:
+    import ray
+
+    data_uri = os.path.join(work, "gpu-data")
+    ckpt = os.path.join(work, "r50.pt")
+    torch.manual_seed(0)
+    config = ModelConfig.for_categories(CATEGORIES, backbone="resnet50", min_size=800, max_size=1333)
+    save_checkpoint(ckpt, build_from_config(config), config)
+    make_dataset(data_uri, args.gpu_images, max(1, args.gpu_images // 64), 800)
+    gpus = torch.cuda.device_count()
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        with GpuSampler() as sampler:
+            run = pipeline_run(data_uri, os.path.join(work, "gpu-out"), ckpt, actors=gpus,
+                               batch_size=args.gpu_batch_size, score_threshold=args.score_threshold,
+                               gpus_per_actor=1)
+    finally:
+        ray.shutdown()
+    run["gpus"] = gpus
+    run["steady_images_per_s_per_gpu"] = (run["steady_images_per_s"] or 0) / gpus
+    run["gpu_busy_fraction"] = sampler.busy_fraction()
+    run["device"] = torch.cuda.get_device_name(0)
+    print(f"GPU ({run['device']} x{gpus}), R50-FPN 800 px AMP: steady {run['steady_images_per_s_per_gpu']:.1f} "
+          f"images/s per GPU, GPU busy {100 * run['gpu_busy_fraction']:.0f}%", flush=True)
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--detections", type=int, default=20, help="box_detections_per_img of the model")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--score-threshold", type=float, default=0.05)
+    parser.add_argument("--actors", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2])
+    parser.add_argument("--gpu-images", type=int, default=512)
+    parser.add_argument("--gpu-batch-size", type=int, default=8)
+    parser.add_argument("--no-gpu", action="store_true")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+    work = tempfile.mkdtemp(prefix="maskray-bench-infer-")
+    try:
+        report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
+                  "load_avg_at_start": os.getloadavg(), "args": vars(args)}
+        report["cpu"] = cpu_benchmark(args, work)
+        if torch.cuda.is_available() and not args.no_gpu:
+            report["gpu"] = gpu_benchmark(args, work)
+        else:
+            print("GPU part skipped (no CUDA device)")
+        report["load_avg_at_end"] = os.getloadavg()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
