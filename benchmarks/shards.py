@@ -1,0 +1,145 @@
+"""Streaming read throughput of maskray shards from a SeaweedFS S3 server: Ray Data
+(:func:`pipeline.dataset.read_shards`) vs a plain pyarrow read of the same objects (the anchor,
+measured in the same run). Prints MB/s for both and the ratio (target >= 0.8).
+
+    .venv/bin/python benchmarks/shards.py [--rows 1600 --size 256 --images-per-shard 200]
+
+The dataset is synthetic (``--unique`` rendered PNGs repeated under distinct ids, so the bytes
+are real PNG data) and written with :class:`pipeline.format.ShardWriter`. Both readers consume
+every column of every row; runs alternate between the two readers and the median is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _seaweed_server_class():
+    path = os.path.join(ROOT, "tests", "integration", "conftest.py")
+    spec = importlib.util.spec_from_file_location("_maskray_it_conftest", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while building
+    spec.loader.exec_module(module)
+    return module.SeaweedServer
+
+
+def build_dataset(uri: str, rows: int, unique: int, size: int, images_per_shard: int) -> None:
+    from pipeline import format as fmt
+    from pipeline import synth
+
+    cats = synth.categories_for(4)
+    samples = []
+    for i in range(unique):
+        png, anns = synth.make_image(7, i, size, cats)
+        annotations = []
+        for k, ann in enumerate(anns):
+            from pycocotools import mask as mask_utils
+
+            seg = ann["segmentation"]
+            if isinstance(seg, list):
+                rle = mask_utils.merge(mask_utils.frPyObjects(seg, size, size))
+            elif isinstance(seg["counts"], list):
+                rle = mask_utils.frPyObjects(seg, size, size)
+            else:
+                rle = {"size": seg["size"], "counts": seg["counts"].encode()}
+            annotations.append(fmt.make_annotation(
+                id=k, category_id=ann["category_id"], bbox=ann["bbox"], area=ann["area"],
+                iscrowd=bool(ann["iscrowd"]), size=rle["size"], counts=rle["counts"]))
+        samples.append((png, annotations))
+    with fmt.ShardWriter(uri, images_per_shard=images_per_shard) as writer:
+        for i in range(rows):
+            png, annotations = samples[i % unique]
+            writer.add(fmt.make_row(image_id=i + 1, file_name=f"{i + 1:07d}.png", width=size,
+                                    height=size, image=png, annotations=annotations))
+    fmt.write_manifest(uri, fmt.Manifest(categories=cats, shards=writer.shards,
+                                         source="benchmarks/shards.py"))
+
+
+def read_pyarrow(uri: str) -> int:
+    """Plain pyarrow: each shard object read whole, one after the other."""
+    import pyarrow.parquet as pq
+
+    from pipeline import format as fmt
+    from pipeline import storage
+
+    n = 0
+    for shard in fmt.shard_uris(uri):
+        fs, path = storage.resolve(shard)
+        n += pq.read_table(path, filesystem=fs).num_rows
+    return n
+
+
+def read_ray(uri: str) -> int:
+    """Ray Data: stream the same shards through read_shards into the driver."""
+    from pipeline.dataset import read_shards
+
+    n = 0
+    for batch in read_shards(uri).iter_batches(batch_size=None, batch_format="pyarrow",
+                                               prefetch_batches=4):
+        n += batch.num_rows
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1600)
+    parser.add_argument("--unique", type=int, default=64)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--images-per-shard", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--num-cpus", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    import ray
+
+    from pipeline import format as fmt
+
+    with _seaweed_server_class()() as server:
+        os.environ.update(server.env)
+        uri = f"s3://{server.bucket}/bench/shards"
+        t0 = time.perf_counter()
+        build_dataset(uri, args.rows, args.unique, args.size, args.images_per_shard)
+        manifest = fmt.read_manifest(uri)
+        total_mb = sum(s.bytes for s in manifest.shards) / 1e6
+        print(f"dataset: {manifest.num_images} rows, {len(manifest.shards)} shards, "
+              f"{total_mb:.1f} MB on SeaweedFS ({time.perf_counter() - t0:.1f} s to write)")
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        try:
+            from ray.data import DataContext
+
+            DataContext.get_current().enable_progress_bars = False
+            t0 = time.perf_counter()
+            assert read_ray(uri) == args.rows  # warm-up: worker start-up is not throughput
+            print(f"ray warm-up (cold start): {time.perf_counter() - t0:.1f} s")
+            times = {"pyarrow": [], "ray": []}
+            for _ in range(args.repeats):
+                for name, fn in (("pyarrow", read_pyarrow), ("ray", read_ray)):
+                    t0 = time.perf_counter()
+                    rows = fn(uri)
+                    times[name].append(time.perf_counter() - t0)
+                    assert rows == args.rows, (name, rows)
+        finally:
+            ray.shutdown()
+    tput = {k: total_mb / statistics.median(v) for k, v in times.items()}
+    ratio = tput["ray"] / tput["pyarrow"]
+    print(f"machine: {platform.node()} {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
+          f"ray num_cpus={args.num_cpus}")
+    for name in ("pyarrow", "ray"):
+        runs = ", ".join(f"{t:.2f}" for t in times[name])
+        print(f"{name:8s}: {tput[name]:7.1f} MB/s (median of {args.repeats}; runs {runs} s)")
+    print(f"ratio ray/pyarrow: {ratio:.2f} (target >= 0.8)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
