@@ -166,14 +166,14 @@ def _tiny_dataset(root: Path) -> Path:
     from pipeline.convert import convert_coco
     from pipeline.synth import synthesize
 
-    synthesize(str(root / "coco"), images=8, seed=0, size=64, num_categories=2, max_objects=2, workers=1)
+    synthesize(str(root / "coco"), images=4, seed=0, size=64, num_categories=2, max_objects=2, workers=1)
     convert_coco(str(root / "coco" / "annotations.json"), str(root / "coco" / "images"), str(root / "shards"), workers=1)
     return root / "shards"
 
 
 def _tiny_config(root: Path, shards: Path, *, name: str, iters: int) -> Path:
     config = {
-        "name": name, "storage_path": str(root / "runs"), "num_workers": 2, "cpus_per_worker": 1,
+        "name": name, "storage_path": str(root / "runs"), "num_workers": 1, "cpus_per_worker": 1,
         "images_per_worker": 1, "log_every": 1,
         "data": {"train": str(shards), "val": "", "shuffle_buffer": 0, "decode_cpus": 0.25},
         "model": {"backbone": "resnet18", "min_size": 64, "max_size": 64, "trainable_layers": 3},
@@ -198,6 +198,7 @@ def shapes(tmp_path_factory):
     return root, _tiny_dataset(root)
 
 
+@pytest.mark.slow
 def test_train_job_succeeds_and_checkpoints_to_storage(cluster, shapes):
     root, shards = shapes
     config = _tiny_config(root, shards, name="submit-tiny", iters=2)
@@ -217,6 +218,7 @@ def test_train_job_succeeds_and_checkpoints_to_storage(cluster, shapes):
     print(f"train job took {time.monotonic() - started:.1f} s")
 
 
+@pytest.mark.slow
 def test_stop_ends_a_running_job(cluster, shapes):
     root, shards = shapes
     config = _tiny_config(root, shards, name="submit-long", iters=100000)
