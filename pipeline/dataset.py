@@ -44,14 +44,13 @@ class TargetError(MaskrayError):
 
 def read_shards(dataset_uri: str, *, columns: list[str] | None = None,
                 override_num_blocks: int | None = None, shuffle: str | None = None,
-                ray_remote_args: dict | None = None, datasource_v2: bool = False,
-                **read_parquet_args: Any):
+                datasource_v2: bool = False, **read_parquet_args: Any):
     """A ``ray.data.Dataset`` streaming the rows of the dataset at ``dataset_uri``.
 
     Only the shards listed in its ``manifest.json`` are read (a shard left by an interrupted
     writer is invisible). ``columns`` projects (e.g. everything but ``image`` for statistics);
     ``shuffle="files"`` shuffles shard order each epoch; other keyword arguments go to
-    ``ray.data.read_parquet``.
+    ``ray.data.read_parquet`` (e.g. ``num_cpus=`` per read task, ``concurrency=``).
 
     By default this uses Ray Data's V1 Parquet datasource: V2 (Ray's default since 2.5x)
     starts footer-reader actors for every read, which costs 20–60 s per read on a small or
@@ -71,8 +70,6 @@ def read_shards(dataset_uri: str, *, columns: list[str] | None = None,
         kwargs["override_num_blocks"] = override_num_blocks
     if shuffle is not None:
         kwargs["shuffle"] = shuffle
-    if ray_remote_args is not None:
-        kwargs["ray_remote_args"] = ray_remote_args
     ctx = ray.data.DataContext.get_current()
     old_v2 = getattr(ctx, "use_datasource_v2", None)
     try:
