@@ -18,7 +18,8 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--coco", required=True, help="COCO annotations json (path or s3:// URI)")
+    parser.add_argument("--coco", "--coco-json", dest="coco", required=True,
+                        help="COCO annotations json (path or s3:// URI)")
     parser.add_argument("--images", required=True,
                         help="folder or s3:// prefix the COCO file_names are relative to")
     parser.add_argument("--out", required=True, help="output dataset folder or s3:// prefix")
