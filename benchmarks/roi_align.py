@@ -13,6 +13,7 @@ device's nominal peak.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -46,10 +47,13 @@ def make_boxes(num_rois: int, generator: torch.Generator) -> list[torch.Tensor]:
     return per_image
 
 
-def timeit(fn, device: str, repeat: int) -> float:
-    """Median seconds per call (after one warm-up call)."""
+def timeit(fn, device: str, repeat: int) -> tuple[float, float]:
+    """Median wall seconds per call and, on CPU, median process CPU seconds (after a warm-up call).
+
+    The CPU figure (all threads together) is robust to other load on a shared machine.
+    """
     fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeat):
         if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -57,12 +61,14 @@ def timeit(fn, device: str, repeat: int) -> float:
             fn()
             end.record()
             torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
+            wall.append(start.elapsed_time(end) / 1e3)
+            cpu.append(float("nan"))
         else:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def cases(device: str, num_rois: int, dtype=torch.float32):
@@ -99,7 +105,7 @@ def run_case(fn, inputs, device: str, repeat: int):
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     leaves = [t.detach().requires_grad_(True) for t in inputs]
     with torch.no_grad():
-        fwd = timeit(lambda: fn(*inputs), device, repeat)
+        fwd = timeit(lambda: fn(*inputs), device, repeat)  # (wall, cpu)
     out = fn(*leaves)
     grad = torch.randn_like(out)
 
@@ -113,15 +119,19 @@ def bench(device: str, repeat: int, num_rois: int) -> None:
     print(f"\n== {device}: {torch.cuda.get_device_name() if device == 'cuda' else cpu_name()}, "
           f"torch {torch.__version__}, torchvision {torchvision.__version__}, threads {torch.get_num_threads()}")
     peak = copy_bw = None
+    if device == "cpu":
+        print(f"load average before: {' '.join(f'{v:.1f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs")
     if device == "cuda":
         big = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")  # 256 MiB
-        t = timeit(lambda: big.clone(), "cuda", 10)
+        t, _ = timeit(lambda: big.clone(), "cuda", 10)
         copy_bw = 2 * big.numel() / t
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in NOMINAL_PEAK.items() if k in name), None)
         print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s"
               + (f"; nominal peak {peak / 1e9:.0f} GB/s" if peak else ""))
     header = f"{'case':38s} {'pass':9s} {'ours ms':>9s} {'tv ms':>9s} {'tv/ours':>8s}"
+    if device == "cpu":
+        header += f" {'ours cpu-ms':>11s} {'tv cpu-ms':>10s} {'cpu ratio':>9s}"
     if device == "cuda":
         header += f" {'ours GB/s':>10s} {'%copy':>6s}" + (" %peak" if peak else "")
     print(header)
@@ -134,8 +144,10 @@ def bench(device: str, repeat: int, num_rois: int) -> None:
         # Minimum DRAM traffic: forward reads the feature map once and writes the output;
         # forward+backward adds reading the output gradient and writing the input gradient.
         traffic = {"fwd": in_bytes + out_bytes, "fwd+bwd": 2 * (in_bytes + out_bytes)}
-        for label, t_ours, t_tv in (("fwd", f_ours, f_tv), ("fwd+bwd", fb_ours, fb_tv)):
+        for label, (t_ours, c_ours), (t_tv, c_tv) in (("fwd", f_ours, f_tv), ("fwd+bwd", fb_ours, fb_tv)):
             line = f"{name:38s} {label:9s} {t_ours * 1e3:9.2f} {t_tv * 1e3:9.2f} {t_tv / t_ours:7.2f}x"
+            if device == "cpu":
+                line += f" {c_ours * 1e3:11.1f} {c_tv * 1e3:10.1f} {c_tv / c_ours:8.2f}x"
             if device == "cuda":
                 bw = traffic[label] / t_ours
                 line += f" {bw / 1e9:10.0f} {100 * bw / copy_bw:5.0f}%"

@@ -22,7 +22,12 @@ from torchvision.ops import poolers as _tv_poolers
 from model import build as _build
 from model.errors import MaskrayError
 
-__all__ = ["roi_align", "RoIAlign", "MultiScaleRoIAlign", "convert_boxes_to_roi_format"]
+__all__ = ["roi_align", "RoIAlign", "MultiScaleRoIAlign", "convert_boxes_to_roi_format", "RoIAlignInputError"]
+
+
+class RoIAlignInputError(MaskrayError, ValueError):
+    """Malformed input or boxes given to :func:`roi_align` (also a ValueError)."""
+
 
 _build.load()
 
@@ -122,44 +127,44 @@ def _check_boxes(input: Tensor, boxes: Union[Tensor, list[Tensor]]) -> Tensor:
     """Validate `boxes` against `input` and return rois [K, 5]; raise MaskrayError when malformed."""
     if not isinstance(input, Tensor) or input.dim() != 4:
         got = _describe(input) if isinstance(input, Tensor) else type(input).__name__
-        raise MaskrayError(f"roi_align: input must be a Tensor[N, C, H, W], got {got}")
+        raise RoIAlignInputError(f"roi_align: input must be a Tensor[N, C, H, W], got {got}")
     if not input.is_floating_point():
-        raise MaskrayError(f"roi_align: input must be floating point, got {_describe(input)}")
+        raise RoIAlignInputError(f"roi_align: input must be floating point, got {_describe(input)}")
     if isinstance(boxes, (list, tuple)):
         for i, b in enumerate(boxes):
             if not isinstance(b, Tensor) or b.dim() != 2 or b.size(1) != 4:
                 got = _describe(b) if isinstance(b, Tensor) else type(b).__name__
-                raise MaskrayError(f"roi_align: boxes[{i}] must be a Tensor[L, 4] (x1, y1, x2, y2), got {got}")
+                raise RoIAlignInputError(f"roi_align: boxes[{i}] must be a Tensor[L, 4] (x1, y1, x2, y2), got {got}")
             if b.dtype != input.dtype or b.device != input.device:
-                raise MaskrayError(
+                raise RoIAlignInputError(
                     f"roi_align: boxes[{i}] is {_describe(b)} but input is {_describe(input)}; "
                     "hint: boxes must have the input's dtype and device"
                 )
         if len(boxes) > input.size(0):
-            raise MaskrayError(
+            raise RoIAlignInputError(
                 f"roi_align: {len(boxes)} box lists for an input batch of {input.size(0)} images"
             )
         if len(boxes) == 0:
             return input.new_zeros((0, 5))
         return convert_boxes_to_roi_format(boxes)
     if not isinstance(boxes, Tensor):
-        raise MaskrayError(
+        raise RoIAlignInputError(
             f"roi_align: boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}"
         )
     if boxes.dim() != 2 or boxes.size(1) != 5:
-        raise MaskrayError(
+        raise RoIAlignInputError(
             f"roi_align: boxes must be a Tensor[K, 5] (batch index, x1, y1, x2, y2), got {_describe(boxes)}; "
             "hint: pass a list of Tensor[L, 4] for per-image boxes"
         )
     if boxes.dtype != input.dtype or boxes.device != input.device:
-        raise MaskrayError(
+        raise RoIAlignInputError(
             f"roi_align: boxes is {_describe(boxes)} but input is {_describe(input)}; "
             "hint: boxes must have the input's dtype and device"
         )
     if boxes.numel() and not torch.compiler.is_compiling() and not boxes.is_meta:
         lo, hi = torch.stack(torch.aminmax(boxes[:, 0])).tolist()
         if lo < 0 or hi >= input.size(0):
-            raise MaskrayError(
+            raise RoIAlignInputError(
                 f"roi_align: boxes[:, 0] must hold batch indices in [0, {input.size(0) - 1}], "
                 f"got values in [{lo:g}, {hi:g}]"
             )

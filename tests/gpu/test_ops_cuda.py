@@ -95,5 +95,6 @@ def test_cuda_gradcheck_and_opcheck():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 2, 7, 8, dtype=torch.float64, generator=g).cuda().requires_grad_(True)
     rois = _rois(2, 7, 8, 0.5, 3, g).double().cuda()
-    assert torch.autograd.gradcheck(lambda t: ops.roi_align(t, rois, (3, 2), 0.5, 2, True), (x,))
+    # the atomic backward may sum in a different order run to run: allow rounding-level differences
+    assert torch.autograd.gradcheck(lambda t: ops.roi_align(t, rois, (3, 2), 0.5, 2, True), (x,), nondet_tol=1e-10)
     torch.library.opcheck(torch.ops.maskray.roi_align.default, (x, rois, 0.5, 3, 2, 2, True))

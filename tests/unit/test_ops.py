@@ -268,8 +268,10 @@ def test_list_of_boxes_equals_tensor_form(gen):
 )
 def test_malformed_boxes_raise_clear_errors(boxes, match):
     x = torch.randn(2, 2, 8, 8)
-    with pytest.raises(MaskrayError, match=match):
+    with pytest.raises(MaskrayError, match=match) as info:
         ops.roi_align(x, boxes, 2)
+    assert isinstance(info.value, ValueError)
+    assert "\n" not in str(info.value)
 
 
 def test_malformed_input_raises():
