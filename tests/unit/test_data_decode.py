@@ -53,6 +53,29 @@ def test_16bit_png_scaled_to_8bit():
     assert t.shape == (3, 2, 3) and np.array_equal(t[0].numpy(), expected)
 
 
+def _png_16bit(arr: np.ndarray, color_type: int) -> bytes:
+    """A 16-bit PNG written by hand (PIL cannot write 16-bit RGB)."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(
+            ">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    h, w = arr.shape[:2]
+    rows = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
+
+
+def test_16bit_rgb_and_gray_alpha_png():
+    rgb = np.zeros((2, 3, 3), np.uint16)
+    rgb[..., 0], rgb[..., 2] = 65535, 32768
+    t = decode_image(_png_16bit(rgb, color_type=2))
+    assert t.shape == (3, 2, 3) and t[:, 1, 2].tolist() == [255, 0, 128]
+    gray_alpha = np.zeros((2, 3, 2), np.uint16)
+    gray_alpha[..., 0], gray_alpha[..., 1] = 40000, 65535
+    t = decode_image(_png_16bit(gray_alpha, color_type=4))
+    assert t.shape == (3, 2, 3) and t[:, 0, 0].tolist() == [156, 156, 156]
+
+
 def test_jpeg_and_cmyk():
     arr = np.full((16, 16, 3), (200, 30, 90), np.uint8)
     t = decode_image(_encode(Image.fromarray(arr), "JPEG", quality=95))
