@@ -65,9 +65,21 @@ class DistillSteps:
         final = json.loads(storage.read_bytes(storage.join(out, train_config.name, "final_metrics.json")))
         return final["model"]
 
+    def _rows_for(self, train_config) -> int:
+        """Rows that last the whole schedule: one epoch of the training stream, no restarts."""
+        return train_config.schedule.max_iters * train_config.global_batch if train_config.schedule.max_iters else 0
+
     def train_teacher(self, out: str) -> str:
+        from pipeline import storage
+        from pipeline.distill import write_mixed_dataset
+
         c = self.config
-        return self._train(c.train_config(c.data.labeled, "run", out), out)
+        data = storage.join(out, "data")
+        train_config = c.train_config(data, "run", out)
+        rows, _ = write_mixed_dataset(c.data.labeled, None, data, ratio=1.0, seed=train_config.seed,
+                                      min_rows=self._rows_for(train_config), extra={"round": 0})
+        logger.info("round 0: teacher data %s: %d rows of %s", data, rows, c.data.labeled)
+        return self._train(train_config, out)
 
     def pseudo_label(self, round_index: int, teacher: str, out: str):
         from pipeline.pseudo import run_pseudo_labels
@@ -91,7 +103,7 @@ class DistillSteps:
         train_config = c.train_config(mixed, "run", out, c.student.overrides)
         rows, labeled = write_mixed_dataset(c.data.labeled, pseudo_dataset, mixed, ratio=c.student.mix_ratio,
                                             seed=train_config.seed + round_index,
-                                            extra={"round": round_index, "teacher": state.teacher})
+                                            min_rows=self._rows_for(train_config), extra={"round": round_index, "teacher": state.teacher})
         logger.info("round %d: student data %s: %d rows, %d labeled (mix ratio %.2f)", round_index, mixed, rows,
                     labeled, c.student.mix_ratio)
         return self._train(train_config, out)

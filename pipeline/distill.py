@@ -251,48 +251,64 @@ def mix_pattern(ratio: float, block: int = MIX_BLOCK) -> int:
     return int(round(ratio * block))
 
 
-def write_mixed_dataset(labeled_uri: str, pseudo_uri: str, out_uri: str, *, ratio: float, seed: int = 0,
-                        extra: dict | None = None) -> tuple[int, int]:
-    """The student's training set: every pseudo-labeled image once, interleaved with labeled
+def write_mixed_dataset(labeled_uri: str, pseudo_uri: str | None, out_uri: str, *, ratio: float, seed: int = 0,
+                        min_rows: int = 0, extra: dict | None = None) -> tuple[int, int]:
+    """A training set for one run of the rounds, written as maskray shards at ``out_uri``.
+
+    With ``pseudo_uri``: every pseudo-labeled image once per pass, interleaved with labeled
     images so that each block of :data:`MIX_BLOCK` rows holds ``mix_pattern(ratio)`` labeled
-    rows (the labeled set cycled, reshuffled each pass). Returns (rows, labeled rows)."""
+    rows (the labeled set cycled, reshuffled each time round). Without it (the round-0 teacher):
+    the labeled set alone. Passes repeat, reshuffled, until at least ``min_rows`` rows are
+    written, so a short schedule over a small set is one long epoch of the training stream
+    rather than many short ones. Returns (rows, labeled rows).
+    """
     from pipeline.format import Manifest, ShardWriter, read_manifest, read_rows, write_manifest
 
     labeled = list(read_rows(labeled_uri))
-    pseudo_rows = list(read_rows(pseudo_uri))
-    if not pseudo_rows:
+    pseudo_rows = list(read_rows(pseudo_uri)) if pseudo_uri else []
+    if pseudo_uri and not pseudo_rows:
         raise MaskrayError(f"{pseudo_uri}: no pseudo-labeled image to train a student on "
                            "(lower thresholds.floor or check the teacher)")
-    if not labeled and ratio > 0:
-        raise MaskrayError(f"{labeled_uri}: no labeled image to mix in")
+    if not labeled and (ratio > 0 or not pseudo_uri):
+        raise MaskrayError(f"{labeled_uri}: no labeled image to train on")
     rng = random.Random(seed)
-    rng.shuffle(pseudo_rows)
-    n_lab = mix_pattern(ratio)
+    n_lab = mix_pattern(ratio) if pseudo_uri else MIX_BLOCK
     n_pseudo = MIX_BLOCK - n_lab
-    if n_pseudo <= 0:
+    if pseudo_uri and n_pseudo <= 0:
         raise MaskrayError(f"student.mix_ratio={ratio}: leaves no pseudo-labeled image in a batch")
     cycle: list[dict] = []
     rows = labeled_rows = 0
+
+    def next_labeled() -> dict:
+        nonlocal cycle
+        if not cycle:
+            cycle = labeled[:]
+            rng.shuffle(cycle)
+        return cycle.pop()
+
     with ShardWriter(out_uri) as writer:
-        for start in range(0, len(pseudo_rows), n_pseudo):
-            chunk = pseudo_rows[start:start + n_pseudo]
-            need = int(round(len(chunk) * n_lab / n_pseudo))
-            block = []
-            for _ in range(need):
-                if not cycle:
-                    cycle = labeled[:]
-                    rng.shuffle(cycle)
-                block.append(cycle.pop())
-            labeled_rows += len(block)
-            block += chunk
-            rng.shuffle(block)
-            for row in block:
-                writer.add(row)
-                rows += 1
+        while rows == 0 or rows < min_rows:
+            if pseudo_uri:
+                order = pseudo_rows[:]
+                rng.shuffle(order)
+                for start in range(0, len(order), n_pseudo):
+                    chunk = order[start:start + n_pseudo]
+                    block = [next_labeled() for _ in range(int(round(len(chunk) * n_lab / n_pseudo)))]
+                    labeled_rows += len(block)
+                    block += chunk
+                    rng.shuffle(block)
+                    for row in block:
+                        writer.add(row)
+                    rows += len(block)
+            else:
+                for _ in range(len(labeled)):
+                    writer.add(next_labeled())
+                rows += len(labeled)
+                labeled_rows += len(labeled)
     shards = writer.close()
-    manifest = read_manifest(pseudo_uri)
-    write_manifest(out_uri, Manifest(categories=manifest.categories, shards=shards,
-                                     source=f"{labeled_uri} + {pseudo_uri}",
-                                     extra={**(extra or {}), "mix_ratio": ratio, "labeled": labeled_uri,
-                                            "pseudo": pseudo_uri}))
+    manifest = read_manifest(pseudo_uri or labeled_uri)
+    sources = [labeled_uri] + ([pseudo_uri] if pseudo_uri else [])
+    write_manifest(out_uri, Manifest(categories=manifest.categories, shards=shards, source=" + ".join(sources),
+                                     extra={**(extra or {}), "mix_ratio": ratio if pseudo_uri else 1.0,
+                                            "labeled": labeled_uri, "pseudo": pseudo_uri}))
     return rows, labeled_rows

@@ -72,6 +72,11 @@ def test_mixed_dataset_has_the_ratio_in_every_block(tmp_path):
     counts = [ids.count(i) for i in range(1, 6)]
     assert max(counts) - min(counts) <= 1  # labeled images cycled evenly
     assert read_manifest(out).extra == {"round": 1, "mix_ratio": 0.25, "labeled": labeled, "pseudo": pseudo}
+    long = str(tmp_path / "long")
+    rows, n_labeled = distill.write_mixed_dataset(labeled, pseudo, long, ratio=0.25, seed=3, min_rows=300)
+    assert (rows, n_labeled) == (384, 96)  # three passes over the pseudo set
+    alone = str(tmp_path / "alone")
+    assert distill.write_mixed_dataset(labeled, None, alone, ratio=1.0, min_rows=12) == (15, 15)
     again = str(tmp_path / "again")
     distill.write_mixed_dataset(labeled, pseudo, again, ratio=0.25, seed=3)
     assert [r["image_id"] for r in read_rows(again, columns=["image_id"])] == ids  # deterministic
