@@ -46,16 +46,6 @@ def _init_ray(verbose: bool) -> None:
              include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None)
 
 
-def _autoscaling() -> bool:
-    """Whether an autoscaler reports on this cluster (then a short cluster is not an error)."""
-    try:
-        from ray.experimental.internal_kv import _internal_kv_get
-
-        return bool(_internal_kv_get("__autoscaling_status"))
-    except Exception:  # noqa: BLE001 - absent on local clusters
-        return False
-
-
 def _failure_message(exc: BaseException) -> str:
     """One line for a failed ``fit()``: the first worker's root-cause error, else the controller's."""
     causes = list(getattr(exc, "worker_failures", {}).values())
@@ -91,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     verbose = bool(getattr(args, "verbose", False))
     _init_ray(verbose)
-    check_resources(config, ray.cluster_resources(), autoscaling=_autoscaling())
+    check_resources(config, ray.cluster_resources(), autoscaling=config.wait_for_resources)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     if "://" in config.storage_path:
@@ -104,10 +94,15 @@ def run(args: argparse.Namespace) -> int:
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "plan": plan.to_dict(), "progress": progress},
         scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                               resources_per_worker={"CPU": config.cpus_per_worker}),
+                                               resources_per_worker={"CPU": config.cpus_per_worker},
+                                               placement_strategy=config.placement_strategy),
         run_config=ray.train.RunConfig(
             name=config.name,
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            # a worker group that cannot start (e.g. a node gone for good) fails the run after a few
+            # tries instead of retrying forever, unless the cluster can grow
+            failure_config=ray.train.FailureConfig(
+                max_failures=config.max_failures,
+                controller_failure_limit=-1 if config.wait_for_resources else 3),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
             **storage_kwargs,

@@ -39,6 +39,7 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 VARIANTS = ("v1", "v2")
 NORMS = ("bn", "frozen_bn", "gn")
 POLICIES = ("step", "cosine")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 class ConfigError(MaskrayError):
@@ -203,6 +204,8 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     threads_per_worker: int = 0  # torch intra-op threads per worker; 0 = max(1, int(cpus_per_worker))
     images_per_worker: int = 2
+    placement_strategy: str = "PACK"  # Ray placement of the workers: PACK, SPREAD (one per node), STRICT_*
+    wait_for_resources: bool = False  # autoscaling cluster: a group larger than the cluster waits for nodes
     max_failures: int = 0  # worker-group restarts from the last checkpoint; -1 = unlimited
     seed: int = 0
     log_every: int = 20  # iterations between console/TensorBoard lines
@@ -221,6 +224,8 @@ class TrainConfig:
         _require(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         _require(self.threads_per_worker >= 0, "threads_per_worker", f"must be >= 0, got {self.threads_per_worker}")
         _require(self.images_per_worker >= 1, "images_per_worker", f"must be >= 1, got {self.images_per_worker}")
+        _require(self.placement_strategy in PLACEMENTS, "placement_strategy",
+                 f"{self.placement_strategy!r} is not one of {', '.join(PLACEMENTS)}")
         _require(self.max_failures >= -1, "max_failures", f"must be >= -1, got {self.max_failures}")
         _require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
 

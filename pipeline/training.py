@@ -146,7 +146,11 @@ def plan_run(config: TrainConfig) -> RunPlan:
 
 
 def check_resources(config: TrainConfig, resources: dict[str, float], *, autoscaling: bool = False) -> None:
-    """Refuse a worker group larger than the cluster (``resources`` = ``ray.cluster_resources()``)."""
+    """Refuse a worker group larger than the cluster (``resources`` = ``ray.cluster_resources()``).
+
+    Ray Train would otherwise wait for the resources forever; ``autoscaling`` (the config's
+    ``wait_for_resources``) skips the check where an autoscaler can add nodes.
+    """
     if autoscaling:
         return
     need_cpu = config.num_workers * config.cpus_per_worker
@@ -154,7 +158,8 @@ def check_resources(config: TrainConfig, resources: dict[str, float], *, autosca
     if need_cpu > have_cpu + 1e-9:
         raise ConfigError(
             f"num_workers={config.num_workers} x cpus_per_worker={config.cpus_per_worker:g} needs {need_cpu:g} CPUs "
-            f"but the Ray cluster has {have_cpu:g} and no autoscaler; lower num_workers or cpus_per_worker")
+            f"but the Ray cluster has {have_cpu:g}; lower num_workers or cpus_per_worker (on an autoscaling "
+            "cluster set wait_for_resources: true)")
     if config.use_gpu and config.num_workers > float(resources.get("GPU", 0.0)):
         raise ConfigError(f"use_gpu with num_workers={config.num_workers} needs as many GPUs but the Ray cluster "
                           f"has {resources.get('GPU', 0):g}; set use_gpu: false or fewer workers")

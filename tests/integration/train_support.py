@@ -7,8 +7,16 @@ nor files on disk outside the dataset URI.
 
 from __future__ import annotations
 
+import os
+
 from pipeline import storage
+
 from pipeline.format import Manifest, ShardWriter, make_annotation, make_row, write_manifest, manifest_uri
+
+
+# On a loaded shared machine the raylet gives up waiting for its agents after 30 s ("The current
+# node timed out during startup"); the Ray instances these tests start wait longer.
+os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
 
 
 def _rle(segmentation, height: int, width: int) -> dict:

@@ -1,0 +1,85 @@
+"""A Ray Train worker SIGKILLed mid-run: the group restarts from the last checkpoint and ends exactly at max_iters."""
+
+import argparse
+import json
+import logging
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+
+from train_support import make_shapes_dataset, run_uri, tiny_config, write_config
+
+
+def train_workers() -> list[psutil.Process]:
+    """Live Ray Train worker processes on this machine (their title is ``ray::RayTrainWorker...``)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info.get("cmdline") or [])
+        if cmd.startswith("ray::RayTrainWorker"):
+            found.append(proc)
+    return found
+
+
+def run_in_thread(path: str) -> tuple[threading.Thread, dict]:
+    from jobs import train
+
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["rc"] = train.run(argparse.Namespace(config=path, overrides=[], verbose=False))
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def test_worker_sigkill_recovers_from_last_checkpoint(ray_local, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="jobs.train")
+    make_shapes_dataset(str(tmp_path / "train"), images=16, seed=0)
+    config = tiny_config(str(tmp_path / "train"), "", str(tmp_path / "runs"), "killed",
+                         max_failures=2, **{"schedule.max_iters": 12})
+    path = write_config(tmp_path / "train.yaml", config)
+    run = run_uri(config)
+    # our own processes before training: the ones to kill can only be new ones
+    thread, outcome = run_in_thread(path)
+    wait_for(lambda: os.path.exists(os.path.join(run, "checkpoint_0000004", "model.pt")), 240,
+             "the checkpoint of iteration 4")
+    workers = wait_for(train_workers, 30, "Ray Train worker processes")
+    victim = workers[-1]
+    os.kill(victim.pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "training did not finish after the worker was killed"
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["rc"] == 0
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "jobs.train"]
+    resumed = [line for line in lines if line.startswith("resumed from")]
+    assert resumed, lines
+    at = int(resumed[-1].rsplit(" ", 1)[1])
+    assert 4 <= at < 12
+    final = json.loads(open(os.path.join(run, "final_metrics.json")).read())
+    assert final["iteration"] == 12
+    state = torch.load(os.path.join(run, "checkpoint_0000012", "train_state.pt"), weights_only=True)
+    assert state["iteration"] == 12
+    # no iteration past the end, none skipped: the last interval line is exactly 12/12
+    iters = [line for line in lines if line.startswith("iter ")]
+    assert iters[-1].startswith("iter 12/12 ")
+    assert not any(line.startswith("iter 14/") for line in lines)
