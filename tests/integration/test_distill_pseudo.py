@@ -20,7 +20,7 @@ def data(tmp_path_factory):
     pack_images(str(root / "raw/unlabeled"), str(root / "unlabeled"), categories=categories, workers=1)
     torch.manual_seed(0)
     config = ModelConfig.for_categories(categories, backbone="resnet18", min_size=64, max_size=64,
-                                        box_score_thresh=0.0)
+                                        box_score_thresh=0.0, box_detections_per_img=10)
     teacher = str(root / "teacher.pt")
     save_checkpoint(teacher, build_from_config(config), config)
     return root, teacher, categories
@@ -28,7 +28,7 @@ def data(tmp_path_factory):
 
 def test_pseudo_labels_follow_the_density_rule(ray_local, data):
     root, teacher, categories = data
-    tta = pseudo.TTAConfig(scales=(0.75, 1.0), hflip=True, min_score=0.0)
+    tta = pseudo.TTAConfig(scales=(0.75, 1.0), hflip=True, min_score=0.0, max_detections=10)
     result = pseudo.run_pseudo_labels(1, teacher, str(root / "round-1/pseudo"), unlabeled=str(root / "unlabeled"),
                                       labeled=str(root / "labeled"), tta=tta,
                                       thresholds=pseudo.ThresholdConfig(mode="density", floor=0.0),
@@ -72,7 +72,7 @@ def test_scheduler_round_with_real_pseudo_labels(ray_local, data, tmp_path):
     def pseudo_label(k, t, out):
         calls.append("pseudo")
         return pseudo.run_pseudo_labels(k, t, out, unlabeled=str(root / "unlabeled"), labeled=str(root / "labeled"),
-                                        tta=pseudo.TTAConfig(scales=(1.0,), min_score=0.0),
+                                        tta=pseudo.TTAConfig(scales=(1.0,), hflip=False, min_score=0.0),
                                         thresholds=pseudo.ThresholdConfig(mode="fixed", value=0.0), threads=1)
 
     def train_student(k, dataset, out):
