@@ -242,14 +242,22 @@ def _multiscale_roi_align(
         return _roi_align(x_filtered[0], rois, output_size, scales[0], sampling_ratio, False)
 
     levels = mapper(boxes)
-    first = x_filtered[0]
-    result = first.new_zeros((rois.size(0), first.size(1)) + tuple(output_size))
+    dtype = x_filtered[0].dtype
+    # Pool each level's RoIs, then put the rows back in RoI order with ONE gather.
+    # (torchvision writes each level into a zero-filled result in place; every in-place
+    # write then costs a full copy of the gradient in backward.) A RoI that maps to no
+    # level (NaN box) reads the extra zero row, as it stays zero in torchvision.
+    order, pooled = [], []
     for level, (feature, scale) in enumerate(zip(x_filtered, scales)):
         idx_in_level = torch.where(levels == level)[0]
-        pooled = _roi_align(feature, rois[idx_in_level], output_size, scale, sampling_ratio, False)
-        # Features of different levels may differ in dtype under autocast: match result's.
-        result[idx_in_level] = pooled.to(result.dtype)
-    return result
+        order.append(idx_in_level)
+        # levels may differ in dtype under autocast: match the first level's
+        pooled.append(_roi_align(feature, rois[idx_in_level], output_size, scale, sampling_ratio, False).to(dtype))
+    order_all = torch.cat(order)
+    pooled.append(pooled[0].new_zeros((1,) + tuple(pooled[0].shape[1:])))
+    position = torch.full((rois.size(0),), order_all.numel(), dtype=torch.int64, device=rois.device)
+    position[order_all] = torch.arange(order_all.numel(), device=rois.device)
+    return torch.cat(pooled)[position]
 
 
 class MultiScaleRoIAlign(nn.Module):
