@@ -2,7 +2,7 @@
 (:func:`pipeline.dataset.read_shards`) vs a plain pyarrow read of the same objects (the anchor,
 measured in the same run). Prints MB/s for both and the ratio (target >= 0.8).
 
-    .venv/bin/python benchmarks/shards.py [--rows 1600 --size 256 --images-per-shard 200]
+    .venv/bin/python benchmarks/shards.py [--rows 3200 --size 256 --images-per-shard 1000]
 
 The dataset is synthetic (``--unique`` rendered PNGs repeated under distinct ids, so the bytes
 are real PNG data) and written with :class:`pipeline.format.ShardWriter`. Both readers consume
@@ -98,10 +98,10 @@ def read_ray(uri: str, read_num_cpus: float | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1600)
+    parser.add_argument("--rows", type=int, default=3200)
     parser.add_argument("--unique", type=int, default=64)
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--images-per-shard", type=int, default=200)
+    parser.add_argument("--images-per-shard", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--read-num-cpus", type=float, default=None,
