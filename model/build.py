@@ -225,10 +225,17 @@ def load() -> Path:
     else:
         try:
             torch.ops.load_library(str(path))
-        except OSError as exc:
-            raise MaskrayError(
-                f"cannot load the RoIAlign op {path}: {exc}. Hint: delete {path.parent} and run `python -m model.build`"
-            ) from exc
+        except OSError:
+            # Another process may be writing it right now (first use by parallel workers):
+            # build() waits on cpp_extension's lock in the folder, is a no-op when up to date,
+            # and loads the result.
+            try:
+                path = build()
+            except MaskrayError as exc:
+                raise MaskrayError(
+                    f"cannot load the RoIAlign op {path} ({exc}). Hint: delete {path.parent} and run "
+                    "`python -m model.build`"
+                ) from exc
     _loaded = path
     return path
 
