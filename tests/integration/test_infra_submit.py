@@ -108,18 +108,11 @@ class LocalCluster:
         return subprocess.run(argv, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    if shutil.which("ray", path=str(BIN)) is None or shutil.which("maskray", path=str(BIN)) is None:
-        pytest.skip("the ray / maskray console scripts are not in this environment")
+def _start_cluster(env: dict[str, str]) -> tuple[str, str]:
+    """Head (2 CPUs, dashboard) + one worker node (1 CPU) in a fresh temp dir; (temp dir, dashboard URL)."""
     # Short path: Ray's unix sockets live under the temp dir (108-byte limit).
     temp_dir = tempfile.mkdtemp(prefix="mr-infra-", dir="/tmp")
     gcs, dashboard, client, agent, metrics, agent_grpc, runtime_env_agent = _free_ports(7)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    # RAY_AUTH_MODE pinned: Ray 2.60 turns token auth on when ~/.ray/auth_token exists (another
-    # local Ray may have made one); this private cluster and its clients agree on "disabled".
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
-               RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1")
     ray = str(BIN / "ray")
     common = ["--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir, "--disable-usage-stats"]
     try:
@@ -134,9 +127,34 @@ def cluster():
                         "--dashboard-agent-listen-port", str(w_agent), "--metrics-export-port", str(w_metrics),
                         "--dashboard-agent-grpc-port", str(w_grpc), "--runtime-env-agent-port", str(w_renv),
                         *common], env=env, check=True, capture_output=True, text=True, timeout=120)
-        yield LocalCluster(temp_dir, f"http://127.0.0.1:{dashboard}", env)
-    except subprocess.CalledProcessError as exc:
-        pytest.fail(f"ray start failed: {exc.stderr[-2000:]}")
+    except BaseException:
+        _stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    return temp_dir, f"http://127.0.0.1:{dashboard}"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if shutil.which("ray", path=str(BIN)) is None or shutil.which("maskray", path=str(BIN)) is None:
+        pytest.skip("the ray / maskray console scripts are not in this environment")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # RAY_AUTH_MODE pinned: Ray 2.60 turns token auth on when ~/.ray/auth_token exists (another
+    # local Ray may have made one); this private cluster and its clients agree on "disabled".
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
+               RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1",
+               # a node has 30 s to register with the GCS by default: too short on an overloaded machine
+               RAY_raylet_start_wait_time_s="120")
+    # and a start that still fails is retried once from scratch
+    for attempt in (1, 2):
+        try:
+            temp_dir, address = _start_cluster(env)
+            break
+        except subprocess.CalledProcessError as exc:
+            if attempt == 2:
+                pytest.fail(f"ray start failed twice: {exc.stderr[-2000:]}")
+    try:
+        yield LocalCluster(temp_dir, address, env)
     finally:
         _stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
