@@ -324,8 +324,8 @@ def run_status(args: argparse.Namespace) -> int:
     info = _get_info(client, args.submission_id)
     status = _status_name(info.status)
     print(f"{args.submission_id}\t{status}\t{info.entrypoint}")
-    if info.message:
-        print(info.message.strip().splitlines()[0])
+    if (info.message or "").strip():
+        print(summarize_failure(info.message) if status == "FAILED" else info.message.strip().splitlines()[0])
     return 0
 
 

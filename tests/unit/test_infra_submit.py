@@ -168,7 +168,8 @@ def test_wait_exits_non_zero_and_shows_the_error(fake, capsys, status):
 def test_status_logs_stop(fake, capsys):
     client = fake(statuses=["FAILED"], message="boom\nmore")
     assert submit.run_status(parse(submit.add_status_arguments, ["raysubmit_123"])) == 0
-    assert capsys.readouterr().out.splitlines() == ["raysubmit_123\tFAILED\tpython -m jobs.train", "boom"]
+    assert capsys.readouterr().out.splitlines() == ["raysubmit_123\tFAILED\tpython -m jobs.train",
+                                                    "boom; last log line: more"]
     assert submit.run_logs(parse(submit.add_logs_arguments, ["raysubmit_123"])) == 0
     assert capsys.readouterr().out == "line 1\nline 2\n"
     client.statuses = ["RUNNING", "STOPPED"]
