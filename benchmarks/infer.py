@@ -14,7 +14,7 @@ with 2 actors (each a fresh results prefix). Reported per pipeline run:
 With CUDA (guarded): R50-FPN at 800 px with AMP, images/s per GPU through the pipeline and the GPU
 busy fraction sampled with ``nvidia-smi`` during the stream.
 
-    python benchmarks/infer.py [--images 64] [--size 128] [--shards 8] [--backbone resnet18]
+    python benchmarks/infer.py [--images 48] [--size 128] [--shards 8] [--backbone resnet18] [--actors 1,2]
 """
 
 from __future__ import annotations
@@ -139,10 +139,11 @@ def pipeline_run(data_uri: str, out_uri: str, ckpt: str, *, actors: int, batch_s
             "steady_images_per_s": steady, "first_commit_s": commits[0][0] - start if commits else None}
 
 
-def write_checkpoint(path: str, backbone: str, size: int, detections: int) -> None:
+def write_checkpoint(path: str, backbone: str, size: int, detections: int, proposals: int) -> None:
     torch.manual_seed(0)
-    config = ModelConfig.for_categories(CATEGORIES, backbone=backbone, min_size=size, max_size=size,
-                                        box_detections_per_img=detections)
+    config = ModelConfig.for_categories(
+        CATEGORIES, backbone=backbone, min_size=size, max_size=size, box_detections_per_img=detections,
+        options={"rpn_pre_nms_top_n_test": 2 * proposals, "rpn_post_nms_top_n_test": proposals})
     save_checkpoint(path, build_from_config(config), config)
 
 
@@ -151,7 +152,7 @@ def cpu_benchmark(args: argparse.Namespace, work: str) -> dict:
 
     data_uri = os.path.join(work, "data")
     ckpt = os.path.join(work, "ckpt.pt")
-    write_checkpoint(ckpt, args.backbone, args.size, args.detections)
+    write_checkpoint(ckpt, args.backbone, args.size, args.detections, args.proposals)
     data = make_dataset(data_uri, args.images, args.shards, args.size)
     plain = plain_loop(ckpt, data, args.batch_size, args.score_threshold)
     print(f"plain loop: {plain['images_per_s']:.2f} images/s ({plain['images']} images, "
@@ -204,11 +205,12 @@ def gpu_benchmark(args: argparse.Namespace, work: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--detections", type=int, default=20, help="box_detections_per_img of the model")
+    parser.add_argument("--proposals", type=int, default=300, help="RPN proposals kept per image (test)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--score-threshold", type=float, default=0.05)
     parser.add_argument("--actors", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2])

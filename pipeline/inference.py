@@ -164,7 +164,6 @@ class Predictor:
         self.config = config
         self.model_id = model_id or ""
         self.score_threshold = float(score_threshold)
-        self.min_size, self.max_size = model_sizes(self.model)
         if config is not None and hasattr(config, "category_ids"):
             self.category_ids = list(config.category_ids())
         else:
@@ -180,13 +179,13 @@ class Predictor:
     # ---- the model on already-resized images
 
     def forward_resized(
-        self, images: Sequence[torch.Tensor], original_sizes: Sequence[tuple[int, int]]
+        self, images: Sequence[torch.Tensor], original_sizes: Sequence[tuple[int, int]], *, cpu: bool = True
     ) -> list[dict[str, torch.Tensor]]:
         """Detections for float ``[3,h,w]`` images already resized by :func:`resize_for_model`.
 
-        Returns per image CPU tensors ``boxes`` (xyxy in the ORIGINAL frame), ``labels``,
-        ``scores`` and ``masks`` (``[N,1,M,M]`` mask probabilities, not yet pasted), keeping
-        only scores >= ``score_threshold``.
+        Returns per image ``boxes`` (xyxy in the ORIGINAL frame), ``labels``, ``scores`` and
+        ``masks`` (``[N,1,M,M]`` mask probabilities, not yet pasted), keeping only scores >=
+        ``score_threshold``; float32 tensors on the CPU (``cpu=False``: on the model's device).
         """
         from torchvision.models.detection.image_list import ImageList
         from torchvision.models.detection.transform import resize_boxes
@@ -208,27 +207,28 @@ class Predictor:
         results = []
         for det, size, orig in zip(detections, sizes, original_sizes):
             keep = det["scores"] >= self.score_threshold
-            boxes = resize_boxes(det["boxes"][keep].float(), size, tuple(orig))
-            results.append({
-                "boxes": boxes.cpu(),
-                "labels": det["labels"][keep].cpu(),
-                "scores": det["scores"][keep].float().cpu(),
-                "masks": det["masks"][keep].float().cpu(),
-            })
+            out = {
+                "boxes": resize_boxes(det["boxes"][keep].float(), size, tuple(orig)),
+                "labels": det["labels"][keep],
+                "scores": det["scores"][keep].float(),
+                "masks": det["masks"][keep].float(),
+            }
+            results.append({k: v.cpu() for k, v in out.items()} if cpu else out)
         return results
 
     # ---- plain loop
 
     def predict(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """torchvision-style outputs for ``[3,H,W]`` images (uint8 or float [0,1]), each in its
-        input's frame, masks pasted (``[N,1,H,W]`` probabilities)."""
+        input's frame, masks pasted (``[N,1,H,W]`` probabilities), on the model's device, like
+        ``model(images)`` in eval mode."""
         from torchvision.models.detection.roi_heads import paste_masks_in_image
 
         floats = [_to_float(img) for img in images]
         sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in floats]
         min_size, max_size = model_sizes(self.model)  # read per call: TTA may rescale the transform
         resized = [resize_for_model(f, min_size, max_size) for f in floats]
-        outputs = self.forward_resized(resized, sizes)
+        outputs = self.forward_resized(resized, sizes, cpu=False)
         for out, size in zip(outputs, sizes):
             out["masks"] = paste_masks_in_image(out["masks"], out["boxes"], size)
         return outputs
@@ -241,7 +241,8 @@ class Predictor:
         return self.process_batch(batch)
 
     def process_batch(self, table: Any) -> Any:
-        """Ray Data stage: a decoded batch (``PREPROCESSED`` columns) -> ``PREDICTED`` columns.
+        """Ray Data stage: a decoded batch (columns of :func:`_preprocess`) -> the same keys,
+        ``height``/``width``, ``error`` and ``pred`` (the pickled :meth:`forward_resized` output).
 
         A batch that fails as a whole is retried image by image so one bad image costs only
         its own row an ``error``.
@@ -654,7 +655,10 @@ def run_inference(
                  for name, (uri, count) in pending.items() for begin in range(0, count, rows_per_task)]
         ds = ray.data.from_items(units, override_num_blocks=len(units))
         ds = ds.map_batches(_read_rows, batch_size=1, batch_format="pyarrow", fn_kwargs={"columns": READ_COLUMNS})
-        ds = ds.map_batches(_preprocess, batch_size=batch_size, batch_format="pyarrow",
+        # batch_size=None: decode the unit's rows in the task that read them. (An integer here
+        # would apply to the fused read's input, the units, and bundle several units per task:
+        # coarse tasks and an actor input bundle spanning shards, so commits only at the end.)
+        ds = ds.map_batches(_preprocess, batch_size=None, batch_format="pyarrow",
                             fn_kwargs={"min_size": min_size, "max_size": max_size, "max_pixels": max_pixels})
         with warnings.catch_warnings():
             # Ray 2.60 warns that **ray_remote_args are deprecated (removal planned for 2.64).
@@ -670,7 +674,7 @@ def run_inference(
                 # differ are not fused into the actor).
                 max_restarts=-1, max_task_retries=-1,
             )
-        ds = ds.map_batches(_postprocess, batch_size=batch_size, batch_format="pyarrow",
+        ds = ds.map_batches(_postprocess, batch_size=None, batch_format="pyarrow",
                             fn_kwargs={"category_ids": category_ids})
         _stream_and_commit(ds, pending, committed)
 
@@ -778,4 +782,6 @@ def write_coco_json(output_uri: str, shard_names: Sequence[str], json_uri: str) 
                 }))
                 count += 1
     storage.write_bytes(json_uri, ("[" + ",\n".join(parts) + "]\n").encode())
+    if not count:
+        logger.warning("%s holds no instances (pycocotools COCO.loadRes cannot load an empty list)", json_uri)
     return count

@@ -201,7 +201,7 @@ class Interrupt(Exception):
     pass
 
 
-def test_interrupted_run_resumes_without_recomputing(ray_local, tmp_path):
+def test_interrupted_run_resumes_without_recomputing(ray_local, tmp_path, capsys):
     data_uri, out_uri, ckpt = str(tmp_path / "data"), str(tmp_path / "out"), str(tmp_path / "ckpt.pt")
     tiny_checkpoint(ckpt)
     names = write_dataset(data_uri, [good_images(3), good_images(3, start=3), good_images(3, start=6)])
@@ -230,6 +230,14 @@ def test_interrupted_run_resumes_without_recomputing(ray_local, tmp_path):
     ids = [r["image_id"] for r in results(out_uri, data_uri)]
     assert sorted(ids) == sorted(names) and len(set(ids)) == len(ids)
 
-    again = run_inference(data_uri, out_uri, ckpt, batch_size=3, actors=1, score_threshold=1.0)
-    assert again.shards_skipped == 3 and again.images == 0
+    # the CLI on a finished output: nothing recomputed, the summary line, a (here empty) COCO JSON
+    from jobs import cli
+
+    coco_json = str(tmp_path / "all.json")
+    assert cli.module_main("infer", ["--checkpoint", ckpt, "--input", data_uri, "--output", out_uri,
+                                     "--coco-json", coco_json]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("images: 0  errors: 0  instances: 0  images/s: ") and "3 skipped" in line
+    assert json.load(open(coco_json)) == []
+    assert os.stat(done).st_mtime_ns == stamp
     assert inference.result_uri(out_uri, "part-00000.parquet") == os.path.join(out_uri, "part-00000.parquet")
