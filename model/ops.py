@@ -130,12 +130,14 @@ def _check_boxes(input: Tensor, boxes: Union[Tensor, list[Tensor]]) -> Tensor:
         raise RoIAlignInputError(f"roi_align: input must be a Tensor[N, C, H, W], got {got}")
     if not input.is_floating_point():
         raise RoIAlignInputError(f"roi_align: input must be floating point, got {_describe(input)}")
+    # under autocast the op casts input and boxes to float32 itself (as torchvision's does)
+    autocast = input.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(input.device.type)
     if isinstance(boxes, (list, tuple)):
         for i, b in enumerate(boxes):
             if not isinstance(b, Tensor) or b.dim() != 2 or b.size(1) != 4:
                 got = _describe(b) if isinstance(b, Tensor) else type(b).__name__
                 raise RoIAlignInputError(f"roi_align: boxes[{i}] must be a Tensor[L, 4] (x1, y1, x2, y2), got {got}")
-            if b.dtype != input.dtype or b.device != input.device:
+            if (b.dtype != input.dtype and not autocast) or b.device != input.device:
                 raise RoIAlignInputError(
                     f"roi_align: boxes[{i}] is {_describe(b)} but input is {_describe(input)}; "
                     "hint: boxes must have the input's dtype and device"
@@ -156,7 +158,7 @@ def _check_boxes(input: Tensor, boxes: Union[Tensor, list[Tensor]]) -> Tensor:
             f"roi_align: boxes must be a Tensor[K, 5] (batch index, x1, y1, x2, y2), got {_describe(boxes)}; "
             "hint: pass a list of Tensor[L, 4] for per-image boxes"
         )
-    if boxes.dtype != input.dtype or boxes.device != input.device:
+    if (boxes.dtype != input.dtype and not autocast) or boxes.device != input.device:
         raise RoIAlignInputError(
             f"roi_align: boxes is {_describe(boxes)} but input is {_describe(input)}; "
             "hint: boxes must have the input's dtype and device"
@@ -173,9 +175,11 @@ def _check_boxes(input: Tensor, boxes: Union[Tensor, list[Tensor]]) -> Tensor:
 
 def _roi_align(input: Tensor, rois: Tensor, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool):
     pooled_height, pooled_width = _pair(output_size)
-    return torch.ops.maskray.roi_align(
+    out = torch.ops.maskray.roi_align(
         input, rois, float(spatial_scale), int(pooled_height), int(pooled_width), int(sampling_ratio), bool(aligned)
     )
+    # Under autocast the op runs in float32; like torchvision, hand back the input's dtype.
+    return out if out.dtype == input.dtype else out.to(input.dtype)
 
 
 def roi_align(

@@ -341,3 +341,18 @@ def test_multiscale_inside_torchvision_roi_heads(gen):
         ref, _ = reference(features, proposals, [(128, 128)])
     for k in ("boxes", "scores", "labels"):
         torch.testing.assert_close(det[0][k], ref[0][k])
+
+
+def test_autocast_matches_torchvision(gen):
+    x = torch.randn(2, 3, 16, 16, generator=gen).bfloat16()
+    boxes = [torch.tensor([[1.0, 2.0, 20.0, 30.0]]), torch.tensor([[0.0, 0.0, 40.0, 40.0]])]  # float32 boxes
+    features = OrderedDict([("0", x), ("1", x[:, :, ::2, ::2])])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = ops.roi_align(x, boxes, 4, 0.5, 2, True)
+        theirs = torchvision.ops.roi_align(x, boxes, 4, 0.5, 2, True)
+        pooled = ops.MultiScaleRoIAlign(["0", "1"], 3, 2)(features, boxes, [(32, 32)] * 2)
+        pooled_tv = torchvision.ops.MultiScaleRoIAlign(["0", "1"], 3, 2)(features, boxes, [(32, 32)] * 2)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, theirs)
+    assert pooled.dtype == pooled_tv.dtype
+    torch.testing.assert_close(pooled, pooled_tv)
