@@ -80,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     from ray.util.queue import Queue
 
     verbose = bool(getattr(args, "verbose", False))
+    if not verbose:  # Ray Data sets up its own INFO logging on import
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     _init_ray(verbose)
     check_resources(config, ray.cluster_resources(), autoscaling=config.wait_for_resources)
     ray.data.DataContext.get_current().enable_progress_bars = False

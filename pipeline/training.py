@@ -197,8 +197,10 @@ def train_dataset(config: TrainConfig, plan: RunPlan):
     fn = DecodeAugment([int(c["id"]) for c in plan.categories], config.augment.hflip_prob,
                        tuple(config.augment.scale_jitter))
     ds = read_shards(config.data.train, columns=TRAIN_COLUMNS)
-    limit = {"concurrency": config.data.decode_tasks} if config.data.decode_tasks else {}
-    return ds.map(fn, num_cpus=config.data.decode_cpus, **limit)
+    import ray.data
+
+    pool = ray.data.TaskPoolStrategy(size=config.data.decode_tasks or None)
+    return ds.map(fn, num_cpus=config.data.decode_cpus, compute=pool)
 
 
 # --------------------------------------------------------------------------- worker side

@@ -8,21 +8,46 @@ import signal
 import threading
 import time
 
-import psutil
 import pytest
 import torch
 
 from train_support import make_shapes_dataset, run_uri, tiny_config, write_config
 
 
-def train_workers() -> list[psutil.Process]:
-    """Live Ray Train worker processes on this machine (their title is ``ray::RayTrainWorker...``)."""
+def train_workers(ray_pids: set[int]) -> list[int]:
+    """Pids of live Ray Train workers of this test's Ray (process title ``ray::RayTrainWorker...``)."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info.get("cmdline") or [])
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) not in ray_pids:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
         if cmd.startswith("ray::RayTrainWorker"):
-            found.append(proc)
+            found.append(int(entry))
     return found
+
+
+def descendants(pid: int) -> set[int]:
+    """All processes below ``pid`` (from /proc/*/stat parent links)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
 
 
 def run_in_thread(path: str) -> tuple[threading.Thread, dict]:
@@ -58,13 +83,12 @@ def test_worker_sigkill_recovers_from_last_checkpoint(ray_local, tmp_path, caplo
                          max_failures=2, **{"schedule.max_iters": 12})
     path = write_config(tmp_path / "train.yaml", config)
     run = run_uri(config)
-    # our own processes before training: the ones to kill can only be new ones
     thread, outcome = run_in_thread(path)
     wait_for(lambda: os.path.exists(os.path.join(run, "checkpoint_0000004", "model.pt")), 240,
              "the checkpoint of iteration 4")
-    workers = wait_for(train_workers, 30, "Ray Train worker processes")
-    victim = workers[-1]
-    os.kill(victim.pid, signal.SIGKILL)
+    # only this test's Ray: processes below this pytest process (the raylet and its workers)
+    workers = wait_for(lambda: train_workers(descendants(os.getpid())), 30, "Ray Train worker processes")
+    os.kill(workers[-1], signal.SIGKILL)
     thread.join(timeout=300)
     assert not thread.is_alive(), "training did not finish after the worker was killed"
     assert "error" not in outcome, outcome.get("error")

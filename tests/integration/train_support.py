@@ -73,7 +73,7 @@ def tiny_config(train: str, val: str, storage_path: str, name: str, **overrides)
                               "box_batch_size_per_image": 32, "rpn_pre_nms_top_n_train": 200,
                               "rpn_post_nms_top_n_train": 100, "rpn_pre_nms_top_n_test": 100,
                               "rpn_post_nms_top_n_test": 50}},
-        "optim": {"base_lr": 0.01, "reference_batch": 4},
+        "optim": {"base_lr": 0.002, "reference_batch": 4, "grad_clip": 1.0},
         "schedule": {"max_iters": 6, "warmup_iters": 2},
         "augment": {"hflip_prob": 0.5},
         "checkpoint": {"every": 2, "keep": 2},

@@ -91,3 +91,45 @@ def test_console_lines_are_one_readable_line():
     assert line == "iter 120/600  epoch 0.80  loss 0.910 (cls 0.21 box 0.30 mask 0.33 rpn 0.07)  lr 0.0200  12.3 img/s"
     ev = format_eval_line(600, {"bbox": {"AP": 0.5, "AP50": 0.8}, "segm": {"AP": None, "AP50": 0.7}}, 100, 3.0)
     assert ev == "eval iter 600: bbox AP 0.500 AP50 0.800 | segm AP nan AP50 0.700  (100 images, 3.0 s)"
+
+
+def write_dataset(root, categories, images):
+    from pipeline.format import Manifest, ShardInfo, manifest_uri, write_manifest
+
+    shards = [ShardInfo(path="part-00000.parquet", images=images, instances=images)]
+    write_manifest(manifest_uri(str(root)), Manifest(categories=categories, shards=shards))
+    return str(root)
+
+
+CATS = [{"id": 3, "name": "circle"}, {"id": 7, "name": "square"}]
+
+
+def test_plan_takes_classes_from_the_train_manifest(tmp_path):
+    from pipeline.training import plan_run
+
+    train = write_dataset(tmp_path / "train", CATS, 40)
+    val = write_dataset(tmp_path / "val", CATS, 10)
+    cfg = config(num_workers=2, images_per_worker=2, storage_path=str(tmp_path / "runs"), name="r",
+                 data={"train": train, "val": val}, model={"backbone": "resnet18"},
+                 schedule={"epochs": 3, "max_iters": 0, "warmup_iters": 1})
+    plan = plan_run(cfg)
+    assert plan.categories == CATS and plan.train_images == 40 and plan.val_images == 10
+    assert plan.total_iters == 30  # 3 epochs x 40 images / global batch 4
+    assert plan.run_uri == str(tmp_path / "runs" / "r")
+    from pipeline.training import model_config_for
+
+    mc = model_config_for(cfg, plan.categories)
+    assert mc.num_classes == 3 and mc.category_ids() == [3, 7]  # label i = categories[i - 1]
+
+
+def test_plan_errors_name_the_data_key(tmp_path):
+    from pipeline.training import plan_run
+
+    train = write_dataset(tmp_path / "train", CATS, 3)
+    with pytest.raises(ConfigError, match=r"data\.train=.*nowhere"):
+        plan_run(config(data={"train": str(tmp_path / "nowhere")}))
+    with pytest.raises(ConfigError, match=r"3 images give each of 2 workers 1 per epoch, fewer than images_per_worker=2"):
+        plan_run(config(num_workers=2, images_per_worker=2, data={"train": train}))
+    other = write_dataset(tmp_path / "val", [{"id": 1, "name": "x"}], 5)
+    with pytest.raises(ConfigError, match=r"data\.val=.*categories \[1\] differ"):
+        plan_run(config(num_workers=1, images_per_worker=1, data={"train": train, "val": other}))
