@@ -4,7 +4,10 @@
 with ``torch.utils.cpp_extension.load`` (ninja) into a cache folder keyed by the torch
 version and a hash of the sources and flags:
 
-    $MASKRAY_OPS_DIR (default ~/.cache/maskray/ops) / <torch version>-<hash> / maskray_ops.so
+    $MASKRAY_OPS_DIR (default ~/.cache/maskray/ops) / <torch version>-<hash>-<variant> / maskray_ops.so
+
+where <variant> is ``cpu`` or e.g. ``cuda-sm80-sm90``. A process without a GPU can load any
+variant (CUDA builds hold the CPU kernels too), so one image-built CUDA library serves all.
 
 ``model.ops`` calls :func:`load`, which loads that library, building it first (JIT, with a
 log line) when it is missing. CUDA sources are compiled only when a GPU is visible and
@@ -84,17 +87,29 @@ def torch_version_tag() -> str:
     return torch.__version__
 
 
-def build_dir(with_cuda: bool, arch: list[str] | None) -> Path:
-    """The cache folder for this torch version, these sources and these flags."""
+def _variant(with_cuda: bool, arch: list[str] | None) -> str:
+    """'cpu', or 'cuda-sm80-sm90' for the compute capabilities compiled in."""
+    if not with_cuda:
+        return "cpu"
+    return "cuda-" + "-".join("sm" + a.replace(".", "") for a in sorted(arch or []))
+
+
+def _digest() -> str:
+    """Hash of all sources, flags, CUDA and Python versions (not of the variant)."""
     import torch
 
     h = hashlib.sha256()
-    files = CPP_SOURCES + HEADERS + (CUDA_SOURCES if with_cuda else [])
-    for name in files:
+    for name in CPP_SOURCES + HEADERS + CUDA_SOURCES:
         h.update(name.encode())
         h.update((SOURCE_DIR / name).read_bytes())
-    h.update(repr((CFLAGS, LDFLAGS, NVCC_FLAGS, with_cuda, arch, torch.version.cuda, sys.version_info[:2])).encode())
-    return cache_root() / f"{torch_version_tag()}-{h.hexdigest()[:16]}"
+    h.update(repr((CFLAGS, LDFLAGS, NVCC_FLAGS, torch.version.cuda, sys.version_info[:2])).encode())
+    return h.hexdigest()[:16]
+
+
+def build_dir(with_cuda: bool, arch: list[str] | None) -> Path:
+    """The cache folder for this torch version, these sources and flags, and this variant:
+    ``<cache root>/<torch version>-<hash>-<cpu | cuda-sm80-sm90>``."""
+    return cache_root() / f"{torch_version_tag()}-{_digest()}-{_variant(with_cuda, arch)}"
 
 
 def library_path(with_cuda: bool | None = None, arch: list[str] | None = None) -> Path:
@@ -103,6 +118,20 @@ def library_path(with_cuda: bool | None = None, arch: list[str] | None = None) -
     if with_cuda and arch is None:
         arch = default_arch_list()
     return build_dir(with_cuda, arch) / f"{NAME}.so"
+
+
+def _compatible_library(with_cuda: bool, arch: list[str] | None) -> Path | None:
+    """An already-built variant that serves this process: any variant when only the CPU
+    kernels are needed (a CUDA build holds them too, e.g. a CPU-only worker on a GPU node),
+    else a CUDA build covering every wanted compute capability."""
+    want = {"sm" + a.replace(".", "") for a in (arch or [])}
+    for path in sorted(cache_root().glob(f"{torch_version_tag()}-{_digest()}-*/{NAME}.so")):
+        variant = path.parent.name.rsplit("-" + _digest() + "-", 1)[-1]
+        if not with_cuda:
+            return path
+        if variant.startswith("cuda-") and want <= set(variant.split("-")[1:]):
+            return path
+    return None
 
 
 def build(with_cuda: bool | None = None, arch: list[str] | None = None, verbose: bool = False) -> Path:
@@ -218,10 +247,14 @@ def load() -> Path:
         return _loaded
     import torch
 
-    path = library_path()
+    with_cuda = cuda_wanted()
+    arch = default_arch_list() if with_cuda else None
+    path = library_path(with_cuda, arch)
+    if not path.exists():
+        path = _compatible_library(with_cuda, arch) or path
     if not path.exists():
         log.warning("RoIAlign op not built yet for this environment: compiling it now (once; cached in %s)", path.parent)
-        path = build()
+        path = build(with_cuda, arch)
     else:
         try:
             torch.ops.load_library(str(path))
@@ -230,7 +263,7 @@ def load() -> Path:
             # build() waits on cpp_extension's lock in the folder, is a no-op when up to date,
             # and loads the result.
             try:
-                path = build()
+                path = build(with_cuda, arch)
             except MaskrayError as exc:
                 raise MaskrayError(
                     f"cannot load the RoIAlign op {path} ({exc}). Hint: delete {path.parent} and run "

@@ -49,3 +49,15 @@ def test_cuda_build_without_nvcc_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(build, "cuda_home", lambda: None)
     with pytest.raises(MaskrayError, match="nvcc not found"):
         build.build(with_cuda=True, arch=["9.0"])
+
+
+def test_cpu_process_can_use_a_cuda_build(monkeypatch, tmp_path):
+    monkeypatch.setenv("MASKRAY_OPS_DIR", str(tmp_path))
+    assert build._compatible_library(False, None) is None
+    cuda = build.build_dir(True, ["8.0", "9.0"])
+    cuda.mkdir(parents=True)
+    (cuda / f"{build.NAME}.so").write_bytes(b"")
+    assert cuda.name.endswith("-cuda-sm80-sm90")
+    assert build._compatible_library(False, None) == cuda / f"{build.NAME}.so"
+    assert build._compatible_library(True, ["9.0"]) == cuda / f"{build.NAME}.so"
+    assert build._compatible_library(True, ["10.0"]) is None
