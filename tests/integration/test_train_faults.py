@@ -98,7 +98,9 @@ def test_worker_sigkill_recovers_from_last_checkpoint(ray_local, tmp_path, caplo
     resumed = [line for line in lines if line.startswith("resumed from")]
     assert resumed, lines
     at = int(resumed[-1].rsplit(" ", 1)[1])
-    assert 4 <= at < 12
+    # the last checkpoint Ray Train had registered when the worker died (4's files may exist
+    # before its report completes): never iteration 0, always a checkpoint boundary
+    assert at in (2, 4, 6, 8, 10), resumed
     final = json.loads(open(os.path.join(run, "final_metrics.json")).read())
     assert final["iteration"] == 12
     state = torch.load(os.path.join(run, "checkpoint_0000012", "train_state.pt"), weights_only=True)
