@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         total_mb = sum(s.bytes for s in manifest.shards) / 1e6
         print(f"dataset: {manifest.num_images} rows, {len(manifest.shards)} shards, "
               f"{total_mb:.1f} MB on SeaweedFS ({time.perf_counter() - t0:.1f} s to write)")
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
         try:
             from ray.data import DataContext
 

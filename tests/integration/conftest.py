@@ -191,6 +191,38 @@ def s3():
         server.stop()
 
 
+def init_local_ray(ray, attempts: int = 3, **kwargs) -> None:
+    """A fresh local ``ray.init(num_cpus=2)``, retried: on a saturated machine the raylet can
+    miss Ray's fixed 30 s registration window ("The current node timed out during startup")."""
+    # address="local": always a fresh instance, never a cluster someone else started with
+    # `ray start` on this machine (ray.init() would otherwise attach to it)
+    options = dict(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                   configure_logging=False)
+    options.update(kwargs)
+    import psutil
+
+    me = psutil.Process()
+    for attempt in range(1, attempts + 1):
+        before = {p.pid for p in me.children(recursive=True)}
+        try:
+            ray.init(**options)
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception here
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise
+            ray.shutdown()
+            # the failed attempt's GCS/raylet/reaper are our children: stop exactly those
+            leftovers = [p for p in me.children(recursive=True) if p.pid not in before]
+            for proc in leftovers:
+                with contextlib.suppress(psutil.Error):
+                    proc.terminate()
+            _, alive = psutil.wait_procs(leftovers, timeout=10)
+            for proc in alive:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+            time.sleep(2)
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray instance (2 CPUs) for one test module; shut down afterwards."""
@@ -198,8 +230,7 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, ignore_reinit_error=True)
+    init_local_ray(ray)
     try:
         yield ray
     finally:
