@@ -275,6 +275,7 @@ at::Tensor roi_align_forward_cpu(
   at::Tensor output = at::empty(
       {rois.size(0), input.size(1), pooled_height, pooled_width}, input.options());
   if (output.numel() == 0) return output;
+  if (input.size(2) == 0 || input.size(3) == 0) return output.zero_();  // nothing to sample
   const at::Tensor in = input.contiguous();
   const at::Tensor r = rois.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "maskray_roi_align_cpu", [&] {

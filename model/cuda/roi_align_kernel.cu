@@ -354,6 +354,7 @@ at::Tensor roi_align_forward_cuda(
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::Tensor output = at::empty({rois.size(0), input.size(1), pooled_height, pooled_width}, input.options());
   if (output.numel() == 0) return output;
+  if (input.size(2) == 0 || input.size(3) == 0) return output.zero_();  // nothing to sample
   const at::Tensor in = input.contiguous();
   const at::Tensor r = rois.contiguous();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -151,6 +151,14 @@ def test_zero_rois():
     assert ops.roi_align(x, [torch.zeros(0, 4), torch.zeros(0, 4)], 5).shape == (0, 3, 5, 5)
 
 
+def test_empty_feature_map_gives_zeros():
+    x = torch.randn(1, 2, 0, 5, requires_grad=True)
+    out = ops.roi_align(x, torch.tensor([[0, 0.0, 0.0, 3.0, 3.0]]), 2)
+    assert out.shape == (1, 2, 2, 2) and not out.any()
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
 def test_empty_and_outside_boxes_give_zeros():
     x = torch.randn(1, 2, 8, 8) + 10.0
     rois = torch.tensor([[0, 3.0, 3.0, 3.0, 3.0], [0, 20.0, 20.0, 30.0, 30.0], [0, -9.0, -9.0, -2.0, -2.0]])
