@@ -42,8 +42,12 @@ def _init_ray(verbose: bool) -> None:
 
     if ray.is_initialized():
         return
-    ray.init(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR,
-             include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None)
+    # a Ray job (RAY_ADDRESS set by the job supervisor, or by the user: RAY_ADDRESS=auto joins a
+    # `ray start` cluster) runs on that cluster; otherwise a private local instance, never
+    # whichever other Ray happens to run on this machine
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR,
+             include_dashboard=False if address == "local" else None)
 
 
 def _failure_message(exc: BaseException) -> str:

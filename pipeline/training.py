@@ -314,12 +314,12 @@ def _evaluate(model: torch.nn.Module, config: TrainConfig, plan: RunPlan, device
     return metrics, min(plan.val_images, limit or plan.val_images)
 
 
-def _flat_eval(metrics: dict) -> dict[str, float]:
+def _flat_eval(metrics: dict) -> dict[str, float | None]:
     out = {}
     for kind in ("bbox", "segm"):
         for k, v in (metrics.get(kind) or {}).items():
-            if isinstance(v, (int, float)):
-                out[f"{kind}_{k}"] = float(v)
+            if v is None or isinstance(v, (int, float)):  # None: undefined (no such objects), as maskray eval
+                out[f"{kind}_{k}"] = None if v is None else float(v)
     return out
 
 
@@ -474,7 +474,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 flat = _flat_eval(result)
                 metrics.update(flat)
                 console(format_eval_line(it, result, n_images, time.perf_counter() - t_eval))
-                tb.scalars({f"eval/{k}": v for k, v in flat.items()}, it)
+                tb.scalars({f"eval/{k}": v for k, v in flat.items() if v is not None}, it)
             report(metrics, bool(ckpt_now))
             meters, count, images_interval = {}, 0, 0
             t_interval = time.perf_counter()
