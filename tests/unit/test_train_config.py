@@ -121,3 +121,19 @@ def test_coco_1x_is_the_standard_schedule():
     assert config.global_batch == 16 and config.lr == pytest.approx(0.02)
     assert config.schedule.max_iters == 90000 and config.schedule.steps == [60000, 80000]
     assert config.model.min_size == 800 and config.model.backbone == "resnet50"
+
+
+def test_job_arguments_and_config_errors_before_ray(tmp_path):
+    import argparse
+
+    from jobs import train
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    args = parser.parse_args(["--config", "c.yaml", "--set", "a.b=1", "--set", "name=x"])
+    assert args.config == "c.yaml" and args.overrides == ["a.b=1", "name=x"]
+    args.verbose = False
+    args.config = write(tmp_path, MINIMAL)
+    args.overrides = ["optim.momentum=2"]
+    with pytest.raises(ConfigError, match=r"optim\.momentum: 2\.0 is outside \[0, 1\)"):
+        train.run(args)  # fails while loading the config: Ray is never imported for this
