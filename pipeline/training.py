@@ -362,11 +362,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(config.seed)
 
     model_config = model_config_for(config, plan.categories)
-    model = build_from_config(model_config)
+    device = ray.train.torch.get_device()
+    model = build_from_config(model_config).to(device)  # before the optimizer: its state follows the params
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=plan.lr, momentum=config.optim.momentum,
                                 weight_decay=config.optim.weight_decay)
-    device = ray.train.torch.get_device()
     use_cuda = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if (config.optim.amp and use_cuda) else None
     amp_dtype = torch.float16 if use_cuda else torch.bfloat16
