@@ -171,6 +171,25 @@ class Predictor:
             self.category_ids = list(range(1, num_classes))
 
     @property
+    def min_size(self) -> int:
+        """The resize target of the shorter side (the detector's eval ``min_size``); settable, so
+        TTA can rescale it (``pipeline.pseudo``), and read by :meth:`predict` on every call."""
+        return model_sizes(self.model)[0]
+
+    @min_size.setter
+    def min_size(self, value: int) -> None:
+        self.model.transform.min_size = (int(value),)
+
+    @property
+    def max_size(self) -> int:
+        """The cap on the longer side (the detector's ``max_size``); settable like ``min_size``."""
+        return model_sizes(self.model)[1]
+
+    @max_size.setter
+    def max_size(self, value: int) -> None:
+        self.model.transform.max_size = int(value)
+
+    @property
     def transform(self) -> torch.nn.Module:
         """The detector's GeneralizedRCNNTransform (so TTA code that rescales ``min_size`` /
         ``max_size`` of ``model.transform`` works on a Predictor too)."""
@@ -226,7 +245,7 @@ class Predictor:
 
         floats = [_to_float(img) for img in images]
         sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in floats]
-        min_size, max_size = model_sizes(self.model)  # read per call: TTA may rescale the transform
+        min_size, max_size = self.min_size, self.max_size  # read per call: TTA may rescale them
         resized = [resize_for_model(f, min_size, max_size) for f in floats]
         outputs = self.forward_resized(resized, sizes, cpu=False)
         for out, size in zip(outputs, sizes):

@@ -281,3 +281,17 @@ def test_job_arguments():
     args.batch_size = 0
     with pytest.raises(MaskrayError, match="--batch-size"):
         infer.run(args)
+
+
+def test_tta_can_rescale_the_predictor(tiny):
+    from pipeline.pseudo import _model_scale
+
+    model, config = tiny
+    predictor = Predictor(model=model, config=config)
+    assert (predictor.min_size, predictor.max_size) == (SIZE, 96)
+    image = images(1)[0]
+    with _model_scale(predictor, 0.5):
+        assert (predictor.min_size, predictor.max_size) == (32, 48)
+        half = predictor.predict([image])[0]
+    assert (predictor.min_size, predictor.max_size) == (SIZE, 96)
+    assert half["masks"].shape[-2:] == image.shape[-2:]  # still in the input's frame
