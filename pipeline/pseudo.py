@@ -463,8 +463,8 @@ def label_candidates(unlabeled_uri: str, out_uri: str, teacher: str, tta: TTACon
     ds = read_shards(unlabeled_uri, columns=INPUT_COLUMNS)
     ds = ds.map_batches(TTALabeler, fn_constructor_kwargs={"checkpoint_uri": teacher,
                                                            "tta": dataclasses.asdict(tta), "threads": threads},
-                        batch_size=batch_size, batch_format="pyarrow", concurrency=actors,
-                        num_cpus=cpus_per_actor)
+                        batch_size=batch_size, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor)
     with ShardWriter(out_uri, images_per_shard=images_per_shard) as writer:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for row in batch.to_pylist():
