@@ -95,7 +95,11 @@ def run(args: argparse.Namespace) -> int:
         storage_kwargs = {"storage_path": base, "storage_filesystem": fs}
     else:
         storage_kwargs = {"storage_path": os.path.abspath(config.storage_path)}
-    progress = Queue(actor_options={"num_cpus": 0})
+    # the console relay lives on the driver's node: it must outlive any worker node
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "plan": plan.to_dict(), "progress": progress},
