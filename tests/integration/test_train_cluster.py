@@ -30,6 +30,7 @@ def two_nodes():
         cluster.shutdown()
 
 
+@pytest.mark.slow
 def test_node_removed_mid_run_finishes_with_max_failures(two_nodes, tmp_path, caplog):
     from jobs import train
 

@@ -76,6 +76,7 @@ def wait_for(predicate, timeout: float, what: str):
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+@pytest.mark.slow
 def test_worker_sigkill_recovers_from_last_checkpoint(ray_local, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="jobs.train")
     make_shapes_dataset(str(tmp_path / "train"), images=16, seed=0)

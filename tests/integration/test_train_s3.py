@@ -27,6 +27,7 @@ def run_train(path: str, *overrides: str) -> int:
     return train.run(argparse.Namespace(config=path, overrides=list(overrides), verbose=False))
 
 
+@pytest.mark.slow
 def test_two_workers_checkpoint_to_s3_and_resume_by_name(ray_local, s3_data, tmp_path, caplog, capsys):
     caplog.set_level(logging.INFO, logger="jobs.train")
     config = tiny_config(f"{s3_data}/train", f"{s3_data}/val", f"{s3_data}/runs", "resume",
