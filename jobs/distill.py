@@ -74,6 +74,9 @@ class DistillSteps:
         from pipeline.distill import write_mixed_dataset
 
         c = self.config
+        if c.teacher:  # a given round-0 teacher is only evaluated (the eval step loads it)
+            logger.info("round 0: teacher given: %s", c.teacher)
+            return c.teacher
         data = storage.join(out, "data")
         train_config = c.train_config(data, "run", out)
         rows, _ = write_mixed_dataset(c.data.labeled, None, data, ratio=1.0, seed=train_config.seed,

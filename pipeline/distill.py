@@ -8,6 +8,7 @@ A distill config is a YAML mapping::
     min_gain: 0.0                    # stop after a round whose student gains < this many mask AP points
     prepare: {enabled: true, size: 64, labeled: 40, unlabeled: 360, val: 100, seed: 0, ...}
     data: {labeled: URI, unlabeled: URI, val: URI, val_max_images: 0}   # default: <work_dir>/data/*
+    teacher: URI                     # optional: an existing checkpoint as round 0's teacher (no training)
     train: {...}                     # a `maskray train` config (pipeline.config.TrainConfig) without
                                      # data.train/val, name, storage_path: the distill job fills them
     student: {mix_ratio: 0.5, overrides: {schedule.max_iters: 800}}
@@ -111,6 +112,7 @@ class DistillConfig:
     thresholds: ThresholdConfig = field(default_factory=ThresholdConfig)
     inference: InferenceSection = field(default_factory=InferenceSection)
     eval_threads: int = 0
+    teacher: str = ""  # a checkpoint URI: round 0 evaluates it instead of training a teacher
 
     def __post_init__(self) -> None:
         from pipeline import storage
@@ -175,7 +177,7 @@ def distill_config_from_dict(data: Any, *, source: str = "config") -> DistillCon
         raise DistillConfigError(f"{source}: expected a mapping at the top level")
     sections = {"prepare": PrepareConfig, "data": DataSection, "student": StudentConfig, "tta": TTAConfig,
                 "thresholds": ThresholdConfig, "inference": InferenceSection}
-    top = {"work_dir", "train", "rounds", "min_gain", "eval_threads", *sections}
+    top = {"work_dir", "train", "rounds", "min_gain", "eval_threads", "teacher", *sections}
     unknown = sorted(set(data) - top)
     if unknown:
         raise DistillConfigError(f"{source}: unknown key {unknown[0]} (known keys: {', '.join(sorted(top))})")
@@ -187,7 +189,7 @@ def distill_config_from_dict(data: Any, *, source: str = "config") -> DistillCon
     try:
         return DistillConfig(work_dir=str(data["work_dir"]), train=data["train"], rounds=int(data.get("rounds", 1)),
                              min_gain=float(data.get("min_gain", 0.0)), eval_threads=int(data.get("eval_threads", 0)),
-                             **kwargs)
+                             teacher=str(data.get("teacher") or ""), **kwargs)
     except DistillConfigError as exc:
         raise DistillConfigError(f"{source}: {exc}") from None
 
