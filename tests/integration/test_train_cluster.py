@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from train_support import make_shapes_dataset, run_uri, tiny_config, write_config
+from train_support import checkpoint_registered, make_shapes_dataset, run_uri, tiny_config, write_config
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def test_node_removed_mid_run_finishes_with_max_failures(two_nodes, tmp_path, ca
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     deadline = time.monotonic() + 240
-    while not os.path.exists(os.path.join(run, "checkpoint_0000002", "model.pt")):
+    while not checkpoint_registered(run, "checkpoint_0000002"):
         assert thread.is_alive(), outcome
         assert time.monotonic() < deadline, "no checkpoint before the node removal"
         time.sleep(0.2)

@@ -98,3 +98,13 @@ def write_config(path, config: dict) -> str:
 
 def run_uri(config: dict) -> str:
     return storage.join(config["storage_path"], config["name"])
+
+
+def checkpoint_registered(run_dir: str, name: str) -> bool:
+    """Whether Ray Train has registered checkpoint ``name`` of a local run (its files can exist earlier)."""
+    path = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
+    try:
+        with open(path) as f:
+            return name in f.read()
+    except OSError:
+        return False
