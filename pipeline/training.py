@@ -196,7 +196,9 @@ def train_dataset(config: TrainConfig, plan: RunPlan):
 
     fn = DecodeAugment([int(c["id"]) for c in plan.categories], config.augment.hflip_prob,
                        tuple(config.augment.scale_jitter))
-    ds = read_shards(config.data.train, columns=TRAIN_COLUMNS)
+    # read tasks take the decode share too: Ray's default of 1 CPU per read task never fits
+    # beside workers that hold all but a fraction of a small node's CPUs (the stream stalls)
+    ds = read_shards(config.data.train, columns=TRAIN_COLUMNS, num_cpus=config.data.decode_cpus)
     import ray.data
 
     pool = ray.data.TaskPoolStrategy(size=config.data.decode_tasks or None)
