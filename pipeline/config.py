@@ -382,8 +382,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config (local path or URI), apply ``--set`` overrides, validate."""
+def read_yaml_config(path: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A YAML config file (local path or URI) as a mapping, with ``--set`` overrides applied."""
     import yaml
 
     try:
@@ -407,8 +407,10 @@ def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(data).__name__}")
-    source = path
-    if overrides:
-        data = apply_overrides(data, overrides)
-        source = f"{path} (with --set)"
-    return TrainConfig.from_dict(data, source=source)
+    return apply_overrides(data, overrides) if overrides else data
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (local path or URI), apply ``--set`` overrides, validate."""
+    data = read_yaml_config(path, overrides)
+    return TrainConfig.from_dict(data, source=f"{path} (with --set)" if overrides else path)

@@ -196,24 +196,13 @@ def distill_config_from_dict(data: Any, *, source: str = "config") -> DistillCon
 
 def load_distill_config(path: str, overrides: list[str] | None = None) -> DistillConfig:
     """Read a YAML distill config (local path or URI) and apply ``--set a.b=value`` overrides."""
-    import yaml
-
-    from pipeline.config import apply_overrides
+    from pipeline.config import ConfigError, read_yaml_config
 
     try:
-        if "://" in path:
-            from pipeline import storage
-
-            text = storage.read_bytes(path).decode("utf-8")
-        else:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        data = yaml.safe_load(text) or {}
-    except FileNotFoundError:
-        raise DistillConfigError(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise DistillConfigError(f"config file {path} cannot be read: {' '.join(str(exc).split())}") from None
-    return distill_config_from_dict(apply_overrides(data, list(overrides or [])), source=path)
+        data = read_yaml_config(path, list(overrides or []))
+    except ConfigError as exc:
+        raise DistillConfigError(str(exc)) from None
+    return distill_config_from_dict(data, source=path)
 
 
 # --------------------------------------------------------------------------- data
