@@ -309,5 +309,5 @@ def synthesize(out: str, *, images: int, seed: int = 0, size: int = 128,
     storage.write_bytes(ann_uri, json.dumps(coco).encode())
     summary = SynthSummary(out=str(out), annotations_uri=ann_uri, images=images,
                            instances=len(coco_anns), unlabeled=unlabeled, **counts)
-    log.info("%s", summary)
+    log.debug("%s", summary)  # the synth job prints it
     return summary
