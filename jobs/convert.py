@@ -26,13 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_shard_arguments(parser)
 
 
+def shard_options(args: argparse.Namespace) -> dict:
+    """The writer keyword arguments of ``add_shard_arguments``' flags."""
+    return {"images_per_shard": args.images_per_shard, "max_shard_bytes": int(args.max_shard_mb * 1024 * 1024),
+            "row_group_size": args.row_group_size, "workers": args.workers}
+
+
 def run(args: argparse.Namespace) -> int:
     from pipeline.convert import convert_coco
 
-    report = convert_coco(args.coco, args.images, args.out,
-                          images_per_shard=args.images_per_shard,
-                          max_shard_bytes=int(args.max_shard_mb * 1024 * 1024),
-                          row_group_size=args.row_group_size, workers=args.workers)
+    report = convert_coco(args.coco, args.images, args.out, **shard_options(args))
     print(report.summary())
     return 0
 

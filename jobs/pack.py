@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.convert import add_shard_arguments
+from jobs.convert import add_shard_arguments, shard_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,9 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     categories = categories_from(args.categories_from) if args.categories_from else None
     report = pack_images(args.images, args.out, first_id=args.first_id, categories=categories,
-                         images_per_shard=args.images_per_shard,
-                         max_shard_bytes=int(args.max_shard_mb * 1024 * 1024),
-                         row_group_size=args.row_group_size, workers=args.workers)
+                         **shard_options(args))
     print(report.summary())
     return 0
 
