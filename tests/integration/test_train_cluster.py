@@ -1,15 +1,14 @@
 """Two simulated nodes (ray.cluster_utils.Cluster): removing the node of one worker mid-run is survived."""
 
-import argparse
 import json
 import logging
 import os
-import threading
 import time
 
 import pytest
 
-from train_support import checkpoint_registered, make_shapes_dataset, run_uri, tiny_config, write_config
+from train_support import (checkpoint_registered, make_shapes_dataset, run_in_thread, run_uri, tiny_config,
+                           write_config)
 
 
 @pytest.fixture
@@ -32,8 +31,6 @@ def two_nodes():
 
 @pytest.mark.slow
 def test_node_removed_mid_run_finishes_with_max_failures(two_nodes, tmp_path, caplog):
-    from jobs import train
-
     cluster, worker_node = two_nodes
     caplog.set_level(logging.INFO, logger="jobs.train")
     make_shapes_dataset(str(tmp_path / "train"), images=16, seed=0)
@@ -42,16 +39,7 @@ def test_node_removed_mid_run_finishes_with_max_failures(two_nodes, tmp_path, ca
                          placement_strategy="SPREAD", **{"schedule.max_iters": 10})
     path = write_config(tmp_path / "train.yaml", config)
     run = run_uri(config)
-    outcome: dict = {}
-
-    def target():
-        try:
-            outcome["rc"] = train.run(argparse.Namespace(config=path, overrides=[], verbose=False))
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
+    thread, outcome = run_in_thread(path)
     deadline = time.monotonic() + 240
     while not checkpoint_registered(run, "checkpoint_0000002"):
         assert thread.is_alive(), outcome

@@ -1,17 +1,16 @@
 """A Ray Train worker SIGKILLed mid-run: the group restarts from the last checkpoint and ends exactly at max_iters."""
 
-import argparse
 import json
 import logging
 import os
 import signal
-import threading
 import time
 
 import pytest
 import torch
 
-from train_support import checkpoint_registered, make_shapes_dataset, run_uri, tiny_config, write_config
+from train_support import (checkpoint_registered, make_shapes_dataset, run_in_thread, run_uri, tiny_config,
+                           write_config)
 
 
 def train_workers(ray_pids: set[int]) -> list[int]:
@@ -48,22 +47,6 @@ def descendants(pid: int) -> set[int]:
                 out.add(child)
                 todo.append(child)
     return out
-
-
-def run_in_thread(path: str) -> tuple[threading.Thread, dict]:
-    from jobs import train
-
-    outcome: dict = {}
-
-    def target():
-        try:
-            outcome["rc"] = train.run(argparse.Namespace(config=path, overrides=[], verbose=False))
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, outcome
 
 
 def wait_for(predicate, timeout: float, what: str):

@@ -7,7 +7,9 @@ nor files on disk outside the dataset URI.
 
 from __future__ import annotations
 
+import argparse
 import os
+import threading
 
 from pipeline import storage
 
@@ -108,3 +110,20 @@ def checkpoint_registered(run_dir: str, name: str) -> bool:
             return name in f.read()
     except OSError:
         return False
+
+
+def run_in_thread(path: str) -> tuple[threading.Thread, dict]:
+    """`maskray train --config PATH` in a thread; the dict gets "rc" or "error" when it ends."""
+    from jobs import train
+
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["rc"] = train.run(argparse.Namespace(config=path, overrides=[], verbose=False))
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
