@@ -25,6 +25,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import misc as misc_nn_ops
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from model import ops
 from model.errors import MaskrayError
@@ -63,8 +64,9 @@ def build_backbone(
     trainable_layers: int = 5,
     norm: str = "bn",
     fpn_norm: str | None = None,
+    fpn_channels: int = 256,
 ) -> BackboneWithFPN:
-    """A randomly initialised ResNet with an FPN on top (levels "0".."3" and "pool", 256 channels).
+    """A randomly initialised ResNet with an FPN on top (levels "0".."3" and "pool", ``fpn_channels`` each).
 
     ``norm`` normalises the ResNet body, ``fpn_norm`` the FPN convolutions (None: plain convs,
     as torchvision v1; "bn": as torchvision v2). ``trainable_layers`` (0..5) counts the ResNet
@@ -74,8 +76,17 @@ def build_backbone(
         raise MaskrayError(f"model backbone {backbone!r} is not one of {', '.join(BACKBONES)}")
     if not 0 <= trainable_layers <= 5:
         raise MaskrayError(f"model trainable_layers={trainable_layers} is outside 0..5")
+    if fpn_channels < 1:
+        raise MaskrayError(f"model fpn_channels={fpn_channels} must be >= 1")
     body = BACKBONES[backbone](weights=None, norm_layer=norm_layer(norm))
-    return _resnet_fpn_extractor(body, trainable_layers, norm_layer=norm_layer(fpn_norm))
+    extractor = _resnet_fpn_extractor(body, trainable_layers, norm_layer=norm_layer(fpn_norm))
+    if fpn_channels != 256:  # torchvision fixes 256: swap in an FPN of the asked width (same layout)
+        in_channels = [block[0].in_channels for block in extractor.fpn.inner_blocks]
+        extractor.fpn = FeaturePyramidNetwork(
+            in_channels, fpn_channels, extra_blocks=LastLevelMaxPool(), norm_layer=norm_layer(fpn_norm)
+        )
+        extractor.out_channels = fpn_channels
+    return extractor
 
 
 def build_maskrcnn(
@@ -88,6 +99,9 @@ def build_maskrcnn(
     trainable_layers: int = 5,
     norm: str = "bn",
     head_norm: str | None = None,
+    fpn_channels: int = 256,
+    box_head_dim: int = 1024,
+    mask_head_channels: Sequence[int] = (256, 256, 256, 256),
     image_mean: Sequence[float] | None = None,
     image_std: Sequence[float] | None = None,
     # anchors and RPN (torchvision's defaults)
@@ -132,6 +146,10 @@ def build_maskrcnn(
     torchvision uses without pretrained weights, so its state dicts load with ``strict=True``.
     ``head_norm="gn"`` gives the GroupNorm heads of the paper's later variants.
 
+    Width (defaults = torchvision's): ``fpn_channels`` FPN/RPN/RoI-feature channels,
+    ``box_head_dim`` the box head's hidden size, ``mask_head_channels`` one 3x3 conv per entry
+    in the mask head. Narrower heads cut training cost several-fold on CPU-sized problems.
+
     Input: a list of float CHW images in [0, 1]; output: torchvision's target/prediction dicts.
     """
     if variant not in VARIANTS:
@@ -145,7 +163,8 @@ def build_maskrcnn(
 
     if backbone_module is None:
         backbone_module = build_backbone(
-            backbone=backbone, trainable_layers=trainable_layers, norm=norm, fpn_norm=head_norm
+            backbone=backbone, trainable_layers=trainable_layers, norm=norm, fpn_norm=head_norm,
+            fpn_channels=fpn_channels,
         )
     channels = backbone_module.out_channels
 
@@ -161,19 +180,22 @@ def build_maskrcnn(
     if box_head is None:
         resolution = _output_size(box_roi_pool)
         if variant == "v1":
-            box_head = TwoMLPHead(channels * resolution**2, 1024)
+            box_head = TwoMLPHead(channels * resolution**2, box_head_dim)
         else:
             box_head = FastRCNNConvFCHead(
-                (channels, resolution, resolution), [256, 256, 256, 256], [1024], norm_layer=norm_layer(head_norm)
+                (channels, resolution, resolution), [channels] * 4, [box_head_dim], norm_layer=norm_layer(head_norm)
             )
     if box_predictor is None:
-        box_predictor = FastRCNNPredictor(1024, num_classes)
+        box_predictor = FastRCNNPredictor(box_head_dim, num_classes)
     if mask_roi_pool is None:
         mask_roi_pool = ops.MultiScaleRoIAlign(FEATURE_MAPS, 14, 2)
     if mask_head is None:
-        mask_head = MaskRCNNHeads(channels, [256, 256, 256, 256], 1, norm_layer=norm_layer(head_norm))
+        if not mask_head_channels:
+            raise MaskrayError("model mask_head_channels must name at least one conv layer")
+        mask_head = MaskRCNNHeads(channels, list(mask_head_channels), 1, norm_layer=norm_layer(head_norm))
     if mask_predictor is None:
-        mask_predictor = MaskRCNNPredictor(256, 256, num_classes)
+        width = mask_head_channels[-1]
+        mask_predictor = MaskRCNNPredictor(width, width, num_classes)
 
     model = MaskRCNN(
         backbone_module,

@@ -68,27 +68,33 @@ def objects(*arrays):
 
 
 def test_collate_ragged_and_stacked_batches():
+    mask = np.zeros((1, 4, 13), np.uint8)
+    mask[0, 1, [0, 7, 8, 12]] = 1  # bits on both sides of a byte boundary and in the padded last byte
     ragged = {
-        "image": objects(np.full((3, 4, 5), 255, np.uint8), np.zeros((3, 6, 2), np.uint8)),
+        "image": objects(np.full((3, 4, 13), 255, np.uint8), np.zeros((3, 6, 2), np.uint8)),
         "boxes": objects(np.array([[0, 0, 2, 2]], np.float32), np.zeros((0, 4), np.float32)),
         "labels": objects(np.array([3]), np.zeros((0,), np.int64)),
-        "masks": objects(np.ones((1, 4, 5), np.uint8), np.zeros((0, 6, 2), np.uint8)),
+        "masks": objects(np.packbits(mask, axis=-1), np.packbits(np.zeros((0, 6, 2), np.uint8), axis=-1)),
+        "mask_width": np.array([13, 2]),
     }
     images, targets = collate(ragged)
-    assert [im.shape for im in images] == [(3, 4, 5), (3, 6, 2)]
+    assert [im.shape for im in images] == [(3, 4, 13), (3, 6, 2)]
     assert images[0].dtype == torch.float32 and images[0].max() == 1.0
     assert targets[0]["labels"].tolist() == [3] and targets[0]["labels"].dtype == torch.int64
+    assert torch.equal(targets[0]["masks"], torch.from_numpy(mask)) and targets[0]["masks"].dtype == torch.uint8
     assert targets[1]["boxes"].shape == (0, 4) and targets[1]["masks"].shape == (0, 6, 2)
     stacked = {"image": np.zeros((2, 3, 4, 4), np.uint8), "boxes": np.zeros((2, 1, 4), np.float32),
-               "labels": np.ones((2, 1), np.int64), "masks": np.zeros((2, 1, 4, 4), np.uint8)}
+               "labels": np.ones((2, 1), np.int64), "masks": np.packbits(np.ones((2, 1, 4, 4), np.uint8), axis=-1),
+               "mask_width": np.array([4, 4])}
     images, targets = collate(stacked)
-    assert len(images) == 2 and targets[1]["boxes"].shape == (1, 4)
+    assert len(images) == 2 and targets[1]["boxes"].shape == (1, 4) and targets[1]["masks"].sum() == 16
 
 
 def test_console_lines_are_one_readable_line():
     line = _format_line(120, 600, {"loss": 0.91, "loss_classifier": 0.21, "loss_box_reg": 0.3, "loss_mask": 0.33,
-                                   "loss_objectness": 0.07}, 0.02, 12.34, 0.8)
-    assert line == "iter 120/600  epoch 0.80  loss 0.910 (cls 0.21 box 0.30 mask 0.33 rpn 0.07)  lr 0.0200  12.3 img/s"
+                                   "loss_objectness": 0.07}, 0.02, 12.34, 0.8, 0.031)
+    assert line == ("iter 120/600  epoch 0.80  loss 0.910 (cls 0.21 box 0.30 mask 0.33 rpn 0.07)  lr 0.0200  "
+                    "12.3 img/s  data 3%")
     ev = format_eval_line(600, {"bbox": {"AP": 0.5, "AP50": 0.8}, "segm": {"AP": None, "AP50": 0.7}}, 100, 3.0)
     assert ev == "eval iter 600: bbox AP 0.500 AP50 0.800 | segm AP nan AP50 0.700  (100 images, 3.0 s)"
 
