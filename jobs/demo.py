@@ -76,8 +76,10 @@ def _init_ray() -> None:
     # A busy 2-core laptop can need more than Ray's default 30 s to register its raylet.
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR)
+        from pipeline import raysetup
+
+        raysetup.init("local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
+                      logging_level=logging.ERROR)
 
 
 def run(args: argparse.Namespace) -> int:

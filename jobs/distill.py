@@ -148,8 +148,10 @@ def run(args: argparse.Namespace) -> int:
     train_job._quiet_ray()
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
-                 include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None)
+        from pipeline import raysetup
+
+        raysetup.init(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
+                      include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         scheduler = RoundScheduler(config.work_dir, DistillSteps(config, verbose).functions(),

@@ -46,8 +46,10 @@ def _init_ray(verbose: bool) -> None:
     # `ray start` cluster) runs on that cluster; otherwise a private local instance, never
     # whichever other Ray happens to run on this machine
     address = os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR,
-             include_dashboard=False if address == "local" else None)
+    from pipeline import raysetup
+
+    raysetup.init(address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR,
+                  include_dashboard=False if address == "local" else None)
 
 
 def _failure_message(exc: BaseException) -> str:

@@ -654,7 +654,9 @@ def run_inference(
             del pending[name]
     if pending:
         if not ray.is_initialized():
-            ray.init()
+            from pipeline import raysetup
+
+            raysetup.init()
         resources = ray.cluster_resources()
         if gpus_per_actor is None:
             gpus_per_actor = 1.0 if resources.get("GPU", 0) > 0 else 0.0
