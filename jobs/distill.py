@@ -103,7 +103,10 @@ class DistillSteps:
         state = load_state(c.work_dir, round_index)
         check_pseudo_dataset(pseudo_dataset, round_index=round_index, teacher=state.teacher)
         mixed = storage.join(out, "data")
-        train_config = c.train_config(mixed, "run", out, c.student.overrides)
+        overrides = dict(c.student.overrides)
+        if c.student.init == "teacher":
+            overrides["model.weights"] = state.teacher
+        train_config = c.train_config(mixed, "run", out, overrides)
         rows, labeled = write_mixed_dataset(c.data.labeled, pseudo_dataset, mixed, ratio=c.student.mix_ratio,
                                             seed=train_config.seed + round_index,
                                             min_rows=self._rows_for(train_config), extra={"round": round_index, "teacher": state.teacher})

@@ -13,6 +13,7 @@ _EXPORTS = {
     "ModelConfig": "model.checkpoint",
     "save_checkpoint": "model.checkpoint",
     "load_checkpoint": "model.checkpoint",
+    "load_weights": "model.checkpoint",
     "build_from_config": "model.checkpoint",
     "MaskrayError": "model.errors",
 }

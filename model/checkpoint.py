@@ -223,3 +223,34 @@ def load_checkpoint(
         model.to(map_location)
     model.eval()
     return model, config, dict(data.get("extra") or {})
+
+
+def load_weights(model: nn.Module, f: str | os.PathLike | BinaryIO | bytes) -> tuple[int, list[str]]:
+    """Initialise ``model`` in place from a maskray checkpoint or a plain state dict file
+    (e.g. torchvision's ``maskrcnn_resnet50_fpn`` weights) — fine-tuning, not resuming.
+
+    Every tensor whose name and shape match is copied; the rest (e.g. a predictor for another
+    number of classes) keep their initialisation. Returns ``(copied, skipped_names)``; a file
+    that fits no tensor at all raises :class:`MaskrayError` (it is the wrong file).
+    Loaded with ``weights_only=True``.
+    """
+    name = _name(f)
+    if isinstance(f, (bytes, bytearray, memoryview)):
+        f = io.BytesIO(bytes(f))
+    try:
+        data = torch.load(f, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise MaskrayError(f"weights {name} do not exist") from exc
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a damaged/unsafe file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MaskrayError(f"weights {name} cannot be loaded (weights_only=True): {first}") from exc
+    state = data.get("model") if isinstance(data, dict) and data.get("format") == FORMAT else data
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MaskrayError(f"weights {name} are neither a maskray checkpoint nor a state dict of tensors")
+    own = _unwrap(model).state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not fitting:
+        raise MaskrayError(f"weights {name}: none of their {len(state)} tensors fits this model "
+                           f"(names or shapes differ everywhere)")
+    _unwrap(model).load_state_dict(fitting, strict=False)
+    return len(fitting), sorted(set(own) - set(fitting))

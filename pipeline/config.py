@@ -88,6 +88,7 @@ class ModelSection:
     trainable_layers: int = 5
     box_score_thresh: float = 0.05
     box_detections_per_img: int = 100
+    weights: str = ""  # initialise from this checkpoint / state dict URI (fine-tuning); "" = random init
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

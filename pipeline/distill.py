@@ -10,8 +10,9 @@ A distill config is a YAML mapping::
     data: {labeled: URI, unlabeled: URI, val: URI, val_max_images: 0}   # default: <work_dir>/data/*
     teacher: URI                     # optional: an existing checkpoint as round 0's teacher (no training)
     train: {...}                     # a `maskray train` config (pipeline.config.TrainConfig) without
-                                     # data.train/val, name, storage_path: the distill job fills them
-    student: {mix_ratio: 0.5, overrides: {schedule.max_iters: 800}}
+                                     # data.train/val, name, storage_path: the distill job fills them;
+                                     # or a train config file: `train: shapes-cpu.yaml` (those keys dropped)
+    student: {mix_ratio: 0.5, init: scratch, overrides: {schedule.max_iters: 800}}
     tta: {scales: [0.75, 1.0], hflip: true, merge: wbv, score_mode: mean, iou_threshold: 0.55, ...}
     thresholds: {mode: density, floor: 0.3}           # or {mode: fixed, value: 0.6}
     inference: {batch_size: 8, actors: 1, cpus_per_actor: 1, threads: 2}
@@ -80,11 +81,16 @@ class DataSection:
 class StudentConfig:
     mix_ratio: float = 0.5  # fraction of labeled images in each batch
     keep_empty: bool = False  # keep unlabeled images left without pseudo instances
+    # "scratch": the student starts from the model's init (the data-distillation recipe);
+    # "teacher": it fine-tunes the round's teacher (shorter schedules, e.g. the demo's)
+    init: str = "scratch"
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted train keys for the student only
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.mix_ratio < 1.0:
             raise DistillConfigError(f"student.mix_ratio: expected a value in [0, 1), got {self.mix_ratio}")
+        if self.init not in ("scratch", "teacher"):
+            raise DistillConfigError(f"student.init: expected 'scratch' or 'teacher', got {self.init!r}")
 
 
 @dataclass
@@ -136,7 +142,7 @@ class DistillConfig:
 
         data = copy.deepcopy(self.train)
         data.setdefault("data", {})
-        for key in ("name", "storage_path"):
+        for key in RUN_KEYS:
             if key in data:
                 raise DistillConfigError(f"train.{key}: set by the distill job; remove it")
         data["data"]["train"], data["data"]["val"] = train_uri, ""
@@ -194,14 +200,40 @@ def distill_config_from_dict(data: Any, *, source: str = "config") -> DistillCon
         raise DistillConfigError(f"{source}: {exc}") from None
 
 
+RUN_KEYS = ("name", "storage_path")  # set per run by the distill job
+
+
 def load_distill_config(path: str, overrides: list[str] | None = None) -> DistillConfig:
-    """Read a YAML distill config (local path or URI) and apply ``--set a.b=value`` overrides."""
-    from pipeline.config import ConfigError, read_yaml_config
+    """Read a YAML distill config (local path or URI) and apply ``--set a.b=value`` overrides.
+
+    ``train:`` is a mapping or the path of a ``maskray train`` config file (relative paths are
+    relative to the distill config's folder); from a file, the keys the distill job sets per
+    run (``name``, ``storage_path``, ``data.train``, ``data.val``) are dropped. Overrides
+    apply after the file is read, so ``--set train.schedule.max_iters=100`` works either way.
+    """
+    import os
+
+    from pipeline import storage
+    from pipeline.config import ConfigError, apply_overrides, read_yaml_config
 
     try:
-        data = read_yaml_config(path, list(overrides or []))
+        data = read_yaml_config(path)
+        if isinstance(data, dict) and isinstance(data.get("train"), str):
+            train_path = data["train"]
+            if "://" not in train_path and not os.path.isabs(train_path):
+                if storage.is_s3(path):
+                    train_path = storage.join(path.rsplit("/", 1)[0], train_path)
+                else:
+                    train_path = os.path.join(os.path.dirname(os.path.abspath(path)), train_path)
+            train = read_yaml_config(train_path)
+            for key in RUN_KEYS:
+                train.pop(key, None)
+            for key in ("train", "val"):
+                (train.get("data") or {}).pop(key, None)
+            data["train"] = train
+        data = apply_overrides(data, list(overrides or []))
     except ConfigError as exc:
-        raise DistillConfigError(str(exc)) from None
+        raise DistillConfigError(f"{path}: {exc}" if path not in str(exc) else str(exc)) from None
     return distill_config_from_dict(data, source=path)
 
 

@@ -134,6 +134,13 @@ def plan_run(config: TrainConfig) -> RunPlan:
         if val_ids and val_ids != train_ids:
             raise ConfigError(f"data.val={config.data.val}: categories {val_ids} differ from the train "
                               f"manifest's {train_ids}")
+    if config.model.weights:
+        try:
+            found = storage.exists(config.model.weights)
+        except MaskrayError as exc:
+            raise ConfigError(f"model.weights={config.model.weights}: {exc}") from None
+        if not found:
+            raise ConfigError(f"model.weights={config.model.weights}: no such file")
     check_model_options(config.model.options)
     model_config_for(config, categories)  # validates the model section against model.checkpoint
     total = config.total_iters(train_images)
@@ -391,6 +398,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         start = _restore(checkpoint, model, optimizer, scaler)
         if rank == 0:
             console(f"resumed from {checkpoint.path} at iteration {start}")
+    elif config.model.weights:  # every rank loads the same file: DDP starts from equal weights anyway
+        from model.checkpoint import load_weights
+        from pipeline import storage
+
+        copied, skipped = load_weights(model, storage.read_bytes(config.model.weights))
+        if rank == 0:
+            console(f"initialised {copied} tensors from {config.model.weights}"
+                    + (f"; {len(skipped)} kept their init ({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''})"
+                       if skipped else ""))
     total = plan.total_iters
     model.train()
     model = ray.train.torch.prepare_model(model)

@@ -34,6 +34,24 @@ def test_student_overrides_and_fingerprint(tmp_path):
     assert c.fingerprint() != other.fingerprint()
 
 
+def test_train_section_from_a_train_config_file(tmp_path):
+    train_file = tmp_path / "configs" / "train.yaml"
+    train_file.parent.mkdir()
+    train_file.write_text(yaml.safe_dump({**TRAIN, "name": "mine", "storage_path": "runs",
+                                          "data": {"train": "a", "val": "b", "shuffle_buffer": 8}}))
+    path = tmp_path / "configs" / "distill.yaml"  # "train.yaml" resolves next to it, not in the CWD
+    path.write_text(yaml.safe_dump({"work_dir": str(tmp_path / "w"), "train": "train.yaml",
+                                    "prepare": {"enabled": True}}))
+    c = distill.load_distill_config(str(path), ["train.schedule.max_iters=7"])
+    run = c.train_config("/d", "run", "/o")
+    # the run keys of the file are the distill job's; everything else comes from the file
+    assert (run.name, run.storage_path, run.data.train, run.data.val) == ("run", "/o", "/d", "")
+    assert run.data.shuffle_buffer == 8 and run.model.min_size == 64 and run.schedule.max_iters == 7
+    path.write_text(yaml.safe_dump({"work_dir": "w", "train": "missing.yaml", "prepare": {"enabled": True}}))
+    with pytest.raises(MaskrayError, match="missing.yaml"):
+        distill.load_distill_config(str(path))
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["student.mix_ratio=1.0"], "student.mix_ratio"),
     (["tta.merge=vote"], "tta.merge"),

@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from model import ModelConfig, build_from_config, load_checkpoint, save_checkpoint
+from model import ModelConfig, build_from_config, load_checkpoint, load_weights, save_checkpoint
 from model.errors import MaskrayError
 
 CATEGORIES = [{"id": 3, "name": "square"}, {"id": 7, "name": "disc"}]
@@ -107,3 +107,34 @@ def test_config_validation_and_dict_round_trip():
         ModelConfig(min_size=900, max_size=800)
     with pytest.raises(MaskrayError, match="repeat"):
         ModelConfig(options={"backbone": "resnet18"})
+
+
+def test_load_weights_copies_what_fits_and_names_the_rest(tmp_path):
+    torch.manual_seed(0)
+    source = build_from_config(_config())  # 2 categories: 3 classes with background
+    path = tmp_path / "teacher.pt"
+    save_checkpoint(path, source, _config())
+    target = build_from_config(ModelConfig.for_categories(CATEGORIES + [{"id": 9, "name": "star"}],
+                                                          backbone="resnet18", min_size=64, max_size=64))
+    copied, skipped = load_weights(target, path.read_bytes())
+    # the class-dependent predictor layers keep their init, everything else is the teacher's
+    assert set(skipped) == {"roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias",
+                            "roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_predictor.bbox_pred.bias",
+                            "roi_heads.mask_predictor.mask_fcn_logits.weight",
+                            "roi_heads.mask_predictor.mask_fcn_logits.bias"}
+    assert copied == len(target.state_dict()) - len(skipped)
+    assert torch.equal(target.backbone.body.conv1.weight, source.backbone.body.conv1.weight)
+    # a plain state dict (torchvision's format) works the same way
+    buffer = io.BytesIO()
+    torch.save(source.state_dict(), buffer)
+    assert load_weights(target, buffer.getvalue())[0] == copied
+    with pytest.raises(MaskrayError, match="none of their 1 tensors fits"):
+        load_weights(target, _saved({"unrelated": torch.zeros(2)}))
+    with pytest.raises(MaskrayError, match="neither a maskray checkpoint nor a state dict"):
+        load_weights(target, _saved({"a": 1}))
+
+
+def _saved(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()

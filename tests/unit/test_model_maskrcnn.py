@@ -152,3 +152,26 @@ def test_builder_rejects_bad_arguments():
         build_maskrcnn(num_classes=1)
     with pytest.raises(TypeError):
         build_maskrcnn("resnet50")
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_narrow_widths_build_train_and_shrink_the_model(variant):
+    torch.manual_seed(0)
+    narrow = build_maskrcnn(backbone="resnet18", num_classes=3, variant=variant, min_size=64, max_size=64,
+                            fpn_channels=64, box_head_dim=256, mask_head_channels=[64, 64])
+    wide = build_maskrcnn(backbone="resnet18", num_classes=3, variant=variant, min_size=64, max_size=64)
+    assert narrow.backbone.out_channels == 64
+    assert {o.shape[1] for o in narrow.backbone(torch.rand(1, 3, 64, 64)).values()} == {64}
+    assert len([m for m in narrow.roi_heads.mask_head.modules() if isinstance(m, torch.nn.Conv2d)]) == 2
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(narrow) < 0.6 * count(wide)
+    target = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1]),
+              "masks": torch.zeros(1, 64, 64, dtype=torch.uint8)}
+    target["masks"][0, 8:40, 8:40] = 1
+    losses = narrow.train()([torch.rand(3, 64, 64)], [target])
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(MaskrayError, match="mask_head_channels"):
+        build_maskrcnn(backbone="resnet18", num_classes=3, mask_head_channels=[])
+    with pytest.raises(MaskrayError, match="fpn_channels"):
+        build_maskrcnn(backbone="resnet18", num_classes=3, fpn_channels=0)

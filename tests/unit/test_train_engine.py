@@ -139,3 +139,6 @@ def test_plan_errors_name_the_data_key(tmp_path):
     other = write_dataset(tmp_path / "val", [{"id": 1, "name": "x"}], 5)
     with pytest.raises(ConfigError, match=r"data\.val=.*categories \[1\] differ"):
         plan_run(config(num_workers=1, images_per_worker=1, data={"train": train, "val": other}))
+    with pytest.raises(ConfigError, match=r"model\.weights=.*gone\.pt: no such file"):
+        plan_run(config(num_workers=1, images_per_worker=1, data={"train": train},
+                        model={"weights": str(tmp_path / "gone.pt")}))
