@@ -69,10 +69,18 @@ def _step(timings: Timings, name: str, argv: list[str]) -> None:
         raise MaskrayError(f"demo step '{name}' failed with exit code {code}")
 
 
-def _init_ray() -> None:
-    """A local Ray for all steps: logical CPUs = cores, quiet, no dashboard."""
+def _init_ray(verbose: bool = False) -> None:
+    """A local Ray for all steps: logical CPUs = cores, quiet, no dashboard.
+
+    Without ``--verbose`` Ray's C++ log lines stay out of the console: the only one the demo
+    triggers is core_worker's notice that the inference actor pool (restartable, so a dead actor
+    is replaced) receives its constructor arguments through the object store — expected here.
+    Failures still surface as Python exceptions.
+    """
     import ray
 
+    if not verbose:
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     # A busy 2-core laptop can need more than Ray's default 30 s to register its raylet.
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
     if not ray.is_initialized():
@@ -107,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     }
     timings = Timings()
     started = time.perf_counter()
-    _init_ray()
+    _init_ray(bool(getattr(args, "verbose", False)))
 
     # 1. data: labeled train (+ unlabeled pool) and held-out val, as shards.
     if not storage.exists(storage.join(paths["train"], "manifest.json")):
@@ -170,11 +178,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _distill_rounds(work_dir: str) -> list[dict]:
-    """Per round: teacher and student AP, pseudo instances, thresholds, wall time."""
+def _distill_rounds(work_dir: str) -> list:
+    """The distillation rounds' states (``pipeline.rounds.RoundState``), in order."""
     from pipeline.rounds import load_states
 
-    return [json.loads(state.to_json()) for state in load_states(work_dir)]
+    return load_states(work_dir)
 
 
 def _ap_row(name: str, metrics: dict) -> str:
@@ -186,7 +194,7 @@ def _ap_row(name: str, metrics: dict) -> str:
             f"| {cell('segm', 'AP50')} | {cell('segm', 'AP75')} |")
 
 
-def _report(paths: dict, final: dict, metrics: dict, rounds: list[dict] | None, timings: Timings,
+def _report(paths: dict, final: dict, metrics: dict, rounds: list | None, timings: Timings,
             total_s: float, out: Path, overlays: Path) -> str:
     lines = [
         "# maskray demo report",
@@ -201,13 +209,13 @@ def _report(paths: dict, final: dict, metrics: dict, rounds: list[dict] | None, 
         _ap_row("trained (round-0 teacher)", metrics),
     ]
     if rounds:
-        for state in rounds:
-            student = (state.get("metrics") or {}).get("student") or {}
-            if student:
-                lines.append(_ap_row(f"round {state.get('round')} student", student))
-        lines += ["", "## Distillation rounds", "", "```", json.dumps(
-            [{k: s.get(k) for k in ("round", "status", "thresholds", "pseudo_instances", "metrics")}
-             for s in rounds], indent=1, default=str)[:4000], "```"]
+        from pipeline.rounds import format_summary
+
+        lines += ["", "## Distillation round", "",
+                  "Teacher and student on the same first val images (`data.val_max_images` of the distill "
+                  "config; the table above uses all of them), AP in points. The student trains on batches of "
+                  "half labeled, half pseudo-labeled images; in the demo it fine-tunes the teacher "
+                  "(`student.init: teacher`) to fit the time.", "", "```", format_summary(rounds), "```"]
     lines += ["", "## Step timings", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {name} | {seconds} |" for name, seconds in timings.steps.items()]
     lines += ["", "## Where everything is", "",

@@ -52,6 +52,13 @@ def _init_ray(verbose: bool) -> None:
                   include_dashboard=False if address == "local" else None)
 
 
+def _without_progress_bars(dataset):
+    """``dataset`` with Ray Data's progress bars off (the train loop prints one line per interval);
+    set on the dataset's own context so a later job in this process (the demo's infer) keeps them."""
+    dataset.context.enable_progress_bars = False
+    return dataset
+
+
 def _failure_message(exc: BaseException) -> str:
     """One line for a failed ``fit()``: the first worker's root-cause error, else the controller's."""
     causes = list(getattr(exc, "worker_failures", {}).values())
@@ -90,7 +97,6 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     _init_ray(verbose)
     check_resources(config, ray.cluster_resources(), autoscaling=config.wait_for_resources)
-    ray.data.DataContext.get_current().enable_progress_bars = False
 
     if "://" in config.storage_path:
         fs, base = storage.resolve(config.storage_path)
@@ -119,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
             **storage_kwargs,
         ),
-        datasets={"train": train_dataset(config, plan)},
+        datasets={"train": _without_progress_bars(train_dataset(config, plan))},
     )
 
     stop = threading.Event()

@@ -1,0 +1,30 @@
+"""The demo's report.md (jobs.demo._report) from a finished run's artifacts; no Ray, no training."""
+
+from pathlib import Path
+
+from jobs import demo
+from pipeline.rounds import RoundState
+
+
+def _metrics(box: float, mask: float) -> dict:
+    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    return {"bbox": {k: box for k in keys}, "segm": {k: mask for k in keys} | {"APl": None}}
+
+
+def test_report_has_the_accuracy_table_the_round_and_the_paths(tmp_path):
+    r0 = RoundState.new(0)
+    r0.metrics = {"teacher": _metrics(0.5, 0.45)}
+    r1 = RoundState.new(1)
+    r1.metrics = {"teacher": _metrics(0.5, 0.45), "student": _metrics(0.52, 0.48)}
+    r1.pseudo_instances, r1.pseudo_images, r1.thresholds = 1016, 397, {"1": 0.59, "2": 0.53}
+    timings = demo.Timings()
+    timings.record("train", 561.04)
+    paths = {k: f"/s/{k}" for k in ("train", "val", "pool", "predictions", "distill")}
+    text = demo._report(paths, {"run": "/s/runs/shapes-cpu", "model": "/s/runs/m.pt"}, _metrics(0.511, 0.697),
+                        [r0, r1], timings, 840.0, Path(tmp_path), Path(tmp_path) / "overlays")
+    assert "| trained (round-0 teacher) | 0.511 | 0.511 | 0.697 | 0.697 | 0.697 |" in text
+    assert "## Distillation round" in text and "+3.0" in text  # 48 - 45 mask AP points
+    assert "1:0.59" in text and "| train | 561.0 |" in text and "`/s/runs/m.pt`" in text
+    assert "total wall time 840 s" in text
+    without = demo._report(paths, {}, _metrics(0.5, 0.5), None, timings, 1.0, Path(tmp_path), Path(tmp_path))
+    assert "Distillation round" not in without
