@@ -167,12 +167,15 @@ def write_checkpoint(path: str, backbone: str, size: int, detections: int, propo
 
 
 def start_ray(**kwargs) -> None:
-    """ray.init, tried twice (on a heavily shared machine the node can time out starting)."""
+    """Ray started as ``maskray infer`` starts it (pipeline.raysetup), tried twice (on a heavily
+    shared machine the node can time out starting)."""
     import ray
+
+    from pipeline import raysetup
 
     for attempt in (1, 2):
         try:
-            ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
+            raysetup.init("local", include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
             return
         except Exception as exc:  # noqa: BLE001
             ray.shutdown()
