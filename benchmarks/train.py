@@ -105,7 +105,9 @@ def main() -> int:
 
     root = tempfile.mkdtemp(prefix="maskray-bench-train-")
     train = make_data(root, args.images, args.size)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    from pipeline import raysetup  # Ray as the train job starts it (Ray Data idle-loop pacing)
+
+    raysetup.init("local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         results = {}
         for workers in (1, 2):
