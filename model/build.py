@@ -125,8 +125,9 @@ def _compatible_library(with_cuda: bool, arch: list[str] | None) -> Path | None:
     kernels are needed (a CUDA build holds them too, e.g. a CPU-only worker on a GPU node),
     else a CUDA build covering every wanted compute capability."""
     want = {"sm" + a.replace(".", "") for a in (arch or [])}
-    for path in sorted(cache_root().glob(f"{torch_version_tag()}-{_digest()}-*/{NAME}.so")):
-        variant = path.parent.name.rsplit("-" + _digest() + "-", 1)[-1]
+    digest = _digest()  # hashes every source file: once, not per candidate
+    for path in sorted(cache_root().glob(f"{torch_version_tag()}-{digest}-*/{NAME}.so")):
+        variant = path.parent.name.rsplit("-" + digest + "-", 1)[-1]
         if not with_cuda:
             return path
         if variant.startswith("cuda-") and want <= set(variant.split("-")[1:]):

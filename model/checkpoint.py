@@ -178,19 +178,12 @@ def _name(f: Any) -> str:
     return str(getattr(f, "name", "<stream>"))
 
 
-def load_checkpoint(
-    f: str | os.PathLike | BinaryIO | bytes, *, map_location: Any = "cpu"
-) -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
-    """Load ``(model, config, extra)``; the model is rebuilt from the config, in eval mode.
-
-    Objects other than tensors and plain data are refused (``weights_only=True``), as are
-    files that are not maskray checkpoints, with a one-line :class:`MaskrayError`.
-    """
-    name = _name(f)
+def _torch_load(f: str | os.PathLike | BinaryIO | bytes, name: str, map_location: Any = "cpu") -> Any:
+    """``torch.load(f, weights_only=True)`` with one-line errors naming the file ``name``."""
     if isinstance(f, (bytes, bytearray, memoryview)):
         f = io.BytesIO(bytes(f))
     try:
-        data = torch.load(f, map_location=map_location, weights_only=True)
+        return torch.load(f, map_location=map_location, weights_only=True)
     except FileNotFoundError as exc:
         raise MaskrayError(f"checkpoint {name} does not exist") from exc
     except pickle.UnpicklingError as exc:
@@ -202,6 +195,18 @@ def load_checkpoint(
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a damaged file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MaskrayError(f"checkpoint {name} is not a readable torch file: {first}") from exc
+
+
+def load_checkpoint(
+    f: str | os.PathLike | BinaryIO | bytes, *, map_location: Any = "cpu"
+) -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
+    """Load ``(model, config, extra)``; the model is rebuilt from the config, in eval mode.
+
+    Objects other than tensors and plain data are refused (``weights_only=True``), as are
+    files that are not maskray checkpoints, with a one-line :class:`MaskrayError`.
+    """
+    name = _name(f)
+    data = _torch_load(f, name, map_location)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise MaskrayError(
@@ -235,15 +240,7 @@ def load_weights(model: nn.Module, f: str | os.PathLike | BinaryIO | bytes) -> t
     Loaded with ``weights_only=True``.
     """
     name = _name(f)
-    if isinstance(f, (bytes, bytearray, memoryview)):
-        f = io.BytesIO(bytes(f))
-    try:
-        data = torch.load(f, map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
-        raise MaskrayError(f"weights {name} do not exist") from exc
-    except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a damaged/unsafe file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MaskrayError(f"weights {name} cannot be loaded (weights_only=True): {first}") from exc
+    data = _torch_load(f, name)
     state = data.get("model") if isinstance(data, dict) and data.get("format") == FORMAT else data
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MaskrayError(f"weights {name} are neither a maskray checkpoint nor a state dict of tensors")
