@@ -13,7 +13,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 import pytest
+from ports import free_ports
 
 ACCESS_KEY = "maskray-test-key"
 SECRET_KEY = "maskray-test-secret"
@@ -37,23 +37,6 @@ def find_weed() -> str | None:
     if os.access(candidate, os.X_OK):
         return candidate
     return shutil.which("weed")
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1 (all held open until chosen)."""
-    socks, ports = [], []
-    try:
-        while len(ports) < n:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-            socks.append(s)
-            if port not in ports and port + 10000 not in ports:
-                ports.append(port)
-    finally:
-        for s in socks:
-            s.close()
-    return ports
 
 
 @dataclass

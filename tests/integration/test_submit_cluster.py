@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,23 +27,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ports import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    try:
-        while len(ports) < n:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-    return ports
 
 
 def _processes() -> dict[int, tuple[int, str]]:
@@ -112,7 +98,7 @@ def _start_cluster(env: dict[str, str]) -> tuple[str, str]:
     """Head (2 CPUs, dashboard) + one worker node (1 CPU) in a fresh temp dir; (temp dir, dashboard URL)."""
     # Short path: Ray's unix sockets live under the temp dir (108-byte limit).
     temp_dir = tempfile.mkdtemp(prefix="mr-infra-", dir="/tmp")
-    gcs, dashboard, client, agent, metrics, agent_grpc, runtime_env_agent = _free_ports(7)
+    gcs, dashboard, client, agent, metrics, agent_grpc, runtime_env_agent = free_ports(7)
     ray = str(BIN / "ray")
     common = ["--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir, "--disable-usage-stats"]
     try:
@@ -122,7 +108,7 @@ def _start_cluster(env: dict[str, str]) -> tuple[str, str]:
                         "--metrics-export-port", str(metrics), "--dashboard-agent-grpc-port", str(agent_grpc),
                         "--runtime-env-agent-port", str(runtime_env_agent), *common],
                        env=env, check=True, capture_output=True, text=True, timeout=120)
-        w_agent, w_metrics, w_grpc, w_renv = _free_ports(4)
+        w_agent, w_metrics, w_grpc, w_renv = free_ports(4)
         subprocess.run([ray, "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "1",
                         "--dashboard-agent-listen-port", str(w_agent), "--metrics-export-port", str(w_metrics),
                         "--dashboard-agent-grpc-port", str(w_grpc), "--runtime-env-agent-port", str(w_renv),
