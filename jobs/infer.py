@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model actors: a fixed count or an autoscaling range MIN,MAX (default 1)")
     parser.add_argument("--gpus-per-actor", type=float, default=None, metavar="G",
                         help="GPUs per model actor (default: 1 when the cluster has GPUs, else 0 = CPU actors)")
+    parser.add_argument("--threads", type=int, default=None, metavar="T",
+                        help="torch threads per CPU model actor (default: the cluster's CPUs / actors; "
+                             "0 = Ray's default, one per reserved CPU)")
     parser.add_argument("--score-threshold", type=float, default=0.05, metavar="T",
                         help="drop detections scoring below T (default 0.05)")
     parser.add_argument("--max-pixels", type=int, default=50_000_000, metavar="P",
@@ -62,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         raise MaskrayError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
     if args.gpus_per_actor is not None and args.gpus_per_actor < 0:
         raise MaskrayError(f"--gpus-per-actor must be >= 0, got {args.gpus_per_actor}")
+    if args.threads is not None and args.threads < 0:
+        raise MaskrayError(f"--threads must be >= 0, got {args.threads}")
     if args.max_pixels < 0:
         raise MaskrayError(f"--max-pixels must be >= 0, got {args.max_pixels}")
     summary = run_inference(
@@ -69,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         actors=parse_actors(args.actors),
         gpus_per_actor=args.gpus_per_actor,
+        threads=args.threads,
         score_threshold=args.score_threshold,
         coco_json=args.coco_json,
         max_pixels=args.max_pixels or None,

@@ -35,7 +35,8 @@ Stages (``run_inference``)
    the resize is the model's own ``min_size``/``max_size`` rule, done here so the actor does not
    repeat it). A row that cannot be decoded carries ``error`` from here on.
 4. model on an actor pool (``map_batches`` with a callable class, ``ActorPoolStrategy``; one GPU
-   per actor with AMP when the cluster has GPUs, CPU actors otherwise). Ray Data's actor pool
+   per actor with AMP when the cluster has GPUs, CPU actors otherwise, each running torch on its
+   share of the cluster's cores, :func:`cpu_actor_threads`). Ray Data's actor pool
    restarts a dead actor (``max_restarts=-1``) and retries its batch (``max_task_retries=-1``).
    The actor returns boxes in original coordinates and the low-resolution mask probabilities.
 5. post-process on CPU tasks: masks pasted at the original size, binarized at 0.5, COCO RLE.
@@ -141,6 +142,8 @@ class Predictor:
     Give either ``checkpoint_uri`` (read from storage, once, here) or ``model`` (+ optional
     ``config`` for category ids). ``device`` defaults to CUDA when visible; ``amp`` (autocast to
     float16) defaults to on for CUDA. Detections below ``score_threshold`` are dropped.
+    ``threads`` > 0 sets torch's intra-op threads for this process (a Ray actor otherwise runs
+    torch on as many threads as CPUs it reserved, ``OMP_NUM_THREADS``); 0 leaves them as they are.
     """
 
     def __init__(
@@ -153,9 +156,14 @@ class Predictor:
         amp: bool | None = None,
         score_threshold: float = 0.0,
         model_id: str | None = None,
+        threads: int = 0,
     ) -> None:
         if (checkpoint_uri is None) == (model is None):
             raise MaskrayError("Predictor needs exactly one of checkpoint_uri or model")
+        if not isinstance(threads, int) or threads < 0:
+            raise MaskrayError(f"threads {threads!r} must be an integer >= 0 (0 = leave torch's setting)")
+        if threads:
+            torch.set_num_threads(threads)
         if checkpoint_uri is not None:
             model, config, model_id = load_model(checkpoint_uri)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -581,6 +589,22 @@ def _shard_list(dataset_uri: str) -> list[tuple[str, str, int]]:
     return shards
 
 
+def cpu_actor_threads(node_cpus: Sequence[float], actors: int) -> int:
+    """torch intra-op threads for each of ``actors`` CPU model actors on nodes with ``node_cpus``.
+
+    The model is the pipeline's bottleneck on CPU: decode/resize and RLE are a small share of the
+    work per image, so each actor gets the cluster's CPUs shared out among the actors (at least
+    1, at most the largest node's), although Ray reserves fewer for it so the light CPU tasks
+    can still be scheduled. Measured in benchmarks/RESULTS.md (Inference).
+    """
+    if actors < 1:
+        raise MaskrayError(f"actors {actors} must be >= 1")
+    cpus = [c for c in node_cpus if c > 0]
+    if not cpus:
+        return 1
+    return max(1, min(int(max(cpus)), int(sum(cpus) // actors)))
+
+
 def run_inference(
     dataset_uri: str,
     output_uri: str,
@@ -590,6 +614,7 @@ def run_inference(
     actors: int | tuple[int, int] = 1,
     gpus_per_actor: float | None = None,
     cpus_per_actor: float | None = None,
+    threads: int | None = None,
     score_threshold: float = 0.05,
     coco_json: str | None = None,
     predictor_factory: type[Predictor] | None = None,
@@ -602,7 +627,10 @@ def run_inference(
 
     ``actors`` is a pool size or ``(min, max)``; ``gpus_per_actor`` None = 1 when the cluster has
     GPUs, else CPU actors. ``cpus_per_actor`` None = 1, lowered on a CPU-only cluster so the pool
-    leaves one CPU for the decode and RLE tasks (else they could never be scheduled). Images over ``max_pixels`` (None: no limit) become error rows.
+    leaves one CPU for the decode and RLE tasks (else they could never be scheduled). ``threads``
+    is torch's intra-op thread count in each CPU actor; None = :func:`cpu_actor_threads` (the
+    cluster's CPUs shared among the actors), 0 = Ray's default (the actor's reserved CPUs, so 1);
+    GPU actors leave it alone. Images over ``max_pixels`` (None: no limit) become error rows.
     ``rows_per_task`` bounds the rows one read/decode task takes (match the shards' row groups).
     ``on_shard_committed(result_uri)`` is called after each commit.
     Initialises Ray (local) when it is not running.
@@ -616,6 +644,8 @@ def run_inference(
         raise MaskrayError(f"rows per task {rows_per_task!r} must be a positive integer")
     if not 0.0 <= score_threshold <= 1.0:
         raise MaskrayError(f"score threshold {score_threshold} must be in [0, 1]")
+    if threads is not None and (not isinstance(threads, int) or threads < 0):
+        raise MaskrayError(f"threads {threads!r} must be an integer >= 0 (0 = Ray's default)")
     started = time.perf_counter()
     shards = _shard_list(dataset_uri)
     summary = InferenceSummary()
@@ -666,8 +696,13 @@ def run_inference(
             spare = float(resources.get("CPU", 0)) - 1.0
             if not gpus_per_actor and spare > 0 and max_actors * cpus_per_actor > spare:
                 cpus_per_actor = max(0.1, spare / max_actors)
-        logger.info("model actors: %s x (%.2f CPU, %.2f GPU), batch size %d",
-                    actors, cpus_per_actor, gpus_per_actor, batch_size)
+        if gpus_per_actor:
+            threads = 0
+        elif threads is None:
+            threads = cpu_actor_threads(
+                [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")], max_actors)
+        logger.info("model actors: %s x (%.2f CPU, %.2f GPU, %s torch threads), batch size %d",
+                    actors, cpus_per_actor, gpus_per_actor, threads or "default", batch_size)
         compute = (ActorPoolStrategy(min_size=actors[0], max_size=actors[1]) if isinstance(actors, tuple)
                    else ActorPoolStrategy(size=int(actors)))
         factory = predictor_factory or Predictor
@@ -688,7 +723,8 @@ def run_inference(
             ds = ds.map_batches(
                 factory, batch_size=batch_size, batch_format="pyarrow", compute=compute,
                 num_gpus=gpus_per_actor, num_cpus=cpus_per_actor,
-                fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "score_threshold": score_threshold},
+                fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "score_threshold": score_threshold,
+                                       "threads": threads},
                 # Ray Data's defaults for actor pools, stated because exactly-once relies on them: a
                 # dead actor is restarted and its batch retried (duplicates are dropped on the
                 # driver). Being explicit also keeps decode in CPU tasks (ops whose remote args

@@ -399,11 +399,9 @@ class TTALabeler:
     def __init__(self, checkpoint_uri: str, tta: dict, threads: int = 0) -> None:
         from pipeline.inference import Predictor
 
-        if threads:
-            torch.set_num_threads(int(threads))
         self.config = TTAConfig(**tta)
         self.predictor = Predictor(checkpoint_uri, device="cpu" if not torch.cuda.is_available() else None,
-                                   score_threshold=self.config.min_score)
+                                   score_threshold=self.config.min_score, threads=int(threads))
         self.category_ids = self.predictor.category_ids
 
     def label_rows(self, rows: list[dict]) -> list[dict]:

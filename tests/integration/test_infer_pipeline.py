@@ -158,7 +158,8 @@ def test_s3_roundtrip_bad_images_and_coco_json(s3, ray_local, tmp_path):
 
 def dying_predictor(marker: str, die_on_batch: int = 2) -> type[Predictor]:
     """A Predictor that kills its actor process (os._exit) once, in its ``die_on_batch``-th batch,
-    after computing and before returning it. Defined in a function so it pickles by value."""
+    after computing and before returning it; the marker file gets "<pid> <torch threads>".
+    Defined in a function so it pickles by value."""
 
     class DyingPredictor(Predictor):
         batches = 0
@@ -171,7 +172,7 @@ def dying_predictor(marker: str, die_on_batch: int = 2) -> type[Predictor]:
                 fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 return
-            os.write(fd, str(os.getpid()).encode())
+            os.write(fd, f"{os.getpid()} {torch.get_num_threads()}".encode())
             os.close(fd)
             os._exit(1)
 
@@ -188,8 +189,9 @@ def test_actor_killed_mid_run_gives_exactly_n_rows(ray_local, tmp_path):
                             predictor_factory=dying_predictor(marker), rows_per_task=4)
 
     assert os.path.exists(marker), "the fault was not injected"
-    pid = int(open(marker).read())
+    pid, threads = (int(v) for v in open(marker).read().split())
     assert pid > 0
+    assert threads == 2  # the 2-CPU cluster's cores go to its one CPU actor (cpu_actor_threads)
     rows = results(out_uri, data_uri)
     ids = [r["image_id"] for r in rows]
     assert sorted(ids) == sorted(names) and len(set(ids)) == len(ids)

@@ -274,6 +274,7 @@ def test_job_arguments():
     infer.add_arguments(parser)
     args = parser.parse_args(["--checkpoint", "c", "--input", "i", "--output", "o", "--actors", "1,3"])
     assert infer.parse_actors(args.actors) == (1, 3) and args.batch_size == 4 and args.gpus_per_actor is None
+    assert args.threads is None
     assert infer.parse_actors("2") == 2
     for bad in ("0", "3,1", "x"):
         with pytest.raises(MaskrayError, match="--actors"):
@@ -281,6 +282,34 @@ def test_job_arguments():
     args.batch_size = 0
     with pytest.raises(MaskrayError, match="--batch-size"):
         infer.run(args)
+    args.batch_size, args.threads = 4, -1
+    with pytest.raises(MaskrayError, match="--threads"):
+        infer.run(args)
+
+
+def test_cpu_actor_threads_share_the_cluster_cores():
+    assert inference.cpu_actor_threads([2.0], 1) == 2  # one actor on a 2-core node: both cores
+    assert inference.cpu_actor_threads([2.0], 2) == 1
+    assert inference.cpu_actor_threads([2.0], 3) == 1  # never below one thread
+    assert inference.cpu_actor_threads([16.0, 16.0], 4) == 8
+    assert inference.cpu_actor_threads([16.0, 4.0], 1) == 16  # no more than the largest node has
+    assert inference.cpu_actor_threads([0.0], 1) == 1  # a GPU-only view of the cluster
+    with pytest.raises(MaskrayError, match="actors"):
+        inference.cpu_actor_threads([2.0], 0)
+
+
+def test_predictor_threads_set_torch_threads(tiny):
+    model, config = tiny
+    before = torch.get_num_threads()
+    try:
+        Predictor(model=model, config=config, threads=1)
+        assert torch.get_num_threads() == 1
+        Predictor(model=model, config=config, threads=0)  # 0 leaves the setting alone
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(MaskrayError, match="threads"):
+        Predictor(model=model, config=config, threads=-2)
 
 
 def test_tta_can_rescale_the_predictor(tiny):
