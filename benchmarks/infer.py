@@ -1,9 +1,11 @@
 """Inference throughput: the Ray Data pipeline (``run_inference``) vs a plain single-process loop.
 
 Anchor, measured in the same run: the plain loop over the same model and the same encoded images
-held in memory (decode -> ``Predictor.predict`` -> RLE with ``pipeline.instances``), with torch on
-every core and on one thread; the faster of the two is the anchor. Then ``run_inference`` over the same images stored as local shards, with 1 actor and
-with 2 actors (each a fresh results prefix). Reported per pipeline run:
+held in memory (decode -> ``Predictor.predict`` -> RLE with ``pipeline.instances``), run twice:
+with torch's defaults (one batch on every core's OpenMP thread, what ``model(images)`` does) and
+with the Predictor's lanes on every core (``threads=os.cpu_count()``, what the pipeline's actor
+uses); the faster of the two is the anchor. Then ``run_inference`` over the same images stored as
+local shards, with 1 actor and with 2 actors (each a fresh results prefix). Reported per pipeline run:
 
 - end to end: images / wall time of ``run_inference`` (includes starting actors, loading the
   checkpoint in each and writing results);
@@ -62,12 +64,12 @@ def make_dataset(root: str, images: int, shards: int, size: int) -> list[bytes]:
     return data
 
 
-def plain_loop(ckpt: str, data: list[bytes], batch_size: int, score_threshold: float) -> dict:
+def plain_loop(ckpt: str, data: list[bytes], batch_size: int, score_threshold: float, threads: int = 0) -> dict:
     from pipeline.dataset import decode_image
     from pipeline.inference import Predictor
     from pipeline.instances import Instances
 
-    predictor = Predictor(ckpt, score_threshold=score_threshold)
+    predictor = Predictor(ckpt, score_threshold=score_threshold, threads=threads)
     ids = predictor.category_ids
     predictor.predict([decode_image(data[0])])  # warm-up
     instances = 0
@@ -78,7 +80,7 @@ def plain_loop(ckpt: str, data: list[bytes], batch_size: int, score_threshold: f
             instances += len(Instances.from_output(out, tuple(im.shape[-2:])).to_coco(i + k, ids))
     seconds = time.perf_counter() - start
     return {"images": len(data), "seconds": seconds, "images_per_s": len(data) / seconds,
-            "instances": instances, "torch_threads": torch.get_num_threads()}
+            "instances": instances, "lanes_threads": threads}
 
 
 class GpuSampler:
@@ -192,16 +194,16 @@ def cpu_benchmark(args: argparse.Namespace, work: str) -> dict:
     ckpt = os.path.join(work, "ckpt.pt")
     write_checkpoint(ckpt, args.backbone, args.size, args.detections, args.proposals)
     data = make_dataset(data_uri, args.images, args.shards, args.size)
-    # Two anchors: torch on every core, and on one thread (what one CPU actor gets). On an
-    # oversubscribed machine OpenMP with 2 threads can be slower than 1; the ratio uses the faster.
+    # Two anchors: torch's defaults (OpenMP on every core) and the Predictor's lanes on every
+    # core; the ratio uses the faster.
     threads = torch.get_num_threads()
     plains = []
-    for n in sorted({threads, 1}, reverse=True):
-        torch.set_num_threads(n)
-        plains.append(plain_loop(ckpt, data, args.batch_size, args.score_threshold))
-        print(f"plain loop: {plains[-1]['images_per_s']:.2f} images/s ({plains[-1]['images']} images, "
-              f"{plains[-1]['seconds']:.1f} s, torch threads {n})", flush=True)
-    torch.set_num_threads(threads)
+    for lanes in (0, os.cpu_count()):
+        plains.append(plain_loop(ckpt, data, args.batch_size, args.score_threshold, threads=lanes))
+        torch.set_num_threads(threads)
+        how = f"lanes on {lanes} threads" if lanes else f"torch defaults ({threads} threads)"
+        print(f"plain loop, {how}: {plains[-1]['images_per_s']:.2f} images/s ({plains[-1]['images']} images, "
+              f"{plains[-1]['seconds']:.1f} s)", flush=True)
     plain = max(plains, key=lambda p: p["images_per_s"])
     start_ray(num_cpus=os.cpu_count())
     try:

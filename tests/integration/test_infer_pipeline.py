@@ -158,7 +158,7 @@ def test_s3_roundtrip_bad_images_and_coco_json(s3, ray_local, tmp_path):
 
 def dying_predictor(marker: str, die_on_batch: int = 2) -> type[Predictor]:
     """A Predictor that kills its actor process (os._exit) once, in its ``die_on_batch``-th batch,
-    after computing and before returning it; the marker file gets "<pid> <torch threads>".
+    after computing and before returning it; the marker file gets "<pid> <threads>".
     Defined in a function so it pickles by value."""
 
     class DyingPredictor(Predictor):
@@ -172,7 +172,7 @@ def dying_predictor(marker: str, die_on_batch: int = 2) -> type[Predictor]:
                 fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 return
-            os.write(fd, f"{os.getpid()} {torch.get_num_threads()}".encode())
+            os.write(fd, f"{os.getpid()} {self.threads}".encode())
             os.close(fd)
             os._exit(1)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -298,14 +299,43 @@ def test_cpu_actor_threads_share_the_cluster_cores():
         inference.cpu_actor_threads([2.0], 0)
 
 
-def test_predictor_threads_set_torch_threads(tiny):
+class LaneRecorder(Predictor):
+    """Records, per lane: its thread, its number of images and torch's threads in it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def _forward_lane(self, images, original_sizes, cpu, intra):
+        out = super()._forward_lane(images, original_sizes, cpu, intra)
+        self.calls.append((threading.get_ident(), len(images), torch.get_num_threads()))
+        return out
+
+
+def test_lanes_split_a_batch_and_keep_its_order(tiny):
     model, config = tiny
+    g = torch.Generator().manual_seed(3)
+    ims = [torch.randint(0, 256, (3, 64, 80), dtype=torch.uint8, generator=g) for _ in range(5)]
+    floats = [im.float() / 255 for im in ims]
+    sizes = [(64, 80)] * 5
     before = torch.get_num_threads()
     try:
-        Predictor(model=model, config=config, threads=1)
-        assert torch.get_num_threads() == 1
-        Predictor(model=model, config=config, threads=0)  # 0 leaves the setting alone
-        assert torch.get_num_threads() == 1
+        expected = Predictor(model=model, config=config).forward_resized(floats, sizes)
+        lanes = LaneRecorder(model=model, config=config, threads=2)
+        got = lanes.forward_resized(floats, sizes)
+        # 5 images on 2 threads: lanes of 2 and 3 images on two threads, 1 torch thread each.
+        assert sorted(n for _, n, _ in lanes.calls) == [2, 3]
+        assert len({ident for ident, _, _ in lanes.calls}) == 2
+        assert [t for _, _, t in lanes.calls] == [1, 1]
+        assert len(got) == 5
+        for e, o in zip(expected, got):
+            assert len(o["scores"]) == len(e["scores"]) > 0
+            torch.testing.assert_close(o["boxes"], e["boxes"], atol=1e-3, rtol=1e-4)
+            torch.testing.assert_close(o["masks"], e["masks"], atol=1e-3, rtol=1e-3)
+        lanes.calls.clear()
+        lanes.forward_resized(floats[:1], sizes[:1])  # one image: one lane on both threads
+        assert [(n, t) for _, n, t in lanes.calls] == [(1, 2)]
+        assert lanes.forward_resized([], []) == []
     finally:
         torch.set_num_threads(before)
     with pytest.raises(MaskrayError, match="threads"):
