@@ -16,7 +16,7 @@ local shards, with 1 actor and with 2 actors (each a fresh results prefix). Repo
 With CUDA (guarded): R50-FPN at 800 px with AMP, images/s per GPU through the pipeline and the GPU
 busy fraction sampled with ``nvidia-smi`` during the stream.
 
-    python benchmarks/infer.py [--images 48] [--size 128] [--shards 8] [--backbone resnet18] [--actors 1,2]
+    python benchmarks/infer.py [--images 48] [--size 128] [--shards 8] [--backbone resnet18] [--actors 1,2] [--threads T]
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def timed_predictor(marker: str):
 
 
 def pipeline_run(data_uri: str, out_uri: str, ckpt: str, *, actors: int, batch_size: int,
-                 score_threshold: float, gpus_per_actor: float | None = None) -> dict:
+                 score_threshold: float, gpus_per_actor: float | None = None, threads: int | None = None) -> dict:
     """End to end: images / wall of run_inference. Steady: images / (last commit - first model
     batch start), i.e. without starting Ray Data and the actors (checkpoint load, op load)."""
     from pipeline.inference import run_inference
@@ -149,7 +149,7 @@ def pipeline_run(data_uri: str, out_uri: str, ckpt: str, *, actors: int, batch_s
     commits: list[float] = []
     start = time.time()
     summary = run_inference(data_uri, out_uri, ckpt, batch_size=batch_size, actors=actors,
-                            gpus_per_actor=gpus_per_actor, score_threshold=score_threshold,
+                            gpus_per_actor=gpus_per_actor, threads=threads, score_threshold=score_threshold,
                             predictor_factory=timed_predictor(marker),
                             on_shard_committed=lambda uri: commits.append(time.time()))
     wall = time.time() - start
@@ -210,7 +210,8 @@ def cpu_benchmark(args: argparse.Namespace, work: str) -> dict:
         runs = []
         for actors in args.actors:
             run = pipeline_run(data_uri, os.path.join(work, f"out-{actors}"), ckpt, actors=actors,
-                               batch_size=args.batch_size, score_threshold=args.score_threshold)
+                               batch_size=args.batch_size, score_threshold=args.score_threshold,
+                               threads=args.threads)
             run["ratio_steady"] = run["steady_images_per_s"] / plain["images_per_s"]
             run["ratio_end_to_end"] = run["images_per_s"] / plain["images_per_s"]
             assert run["images"] == args.images and run["errors"] == 0
@@ -262,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--score-threshold", type=float, default=0.05)
     parser.add_argument("--actors", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads per CPU model actor (default: run_inference's, the CPUs shared among the actors); "
+                             "--threads 1 shows how the pipeline scales with actors")
     parser.add_argument("--gpu-images", type=int, default=512)
     parser.add_argument("--gpu-batch-size", type=int, default=8)
     parser.add_argument("--no-gpu", action="store_true")
