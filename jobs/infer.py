@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-actor", type=float, default=None, metavar="G",
                         help="GPUs per model actor (default: 1 when the cluster has GPUs, else 0 = CPU actors)")
     parser.add_argument("--threads", type=int, default=None, metavar="T",
-                        help="torch threads per CPU model actor (default: the cluster's CPUs / actors; "
-                             "0 = Ray's default, one per reserved CPU)")
+                        help="threads per CPU model actor, each batch split in lanes over them (default: the "
+                             "cluster's CPUs / actors; 0 = Ray's default, torch on the reserved CPUs)")
     parser.add_argument("--score-threshold", type=float, default=0.05, metavar="T",
                         help="drop detections scoring below T (default 0.05)")
     parser.add_argument("--max-pixels", type=int, default=50_000_000, metavar="P",

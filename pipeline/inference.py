@@ -148,8 +148,8 @@ class Predictor:
     ``threads`` = T > 1 a batch of B images is split into L = min(T, B) lanes of consecutive images
     run concurrently on Python threads (torch releases the GIL in its kernels), each lane on
     T // L intra-op threads. Lanes beat one batch on T OpenMP threads: 6.9 vs 6.1 images/s on 2
-    idle cores, and far more when other processes (Ray's, the CPU stages) take CPU time, because
-    an OpenMP team waits at every barrier for its slowest, preempted thread (benchmarks/RESULTS.md).
+    idle cores, 6.4 vs 5.2 in a Ray actor beside the pipeline's other processes, which preempt
+    one thread of an OpenMP team while the others wait at its barrier (benchmarks/RESULTS.md).
     """
 
     def __init__(
@@ -630,7 +630,8 @@ def _shard_list(dataset_uri: str) -> list[tuple[str, str, int]]:
 
 
 def cpu_actor_threads(node_cpus: Sequence[float], actors: int) -> int:
-    """torch intra-op threads for each of ``actors`` CPU model actors on nodes with ``node_cpus``.
+    """Threads (``Predictor(threads=)``) for each of ``actors`` CPU model actors on nodes with
+    ``node_cpus``.
 
     The model is the pipeline's bottleneck on CPU: decode/resize and RLE are a small share of the
     work per image, so each actor gets the cluster's CPUs shared out among the actors (at least
@@ -668,9 +669,9 @@ def run_inference(
     ``actors`` is a pool size or ``(min, max)``; ``gpus_per_actor`` None = 1 when the cluster has
     GPUs, else CPU actors. ``cpus_per_actor`` None = 1, lowered on a CPU-only cluster so the pool
     leaves one CPU for the decode and RLE tasks (else they could never be scheduled). ``threads``
-    is torch's intra-op thread count in each CPU actor; None = :func:`cpu_actor_threads` (the
-    cluster's CPUs shared among the actors), 0 = Ray's default (the actor's reserved CPUs, so 1);
-    GPU actors leave it alone. Images over ``max_pixels`` (None: no limit) become error rows.
+    is the cores each CPU actor's :class:`Predictor` uses (its batches split in lanes); None =
+    :func:`cpu_actor_threads` (the cluster's CPUs shared among the actors), 0 = Ray's default
+    (torch on the actor's reserved CPUs, so 1); GPU actors ignore it. Images over ``max_pixels`` (None: no limit) become error rows.
     ``rows_per_task`` bounds the rows one read/decode task takes (match the shards' row groups).
     ``on_shard_committed(result_uri)`` is called after each commit.
     Initialises Ray (local) when it is not running.
