@@ -35,8 +35,10 @@ def _quiet_ray() -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    # its one warning is "Progress bars disabled": maskray's own choice for these jobs, not news
+    # Their one warning each is about progress bars ("Progress bars disabled"; "tqdm is not
+    # installed", when a worker's bar reaches the driver): maskray's own choice here, not news.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    logging.getLogger("ray.experimental.tqdm_ray").setLevel(logging.ERROR)
 
 
 def _init_ray(verbose: bool) -> None:
