@@ -107,7 +107,7 @@ def main() -> int:
     train = make_data(root, args.images, args.size)
     from pipeline import raysetup  # Ray as the train job starts it (Ray Data idle-loop pacing)
 
-    raysetup.init("local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    raysetup.init(num_cpus=2)
     try:
         results = {}
         for workers in (1, 2):

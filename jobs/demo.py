@@ -77,17 +77,9 @@ def _init_ray(verbose: bool = False) -> None:
     is replaced) receives its constructor arguments through the object store — expected here.
     Failures still surface as Python exceptions.
     """
-    import ray
+    from pipeline import raysetup
 
-    if not verbose:
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-    # A busy 2-core laptop can need more than Ray's default 30 s to register its raylet.
-    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
-    if not ray.is_initialized():
-        from pipeline import raysetup
-
-        raysetup.init("local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
-                      logging_level=logging.ERROR)
+    raysetup.init(num_cpus=os.cpu_count() or 2, verbose=verbose)
 
 
 def run(args: argparse.Namespace) -> int:

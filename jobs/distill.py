@@ -149,12 +149,9 @@ def run(args: argparse.Namespace) -> int:
     from jobs import train as train_job
 
     train_job._quiet_ray()
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        from pipeline import raysetup
+    from pipeline import raysetup
 
-        raysetup.init(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
-                      include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None)
+    started_ray = raysetup.init(verbose=verbose)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         scheduler = RoundScheduler(config.work_dir, DistillSteps(config, verbose).functions(),

@@ -42,18 +42,9 @@ def _quiet_ray() -> None:
 
 
 def _init_ray(verbose: bool) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    # a Ray job (RAY_ADDRESS set by the job supervisor, or by the user: RAY_ADDRESS=auto joins a
-    # `ray start` cluster) runs on that cluster; otherwise a private local instance, never
-    # whichever other Ray happens to run on this machine
-    address = os.environ.get("RAY_ADDRESS") or "local"
     from pipeline import raysetup
 
-    raysetup.init(address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR,
-                  include_dashboard=False if address == "local" else None)
+    raysetup.init(verbose=verbose)  # RAY_ADDRESS, else a private local instance; no-op when up
 
 
 def _without_progress_bars(dataset):

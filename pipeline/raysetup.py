@@ -1,4 +1,16 @@
-"""Ray start-up shared by the jobs: ``init`` with maskray's worker set-up hook.
+"""THE Ray start-up rule of every maskray job (train, infer, distill, demo, benchmarks): :func:`init`.
+
+* ``RAY_ADDRESS`` set (a submitted Ray job, or the user's ``RAY_ADDRESS=auto`` / ``ray://``)
+  -> join that cluster;
+* otherwise a private local instance (``address="local"``): never silently joining whatever
+  ``ray start`` cluster happens to run on this machine;
+* Ray already initialised in this process (the demo, a test fixture, a notebook) -> nothing
+  is done: the caller uses that Ray and must not shut it down (``init`` returns False).
+
+Together with it, the console quieting (:func:`quiet_console`): Ray's own progress output and
+C++ log lines stay off the console unless ``verbose``; maskray's one-line logs are the console.
+
+It also installs maskray's worker set-up hook (``SETUP_HOOK``), which exists for this reason:
 
 The hook works around a busy loop in Ray Data 2.60's streaming executor: when every task
 of a pipeline has finished but its consumers have not yet taken the output (backpressure),
@@ -18,6 +30,7 @@ from what it expects (another Ray version), so it can only ever remove the spin.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -68,17 +81,62 @@ def runtime_env(base: dict[str, Any] | None = None) -> dict[str, Any]:
     return env
 
 
-def init(address: str | None = None, **kwargs: Any) -> None:
-    """``ray.init(address, **kwargs)`` with the worker set-up hook in its runtime env.
+# ray.init options that only make sense when this process starts the instance
+LOCAL_ONLY = ("num_cpus", "num_gpus", "resources", "object_store_memory", "include_dashboard")
 
-    Inside a submitted Ray job the job's own runtime env (``infra/runtime_env.yaml``, which
-    names the hook too) applies and none is passed here, so the two never conflict.
+
+def quiet_console(verbose: bool = False) -> None:
+    """Ray's progress output, print patching and C++ log lines off the console unless ``verbose``.
+
+    Environment variables are set with ``setdefault`` (a user's own setting wins); they reach
+    the raylet and workers only when set before :func:`init` starts Ray. Progress bars of Ray
+    Data are left to each dataset (the train stream turns its own off; infer keeps its bar).
     """
-    import os
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # A busy 2-core laptop can need more than Ray's default 30 s to register its raylet.
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+    if not verbose:
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+        for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    # Their one warning each is about progress bars ("Progress bars disabled"; "tqdm is not
+    # installed", when a worker's bar reaches the driver): maskray's own choice, not news.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    logging.getLogger("ray.experimental.tqdm_ray").setLevel(logging.ERROR)
 
+
+def resolve_address(address: str | None = None) -> str:
+    """The address :func:`init` uses: ``address``, else ``RAY_ADDRESS``, else ``"local"``."""
+    return address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def init(address: str | None = None, *, verbose: bool = False, **kwargs: Any) -> bool:
+    """Start or join Ray by the one rule (module docstring); True when this call started it.
+
+    ``kwargs`` go to ``ray.init``; options that size a local instance (:data:`LOCAL_ONLY`) are
+    dropped when joining a cluster. Defaults: ``log_to_driver=verbose``, ``logging_level``
+    INFO/WARNING, no dashboard for a local instance. The worker set-up hook rides in the
+    runtime env, except inside a submitted Ray job, whose own runtime env
+    (``infra/runtime_env.yaml``, which names the hook too) applies.
+    """
     import ray
 
+    if ray.is_initialized():
+        return False
+    quiet_console(verbose)
     pace_idle_scheduling()  # the driver runs executors too (ds.write, iter_batches)
+    address = resolve_address(address)
+    if address == "local":
+        kwargs.setdefault("include_dashboard", False)
+    else:
+        dropped = [k for k in LOCAL_ONLY if kwargs.pop(k, None) is not None]
+        if dropped:
+            logger.debug("joining Ray at %s: ignoring %s", address, ", ".join(dropped))
+    kwargs.setdefault("log_to_driver", verbose)
+    kwargs.setdefault("logging_level", logging.INFO if verbose else logging.WARNING)
     if JOB_CONFIG_ENV not in os.environ and "runtime_env" not in kwargs:
         kwargs["runtime_env"] = runtime_env()
     ray.init(address=address, **kwargs)
+    return True
