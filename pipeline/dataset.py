@@ -3,7 +3,9 @@
 - :func:`read_shards` streams the shards a manifest lists (``ray.data.read_parquet`` with the
   filesystem from :func:`pipeline.storage.resolve`; nothing is listed beyond the manifest).
 - :func:`decode_image` turns the stored bytes into a ``uint8`` CHW tensor with 3 channels
-  (gray, palette, RGBA, 16-bit and CMYK inputs are normalised); :func:`decode_target` turns
+  (gray, palette, RGBA, 16-bit and CMYK inputs are normalised; 16/32-bit by their own range,
+  :data:`INTENSITY_MODES`), after the one pixel limit (:func:`check_pixels`) on the header;
+  :func:`decode_target` turns
   the ``annotations`` list into torchvision detection targets.
 - :func:`read_rows` (re-exported from :mod:`pipeline.format`) iterates rows without Ray.
 
@@ -26,7 +28,7 @@ from pipeline.format import dataset_root, read_manifest, read_rows, shard_uris  
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MAX_PIXELS = 50_000_000  # the one pixel limit (check_pixels); a 4000x3000 photo is 12 MP
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
@@ -93,25 +95,62 @@ def read_shards(dataset_uri: str, *, columns: list[str] | None = None,
 # ---------------------------------------------------------------------------------------------
 # Images
 
+# How images with more than 8 bits per sample (16-bit and 32-bit integer, 32-bit float; one
+# channel) are mapped to uint8. 8-bit images (gray, palette, RGB, CMYK...) are never rescaled.
+#   "percentile": per image, the PERCENTILE_RANGE percentiles -> 0..255, clipped (default; as
+#                 stardist/csbdeep's normalize and cellpose do: 1st and 99.8th percentiles)
+#   "minmax":     per image, min..max -> 0..255
+#   "dtype":      0..65535 -> 0..255 for integer images (a 0-235 microscopy image becomes
+#                 black, so only for data that really spans the range); min-max for float
+INTENSITY_MODES: tuple[str, ...] = ("percentile", "minmax", "dtype")
+DEFAULT_INTENSITY = "percentile"
+PERCENTILE_RANGE = (1.0, 99.8)
+
+
+def check_intensity(intensity: str) -> str:
+    """``intensity`` if it is one of :data:`INTENSITY_MODES` (else a one-line ValueError)."""
+    if intensity not in INTENSITY_MODES:
+        raise ValueError(f"intensity {intensity!r} is not one of {', '.join(INTENSITY_MODES)}")
+    return intensity
+
+
+def check_pixels(width: int, height: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+    """The one pixel-limit check (and its one error text), done on header sizes before decoding.
+
+    ``max_pixels`` defaults to :data:`DEFAULT_MAX_PIXELS` (50 MP: a 4000x3000 photo is 12 MP);
+    ``None`` leaves only Pillow's own bomb check (error above ~179 MP).
+    """
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageDecodeError(f"image is {width}x{height} = {width * height / 1e6:.1f} MP, over "
+                               f"the {max_pixels / 1e6:g} MP limit (max_pixels), "
+                               f"refused before decoding")
+
 
 def open_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS):
     """A PIL image for encoded ``data`` (header parsed; pixels not decoded yet).
 
     Raises :class:`ImageDecodeError` for empty or unrecognised data and for images larger than
-    ``max_pixels`` (``None`` disables the limit), before any pixel memory is allocated.
+    ``max_pixels`` (:func:`check_pixels`), before any pixel memory is allocated. Pillow's own
+    bomb check is replaced by ours only when ``max_pixels`` is set (ours runs right after the
+    header is read); with ``None`` Pillow's stays on.
     """
     from PIL import Image
 
     if data is None or len(data) == 0:
         raise ImageDecodeError("empty image data (0 bytes)")
     try:
-        # PIL's own bomb check (warning at 89 MP, error at 179 MP) is replaced by max_pixels
-        with _PIL_LIMIT_LOCK:
-            old_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-            try:
-                img = Image.open(io.BytesIO(data))
-            finally:
-                Image.MAX_IMAGE_PIXELS = old_limit
+        if max_pixels is None:
+            img = Image.open(io.BytesIO(data))
+        else:
+            with _PIL_LIMIT_LOCK:
+                old_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+                try:
+                    img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+                finally:
+                    Image.MAX_IMAGE_PIXELS = old_limit
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"image refused by Pillow's decompression bomb check ({exc})") \
+            from None
     except Exception as exc:  # noqa: BLE001 - PIL raises several types for junk
         head = bytes(data[:8]).hex()
         raise ImageDecodeError(f"not a recognised image format ({len(data)} bytes starting "
@@ -119,44 +158,70 @@ def open_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS):
     width, height = img.size
     if width <= 0 or height <= 0:
         raise ImageDecodeError(f"image has an empty size {width}x{height}")
-    if max_pixels is not None and width * height > max_pixels:
-        raise ImageDecodeError(f"image is {width}x{height} = {width * height / 1e6:.1f} MP, over "
-                               f"the {max_pixels / 1e6:.0f} MP limit (max_pixels)")
+    check_pixels(width, height, max_pixels)
     return img
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """``(width, height)`` from the header of encoded image bytes (no pixel decode)."""
-    return open_image(data, max_pixels=None).size
+def image_size(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """``(width, height)`` from the header of encoded image bytes (no pixel decode); raises
+    :class:`ImageDecodeError` over ``max_pixels``."""
+    return open_image(data, max_pixels=max_pixels).size
 
 
-def decode_array(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Encoded bytes -> ``uint8`` array ``[H, W, 3]``.
-
-    Gray and palette images are expanded to RGB; alpha is dropped; 16-bit and 32-bit integer
-    images are scaled to 8 bits (``v * 255 / 65535``, rounded); CMYK/YCbCr/LAB are converted to
-    RGB. EXIF orientation is not applied (annotations refer to the stored pixel grid).
-    """
+def load_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    """:func:`open_image` then a full decode (catches truncated/corrupt streams)."""
     img = open_image(data, max_pixels=max_pixels)
     try:
         img.load()
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt streams raise several types
         raise ImageDecodeError(f"corrupt or truncated {img.format or 'image'} data "
                                f"({len(data)} bytes: {exc})") from None
+    return img
+
+
+def to_uint8(arr: np.ndarray, intensity: str = DEFAULT_INTENSITY) -> np.ndarray:
+    """A one-channel array of more than 8 bits -> ``uint8`` of the same shape (see
+    :data:`INTENSITY_MODES`). NaN/inf become the low end; a constant image becomes 0."""
+    check_intensity(intensity)
+    values = np.asarray(arr, dtype=np.float64)
+    finite = np.isfinite(values)
+    if intensity == "dtype" and np.issubdtype(arr.dtype, np.integer):
+        # Pillow's 16-bit modes and its 32-bit "I" (often 16-bit data): the 16-bit range
+        scaled = np.clip(values, 0.0, 65535.0) * (255.0 / 65535.0)
+        return np.rint(scaled).astype(np.uint8)
+    if not finite.any():
+        return np.zeros(arr.shape, dtype=np.uint8)
+    if intensity == "percentile":
+        lo, hi = (float(v) for v in np.percentile(values[finite], PERCENTILE_RANGE))
+        if hi <= lo:  # (nearly) constant between the percentiles: fall back to min-max
+            lo, hi = float(values[finite].min()), float(values[finite].max())
+    else:  # "minmax", and "dtype" for float images (no dtype range to speak of)
+        lo, hi = float(values[finite].min()), float(values[finite].max())
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    scaled = (np.where(finite, values, lo) - lo) * (255.0 / (hi - lo))
+    return np.rint(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
+
+
+def decode_array(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 intensity: str = DEFAULT_INTENSITY) -> np.ndarray:
+    """Encoded bytes -> ``uint8`` array ``[H, W, 3]``.
+
+    Gray and palette images are expanded to RGB; alpha is dropped; CMYK/YCbCr/LAB are converted
+    to RGB; 8-bit images keep their values. One-channel 16-bit and 32-bit (integer or float)
+    images are mapped by ``intensity`` (:data:`INTENSITY_MODES`; default per-image
+    1st-99.8th percentile). 16-bit RGB and gray+alpha PNGs reach us already reduced to 8 bits
+    by Pillow (high byte). EXIF orientation is not applied (annotations refer to the stored
+    pixel grid). Raises :class:`ImageDecodeError` over ``max_pixels`` before decoding.
+    """
+    check_intensity(intensity)
+    img = load_image(data, max_pixels=max_pixels)
     mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img)
         if arr.ndim != 2:
             raise ImageDecodeError(f"unsupported image layout {arr.shape} for mode {mode}")
-        arr = arr.astype(np.int64)
-        arr = np.clip(arr, 0, 65535)
-        arr = ((arr * 255 + 32767) // 65535).astype(np.uint8)
-        return np.repeat(arr[:, :, None], 3, axis=2)
-    if mode == "F":
-        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
-        arr = np.rint(arr).astype(np.uint8)
+        arr = to_uint8(arr, intensity)
         return np.repeat(arr[:, :, None], 3, axis=2)
     if mode in ("P", "PA") and "transparency" in img.info:
         img = img.convert("RGBA")
@@ -168,15 +233,17 @@ def decode_array(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     return arr
 
 
-def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 intensity: str = DEFAULT_INTENSITY):
     """Encoded image bytes -> ``torch.uint8`` tensor ``[3, H, W]`` (see :func:`decode_array`).
 
     Raises :class:`ImageDecodeError` (one line saying what is wrong) for empty, corrupt or
-    truncated data and for images over ``max_pixels`` (default 50 MP; ``None`` = no limit).
+    truncated data and for images over ``max_pixels`` (default 50 MP), read from the header
+    before any decode. ``intensity`` maps 16/32-bit images (:data:`INTENSITY_MODES`).
     """
     import torch
 
-    arr = decode_array(data, max_pixels=max_pixels)
+    arr = decode_array(data, max_pixels=max_pixels, intensity=intensity)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from pipeline import format as fmt
-from pipeline.dataset import ImageDecodeError, TargetError, decode_image, decode_target, image_size
+from pipeline.dataset import (INTENSITY_MODES, ImageDecodeError, TargetError, decode_image,
+                              decode_target, image_size, load_image)
 from pipeline.synth import encode_rle
 
 
@@ -44,11 +45,11 @@ def test_gray_rgba_palette():
     assert np.array_equal(t.permute(1, 2, 0).numpy(), np.asarray(pal.convert("RGB")))
 
 
-def test_16bit_png_scaled_to_8bit():
+def test_16bit_png_scaled_to_8bit_by_dtype_range_when_asked():
     arr16 = np.array([[0, 257, 65535], [32768, 1000, 65280]], dtype=np.uint16)
     img = Image.fromarray(arr16)  # mode I;16
     data = _encode(img)
-    t = decode_image(data)
+    t = decode_image(data, intensity="dtype")
     expected = np.array([[0, 1, 255], [128, 4, 254]], dtype=np.uint8)
     assert t.shape == (3, 2, 3) and np.array_equal(t[0].numpy(), expected)
 
@@ -106,7 +107,7 @@ def _png_header_only(width: int, height: int) -> bytes:
 
 def test_pixel_limit_refuses_before_decoding():
     huge = _png_header_only(10_000, 10_000)
-    assert image_size(huge) == (10_000, 10_000)
+    assert image_size(huge, max_pixels=None) == (10_000, 10_000)
     with pytest.raises(ImageDecodeError, match=r"10000x10000 = 100\.0 MP, over the 50 MP limit"):
         decode_image(huge)
     small = _encode(Image.fromarray(_rgb(40, 40)))
@@ -142,3 +143,69 @@ def test_decode_target():
         decode_target(anns, h, w, [3])
     with pytest.raises(TargetError, match="does not match the image"):
         decode_target(anns, h + 1, w, [3, 7])
+
+
+def _stardist_like_uint16(h=256, w=256) -> np.ndarray:
+    """uint16 with values 0-235 like stardist's img2d.tif: dim background, brighter nuclei."""
+    rng = np.random.default_rng(3)
+    img = rng.normal(20, 4, size=(h, w))
+    yy, xx = np.mgrid[:h, :w]
+    for _ in range(40):
+        cy, cx, r = rng.integers(10, h - 10), rng.integers(10, w - 10), rng.integers(4, 9)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = rng.normal(150, 30)
+    return np.clip(img, 0, 235).astype(np.uint16)
+
+
+def test_real_range_uint16_keeps_its_contrast():
+    arr = _stardist_like_uint16()
+    assert arr.max() <= 235
+    data = _encode(Image.fromarray(arr), "TIFF")
+    t = decode_image(data)  # default: per-image percentile scaling
+    out = t[0].numpy().astype(float)
+    assert t.shape == (3, 256, 256)
+    assert out.max() == 255 and out.min() == 0
+    nuclei, background = arr > 80, arr < 40
+    assert out[nuclei].mean() - out[background].mean() > 100  # nuclei stand out
+    # min-max also keeps it; the dtype's range blacks it out (max 1: the bug this replaces)
+    assert decode_image(data, intensity="minmax")[0].max() == 255
+    assert decode_image(data, intensity="dtype")[0].max() <= 1
+    # the same mapping through every decode entry point (train/eval/infer/show call these)
+    assert np.array_equal(decode_image(data).numpy(), decode_image(data, intensity="percentile").numpy())
+
+
+def test_32bit_float_and_int_images_mapped_by_their_range():
+    f = np.linspace(-3.0, 5.0, 64 * 64, dtype=np.float32).reshape(64, 64)
+    t = decode_image(_encode(Image.fromarray(f, "F"), "TIFF"))
+    assert t.min() == 0 and t.max() == 255
+    i32 = (np.arange(64 * 64, dtype=np.int32).reshape(64, 64) * 3 + 100000)
+    t = decode_image(_encode(Image.fromarray(i32, "I"), "TIFF"), intensity="minmax")
+    assert t.min() == 0 and t.max() == 255
+
+
+def test_8bit_images_unchanged_by_any_intensity_mode():
+    arr = _rgb(20, 30)
+    arr[0, 0] = (3, 4, 5)  # would move under any rescaling
+    data = _encode(Image.fromarray(arr))
+    gray = _encode(Image.fromarray(arr[:, :, 1], "L"))
+    for mode in INTENSITY_MODES:
+        assert np.array_equal(decode_image(data, intensity=mode).permute(1, 2, 0).numpy(), arr)
+        assert np.array_equal(decode_image(gray, intensity=mode)[0].numpy(), arr[:, :, 1])
+    with pytest.raises(ValueError, match="intensity 'gamma' is not one of percentile, minmax, dtype"):
+        decode_image(data, intensity="gamma")
+
+
+def test_30000_squared_png_bomb_refused_from_header(monkeypatch):
+    bomb = _png_header_only(30_000, 30_000)  # a few dozen bytes declaring 900 MP
+    assert len(bomb) < 100
+    from PIL import ImageFile
+
+    def no_decode(self):  # the limit must act before any decode is attempted
+        raise AssertionError("decode attempted")
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    for call in (decode_image, load_image, image_size):
+        with pytest.raises(ImageDecodeError,
+                           match=r"image is 30000x30000 = 900\.0 MP, over the 50 MP limit"):
+            call(bomb)
+    # no limit of ours: Pillow's own bomb check still refuses it (never switched off)
+    with pytest.raises(ImageDecodeError, match="decompression bomb"):
+        image_size(bomb, max_pixels=None)
