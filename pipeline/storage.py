@@ -6,10 +6,17 @@ below.
 
 S3 settings come only from the standard AWS environment and files, never from our own flags:
 ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (``http://host:port`` for a private endpoint,
-e.g. SeaweedFS or MinIO), ``AWS_DEFAULT_REGION`` / ``AWS_REGION``, ``AWS_ACCESS_KEY_ID`` /
-``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, and otherwise the SDK's default chain
-(``AWS_PROFILE``, ``~/.aws/credentials``, instance roles). ``endpoint_url`` of the active
-profile in ``~/.aws/config`` is honoured too. Timeouts are short
+e.g. SeaweedFS or MinIO), ``AWS_DEFAULT_REGION`` / ``AWS_REGION``; ``endpoint_url`` and
+``region`` of the active profile in ``~/.aws/config`` are honoured too.
+
+Credentials are resolved where they are used: the filesystem carries the endpoint and region
+only, and every process (driver, Ray Data task, Ray Train worker) resolves keys through the
+AWS SDK's standard chain in its own environment: ``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and the shared credentials
+file, web identity (EKS IRSA: ``AWS_WEB_IDENTITY_TOKEN_FILE`` + ``AWS_ROLE_ARN``), container
+and instance roles. So a pickled filesystem (a Ray Data read task, Ray Train's
+``RunConfig(storage_filesystem)``) holds no key value, a node uses its own role, and temporary
+credentials are refreshed by the SDK instead of being frozen into a long run. Timeouts are short
 (``MASKRAY_S3_CONNECT_TIMEOUT``, default 3 s) so an unreachable endpoint fails in seconds.
 
 Every failure is a :class:`StorageError` whose one-line message names the URI, e.g.
@@ -19,6 +26,7 @@ Every failure is a :class:`StorageError` whose one-line message names the URI, e
 from __future__ import annotations
 
 import configparser
+import hashlib
 import logging
 import os
 import posixpath
@@ -88,14 +96,10 @@ def s3_settings() -> dict:
     region = env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or _profile_setting("region")
     # Without a region the SDK probes the bucket's region (slow, and wrong for private endpoints).
     kwargs["region"] = region or "us-east-1"
-    # Keys from the environment are passed explicitly so that a pickled filesystem (Ray Data
-    # tasks) carries them to workers whose environment lacks them; otherwise the default chain.
-    key, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
-    if key and secret:
-        kwargs["access_key"] = key
-        kwargs["secret_key"] = secret
-        if env.get("AWS_SESSION_TOKEN"):
-            kwargs["session_token"] = env["AWS_SESSION_TOKEN"]
+    # invariant: no credential here. pyarrow pickles explicit keys with the filesystem (checked:
+    # access_key/secret_key/session_token appear verbatim in pickle.dumps), so they would ride
+    # along into every Ray task and override the nodes' own roles; without them each process
+    # resolves credentials through the SDK's default chain when it connects.
     kwargs["connect_timeout"] = float(env.get("MASKRAY_S3_CONNECT_TIMEOUT", "3"))
     kwargs["request_timeout"] = float(env.get("MASKRAY_S3_REQUEST_TIMEOUT", "60"))
     kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(
@@ -107,10 +111,25 @@ _fs_cache: dict[tuple, pafs.FileSystem] = {}
 _fs_lock = threading.Lock()
 
 
+_CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                    "AWS_SHARED_CREDENTIALS_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN")
+
+
+def _credential_fingerprint() -> str:
+    """A digest of the credential variables: a new filesystem when they change in-process
+    (the values themselves are never stored)."""
+    h = hashlib.sha256()
+    for name in _CREDENTIAL_VARS:
+        h.update(f"{name}={os.environ.get(name, '')}\0".encode())
+    return h.hexdigest()
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
-    """The S3 filesystem for the current environment (cached per distinct settings)."""
+    """The S3 filesystem for the current environment (cached per distinct settings and
+    credential environment). It carries endpoint and region, never keys (module docstring)."""
     kwargs = s3_settings()
     cache_key = tuple(sorted((k, repr(v)) for k, v in kwargs.items() if k != "retry_strategy"))
+    cache_key += (("credentials", _credential_fingerprint()),)
     with _fs_lock:
         fs = _fs_cache.get(cache_key)
         if fs is None:
@@ -235,7 +254,9 @@ def write_bytes(uri: str, data: bytes, *, fsync: bool = True) -> None:
     """Write ``data`` to ``uri`` atomically: a reader sees the old object or the whole new one.
 
     Locally: a temporary file in the same folder, fsync (unless ``fsync=False``, for bulk
-    writes of small files that may be redone), then ``os.replace``. On S3 a PUT (or a multipart
+    writes of small files that may be redone), then ``os.replace``. The file gets ordinary
+    permissions (``0o666`` minus the umask, typically 0644), not ``mkstemp``'s 0600, so shards,
+    manifests and results on shared storage are readable by the group/others the umask allows. On S3 a PUT (or a multipart
     upload) only becomes visible when complete, so one upload of the finished bytes.
     """
     fs, path = resolve(uri)
@@ -248,6 +269,7 @@ def write_bytes(uri: str, data: bytes, *, fsync: bool = True) -> None:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
         try:
+            os.fchmod(fd, 0o666 & ~process_umask())
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 if fsync:
@@ -262,6 +284,22 @@ def write_bytes(uri: str, data: bytes, *, fsync: bool = True) -> None:
             raise
     except Exception as exc:  # noqa: BLE001
         raise storage_error(uri, exc) from exc
+
+
+_umask: int | None = None
+
+
+def process_umask() -> int:
+    """This process's umask (read once: ``os.umask`` can only be read by setting it, so the
+    brief set-and-restore happens under a lock, once, instead of on every write)."""
+    global _umask
+    if _umask is None:
+        with _fs_lock:
+            if _umask is None:
+                current = os.umask(0o022)
+                os.umask(current)
+                _umask = current
+    return _umask
 
 
 def exists(uri: str) -> bool:
@@ -291,6 +329,13 @@ def list_files(prefix_uri: str, suffixes: Iterable[str] | None = None) -> list[s
     ``suffixes`` (e.g. ``(".jpg", ".png")``, case-insensitive) keeps only matching names. A
     missing local folder or an empty prefix gives ``[]``; a missing bucket is an error.
     """
+    return [uri for uri, _ in list_file_sizes(prefix_uri, suffixes)]
+
+
+def list_file_sizes(prefix_uri: str,
+                    suffixes: Iterable[str] | None = None) -> list[tuple[str, int]]:
+    """Sorted ``(uri, size in bytes)`` of all files under ``prefix_uri`` (as :func:`list_files`;
+    the sizes come with the listing, no extra request)."""
     fs, path = resolve(prefix_uri)
     wanted = tuple(s.lower() for s in suffixes) if suffixes else None
     try:
@@ -311,7 +356,7 @@ def list_files(prefix_uri: str, suffixes: Iterable[str] | None = None) -> list[s
             continue
         if wanted and not item.path.lower().endswith(wanted):
             continue
-        out.append(to_uri(fs, item.path))
+        out.append((to_uri(fs, item.path), int(item.size or 0)))
     return sorted(out)
 
 

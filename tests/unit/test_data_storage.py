@@ -1,6 +1,8 @@
 """pipeline.storage: URI parsing, S3 settings from the AWS environment, local operations."""
 
 import os
+import pickle
+import stat
 
 import pyarrow.fs as pafs
 import pytest
@@ -43,7 +45,9 @@ def test_s3_settings_from_standard_env(clean_aws_env):
     clean_aws_env.setenv("AWS_SECRET_ACCESS_KEY", "s")
     s = storage.s3_settings()
     assert s["endpoint_override"] == "127.0.0.1:9000" and s["scheme"] == "http"
-    assert s["region"] == "eu-west-3" and s["access_key"] == "k" and s["secret_key"] == "s"
+    assert s["region"] == "eu-west-3"
+    # keys are resolved by each process through the AWS chain, never carried by the filesystem
+    assert not {"access_key", "secret_key", "session_token"} & set(s)
     assert s["connect_timeout"] <= 5
     # the S3-specific variable wins over the generic one
     clean_aws_env.setenv("AWS_ENDPOINT_URL_S3", "https://s3.example.com")
@@ -109,3 +113,36 @@ def test_failed_local_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
         storage.write_bytes(target, b"new")
     assert open(target, "rb").read() == b"old"
     assert os.listdir(tmp_path) == ["x.bin"]
+
+
+def test_pickled_s3_filesystem_holds_no_key_values(clean_aws_env):
+    key, secret, token = "AKIAMASKRAYKEY00001", "maskray-secret-value-xyz", "maskray-session-tok"
+    clean_aws_env.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    clean_aws_env.setenv("AWS_ACCESS_KEY_ID", key)
+    clean_aws_env.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    clean_aws_env.setenv("AWS_SESSION_TOKEN", token)
+    fs, _ = storage.resolve("s3://bucket/prefix")
+    blob = pickle.dumps(fs)  # what Ray ships to tasks and to RunConfig(storage_filesystem)
+    assert b"127.0.0.1:9" in blob  # the endpoint travels
+    for value in (key, secret, token):
+        assert value.encode() not in blob
+    # new credentials in this process -> a new filesystem (the cache never reuses stale keys)
+    clean_aws_env.setenv("AWS_SECRET_ACCESS_KEY", "rotated")
+    assert storage.resolve("s3://bucket/prefix")[0] is not fs
+
+
+def test_written_files_get_ordinary_permissions(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "_umask", None)
+    old = os.umask(0o022)
+    try:
+        target = str(tmp_path / "out" / "part-00000.parquet")
+        storage.write_bytes(target, b"x")
+        storage.write_bytes(str(tmp_path / "manifest.json"), b"{}", fsync=False)
+    finally:
+        os.umask(old)
+        storage._umask = None
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "manifest.json").st_mode) == 0o644
+    monkeypatch.setattr(storage, "_umask", 0o077)  # a private umask is honoured too
+    storage.write_bytes(target, b"y")
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
