@@ -1,0 +1,113 @@
+"""Per-instance mask paste + COCO RLE in bounded memory.
+
+torchvision's ``paste_masks_in_image`` builds one full-size float mask per detection
+(100 detections on a 12-MP photo: 4.8 GB) and pycocotools then encodes a full-size uint8 copy
+of all of them. Here each instance is pasted only over its own (expanded, clipped) box, binarized
+there, and its full-image column-major RLE is built from that crop's runs: memory is one box
+region at a time, and the result is bit-for-bit the RLE of torchvision's pasted mask
+(``tests/unit/test_infer_paste.py`` checks equality on a 4000x3000 image).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+
+from model.errors import MaskrayError
+
+MASK_THRESHOLD = 0.5  # the same rule as pipeline.instances: probability > 0.5 is foreground
+
+
+def paste_regions(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], padding: int = 1):
+    """Yield ``(y0, x0, region)`` per instance: ``region`` float ``[y1-y0, x1-x0]`` is exactly
+    ``paste_masks_in_image(masks, boxes, image_size)[i, 0, y0:y1, x0:x1]`` and that mask is zero
+    outside it. ``masks`` float ``[N,1,M,M]`` (or ``[N,M,M]``) probabilities, ``boxes`` float
+    ``[N,4]`` xyxy pixels in the image frame, ``image_size`` ``(H, W)``."""
+    from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+
+    if masks.dim() == 3:
+        masks = masks[:, None]
+    if masks.shape[0] != boxes.shape[0]:
+        raise MaskrayError(f"{masks.shape[0]} masks but {boxes.shape[0]} boxes")
+    im_h, im_w = int(image_size[0]), int(image_size[1])
+    padded, scale = expand_masks(masks.float(), padding=padding)
+    ints = expand_boxes(boxes.float(), scale).to(dtype=torch.int64).tolist()
+    for mask, (bx0, by0, bx1, by1) in zip(padded, ints):
+        w, h = max(bx1 - bx0 + 1, 1), max(by1 - by0 + 1, 1)
+        x0, x1 = max(bx0, 0), min(bx1 + 1, im_w)
+        y0, y1 = max(by0, 0), min(by1 + 1, im_h)
+        if x1 <= x0 or y1 <= y0:
+            yield 0, 0, mask.new_zeros((0, 0))
+            continue
+        # Interpolating to the whole (h, w) box then cropping keeps torchvision's exact values;
+        # the box is at most the image plus the expansion margin, so one box at a time is bounded.
+        resized = F.interpolate(mask[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        yield y0, x0, resized[y0 - by0:y1 - by0, x0 - bx0:x1 - bx0]
+
+
+def crop_rle_counts(crop: np.ndarray, y0: int, x0: int, image_size: tuple[int, int]) -> list[int]:
+    """Uncompressed COCO RLE counts (column-major, first run = zeros) of an ``(H, W)`` binary
+    image that is zero except ``crop`` (bool ``[h, w]``) placed at row ``y0``, column ``x0``."""
+    im_h, im_w = int(image_size[0]), int(image_size[1])
+    h, w = crop.shape
+    total = im_h * im_w
+    if h == 0 or w == 0 or not crop.any():
+        return [total]
+    # Columns x0..x0+w-1 at full height, column-major: a (w, H) block, flattened row by row.
+    block = np.zeros((w, im_h), dtype=np.uint8)
+    block[:, y0:y0 + h] = crop.T
+    flat = block.ravel()
+    offset = x0 * im_h  # zeros of the columns left of the crop
+    edges = []
+    if flat[0]:
+        edges.append(offset)
+    edges.extend((np.flatnonzero(flat[1:] != flat[:-1]) + 1 + offset).tolist())
+    end = offset + flat.size
+    if flat[-1] and end < total:
+        edges.append(end)
+    return np.diff(np.asarray([0, *edges, total], dtype=np.int64)).tolist()
+
+
+def encode_instance_masks(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], *,
+                          threshold: float = MASK_THRESHOLD, inclusive: bool = False) -> tuple[list[bytes], list[int]]:
+    """Compressed COCO RLE ``counts`` (bytes) and areas (pixels) of every instance pasted at
+    ``image_size`` and binarized (``> threshold``, or ``>= threshold`` with ``inclusive``), one
+    instance at a time. Equal to pycocotools ``encode`` of torchvision's ``paste_masks_in_image``."""
+    im_h, im_w = int(image_size[0]), int(image_size[1])
+    counts_out, areas = [], []
+    for y0, x0, region in paste_regions(masks.detach().cpu(), boxes.detach().cpu(), (im_h, im_w)):
+        crop = (region >= threshold if inclusive else region > threshold).numpy()
+        counts = crop_rle_counts(crop, y0, x0, (im_h, im_w))
+        rle = mask_utils.frPyObjects({"size": [im_h, im_w], "counts": counts}, im_h, im_w)
+        counts_out.append(bytes(rle["counts"]))
+        areas.append(int(crop.sum()))
+    return counts_out, areas
+
+
+def to_result_instances(boxes: np.ndarray | torch.Tensor, labels: Sequence[int] | np.ndarray,
+                        scores: Sequence[float] | np.ndarray, masks: np.ndarray | torch.Tensor,
+                        height: int, width: int, category_ids: Sequence[int]) -> list[dict]:
+    """Low-resolution mask probabilities ``[N,1,M,M]`` + boxes (xyxy, original frame) -> result
+    instances (RESULT_SCHEMA: COCO xywh ``bbox``, ``category_id``, ``score``, compressed RLE
+    ``segmentation`` with bytes ``counts``); label ``i`` is ``category_ids[i - 1]``."""
+    boxes_t = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4)
+    if boxes_t.shape[0] == 0:
+        return []
+    masks_t = torch.as_tensor(np.asarray(masks, dtype=np.float32))
+    counts, _ = encode_instance_masks(masks_t, boxes_t, (height, width))
+    xywh = torch.cat([boxes_t[:, :2], boxes_t[:, 2:] - boxes_t[:, :2]], dim=1)  # float32, as Instances.to_coco
+    out = []
+    for box, label, score, c in zip(xywh.tolist(), np.asarray(labels).tolist(), np.asarray(scores).tolist(), counts):
+        if not 1 <= int(label) <= len(category_ids):
+            raise MaskrayError(f"label {label} has no category (model labels are 1..{len(category_ids)})")
+        out.append({
+            "category_id": int(category_ids[int(label) - 1]),
+            "score": float(score),
+            "bbox": [float(v) for v in box],
+            "segmentation": {"size": [int(height), int(width)], "counts": c},
+        })
+    return out
