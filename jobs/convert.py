@@ -1,9 +1,15 @@
-"""``maskray convert``: COCO json + images -> maskray shards + manifest.json."""
+"""``maskray convert``: COCO json + images -> maskray shards + manifest.json.
+
+Runs on Ray by default (the plan in one task, one Ray Data task per shard; see
+:mod:`pipeline.ingest`); rerunning the same command after an interruption completes it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from pipeline.dataset import DEFAULT_MAX_PIXELS
 
 
 def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,7 +20,14 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--row-group-size", type=int, default=64,
                         help="rows per Parquet row group (default 64)")
     parser.add_argument("--workers", type=int, default=8,
-                        help="threads reading images (default 8)")
+                        help="threads reading images in each shard's task (default 8)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="images with more pixels (read from the header) are skipped "
+                             f"before decoding (default {DEFAULT_MAX_PIXELS:,})")
+    parser.add_argument("--runner", choices=("auto", "ray", "local"), default="auto",
+                        help="ray: one Ray Data task per shard on the cluster (RAY_ADDRESS, else "
+                             "a local Ray); local: this process only; auto (default): ray when "
+                             "RAY_ADDRESS is set (e.g. a submitted job), else local")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def shard_options(args: argparse.Namespace) -> dict:
     """The writer keyword arguments of ``add_shard_arguments``' flags."""
     return {"images_per_shard": args.images_per_shard, "max_shard_bytes": int(args.max_shard_mb * 1024 * 1024),
-            "row_group_size": args.row_group_size, "workers": args.workers}
+            "row_group_size": args.row_group_size, "workers": args.workers,
+            "max_pixels": args.max_pixels, "runner": args.runner}
 
 
 def run(args: argparse.Namespace) -> int:

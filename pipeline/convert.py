@@ -1,133 +1,53 @@
 """Converters into maskray-shards/1: COCO json + images (:func:`convert_coco`) and a folder or
-bucket prefix of raw images (:func:`pack_images`).
+bucket prefix of raw images (:func:`pack_images`), run by :mod:`pipeline.ingest` (plan, one
+Ray Data task per shard, manifest last; resumable).
 
-Images are stored as their original bytes. Polygons and uncompressed RLE become compressed RLE
+Images are stored as their original bytes, after the one pixel limit
+(:func:`pipeline.dataset.check_pixels`, on the header) and a full decode (truncated or corrupt
+files are caught here, not in training). Polygons and uncompressed RLE become compressed RLE
 once, here, with pycocotools; compressed RLE is kept as is. Per-item problems (an annotation
-whose image is missing, a missing or unreadable image file, a degenerate box, an unknown
-category, an empty segmentation, duplicates, malformed entries…) are reported with the file and
-id and skipped; the rest is converted and the counts add up (in = written + skipped). Problems
-that make the whole input unusable (unreadable or malformed JSON, no ``categories``, storage
-access errors) raise a one-line :class:`~model.errors.MaskrayError`.
-
-Output is written shard by shard (atomically) and ``manifest.json`` last; an existing manifest
-at the output is removed first, so an interrupted run leaves nothing a reader takes, and a
-rerun over the same input rewrites the same shards and completes the dataset.
+whose image is missing, a missing, unreadable or access-denied object, an image over the pixel
+limit, a ``file_name`` outside the images root, a box or area that is not finite in float32, a
+degenerate box, an unknown category, an empty segmentation, duplicates, malformed entries...)
+are reported with the file/key and id and skipped; the rest is converted and the counts add up
+(in = written + skipped). Problems that make the whole input unusable (unreadable or malformed
+JSON, no ``categories``, an unreachable endpoint, a missing bucket) raise a one-line
+:class:`~model.errors.MaskrayError`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
-from collections import Counter, defaultdict
+import posixpath
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from model.errors import MaskrayError
 from pipeline import storage
-from pipeline.dataset import ImageDecodeError, open_image
+from pipeline.dataset import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from pipeline.format import (DEFAULT_IMAGES_PER_SHARD, DEFAULT_MAX_SHARD_BYTES,
-                             DEFAULT_ROW_GROUP_SIZE, Manifest, ShardWriter, make_annotation,
-                             make_row, manifest_uri, read_manifest, write_manifest)
+                             DEFAULT_ROW_GROUP_SIZE, make_annotation, make_row, read_manifest)
+from pipeline.ingest import (ConvertReport, IngestJob, IngestOptions, Problem,  # noqa: F401
+                             Reporter)
+from pipeline.ingest import run as run_ingest
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                   ".pgm", ".pbm", ".pnm")
-MAX_PROBLEMS_LOGGED = 50
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # ~3.4e38: beyond it a float32 column holds inf
 
 
 class ConvertError(MaskrayError):
     """The input as a whole cannot be converted (unreadable/malformed JSON, no categories)."""
-
-
-@dataclass
-class Problem:
-    """One skipped item: ``source`` is the file or URI at fault, ``kind`` ``image``/``annotation``
-    /``file``, ``id`` its id (or index), ``reason`` a short category, ``detail`` the specifics."""
-
-    source: str
-    kind: str
-    id: Any
-    reason: str
-    detail: str = ""
-
-    def __str__(self) -> str:
-        ident = f" {self.id}" if self.id is not None else ""
-        detail = f" ({self.detail})" if self.detail else ""
-        return f"{self.source}: {self.kind}{ident}: {self.reason}{detail}"
-
-
-@dataclass
-class ConvertReport:
-    """What a conversion did; ``*_in == *_written + *_skipped`` always holds."""
-
-    out: str
-    images_in: int = 0
-    images_written: int = 0
-    images_skipped: int = 0
-    instances_in: int = 0
-    instances_written: int = 0
-    instances_skipped: int = 0
-    shards: list = field(default_factory=list)
-    problems: list[Problem] = field(default_factory=list)
-    instance_skip_reasons: Counter = field(default_factory=Counter)
-    image_skip_reasons: Counter = field(default_factory=Counter)
-
-    def check(self) -> None:
-        assert self.images_in == self.images_written + self.images_skipped, self
-        assert self.instances_in == self.instances_written + self.instances_skipped, self
-
-    def summary(self, max_problems: int = 20) -> str:
-        lines = [f"images: {self.images_in} in, {self.images_written} written, "
-                 f"{self.images_skipped} skipped",
-                 f"instances: {self.instances_in} in, {self.instances_written} written, "
-                 f"{self.instances_skipped} skipped",
-                 f"shards: {len(self.shards)} -> {self.out}"]
-        if self.image_skip_reasons:
-            lines.append("skipped images: " + ", ".join(
-                f"{reason}: {n}" for reason, n in sorted(self.image_skip_reasons.items())))
-        if self.instance_skip_reasons:
-            lines.append("skipped instances: " + ", ".join(
-                f"{reason}: {n}" for reason, n in sorted(self.instance_skip_reasons.items())))
-        for problem in self.problems[:max_problems]:
-            lines.append(f"  {problem}")
-        if len(self.problems) > max_problems:
-            lines.append(f"  ... and {len(self.problems) - max_problems} more problems")
-        return "\n".join(lines)
-
-
-class _Reporter:
-    def __init__(self, report: ConvertReport) -> None:
-        self.report = report
-
-    def problem(self, source: str, kind: str, id: Any, reason: str, detail: str = "") -> None:
-        problem = Problem(str(source), kind, id, reason, detail)
-        self.report.problems.append(problem)
-        if len(self.report.problems) <= MAX_PROBLEMS_LOGGED:
-            log.warning("skipped %s", problem)
-        elif len(self.report.problems) == MAX_PROBLEMS_LOGGED + 1:
-            log.warning("more problems; see the summary at the end")
-
-    def skip_image(self, source: str, id: Any, reason: str, detail: str = "",
-                   annotations: int = 0) -> None:
-        if annotations:
-            detail = f"{detail}; " if detail else ""
-            detail += f"{annotations} annotation{'s' if annotations != 1 else ''} dropped with it"
-        self.problem(source, "image", id, reason, detail)
-        self.report.images_skipped += 1
-        self.report.image_skip_reasons[reason] += 1
-        if annotations:
-            self.report.instances_skipped += annotations
-            self.report.instance_skip_reasons["image skipped"] += annotations
-
-    def skip_annotation(self, source: str, id: Any, reason: str, detail: str = "") -> None:
-        self.problem(source, "annotation", id, reason, detail)
-        self.report.instances_skipped += 1
-        self.report.instance_skip_reasons[reason] += 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +62,12 @@ def _int_id(value: Any) -> int | None:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return None
+
+
+def _finite32(value: Any) -> bool:
+    """A JSON number that stays finite as float32 (math.isfinite passes 1e39; float32 does not)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and abs(float(value)) <= FLOAT32_MAX)
 
 
 def _prefetch(items: list, fn: Callable, workers: int) -> Iterator[tuple[Any, Any, BaseException | None]]:
@@ -173,39 +99,44 @@ _END = object()
 
 
 def _fatal_storage(exc: storage.StorageError) -> bool:
-    """Errors that will hit every file (credentials, endpoint, bucket) stop the conversion."""
+    """Errors that will hit every object (endpoint, bucket) stop the run; a per-object error
+    (not found, AccessDenied on one key) is that object's problem."""
     text = str(exc)
-    return not text.endswith(": not found") and ("access denied" in text
-                                                  or "cannot reach" in text
+    return not text.endswith(": not found") and ("cannot reach" in text
                                                   or "does not exist" in text)
 
 
-def _check_image(data: bytes) -> tuple[int, int]:
-    """``(width, height)`` after fully decoding ``data`` (raises ImageDecodeError)."""
-    img = open_image(data, max_pixels=None)
-    try:
-        img.load()
-    except Exception as exc:  # noqa: BLE001 - truncated/corrupt streams raise several types
-        raise ImageDecodeError(f"corrupt or truncated {img.format or 'image'} data "
-                               f"({len(data)} bytes: {exc})") from None
-    return img.size
+def _storage_reason(exc: storage.StorageError, missing: str) -> str:
+    text = str(exc)
+    if text.endswith(": not found"):
+        return missing
+    if "access denied" in text or "permission denied" in text:
+        return "access denied"
+    return "unreadable file"
 
 
-def _prepare_output(out_uri: str) -> None:
-    """Check access, remove the old manifest (the dataset is unreadable until this run
-    completes) and temporary files that an interrupted local run left behind."""
-    storage.check_access(out_uri)
-    storage.makedirs(out_uri)
-    if not storage.is_s3(out_uri):
-        folder = storage.resolve(out_uri)[1]
-        for name in os.listdir(folder):
-            if name.startswith(".part-") and name.endswith(".tmp"):
-                log.info("removing %s left by an interrupted run", os.path.join(folder, name))
-                os.unlink(os.path.join(folder, name))
-    muri = manifest_uri(out_uri)
-    if storage.exists(muri):
-        log.info("removing the existing %s; it is rewritten when the conversion completes", muri)
-        storage.delete(muri)
+def _decode_reason(exc: ImageDecodeError) -> str:
+    return "over the pixel limit" if "(max_pixels)" in str(exc) else "unreadable image"
+
+
+def confine(images_uri: str, file_name: Any) -> tuple[str | None, str]:
+    """``(uri, "")`` of ``file_name`` under ``images_uri``, or ``(None, why)`` when it would
+    leave it: absolute paths, URIs, ``..`` escapes (also via normalisation, e.g.
+    ``a/../../x``) and, locally, symlinks that resolve outside the root."""
+    if not isinstance(file_name, str) or not file_name or "\x00" in file_name:
+        return None, f"file_name {file_name!r} is not a relative path"
+    if "://" in file_name or file_name.startswith(("/", "~")):
+        return None, f"file_name {file_name!r} is absolute; it must be relative to {images_uri}"
+    norm = posixpath.normpath(file_name)
+    if norm == ".." or norm.startswith("../") or norm in (".", ""):
+        return None, f"file_name {file_name!r} leaves {images_uri}"
+    uri = storage.join(images_uri, norm)
+    if not storage.is_s3(images_uri):
+        root = os.path.realpath(storage.resolve(images_uri)[1])
+        real = os.path.realpath(storage.resolve(uri)[1])
+        if os.path.commonpath([root, real]) != root:
+            return None, f"file_name {file_name!r} resolves outside {images_uri} (symlink)"
+    return uri, ""
 
 
 def _segmentation_to_rle(seg: Any, height: int, width: int) -> tuple[dict | None, str, str]:
@@ -302,23 +233,21 @@ def _categories(coco_uri: str, cats: list) -> list[dict]:
     return out
 
 
-def convert_coco(coco_uri: str, images_uri: str, out_uri: str, *,
-                 images_per_shard: int = DEFAULT_IMAGES_PER_SHARD,
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 row_group_size: int = DEFAULT_ROW_GROUP_SIZE, workers: int = 8) -> ConvertReport:
-    """COCO json + image folder/prefix -> maskray shards + manifest under ``out_uri``.
 
-    ``images_uri`` is where the COCO ``file_name``s are relative to. Returns a
-    :class:`ConvertReport` (print ``report.summary()``).
-    """
+def _coco_digest(job: IngestJob) -> str:
+    return hashlib.sha256(storage.read_bytes(job.source)).hexdigest()
+
+
+def _plan_coco(job: IngestJob, add: Callable, rep: Reporter) -> dict:
+    """Parse and check the COCO json (everything that does not need the pixels); one item per
+    usable image, in the json's order, with its annotations."""
+    coco_uri, images_uri = job.source, job.images_uri
     data = load_coco(coco_uri)
     categories = _categories(coco_uri, data["categories"])
     cat_ids = {c["id"] for c in categories}
-    report = ConvertReport(out=str(out_uri))
-    rep = _Reporter(report)
+    report = rep.report
     src = str(coco_uri)
 
-    # images
     images: dict[int, dict] = {}
     order: list[int] = []
     for index, entry in enumerate(data["images"]):
@@ -335,7 +264,6 @@ def convert_coco(coco_uri: str, images_uri: str, out_uri: str, *,
         images[iid] = entry
         order.append(iid)
 
-    # annotations (everything that does not need the pixels)
     by_image: dict[int, list[dict]] = defaultdict(list)
     seen_ann: set[int] = set()
     for index, ann in enumerate(data.get("annotations") or []):
@@ -361,90 +289,113 @@ def convert_coco(coco_uri: str, images_uri: str, out_uri: str, *,
             continue
         bbox = ann.get("bbox")
         if bbox is not None:
-            ok = (isinstance(bbox, list) and len(bbox) == 4
-                  and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                          and math.isfinite(v) for v in bbox))
-            if not ok:
-                rep.skip_annotation(src, aid, "malformed bbox", f"bbox {bbox!r}")
+            if not (isinstance(bbox, list) and len(bbox) == 4 and all(_finite32(v) for v in bbox)):
+                rep.skip_annotation(src, aid, "malformed bbox",
+                                    f"bbox {bbox!r} must be 4 numbers finite in float32")
                 continue
             if bbox[2] <= 0 or bbox[3] <= 0:
                 rep.skip_annotation(src, aid, "degenerate box", f"bbox {bbox} has w or h <= 0")
                 continue
+        area = ann.get("area")
+        if isinstance(area, (int, float)) and not isinstance(area, bool) \
+                and math.isfinite(area) and not _finite32(area):
+            rep.skip_annotation(src, aid, "malformed area", f"area {area!r} overflows float32")
+            continue
         seg = ann.get("segmentation")
         if seg is None or seg == [] or seg == {} or (isinstance(seg, list)
                                                      and all(p == [] for p in seg)):
             rep.skip_annotation(src, aid, "empty segmentation")
             continue
         by_image[iid].append(ann)
+    del data, seen_ann
 
-    # images with pixels, in order; rows to the writer
-    _prepare_output(out_uri)
+    sizes = dict(storage.list_file_sizes(images_uri))  # listed sizes cut shards by bytes
+    for iid in order:
+        entry = images[iid]
+        anns = by_image.pop(iid, [])
+        uri, why = confine(images_uri, entry["file_name"])
+        if uri is None:
+            rep.skip_image(src, iid, "file_name outside the images root", why, len(anns))
+            continue
+        add({"id": iid, "file_name": entry["file_name"], "uri": uri,
+             "width": entry.get("width"), "height": entry.get("height"), "anns": anns},
+            sizes.get(uri, 0))
+    return {"categories": categories, "images": str(images_uri)}
 
-    def fetch(iid: int) -> tuple[bytes, tuple[int, int]]:
-        data_ = storage.read_bytes(storage.join(images_uri, images[iid]["file_name"]))
-        return data_, _check_image(data_)
 
-    writer = ShardWriter(out_uri, images_per_shard=images_per_shard,
-                         max_shard_bytes=max_shard_bytes, row_group_size=row_group_size)
-    with writer:
-        for iid, result, error in _prefetch(order, fetch, workers):
-            entry = images[iid]
-            file_uri = storage.join(images_uri, entry["file_name"])
-            anns = by_image.pop(iid, [])
-            if isinstance(error, storage.StorageError):
-                if _fatal_storage(error):
-                    raise error
-                rep.skip_image(file_uri, iid, "missing image file", annotations=len(anns))
-                continue
-            if isinstance(error, ImageDecodeError):
-                rep.skip_image(file_uri, iid, "unreadable image", str(error), len(anns))
-                continue
-            if error is not None:
+def _coco_rows(job: IngestJob, items: list[dict], rep: Reporter) -> Iterator[dict]:
+    """The rows of one convert chunk (pixels checked; segmentations -> compressed RLE)."""
+    from pycocotools import mask as mask_utils
+
+    src, max_pixels = str(job.source), job.options.max_pixels
+
+    def fetch(item: dict) -> tuple[bytes, tuple[int, int]]:
+        raw = storage.read_bytes(item["uri"])
+        return raw, load_image(raw, max_pixels=max_pixels).size
+
+    for item, result, error in _prefetch(items, fetch, job.options.workers):
+        iid, file_uri, anns = item["id"], item["uri"], item["anns"]
+        if isinstance(error, storage.StorageError):
+            if _fatal_storage(error):
                 raise error
-            raw, (width, height) = result
-            jw, jh = entry.get("width"), entry.get("height")
-            if (jw is not None and _int_id(jw) != width) or (jh is not None
-                                                            and _int_id(jh) != height):
-                rep.skip_image(file_uri, iid, "size mismatch",
-                               f"file is {width}x{height}, {coco_uri} says {jw}x{jh}", len(anns))
+            detail = "" if str(error).endswith(": not found") else str(error)
+            rep.skip_image(file_uri, iid, _storage_reason(error, "missing image file"), detail,
+                           len(anns))
+            continue
+        if isinstance(error, ImageDecodeError):
+            rep.skip_image(file_uri, iid, _decode_reason(error), str(error), len(anns))
+            continue
+        if error is not None:
+            raise error
+        raw, (width, height) = result
+        jw, jh = item["width"], item["height"]
+        if (jw is not None and _int_id(jw) != width) or (jh is not None and _int_id(jh) != height):
+            rep.skip_image(file_uri, iid, "size mismatch",
+                           f"file is {width}x{height}, {src} says {jw}x{jh}", len(anns))
+            continue
+        rows_anns = []
+        for ann in anns:
+            rle, reason, detail = _segmentation_to_rle(ann["segmentation"], height, width)
+            if rle is None:
+                rep.skip_annotation(src, ann["id"], reason, detail)
                 continue
-            rows_anns = []
-            for ann in anns:
-                rle, reason, detail = _segmentation_to_rle(ann["segmentation"], height, width)
-                if rle is None:
-                    rep.skip_annotation(src, ann["id"], reason, detail)
-                    continue
-                bbox = ann.get("bbox")
-                if bbox is None:
-                    from pycocotools import mask as mask_utils
+            bbox = ann.get("bbox")
+            if bbox is None:
+                bbox = [float(v) for v in mask_utils.toBbox(rle)]
+            area = ann.get("area")
+            if not isinstance(area, (int, float)) or isinstance(area, bool) \
+                    or not math.isfinite(area) or area <= 0:
+                area = float(mask_utils.area(rle))
+            score = ann.get("score")
+            rows_anns.append(make_annotation(
+                id=ann["id"], category_id=ann["category_id"], bbox=bbox, area=area,
+                iscrowd=bool(ann.get("iscrowd", 0)), size=rle["size"], counts=rle["counts"],
+                score=score if _finite32(score) else None))
+        yield make_row(image_id=iid, file_name=item["file_name"], width=width, height=height,
+                       image=raw, annotations=rows_anns)
 
-                    bbox = [float(v) for v in mask_utils.toBbox(rle)]
-                area = ann.get("area")
-                if not isinstance(area, (int, float)) or isinstance(area, bool) \
-                        or not math.isfinite(area) or area <= 0:
-                    from pycocotools import mask as mask_utils
 
-                    area = float(mask_utils.area(rle))
-                score = ann.get("score")
-                rows_anns.append(make_annotation(
-                    id=ann["id"], category_id=ann["category_id"], bbox=bbox, area=area,
-                    iscrowd=bool(ann.get("iscrowd", 0)), size=rle["size"], counts=rle["counts"],
-                    score=score if isinstance(score, (int, float)) else None))
-            writer.add(make_row(image_id=iid, file_name=entry["file_name"], width=width,
-                                height=height, image=raw, annotations=rows_anns))
-            report.images_written += 1
-            report.instances_written += len(rows_anns)
-    report.shards = writer.shards
-    manifest = Manifest(categories=categories, shards=writer.shards, source=str(coco_uri),
-                        extra={"images": str(images_uri), "images_in": report.images_in,
-                               "instances_in": report.instances_in,
-                               "skipped_images": dict(report.image_skip_reasons),
-                               "skipped_instances": dict(report.instance_skip_reasons)})
-    write_manifest(out_uri, manifest)
-    report.check()
-    log.info("converted %s: %d images, %d instances, %d shards", coco_uri,
-             report.images_written, report.instances_written, len(report.shards))
-    return report
+def convert_coco(coco_uri: str, images_uri: str, out_uri: str, *,
+                 images_per_shard: int = DEFAULT_IMAGES_PER_SHARD,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                 row_group_size: int = DEFAULT_ROW_GROUP_SIZE, workers: int = 8,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, runner: str = "local",
+                 on_record: Callable[[dict], None] | None = None) -> ConvertReport:
+    """COCO json + image folder/prefix -> maskray shards + manifest under ``out_uri``.
+
+    ``images_uri`` is where the COCO ``file_name``s are relative to (a name that leaves it is
+    skipped). ``runner="ray"`` runs the plan and one task per shard on Ray (``maskray
+    convert``); ``"local"`` in this process. A rerun after an interruption keeps the shards
+    already written (:mod:`pipeline.ingest`). Returns a :class:`ConvertReport` (print
+    ``report.summary()``).
+    """
+    options = IngestOptions(images_per_shard=images_per_shard, max_shard_bytes=max_shard_bytes,
+                            row_group_size=row_group_size, workers=workers,
+                            max_pixels=max_pixels, runner=runner)
+    job = IngestJob(kind="coco", source=str(coco_uri), images_uri=str(images_uri),
+                    out_uri=str(out_uri), options=options, plan_items=_plan_coco,
+                    chunk_rows=_coco_rows, digest=_coco_digest)
+    return run_ingest(job, on_record=on_record)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,61 +410,71 @@ def categories_from(uri: str) -> list[dict]:
     return read_manifest(uri).categories
 
 
-def pack_images(images_uri: str, out_uri: str, *, suffixes: Iterable[str] = IMAGE_SUFFIXES,
-                first_id: int = 1, categories: list[dict] | None = None,
-                images_per_shard: int = DEFAULT_IMAGES_PER_SHARD,
-                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                row_group_size: int = DEFAULT_ROW_GROUP_SIZE, workers: int = 8) -> ConvertReport:
-    """Every file under ``images_uri`` -> unlabeled shards (empty ``annotations``).
-
-    Files are taken in sorted order; ``image_id`` is ``first_id`` + their index among the files
-    with an image suffix, ``file_name`` the path relative to ``images_uri``. Files without an
-    image suffix and files that do not decode are reported and skipped (images_in counts every
-    file). ``categories`` (e.g. from :func:`categories_from`) go into the manifest.
-    """
-    wanted = tuple(s.lower() for s in suffixes)
-    files = storage.list_files(images_uri)
+def _plan_pack(job: IngestJob, add: Callable, rep: Reporter) -> dict:
+    """List the prefix (sizes come with the listing); ids in sorted order of image files."""
+    wanted = tuple(job.params["suffixes"])
+    files = storage.list_file_sizes(job.images_uri)
     if not files:
-        raise ConvertError(f"{images_uri}: no files found")
-    report = ConvertReport(out=str(out_uri))
-    rep = _Reporter(report)
-    candidates = []
-    for uri in files:
-        report.images_in += 1
+        raise ConvertError(f"{job.images_uri}: no files found")
+    next_id = job.params["first_id"]
+    for uri, nbytes in files:
+        rep.report.images_in += 1
         if not uri.lower().endswith(wanted):
             ext = os.path.splitext(uri)[1] or "no suffix"
             rep.skip_image(uri, None, "not an image", f"suffix {ext}")
             continue
-        candidates.append((first_id + len(candidates), uri))
-    _prepare_output(out_uri)
+        add({"id": next_id, "name": storage.relative(uri, job.images_uri)}, nbytes)
+        next_id += 1
+    return {"unlabeled": True}
 
-    def fetch(item):
-        data_ = storage.read_bytes(item[1])
-        return data_, _check_image(data_)
 
-    writer = ShardWriter(out_uri, images_per_shard=images_per_shard,
-                         max_shard_bytes=max_shard_bytes, row_group_size=row_group_size)
-    with writer:
-        for (iid, uri), result, error in _prefetch(candidates, fetch, workers):
-            if isinstance(error, storage.StorageError):
-                if _fatal_storage(error):
-                    raise error
-                rep.skip_image(uri, iid, "unreadable file", str(error))
-                continue
-            if isinstance(error, ImageDecodeError):
-                rep.skip_image(uri, iid, "unreadable image", str(error))
-                continue
-            if error is not None:
+def _pack_rows(job: IngestJob, items: list[dict], rep: Reporter) -> Iterator[dict]:
+    """The rows of one pack chunk (header pixel limit, full decode check)."""
+    max_pixels = job.options.max_pixels
+
+    def fetch(item: dict) -> tuple[bytes, tuple[int, int]]:
+        raw = storage.read_bytes(storage.join(job.images_uri, item["name"]))
+        return raw, load_image(raw, max_pixels=max_pixels).size
+
+    for item, result, error in _prefetch(items, fetch, job.options.workers):
+        uri = storage.join(job.images_uri, item["name"])
+        if isinstance(error, storage.StorageError):
+            if _fatal_storage(error):
                 raise error
-            raw, (width, height) = result
-            writer.add(make_row(image_id=iid, file_name=storage.relative(uri, images_uri),
-                                width=width, height=height, image=raw))
-            report.images_written += 1
-    report.shards = writer.shards
-    manifest = Manifest(categories=list(categories or []), shards=writer.shards,
-                        source=str(images_uri),
-                        extra={"unlabeled": True, "images_in": report.images_in,
-                               "skipped_images": dict(report.image_skip_reasons)})
-    write_manifest(out_uri, manifest)
-    report.check()
-    return report
+            rep.skip_image(uri, item["id"], _storage_reason(error, "unreadable file"), str(error))
+            continue
+        if isinstance(error, ImageDecodeError):
+            rep.skip_image(uri, item["id"], _decode_reason(error), str(error))
+            continue
+        if error is not None:
+            raise error
+        raw, (width, height) = result
+        yield make_row(image_id=item["id"], file_name=item["name"], width=width, height=height,
+                       image=raw)
+
+
+def pack_images(images_uri: str, out_uri: str, *, suffixes: Iterable[str] = IMAGE_SUFFIXES,
+                first_id: int = 1, categories: list[dict] | None = None,
+                images_per_shard: int = DEFAULT_IMAGES_PER_SHARD,
+                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                row_group_size: int = DEFAULT_ROW_GROUP_SIZE, workers: int = 8,
+                max_pixels: int | None = DEFAULT_MAX_PIXELS, runner: str = "local",
+                on_record: Callable[[dict], None] | None = None) -> ConvertReport:
+    """Every file under ``images_uri`` -> unlabeled shards (empty ``annotations``).
+
+    Files are taken in sorted order; ``image_id`` is ``first_id`` + their index among the files
+    with an image suffix, ``file_name`` the path relative to ``images_uri``. Files without an
+    image suffix, objects that cannot be read (AccessDenied included) and files that do not
+    decode or exceed ``max_pixels`` are reported and skipped (images_in counts every file).
+    ``categories`` (e.g. from :func:`categories_from`) go into the manifest. ``runner`` and
+    resuming as for :func:`convert_coco`.
+    """
+    options = IngestOptions(images_per_shard=images_per_shard, max_shard_bytes=max_shard_bytes,
+                            row_group_size=row_group_size, workers=workers,
+                            max_pixels=max_pixels, runner=runner)
+    job = IngestJob(kind="pack", source=str(images_uri), images_uri=str(images_uri),
+                    out_uri=str(out_uri), options=options, plan_items=_plan_pack,
+                    chunk_rows=_pack_rows,
+                    params={"first_id": int(first_id),
+                            "suffixes": [x.lower() for x in suffixes]})
+    return run_ingest(job, categories=list(categories or []), on_record=on_record)

@@ -189,11 +189,11 @@ def test_fatal_inputs_are_one_line_errors(tmp_path):
 def test_cli_convert_prints_counts(shapes, tmp_path, capsys):
     rc = cli.module_main("convert", ["--coco", str(shapes / "annotations.json"), "--images",
                                      str(shapes / "images"), "--out", str(tmp_path / "d"),
-                                     "--images-per-shard", "100"])
+                                     "--images-per-shard", "100", "--runner", "local"])
     out = capsys.readouterr().out
     assert rc == 0 and "images: 24 in, 24 written, 0 skipped" in out and "shards: 1" in out
     rc = cli.module_main("convert", ["--coco", str(tmp_path / "x.json"), "--images", ".",
-                                     "--out", str(tmp_path / "e")])
+                                     "--out", str(tmp_path / "e"), "--runner", "local"])
     err = capsys.readouterr().err
     assert rc == 1 and f"{tmp_path / 'x.json'}: not found" in err and len(err.splitlines()) == 1
 
@@ -220,15 +220,19 @@ def test_killed_convert_leaves_nothing_readable_and_rerun_completes(shapes, tmp_
                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     names = sorted(os.listdir(out))
-    # two complete shards, the third only as its temp file, no manifest
-    assert len(names) == 3 and names[0].startswith(".part-00002.parquet.")
-    assert names[1:] == ["part-00000.parquet", "part-00001.parquet"]
+    # two complete shards, the third only as its temp file, no manifest; the run's state
+    assert len(names) == 4 and names[0].startswith(".part-00002.parquet.")
+    assert names[1:] == ["_ingest", "part-00000.parquet", "part-00001.parquet"]
+    assert sorted(n for n in os.listdir(out / "_ingest") if n.startswith("done-")) == [
+        "done-00000.json", "done-00001.json"]
     with pytest.raises(storage.StorageError, match="manifest.json: not found"):
         list(fmt.read_rows(str(out)))
+    kept = (out / "part-00000.parquet").stat().st_ino
     report = convert.convert_coco(*args, images_per_shard=5)
-    assert report.images_written == 24
-    assert sorted(os.listdir(out)) == ["manifest.json"] + [f"part-0000{k}.parquet"
-                                                           for k in range(5)]
+    assert report.images_written == 24 and report.chunks_reused == 2  # resumed, not redone
+    assert (out / "part-00000.parquet").stat().st_ino == kept
+    assert sorted(os.listdir(out)) == ["_ingest", "manifest.json"] + [
+        f"part-0000{k}.parquet" for k in range(5)]
     clean = tmp_path / "clean"
     convert.convert_coco(args[0], args[1], str(clean), images_per_shard=5)
     for k in range(5):
@@ -240,7 +244,7 @@ def test_killed_convert_leaves_nothing_readable_and_rerun_completes(shapes, tmp_
 def test_failed_convert_removes_old_manifest(shapes, tmp_path, monkeypatch):
     out = str(tmp_path / "ds")
     convert.convert_coco(str(shapes / "annotations.json"), str(shapes / "images"), out,
-                         images_per_shard=5)
+                         images_per_shard=4)  # another plan: the rerun below redoes every shard
     real = storage.write_bytes
 
     def failing(uri, data, **kw):
@@ -276,5 +280,135 @@ def test_pack_folder(tmp_path, capsys):
     assert all(r["annotations"] == [] for r in rows)
     assert rows[1]["image"] == (src / "sub" / "a.JPG").read_bytes()
     assert len(fmt.read_manifest(out).shards) == 2
-    rc = cli.module_main("pack", ["--images", str(src), "--out", str(tmp_path / "p2")])
+    rc = cli.module_main("pack", ["--images", str(src), "--out", str(tmp_path / "p2"),
+                                  "--runner", "local"])
     assert rc == 0 and "not an image: 1" in capsys.readouterr().out
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(
+            ">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def _coco(images, annotations=()):
+    return {"categories": [{"id": 1, "name": "thing"}], "images": images,
+            "annotations": list(annotations)}
+
+
+def test_file_name_escapes_are_reported_and_skipped(tmp_path):
+    root = tmp_path / "imgs"
+    (root / "sub").mkdir(parents=True)
+    (root / "ok.png").write_bytes(_png())
+    secret = tmp_path / "secret.png"  # outside the images root
+    secret.write_bytes(_png(value=7))
+    (root / "link.png").symlink_to(secret)
+    poly = [[2, 2, 12, 2, 12, 10, 2, 10]]
+    names = ["ok.png", "../secret.png", str(secret), "sub/../../secret.png", "link.png",
+             "file://" + str(secret)]
+    coco = _coco([{"id": i + 1, "file_name": n} for i, n in enumerate(names)],
+                 [{"id": 10 + i, "image_id": i + 1, "category_id": 1, "segmentation": poly,
+                   "bbox": [2, 2, 10, 8]} for i in range(len(names))])
+    (tmp_path / "a.json").write_text(json.dumps(coco))
+    report = convert.convert_coco(str(tmp_path / "a.json"), str(root), str(tmp_path / "out"))
+    assert (report.images_in, report.images_written, report.images_skipped) == (6, 1, 5)
+    assert report.image_skip_reasons["file_name outside the images root"] == 5
+    assert (report.instances_written, report.instances_skipped) == (1, 5)
+    text = "\n".join(str(p) for p in report.problems)
+    for iid in (2, 3, 4, 5, 6):
+        assert f"image {iid}: file_name outside the images root" in text
+    rows = list(fmt.read_rows(str(tmp_path / "out")))
+    assert [r["file_name"] for r in rows] == ["ok.png"]
+    assert all(r["image"] != secret.read_bytes() for r in rows)
+
+
+def test_pixel_bomb_is_refused_from_the_header_in_convert_and_pack(tmp_path, monkeypatch):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    (root / "bomb.png").write_bytes(_png_header_only(30_000, 30_000))
+    (root / "ok.png").write_bytes(_png())
+    from PIL import ImageFile
+    real_load = ImageFile.ImageFile.load
+
+    def guarded_load(self):
+        assert self.size[0] * self.size[1] < 1_000_000, "decoded a bomb"
+        return real_load(self)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", guarded_load)
+    coco = _coco([{"id": 1, "file_name": "bomb.png"}, {"id": 2, "file_name": "ok.png"}])
+    (tmp_path / "a.json").write_text(json.dumps(coco))
+    report = convert.convert_coco(str(tmp_path / "a.json"), str(root), str(tmp_path / "c"))
+    assert (report.images_written, report.image_skip_reasons["over the pixel limit"]) == (1, 1)
+    assert "30000x30000 = 900.0 MP, over the 50 MP limit" in str(report.problems[0])
+    report = convert.pack_images(str(root), str(tmp_path / "p"))
+    assert (report.images_written, report.image_skip_reasons["over the pixel limit"]) == (1, 1)
+
+
+def test_boxes_and_areas_that_overflow_float32_are_rejected(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    (root / "ok.png").write_bytes(_png())
+    poly = [[2, 2, 12, 2, 12, 10, 2, 10]]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": poly,
+             "bbox": [2, 2, 10, 8]},
+            {"id": 2, "image_id": 1, "category_id": 1, "segmentation": poly,
+             "bbox": [2, 2, 3.5e38, 8]},  # math.isfinite passes; float32 would hold inf
+            {"id": 3, "image_id": 1, "category_id": 1, "segmentation": poly,
+             "bbox": [2, 2, 10, 8], "area": 1e39}]
+    (tmp_path / "a.json").write_text(json.dumps(_coco([{"id": 1, "file_name": "ok.png"}], anns)))
+    report = convert.convert_coco(str(tmp_path / "a.json"), str(root), str(tmp_path / "out"))
+    assert (report.instances_in, report.instances_written, report.instances_skipped) == (3, 1, 2)
+    assert report.instance_skip_reasons == {"malformed bbox": 1, "malformed area": 1}
+    row = next(fmt.read_rows(str(tmp_path / "out")))
+    assert [a["id"] for a in row["annotations"]] == [1]
+    assert all(np.isfinite(v) for v in row["annotations"][0]["bbox"])
+
+
+def test_access_denied_object_is_reported_and_counted_not_fatal(tmp_path, monkeypatch):
+    src = tmp_path / "raw"
+    src.mkdir()
+    for i in range(6):
+        (src / f"img-{i}.png").write_bytes(_png(value=i))
+    real = storage.read_bytes
+
+    def denied(uri):
+        if uri.endswith("img-3.png"):
+            raise storage.StorageError(f"{uri}: access denied (check AWS_ACCESS_KEY_ID/"
+                                       f"AWS_SECRET_ACCESS_KEY)")
+        return real(uri)
+    monkeypatch.setattr(storage, "read_bytes", denied)
+    report = convert.pack_images(str(src), str(tmp_path / "out"), images_per_shard=2)
+    assert (report.images_in, report.images_written, report.images_skipped) == (6, 5, 1)
+    assert report.image_skip_reasons == {"access denied": 1}
+    assert str(report.problems[0]).startswith(f"{src / 'img-3.png'}: image 4: access denied")
+    assert [r["image_id"] for r in fmt.read_rows(str(tmp_path / "out"))] == [1, 2, 3, 5, 6]
+
+
+def test_shards_and_manifest_are_readable_by_others(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "_umask", 0o022)
+    src = tmp_path / "raw"
+    src.mkdir()
+    (src / "a.png").write_bytes(_png())
+    out = tmp_path / "out"
+    convert.pack_images(str(src), str(out))
+    for name in ("part-00000.parquet", "manifest.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644
+
+
+def test_rerun_with_other_options_starts_afresh_and_done_run_is_reused(tmp_path):
+    src = tmp_path / "raw"
+    src.mkdir()
+    for i in range(5):
+        (src / f"{i}.png").write_bytes(_png(value=i))
+    out = str(tmp_path / "out")
+    first = convert.pack_images(str(src), out, images_per_shard=2)
+    assert len(first.shards) == 3 and first.chunks_reused == 0
+    again = convert.pack_images(str(src), out, images_per_shard=2)
+    assert again.chunks_reused == 3 and again.images_written == 5
+    other = convert.pack_images(str(src), out, images_per_shard=4)
+    assert other.chunks_reused == 0 and [s.images for s in other.shards] == [4, 1]
+    assert [r["image_id"] for r in fmt.read_rows(out)] == [1, 2, 3, 4, 5]
