@@ -1,17 +1,26 @@
-"""Our RoIAlign: ``torch.ops.maskray.roi_align`` plus the Python API around it.
+"""Our RoIAlign: ``torch.ops.maskray.roi_align`` / ``multi_level_roi_align`` plus the Python API.
 
-The op (schema, CPU and CUDA kernels) lives in ``model/cuda`` and is compiled by
-:mod:`model.build`; importing this module loads it (building it first if needed). Here we
-register its autograd formula and fake (meta) kernels with ``torch.library`` and expose:
+The ops (schemas, CPU and CUDA kernels) live in ``model/cuda`` and are compiled by
+:mod:`model.build`; importing this module loads them (building first if needed). Here we
+register their autograd formulas and fake (meta) kernels with ``torch.library`` and expose:
 
 * :func:`roi_align` — same signature and semantics as ``torchvision.ops.roi_align``;
 * :class:`RoIAlign` — module form;
-* :class:`MultiScaleRoIAlign` — drop-in for ``torchvision.ops.MultiScaleRoIAlign`` (FPN level
-  mapping reused from torchvision) whose pooling runs our op.
+* :class:`MultiScaleRoIAlign` — drop-in for ``torchvision.ops.MultiScaleRoIAlign`` that pools
+  all FPN levels in ONE op call, the level of each RoI (torchvision's LevelMapper) being
+  chosen inside the kernel.
+
+Hostile input: non-finite boxes, batch indices that are not integers in [0, N), a spatial
+scale that is not finite and positive, ``sampling_ratio`` above 64 → :class:`RoIAlignInputError`
+here (one device sync per call to check the boxes). The kernels define what happens when the
+raw ops are called directly: the CPU ops raise ValueError, the CUDA ops write zeros (and no
+gradient) for invalid RoIs. The adaptive sampling grid (``sampling_ratio <= 0``) is capped at
+64 samples per bin side (see ``model/cuda/roi_align_common.h``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -22,7 +31,10 @@ from torchvision.ops import poolers as _tv_poolers
 from model import build as _build
 from model.errors import MaskrayError
 
-__all__ = ["roi_align", "RoIAlign", "MultiScaleRoIAlign", "convert_boxes_to_roi_format", "RoIAlignInputError"]
+__all__ = [
+    "roi_align", "RoIAlign", "MultiScaleRoIAlign", "multi_level_roi_align", "convert_boxes_to_roi_format",
+    "RoIAlignInputError",
+]
 
 
 class RoIAlignInputError(MaskrayError, ValueError):
@@ -30,6 +42,9 @@ class RoIAlignInputError(MaskrayError, ValueError):
 
 
 _build.load()
+
+MAX_SAMPLING_GRID = 64  # = kMaxSamplingGrid in roi_align_common.h
+MAX_POOLED_SIZE = 4096  # = kMaxPooledSize
 
 
 # ----------------------------------------------------------------------------------------
@@ -52,6 +67,24 @@ def _roi_align_backward_fake(
 ):
     torch._check(grad.dtype == rois.dtype, lambda: "grad and rois dtypes differ")
     return grad.new_empty((batch_size, channels, height, width))
+
+
+@torch.library.register_fake("maskray::multi_level_roi_align")
+def _multi_level_fake(
+    features, rois, scales, pooled_height, pooled_width, sampling_ratio, aligned, k_min, k_max,
+    canonical_scale, canonical_level, eps,
+):
+    torch._check(len(features) >= 1 and len(features) == len(scales), lambda: "one scale per feature map")
+    torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: f"rois must be [K, 5], got {tuple(rois.shape)}")
+    return features[0].new_empty((rois.size(0), features[0].size(1), pooled_height, pooled_width))
+
+
+@torch.library.register_fake("maskray::multi_level_roi_align_backward")
+def _multi_level_backward_fake(
+    grad, rois, scales, pooled_height, pooled_width, batch_size, channels, heights, widths, sampling_ratio,
+    aligned, k_min, k_max, canonical_scale, canonical_level, eps, deterministic,
+):
+    return [grad.new_empty((batch_size, channels, h, w)) for h, w in zip(heights, widths)]
 
 
 def _forward_setup_context(ctx, inputs, output):
@@ -96,6 +129,52 @@ def _backward_backward(ctx, grad_grad_input):
 
 torch.library.register_autograd(
     "maskray::roi_align_backward", _backward_backward, setup_context=_backward_setup_context
+)
+
+def _multi_level_setup_context(ctx, inputs, output):
+    features, rois = inputs[0], inputs[1]
+    ctx.save_for_backward(rois)
+    ctx.sizes = (features[0].size(0), features[0].size(1), [f.size(2) for f in features], [f.size(3) for f in features])
+    # scales, pooled_height, pooled_width, sampling_ratio, aligned, k_min, k_max, canonical_scale, canonical_level, eps
+    ctx.params = inputs[2:]
+
+
+def _multi_level_backward(ctx, grad):
+    (rois,) = ctx.saved_tensors
+    scales, ph, pw, sampling_ratio, aligned, k_min, k_max, canonical_scale, canonical_level, eps = ctx.params
+    batch_size, channels, heights, widths = ctx.sizes
+    grads = torch.ops.maskray.multi_level_roi_align_backward(
+        grad, rois, scales, ph, pw, batch_size, channels, heights, widths, sampling_ratio, aligned,
+        k_min, k_max, canonical_scale, canonical_level, eps, torch.are_deterministic_algorithms_enabled(),
+    )
+    return (list(grads),) + (None,) * 11
+
+
+torch.library.register_autograd(
+    "maskray::multi_level_roi_align", _multi_level_backward, setup_context=_multi_level_setup_context
+)
+
+
+def _multi_level_backward_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.params = inputs[2:5] + inputs[9:16]  # scales, ph, pw, sampling_ratio .. eps
+    ctx.grad_like = (inputs[0].shape, inputs[0].dtype, inputs[0].device)
+    ctx.level_shapes = [(inputs[5], inputs[6], h, w) for h, w in zip(inputs[7], inputs[8])]
+
+
+def _multi_level_backward_backward(ctx, grad_grad_inputs):
+    # the backward is the adjoint of the (linear) forward: its derivative is the forward again
+    (rois,) = ctx.saved_tensors
+    shape, dtype, device = ctx.grad_like
+    filled = [g if g is not None else torch.zeros(s, dtype=dtype, device=device)
+              for g, s in zip(grad_grad_inputs, ctx.level_shapes)]
+    grad_grad = torch.ops.maskray.multi_level_roi_align(filled, rois, *ctx.params)
+    return (grad_grad,) + (None,) * 16
+
+
+torch.library.register_autograd(
+    "maskray::multi_level_roi_align_backward", _multi_level_backward_backward,
+    setup_context=_multi_level_backward_setup_context,
 )
 
 # Like torchvision: under autocast, RoIAlign runs in float32 (boxes in half precision would
@@ -148,7 +227,9 @@ def _check_boxes(input: Tensor, boxes: Union[Tensor, list[Tensor]]) -> Tensor:
             )
         if len(boxes) == 0:
             return input.new_zeros((0, 5))
-        return convert_boxes_to_roi_format(boxes)
+        rois = convert_boxes_to_roi_format(boxes)
+        _check_roi_values(rois, input.size(0))
+        return rois
     if not isinstance(boxes, Tensor):
         raise RoIAlignInputError(
             f"roi_align: boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}"
@@ -163,18 +244,50 @@ def _check_boxes(input: Tensor, boxes: Union[Tensor, list[Tensor]]) -> Tensor:
             f"roi_align: boxes is {_describe(boxes)} but input is {_describe(input)}; "
             "hint: boxes must have the input's dtype and device"
         )
-    if boxes.numel() and not torch.compiler.is_compiling() and not boxes.is_meta:
-        lo, hi = torch.stack(torch.aminmax(boxes[:, 0])).tolist()
-        if lo < 0 or hi >= input.size(0):
-            raise RoIAlignInputError(
-                f"roi_align: boxes[:, 0] must hold batch indices in [0, {input.size(0) - 1}], "
-                f"got values in [{lo:g}, {hi:g}]"
-            )
+    _check_roi_values(boxes, input.size(0))
     return boxes
 
 
+def _check_roi_values(rois: Tensor, batch_size: int) -> None:
+    """Raise RoIAlignInputError naming the first row of rois [K, 5] with a non-finite coordinate or a
+    batch index that is not an integer in [0, batch_size). One device sync (skipped while compiling)."""
+    if not rois.numel() or torch.compiler.is_compiling() or rois.is_meta:
+        return
+    index = rois[:, 0]
+    good = torch.isfinite(rois[:, 1:]).all(dim=1) & (index >= 0) & (index < batch_size) & (index == index.floor())
+    if bool(good.all()):
+        return
+    row = int(torch.nonzero(~good)[0, 0])
+    values = ", ".join(f"{v:g}" for v in rois[row].tolist())
+    if not bool(torch.isfinite(rois[row, 1:]).all()):
+        raise RoIAlignInputError(f"roi_align: boxes row {row} = ({values}) has a non-finite coordinate")
+    raise RoIAlignInputError(
+        f"roi_align: boxes[:, 0] must hold batch indices in [0, {batch_size - 1}] (integers), "
+        f"got {float(index[row]):g} in row {row}"
+    )
+
+
+def _check_params(output_size, spatial_scale: float, sampling_ratio: int) -> tuple[int, int]:
+    """Validate the scalar arguments; returns (pooled_height, pooled_width)."""
+    try:
+        pooled_height, pooled_width = (int(v) for v in _pair(output_size))
+    except (TypeError, ValueError):
+        raise RoIAlignInputError(f"roi_align: output_size must be an int or (height, width), got {output_size!r}")
+    if not (0 < pooled_height <= MAX_POOLED_SIZE and 0 < pooled_width <= MAX_POOLED_SIZE):
+        raise RoIAlignInputError(
+            f"roi_align: output_size must be in [1, {MAX_POOLED_SIZE}] per side, got {pooled_height}x{pooled_width}"
+        )
+    if not (isinstance(spatial_scale, (int, float)) and math.isfinite(spatial_scale) and spatial_scale > 0):
+        raise RoIAlignInputError(f"roi_align: spatial_scale must be finite and positive, got {spatial_scale!r}")
+    if int(sampling_ratio) > MAX_SAMPLING_GRID:
+        raise RoIAlignInputError(
+            f"roi_align: sampling_ratio must be at most {MAX_SAMPLING_GRID} (<= 0 for adaptive), got {sampling_ratio}"
+        )
+    return pooled_height, pooled_width
+
+
 def _roi_align(input: Tensor, rois: Tensor, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool):
-    pooled_height, pooled_width = _pair(output_size)
+    pooled_height, pooled_width = _check_params(output_size, spatial_scale, sampling_ratio)
     out = torch.ops.maskray.roi_align(
         input, rois, float(spatial_scale), int(pooled_height), int(pooled_width), int(sampling_ratio), bool(aligned)
     )
@@ -198,15 +311,20 @@ def roi_align(
             (x1, y1, x2, y2), one per image of the batch; in input-image coordinates.
         output_size: int or (height, width) of each pooled region.
         spatial_scale: feature-map size / input-image size (e.g. 1/4 for stride 4).
-        sampling_ratio: samples per bin along each axis; <= 0 means adaptive
-            (``ceil(roi_size / output_size)``).
+        sampling_ratio: samples per bin along each axis (at most 64); <= 0 means adaptive
+            (``ceil(roi_size / output_size)``, capped at 64).
         aligned: shift box coordinates by -0.5 pixel (pixel-centre convention).
 
     Returns:
         Tensor[K, C, output_height, output_width].
 
     Raises:
-        MaskrayError: malformed boxes (wrong shape, dtype or device, batch index out of range).
+        RoIAlignInputError: malformed boxes (wrong shape, dtype or device; a non-finite
+            coordinate; a batch index that is not an integer in [0, N)), a spatial_scale that
+            is not finite and positive, sampling_ratio > 64 or an output size outside [1, 4096].
+
+    The adaptive grid (``sampling_ratio <= 0``) is ``min(ceil(roi_size / output_size), 64)``
+    samples per bin side: torchvision's value whenever a bin spans at most 64 feature pixels.
     """
     rois = _check_boxes(input, boxes)
     return _roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
@@ -232,44 +350,50 @@ class RoIAlign(nn.Module):
         )
 
 
-def _multiscale_roi_align(
-    x_filtered: list[Tensor],
-    boxes: list[Tensor],
+def multi_level_roi_align(
+    features: list[Tensor],
+    rois: Tensor,
     output_size: tuple[int, int],
     sampling_ratio: int,
     scales: list[float],
     mapper: _tv_poolers.LevelMapper,
 ) -> Tensor:
-    """torchvision.ops.poolers._multiscale_roi_align with our op doing the pooling."""
-    rois = _tv_poolers._convert_to_roi_format(boxes)
-    if len(x_filtered) == 1:
-        return _roi_align(x_filtered[0], rois, output_size, scales[0], sampling_ratio, False)
+    """Pool every RoI from its FPN level in ONE op call (``maskray::multi_level_roi_align``).
 
-    levels = mapper(boxes)
-    dtype = x_filtered[0].dtype
-    # Pool each level's RoIs, then put the rows back in RoI order with ONE gather.
-    # (torchvision writes each level into a zero-filled result in place; every in-place
-    # write then costs a full copy of the gradient in backward.) A RoI that maps to no
-    # level (NaN box) reads the extra zero row, as it stays zero in torchvision.
-    order, pooled = [], []
-    for level, (feature, scale) in enumerate(zip(x_filtered, scales)):
-        idx_in_level = torch.where(levels == level)[0]
-        order.append(idx_in_level)
-        # levels may differ in dtype under autocast: match the first level's
-        pooled.append(_roi_align(feature, rois[idx_in_level], output_size, scale, sampling_ratio, False).to(dtype))
-    order_all = torch.cat(order)
-    pooled.append(pooled[0].new_zeros((1,) + tuple(pooled[0].shape[1:])))
-    position = torch.full((rois.size(0),), order_all.numel(), dtype=torch.int64, device=rois.device)
-    position[order_all] = torch.arange(order_all.numel(), device=rois.device)
-    return torch.cat(pooled)[position]
+    Args:
+        features: the levels, Tensor[N, C, H_l, W_l] each, finest first.
+        rois: Tensor[K, 5] (batch index, x1, y1, x2, y2), image coordinates, checked by the caller.
+        scales: feature-map pixels per image pixel of each level (powers of 2).
+        mapper: torchvision's LevelMapper; its constants go to the kernel, which assigns
+            ``level = clamp(floor(k0 + log2(sqrt(area) / s0) + eps), k_min, k_max) - k_min``
+            (a RoI with a negative or NaN area maps to no level and pools to zeros, as in torchvision).
+
+    Returns:
+        Tensor[K, C, output_height, output_width] in features[0]'s dtype.
+    """
+    pooled_height, pooled_width = _check_params(output_size, 1.0, sampling_ratio)
+    for scale in scales:
+        _check_params(output_size, scale, sampling_ratio)
+    dtype = features[0].dtype
+    device_type = features[0].device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        # like torchvision's roi_align under autocast: pool in float32, hand back the input dtype
+        features = [f.float() for f in features]
+        rois = rois.float()
+    out = torch.ops.maskray.multi_level_roi_align(
+        list(features), rois, [float(s) for s in scales], pooled_height, pooled_width, int(sampling_ratio), False,
+        int(mapper.k_min), int(mapper.k_max), float(mapper.s0), float(mapper.lvl0), float(mapper.eps),
+    )
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 class MultiScaleRoIAlign(nn.Module):
     """Multi-scale RoIAlign pooling (FPN), a drop-in for ``torchvision.ops.MultiScaleRoIAlign``.
 
     Each box is pooled from the FPN level chosen by eq. 1 of the FPN paper
-    (``canonical_scale`` / ``canonical_level`` = 224 / k0 = 4); scales are inferred from the
-    feature-map and image sizes on the first call, exactly as torchvision does. The module has
+    (``canonical_scale`` / ``canonical_level`` = 224 / k0 = 4), all levels in one op call with
+    the level chosen inside the kernel; scales are inferred from the feature-map and image
+    sizes on the first call by torchvision's own ``_setup_scales``. The module has
     no parameters or buffers, so torchvision Mask R-CNN state dicts load unchanged.
 
     Args:
@@ -317,9 +441,10 @@ class MultiScaleRoIAlign(nn.Module):
             self.scales, self.map_levels = _tv_poolers._setup_scales(
                 x_filtered, image_shapes, self.canonical_scale, self.canonical_level
             )
-        return _multiscale_roi_align(
-            x_filtered, boxes, self.output_size, self.sampling_ratio, self.scales, self.map_levels
-        )
+        rois = _check_boxes(x_filtered[0], boxes)
+        if len(x_filtered) == 1:  # torchvision maps no level then (negative-area boxes are pooled too)
+            return _roi_align(x_filtered[0], rois, self.output_size, self.scales[0], self.sampling_ratio, False)
+        return multi_level_roi_align(x_filtered, rois, self.output_size, self.sampling_ratio, self.scales, self.map_levels)
 
     def __repr__(self) -> str:
         return (

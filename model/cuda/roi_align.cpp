@@ -1,13 +1,17 @@
-// maskray::roi_align — schema and CPU kernels.
+// maskray::roi_align and maskray::multi_level_roi_align — schemas and CPU kernels.
 //
-// Semantics are torchvision.ops.roi_align's (see roi_align_common.h for the geometry).
+// Semantics are torchvision.ops.roi_align's (see roi_align_common.h for the geometry and
+// for what hostile input does). multi_level_roi_align pools every RoI from the FPN level
+// that torchvision's LevelMapper assigns it, in one call: the single-level op is the same
+// code with one level and no mapping.
+//
 // The CPU kernels use the separability of the bilinear weights: per RoI we precompute,
 // for every output row ph, the list of feature-map rows it reads with their summed weights
 // (and likewise columns per output column pw). The forward pass then first blends the
 // needed rows into one contiguous vector per ph (vectorisable), and reads the output bins
 // from that vector; the backward pass runs the same two steps in reverse. Both passes are
 // parallel over channels with at::parallel_for, every thread owning whole (batch, channel)
-// planes, so the backward has no races and is deterministic.
+// planes of every level, so the backward has no races and is deterministic.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -17,17 +21,26 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
+#include "roi_align_checks.h"
 #include "roi_align_common.h"
 
 namespace maskray {
 namespace {
 
+// One feature map of a call: its size and scale (feature-map pixels per image pixel).
+struct Level {
+  int height, width;
+  double scale;
+};
+
 // Merged, per-output-row/column sample weights of every RoI.
 template <typename T>
 struct RoiPlan {
   std::vector<int64_t> batch;  // [K]
+  std::vector<int> level;      // [K] index into the levels; -1: the RoI reads nothing
   std::vector<T> count;        // [K] averaging divisor
   std::vector<int> col0;       // [K] first feature-map column read
   std::vector<int> ncols;      // [K] number of columns read (0: the RoI reads nothing)
@@ -41,7 +54,7 @@ struct RoiPlan {
 };
 
 // Appends the merged taps of `grid` samples of bin `p` along one axis to (idx, w).
-// `dense` is scratch of at least size + 2 zeros; it is left zeroed.
+// `dense` is scratch of at least size + 2 zeros; it is left zeroed. size >= 1.
 template <typename T>
 void append_bin_taps(
     T start,
@@ -70,13 +83,29 @@ void append_bin_taps(
   }
 }
 
+// Throws ValueError naming RoI `n` when roi_batch() rejected it.
+template <typename T, typename scalar_t>
+void reject_roi(const char* op, int64_t n, const scalar_t* roi, int64_t batch_size) {
+  bool finite = true;
+  for (int i = 1; i < 5; ++i) finite = finite && is_finite(static_cast<T>(roi[i]));
+  const double v[5] = {static_cast<double>(static_cast<T>(roi[0])), static_cast<double>(static_cast<T>(roi[1])),
+                       static_cast<double>(static_cast<T>(roi[2])), static_cast<double>(static_cast<T>(roi[3])),
+                       static_cast<double>(static_cast<T>(roi[4]))};
+  if (!finite) {
+    TORCH_CHECK_VALUE(false, "maskray::", op, ": rois[", n, "] = (", v[0], ", ", v[1], ", ", v[2], ", ", v[3], ", ",
+                      v[4], ") has a non-finite coordinate");
+  }
+  TORCH_CHECK_VALUE(false, "maskray::", op, ": rois[", n, ", 0] = ", v[0],
+                    " is not a batch index of the input (an integer in [0, ", batch_size, "))");
+}
+
 template <typename T, typename scalar_t>
 RoiPlan<T> make_plan(
+    const char* op,
     const at::Tensor& rois,  // contiguous [K, 5]
     int64_t batch_size,
-    int height,
-    int width,
-    T spatial_scale,
+    const std::vector<Level>& levels,
+    const LevelMap& map,
     int pooled_height,
     int pooled_width,
     int sampling_ratio,
@@ -85,35 +114,52 @@ RoiPlan<T> make_plan(
   const scalar_t* r = rois.const_data_ptr<scalar_t>();
   RoiPlan<T> plan;
   plan.batch.resize(K);
+  plan.level.resize(K);
   plan.count.resize(K);
   plan.col0.resize(K);
   plan.ncols.resize(K);
   plan.y_off.resize(K * (pooled_height + 1));
   plan.x_off.resize(K * (pooled_width + 1));
-  std::vector<T> dense(std::max(height, width) + 2, T(0));
+  int max_side = 0;
+  for (const Level& lv : levels) max_side = std::max({max_side, lv.height, lv.width});
+  std::vector<T> dense(static_cast<size_t>(max_side) + 2, T(0));
   for (int64_t n = 0; n < K; ++n) {
+    const scalar_t* roi = r + n * 5;
+    const int64_t b = roi_batch<T>(roi, batch_size);
+    if (b < 0) reject_roi<T>(op, n, roi, batch_size);
+    int l = roi_level<T>(roi, map);
+    if (l >= static_cast<int>(levels.size()) || (l >= 0 && (levels[l].height == 0 || levels[l].width == 0))) {
+      l = -1;  // no such level (or an empty map): nothing to sample, as in torchvision
+    }
+    plan.batch[n] = b;
+    plan.level[n] = l;
+    int64_t* yo = plan.y_off.data() + n * (pooled_height + 1);
+    int64_t* xo = plan.x_off.data() + n * (pooled_width + 1);
+    if (l < 0) {
+      std::fill(yo, yo + pooled_height + 1, static_cast<int64_t>(plan.y_row.size()));
+      std::fill(xo, xo + pooled_width + 1, static_cast<int64_t>(plan.x_col.size()));
+      plan.count[n] = T(1);
+      plan.col0[n] = 0;
+      plan.ncols[n] = 0;
+      continue;
+    }
+    const int height = levels[l].height, width = levels[l].width;
     const RoiGeometry<T> g = roi_geometry<T>(
-        r + n * 5, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
-    TORCH_CHECK(
-        g.batch >= 0 && g.batch < batch_size,
-        "maskray::roi_align: rois[", n, ", 0] = ", static_cast<double>(static_cast<T>(r[n * 5])),
-        " is not a batch index of the input (batch size ", batch_size, ")");
-    plan.batch[n] = g.batch;
+        roi, batch_size, static_cast<T>(levels[l].scale), pooled_height, pooled_width, sampling_ratio, aligned);
     plan.count[n] = g.count;
     for (int ph = 0; ph < pooled_height; ++ph) {
-      plan.y_off[n * (pooled_height + 1) + ph] = static_cast<int64_t>(plan.y_row.size());
+      yo[ph] = static_cast<int64_t>(plan.y_row.size());
       append_bin_taps<T>(g.start_h, g.bin_h, ph, g.grid_h, height, dense, plan.y_row, plan.y_w);
     }
-    plan.y_off[n * (pooled_height + 1) + pooled_height] = static_cast<int64_t>(plan.y_row.size());
+    yo[pooled_height] = static_cast<int64_t>(plan.y_row.size());
     const int64_t x_begin = static_cast<int64_t>(plan.x_col.size());
     for (int pw = 0; pw < pooled_width; ++pw) {
-      plan.x_off[n * (pooled_width + 1) + pw] = static_cast<int64_t>(plan.x_col.size());
+      xo[pw] = static_cast<int64_t>(plan.x_col.size());
       append_bin_taps<T>(g.start_w, g.bin_w, pw, g.grid_w, width, dense, plan.x_col, plan.x_w);
     }
-    plan.x_off[n * (pooled_width + 1) + pooled_width] = static_cast<int64_t>(plan.x_col.size());
+    xo[pooled_width] = static_cast<int64_t>(plan.x_col.size());
     const int64_t x_end = static_cast<int64_t>(plan.x_col.size());
-    const bool reads = x_end > x_begin && plan.y_off[n * (pooled_height + 1) + pooled_height] >
-                                              plan.y_off[n * (pooled_height + 1)];
+    const bool reads = x_end > x_begin && yo[pooled_height] > yo[0];
     int c0 = width, c1 = -1;
     for (int64_t i = x_begin; i < x_end; ++i) {
       c0 = std::min(c0, plan.x_col[i]);
@@ -138,54 +184,48 @@ int64_t channel_grain(int64_t num_rois, int pooled_height, int pooled_width) {
   return std::max<int64_t>(1, (int64_t(1) << 15) / per_channel);
 }
 
-void check_inputs(const at::Tensor& input, const at::Tensor& rois, int64_t ph, int64_t pw) {
-  TORCH_CHECK(input.dim() == 4, "maskray::roi_align: input must be [N, C, H, W], got ", input.sizes());
-  TORCH_CHECK(
-      rois.dim() == 2 && rois.size(1) == 5,
-      "maskray::roi_align: rois must be [K, 5] (batch index, x1, y1, x2, y2), got ", rois.sizes());
-  TORCH_CHECK(
-      input.scalar_type() == rois.scalar_type(), "maskray::roi_align: input and rois dtypes differ (",
-      input.scalar_type(), " vs ", rois.scalar_type(), ")");
-  TORCH_CHECK(
-      input.device() == rois.device(), "maskray::roi_align: input and rois are on different devices (",
-      input.device(), " vs ", rois.device(), ")");
-  TORCH_CHECK(ph > 0 && pw > 0, "maskray::roi_align: output size must be positive, got ", ph, "x", pw);
-}
-
 template <typename scalar_t>
 void forward_impl(
-    const at::Tensor& input,  // contiguous [N, C, H, W]
-    const at::Tensor& rois,   // contiguous [K, 5]
-    double spatial_scale,
+    const char* op,
+    const std::vector<at::Tensor>& inputs,  // contiguous [N, C, H_l, W_l] per level
+    const std::vector<Level>& levels,
+    const LevelMap& map,
+    const at::Tensor& rois,  // contiguous [K, 5]
     int PH,
     int PW,
     int sampling_ratio,
     bool aligned,
     at::Tensor& output) {  // contiguous [K, C, PH, PW]
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t K = rois.size(0), N = input.size(0), C = input.size(1);
-  const int H = static_cast<int>(input.size(2)), W = static_cast<int>(input.size(3));
-  const RoiPlan<acc_t> plan = make_plan<acc_t, scalar_t>(
-      rois, N, H, W, static_cast<acc_t>(spatial_scale), PH, PW, sampling_ratio, aligned);
-  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  const int64_t K = rois.size(0), N = inputs[0].size(0), C = inputs[0].size(1);
+  const RoiPlan<acc_t> plan =
+      make_plan<acc_t, scalar_t>(op, rois, N, levels, map, PH, PW, sampling_ratio, aligned);
+  std::vector<const scalar_t*> in;
+  for (const at::Tensor& t : inputs) in.push_back(t.const_data_ptr<scalar_t>());
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
-  const int64_t plane = static_cast<int64_t>(H) * W;
+  const int64_t bins = int64_t(PH) * PW;
 
   at::parallel_for(0, C, channel_grain(K, PH, PW), [&](int64_t c_begin, int64_t c_end) {
     std::vector<acc_t> rowbuf(std::max(plan.max_cols, 1));
     acc_t* V = rowbuf.data();
     for (int64_t c = c_begin; c < c_end; ++c) {
       for (int64_t n = 0; n < K; ++n) {
-        const scalar_t* src = in + (plan.batch[n] * C + c) * plane + plan.col0[n];
-        scalar_t* dst = out + (n * C + c) * PH * PW;
+        scalar_t* dst = out + (n * C + c) * bins;
         const int Q = plan.ncols[n];
+        if (Q == 0) {
+          std::fill(dst, dst + bins, scalar_t(0));
+          continue;
+        }
+        const Level& lv = levels[plan.level[n]];
+        const int64_t W = lv.width;
+        const scalar_t* src = in[plan.level[n]] + (plan.batch[n] * C + c) * (int64_t(lv.height) * W) + plan.col0[n];
         const acc_t count = plan.count[n];
         const int64_t* yo = plan.y_off.data() + n * (PH + 1);
         const int64_t* xo = plan.x_off.data() + n * (PW + 1);
         for (int ph = 0; ph < PH; ++ph) {
           const int64_t y0 = yo[ph], y1 = yo[ph + 1];
-          if (Q == 0 || y0 == y1) {
-            for (int pw = 0; pw < PW; ++pw) dst[ph * PW + pw] = scalar_t(0);
+          if (y0 == y1) {
+            for (int pw = 0; pw < PW; ++pw) dst[int64_t(ph) * PW + pw] = scalar_t(0);
             continue;
           }
           // V = sum over the rows of this output row of weight * feature-map row.
@@ -202,7 +242,7 @@ void forward_impl(
           for (int pw = 0; pw < PW; ++pw) {
             acc_t s = 0;
             for (int64_t k = xo[pw]; k < xo[pw + 1]; ++k) s += plan.x_w[k] * V[plan.x_col[k]];
-            dst[ph * PW + pw] = static_cast<scalar_t>(s / count);
+            dst[int64_t(ph) * PW + pw] = static_cast<scalar_t>(s / count);
           }
         }
       }
@@ -212,24 +252,23 @@ void forward_impl(
 
 template <typename scalar_t, typename acc_t>
 void backward_impl(
+    const char* op,
     const at::Tensor& grad,  // [K, C, PH, PW], any strides
     const at::Tensor& rois,  // contiguous [K, 5]
-    double spatial_scale,
+    const std::vector<Level>& levels,
+    const LevelMap& map,
     int PH,
     int PW,
     int64_t N,
     int64_t C,
-    int H,
-    int W,
     int sampling_ratio,
     bool aligned,
-    acc_t* grad_input) {  // zeroed, contiguous [N, C, H, W]
+    const std::vector<acc_t*>& grad_inputs) {  // zeroed, contiguous [N, C, H_l, W_l] per level
   const int64_t K = rois.size(0);
-  const RoiPlan<acc_t> plan = make_plan<acc_t, scalar_t>(
-      rois, N, H, W, static_cast<acc_t>(spatial_scale), PH, PW, sampling_ratio, aligned);
+  const RoiPlan<acc_t> plan =
+      make_plan<acc_t, scalar_t>(op, rois, N, levels, map, PH, PW, sampling_ratio, aligned);
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
   const int64_t sn = grad.stride(0), sc = grad.stride(1), sh = grad.stride(2), sw = grad.stride(3);
-  const int64_t plane = static_cast<int64_t>(H) * W;
 
   at::parallel_for(0, C, channel_grain(K, PH, PW), [&](int64_t c_begin, int64_t c_end) {
     std::vector<acc_t> rowbuf(std::max(plan.max_cols, 1));
@@ -238,7 +277,9 @@ void backward_impl(
       for (int64_t n = 0; n < K; ++n) {
         const int Q = plan.ncols[n];
         if (Q == 0) continue;
-        acc_t* dst = grad_input + (plan.batch[n] * C + c) * plane + plan.col0[n];
+        const Level& lv = levels[plan.level[n]];
+        const int64_t W = lv.width;
+        acc_t* dst = grad_inputs[plan.level[n]] + (plan.batch[n] * C + c) * (int64_t(lv.height) * W) + plan.col0[n];
         const scalar_t* src = g + n * sn + c * sc;
         const acc_t count = plan.count[n];
         const int64_t* yo = plan.y_off.data() + n * (PH + 1);
@@ -262,6 +303,115 @@ void backward_impl(
   });
 }
 
+// ---------------------------------------------------------------------------------------
+// host functions
+// ---------------------------------------------------------------------------------------
+
+void check_rois(const char* op, const at::Tensor& rois, const at::Tensor& like) {
+  TORCH_CHECK(
+      rois.dim() == 2 && rois.size(1) == 5, "maskray::", op,
+      ": rois must be [K, 5] (batch index, x1, y1, x2, y2), got ", rois.sizes());
+  TORCH_CHECK(
+      like.scalar_type() == rois.scalar_type(), "maskray::", op, ": rois dtype ", rois.scalar_type(),
+      " differs from ", like.scalar_type());
+  TORCH_CHECK(
+      like.device() == rois.device(), "maskray::", op, ": tensors on different devices (", like.device(), " vs ",
+      rois.device(), ")");
+  TORCH_CHECK(like.is_cpu(), "maskray::", op, ": CPU kernel got a ", like.device(), " tensor");
+}
+
+at::Tensor forward_levels(
+    const char* op,
+    at::TensorList features,
+    const at::Tensor& rois,
+    const std::vector<double>& scales,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio,
+    bool aligned,
+    const LevelMap& map) {
+  TORCH_CHECK(!features.empty(), "maskray::", op, ": no feature maps");
+  TORCH_CHECK(scales.size() == features.size(), "maskray::", op, ": ", features.size(), " feature maps but ",
+              scales.size(), " scales");
+  check_params(op, scales, pooled_height, pooled_width, sampling_ratio);
+  const at::Tensor& first = features[0];
+  std::vector<at::Tensor> inputs;
+  std::vector<Level> levels;
+  for (size_t l = 0; l < features.size(); ++l) {
+    const at::Tensor& f = features[l];
+    TORCH_CHECK(f.dim() == 4, "maskray::", op, ": feature map ", l, " must be [N, C, H, W], got ", f.sizes());
+    TORCH_CHECK(
+        f.size(0) == first.size(0) && f.size(1) == first.size(1) && f.scalar_type() == first.scalar_type() &&
+            f.device() == first.device(),
+        "maskray::", op, ": feature map ", l, " (", f.sizes(), ", ", f.scalar_type(), ", ", f.device(),
+        ") differs from map 0 (", first.sizes(), ", ", first.scalar_type(), ", ", first.device(),
+        ") in batch, channels, dtype or device");
+    check_map_size(op, f.size(2), f.size(3));
+    inputs.push_back(f.contiguous());
+    levels.push_back(Level{static_cast<int>(f.size(2)), static_cast<int>(f.size(3)), scales[l]});
+  }
+  check_rois(op, rois, first);
+  at::Tensor output = at::empty({rois.size(0), first.size(1), pooled_height, pooled_width}, first.options());
+  if (output.numel() == 0) return output;
+  const at::Tensor r = rois.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "maskray_roi_align_cpu", [&] {
+    forward_impl<scalar_t>(
+        op, inputs, levels, map, r, static_cast<int>(pooled_height), static_cast<int>(pooled_width),
+        sampling_arg(sampling_ratio), aligned, output);
+  });
+  return output;
+}
+
+std::vector<at::Tensor> backward_levels(
+    const char* op,
+    const at::Tensor& grad,
+    const at::Tensor& rois,
+    const std::vector<double>& scales,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t batch_size,
+    int64_t channels,
+    at::IntArrayRef heights,
+    at::IntArrayRef widths,
+    int64_t sampling_ratio,
+    bool aligned,
+    const LevelMap& map) {
+  TORCH_CHECK(
+      heights.size() == scales.size() && widths.size() == scales.size() && !scales.empty(), "maskray::", op,
+      ": need one height, width and scale per level");
+  check_params(op, scales, pooled_height, pooled_width, sampling_ratio);
+  check_rois(op, rois, grad);
+  TORCH_CHECK(
+      grad.dim() == 4 && grad.size(0) == rois.size(0) && grad.size(1) == channels &&
+          grad.size(2) == pooled_height && grad.size(3) == pooled_width,
+      "maskray::", op, ": grad has shape ", grad.sizes(), ", expected [", rois.size(0), ", ", channels, ", ",
+      pooled_height, ", ", pooled_width, "]");
+  TORCH_CHECK(batch_size >= 0 && channels >= 0, "maskray::", op, ": negative batch size or channels");
+  const at::ScalarType acc_type = at::toOpMathType(grad.scalar_type());
+  std::vector<at::Tensor> acc;
+  std::vector<Level> levels;
+  for (size_t l = 0; l < scales.size(); ++l) {
+    check_map_size(op, heights[l], widths[l]);
+    acc.push_back(at::zeros({batch_size, channels, heights[l], widths[l]}, grad.options().dtype(acc_type)));
+    levels.push_back(Level{static_cast<int>(heights[l]), static_cast<int>(widths[l]), scales[l]});
+  }
+  if (grad.numel() > 0) {
+    const at::Tensor r = rois.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "maskray_roi_align_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      std::vector<acc_t*> ptrs;
+      for (at::Tensor& t : acc) ptrs.push_back(t.mutable_data_ptr<acc_t>());
+      backward_impl<scalar_t, acc_t>(
+          op, grad, r, levels, map, static_cast<int>(pooled_height), static_cast<int>(pooled_width), batch_size,
+          channels, sampling_arg(sampling_ratio), aligned, ptrs);
+    });
+  }
+  for (at::Tensor& t : acc) {
+    if (t.scalar_type() != grad.scalar_type()) t = t.to(grad.scalar_type());
+  }
+  return acc;
+}
+
 at::Tensor roi_align_forward_cpu(
     const at::Tensor& input,
     const at::Tensor& rois,
@@ -270,20 +420,10 @@ at::Tensor roi_align_forward_cpu(
     int64_t pooled_width,
     int64_t sampling_ratio,
     bool aligned) {
-  check_inputs(input, rois, pooled_height, pooled_width);
-  TORCH_CHECK(input.is_cpu(), "maskray::roi_align: CPU kernel got a ", input.device(), " tensor");
-  at::Tensor output = at::empty(
-      {rois.size(0), input.size(1), pooled_height, pooled_width}, input.options());
-  if (output.numel() == 0) return output;
-  if (input.size(2) == 0 || input.size(3) == 0) return output.zero_();  // nothing to sample
-  const at::Tensor in = input.contiguous();
-  const at::Tensor r = rois.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "maskray_roi_align_cpu", [&] {
-    forward_impl<scalar_t>(
-        in, r, spatial_scale, static_cast<int>(pooled_height), static_cast<int>(pooled_width),
-        static_cast<int>(sampling_ratio), aligned, output);
-  });
-  return output;
+  TORCH_CHECK(input.dim() == 4, "maskray::roi_align: input must be [N, C, H, W], got ", input.sizes());
+  return forward_levels(
+      "roi_align", {input}, rois, {spatial_scale}, pooled_height, pooled_width, sampling_ratio, aligned,
+      kSingleLevel);
 }
 
 at::Tensor roi_align_backward_cpu(
@@ -300,29 +440,54 @@ at::Tensor roi_align_backward_cpu(
     bool aligned,
     bool deterministic) {
   (void)deterministic;  // the CPU backward is always deterministic
-  TORCH_CHECK(grad.is_cpu(), "maskray::roi_align_backward: CPU kernel got a ", grad.device(), " tensor");
-  TORCH_CHECK(
-      rois.dim() == 2 && rois.size(1) == 5, "maskray::roi_align_backward: rois must be [K, 5], got ",
-      rois.sizes());
-  TORCH_CHECK(
-      grad.dim() == 4 && grad.size(0) == rois.size(0) && grad.size(1) == channels &&
-          grad.size(2) == pooled_height && grad.size(3) == pooled_width,
-      "maskray::roi_align_backward: grad has shape ", grad.sizes(), ", expected [", rois.size(0), ", ",
-      channels, ", ", pooled_height, ", ", pooled_width, "]");
-  TORCH_CHECK(
-      grad.scalar_type() == rois.scalar_type(), "maskray::roi_align_backward: grad and rois dtypes differ");
-  const at::ScalarType acc_type = at::toOpMathType(grad.scalar_type());
-  at::Tensor grad_input = at::zeros({batch_size, channels, height, width}, grad.options().dtype(acc_type));
-  if (grad.numel() == 0 || grad_input.numel() == 0) return grad_input.to(grad.scalar_type());
-  const at::Tensor r = rois.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "maskray_roi_align_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    backward_impl<scalar_t, acc_t>(
-        grad, r, spatial_scale, static_cast<int>(pooled_height), static_cast<int>(pooled_width), batch_size,
-        channels, static_cast<int>(height), static_cast<int>(width), static_cast<int>(sampling_ratio), aligned,
-        grad_input.mutable_data_ptr<acc_t>());
-  });
-  return grad_input.scalar_type() == grad.scalar_type() ? grad_input : grad_input.to(grad.scalar_type());
+  return backward_levels(
+      "roi_align_backward", grad, rois, {spatial_scale}, pooled_height, pooled_width, batch_size, channels,
+      {height}, {width}, sampling_ratio, aligned, kSingleLevel)[0];
+}
+
+at::Tensor multi_level_roi_align_cpu(
+    at::TensorList features,
+    const at::Tensor& rois,
+    at::ArrayRef<double> scales,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio,
+    bool aligned,
+    int64_t k_min,
+    int64_t k_max,
+    double canonical_scale,
+    double canonical_level,
+    double eps) {
+  const char* op = "multi_level_roi_align";
+  const LevelMap map = make_level_map(op, features.size(), k_min, k_max, canonical_scale, canonical_level, eps);
+  return forward_levels(
+      op, features, rois, scales.vec(), pooled_height, pooled_width, sampling_ratio, aligned, map);
+}
+
+std::vector<at::Tensor> multi_level_roi_align_backward_cpu(
+    const at::Tensor& grad,
+    const at::Tensor& rois,
+    at::ArrayRef<double> scales,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t batch_size,
+    int64_t channels,
+    at::IntArrayRef heights,
+    at::IntArrayRef widths,
+    int64_t sampling_ratio,
+    bool aligned,
+    int64_t k_min,
+    int64_t k_max,
+    double canonical_scale,
+    double canonical_level,
+    double eps,
+    bool deterministic) {
+  (void)deterministic;  // the CPU backward is always deterministic
+  const char* op = "multi_level_roi_align_backward";
+  const LevelMap map = make_level_map(op, scales.size(), k_min, k_max, canonical_scale, canonical_level, eps);
+  return backward_levels(
+      op, grad, rois, scales.vec(), pooled_height, pooled_width, batch_size, channels, heights, widths,
+      sampling_ratio, aligned, map);
 }
 
 }  // namespace
@@ -335,11 +500,24 @@ TORCH_LIBRARY(maskray, m) {
       "roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, int pooled_height, "
       "int pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width, "
       "int sampling_ratio, bool aligned, bool deterministic) -> Tensor");
+  // All FPN levels in one call; RoI n is pooled from features[level(n)] with scales[level(n)],
+  // level(n) as torchvision's LevelMapper(k_min, k_max, canonical_scale, canonical_level, eps).
+  m.def(
+      "multi_level_roi_align(Tensor[] features, Tensor rois, float[] scales, int pooled_height, "
+      "int pooled_width, int sampling_ratio, bool aligned, int k_min, int k_max, float canonical_scale, "
+      "float canonical_level, float eps) -> Tensor");
+  m.def(
+      "multi_level_roi_align_backward(Tensor grad, Tensor rois, float[] scales, int pooled_height, "
+      "int pooled_width, SymInt batch_size, SymInt channels, SymInt[] heights, SymInt[] widths, "
+      "int sampling_ratio, bool aligned, int k_min, int k_max, float canonical_scale, float canonical_level, "
+      "float eps, bool deterministic) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(maskray, CPU, m) {
   m.impl("roi_align", &roi_align_forward_cpu);
   m.impl("roi_align_backward", &roi_align_backward_cpu);
+  m.impl("multi_level_roi_align", &multi_level_roi_align_cpu);
+  m.impl("multi_level_roi_align_backward", &multi_level_roi_align_backward_cpu);
 }
 
 }  // namespace maskray

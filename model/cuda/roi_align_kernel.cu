@@ -1,9 +1,17 @@
-// maskray::roi_align — CUDA kernels (forward, atomic backward, deterministic backward).
+// maskray::roi_align and maskray::multi_level_roi_align — CUDA kernels (forward, atomic
+// backward, deterministic backward).
 //
-// Geometry comes from roi_align_common.h, shared with the CPU kernels. Half and bfloat16
-// inputs are computed in float32 (at::opmath_type): sample positions, sums, and the
-// gradient accumulation (the atomic backward accumulates into a float32 buffer that is
-// converted at the end, so no precision is lost to half-precision atomics).
+// One set of kernels serves both ops: they read a table of up to kMaxLevels feature maps
+// and pick each RoI's level with roi_level() (torchvision's LevelMapper); the single-level
+// op is the table of one level with the mapping disabled. So all FPN levels are pooled in
+// ONE launch. Geometry and the handling of hostile input come from roi_align_common.h,
+// shared with the CPU kernels: an invalid RoI (non-finite coordinate, batch index not an
+// integer in [0, N)) gets zeros and no gradient (raising would need a device-to-host sync;
+// model.ops raises RoIAlignInputError before launching), the adaptive sampling grid is
+// capped at kMaxSamplingGrid per side, and NaN/inf sample coordinates read nothing.
+// Half and bfloat16 inputs are computed in float32 (at::opmath_type): sample positions,
+// sums, and the gradient accumulation (the atomic backward accumulates into float32
+// buffers that are converted at the end).
 //
 // Two backward kernels:
 //  * atomic (default): one thread per output-gradient element scatters its share to the
@@ -11,8 +19,9 @@
 //  * deterministic (torch.use_deterministic_algorithms(True)): one thread per input pixel
 //    (and 16 channels) gathers the contributions of every RoI that can touch it, in RoI
 //    order — no atomics, so results are bitwise reproducible. RoIs are described once by a
-//    small prep kernel (geometry + footprint) and scanned in shared-memory chunks; blocks
-//    skip RoIs whose footprint misses their 16x16 pixel tile.
+//    small prep kernel (level, geometry, footprint) and scanned in shared-memory chunks;
+//    blocks (16x16 pixel tiles of every level, one launch) skip RoIs of other levels or
+//    whose footprint misses their tile.
 // Narrow includes (no ATen/ATen.h, no cuBLAS/cuSPARSE headers) keep compiles quick.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -27,7 +36,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
+#include "roi_align_checks.h"
 #include "roi_align_common.h"
 
 namespace maskray {
@@ -45,6 +56,54 @@ inline int grid_size(int64_t work) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, kThreads), int64_t(sms) * 32)));
 }
 
+// The feature maps (or gradient buffers) of one call, passed to kernels by value.
+// P: pointer type of the maps, each contiguous [N, C, height[l], width[l]].
+template <typename P, typename acc_t>
+struct Levels {
+  P data[kMaxLevels];
+  int height[kMaxLevels];
+  int width[kMaxLevels];
+  acc_t scale[kMaxLevels];
+  int64_t tile_begin[kMaxLevels + 1];  // deterministic backward: first block of each level
+  int num_levels;
+  LevelMap map;
+};
+
+template <typename P, typename acc_t>
+Levels<P, acc_t> make_levels(
+    const std::vector<P>& data, const std::vector<int64_t>& heights, const std::vector<int64_t>& widths,
+    const std::vector<double>& scales, const LevelMap& map) {
+  Levels<P, acc_t> L{};
+  L.num_levels = static_cast<int>(data.size());
+  L.map = map;
+  for (int l = 0; l < L.num_levels; ++l) {
+    L.data[l] = data[l];
+    L.height[l] = static_cast<int>(heights[l]);
+    L.width[l] = static_cast<int>(widths[l]);
+    L.scale[l] = static_cast<acc_t>(scales[l]);
+  }
+  return L;
+}
+
+// Level and geometry of one RoI; false when it samples nothing (invalid RoI, no such level,
+// or an empty map).
+template <typename scalar_t, typename acc_t, typename P>
+__device__ __forceinline__ bool resolve_roi(
+    const scalar_t* roi,
+    const Levels<P, acc_t>& L,
+    int64_t batch_size,
+    int pooled_height,
+    int pooled_width,
+    int sampling_ratio,
+    bool aligned,
+    int& level,
+    RoiGeometry<acc_t>& g) {
+  level = roi_level<acc_t>(roi, L.map);
+  if (level < 0 || level >= L.num_levels || L.height[level] == 0 || L.width[level] == 0) return false;
+  g = roi_geometry<acc_t>(roi, batch_size, L.scale[level], pooled_height, pooled_width, sampling_ratio, aligned);
+  return g.batch >= 0;
+}
+
 template <typename T>
 __device__ __forceinline__ bool is_empty(const Tap<T>& t) {
   return t.w_lo == T(0) && t.w_hi == T(0);
@@ -56,13 +115,10 @@ __device__ __forceinline__ bool is_empty(const Tap<T>& t) {
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) roi_align_forward_kernel(
     int64_t total,
-    const scalar_t* __restrict__ input,
+    const Levels<const scalar_t*, acc_t> L,
     const scalar_t* __restrict__ rois,
-    acc_t spatial_scale,
     int64_t batch_size,
     int64_t channels,
-    int height,
-    int width,
     int pooled_height,
     int pooled_width,
     int sampling_ratio,
@@ -74,13 +130,14 @@ __global__ void __launch_bounds__(kThreads) roi_align_forward_kernel(
     const int ph = static_cast<int>((index / pooled_width) % pooled_height);
     const int64_t c = (index / pooled_width / pooled_height) % channels;
     const int64_t n = index / pooled_width / pooled_height / channels;
-    const RoiGeometry<acc_t> g =
-        roi_geometry<acc_t>(rois + n * 5, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
-    if (g.batch < 0 || g.batch >= batch_size) {  // rejected on the host side; never read out of bounds
+    int level;
+    RoiGeometry<acc_t> g;
+    if (!resolve_roi(rois + n * 5, L, batch_size, pooled_height, pooled_width, sampling_ratio, aligned, level, g)) {
       output[index] = scalar_t(0);
       continue;
     }
-    const scalar_t* plane = input + (g.batch * channels + c) * height * width;
+    const int height = L.height[level], width = L.width[level];
+    const scalar_t* plane = L.data[level] + (g.batch * channels + c) * (int64_t(height) * width);
     acc_t sum = 0;
     for (int iy = 0; iy < g.grid_h; ++iy) {
       const Tap<acc_t> ty = linear_tap(sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h), height);
@@ -111,28 +168,28 @@ __global__ void __launch_bounds__(kThreads) roi_align_backward_atomic_kernel(
     int64_t sh,
     int64_t sw,
     const scalar_t* __restrict__ rois,
-    acc_t spatial_scale,
+    const Levels<acc_t*, acc_t> L,
     int64_t batch_size,
     int64_t channels,
-    int height,
-    int width,
     int pooled_height,
     int pooled_width,
     int sampling_ratio,
-    bool aligned,
-    acc_t* __restrict__ grad_input) {
+    bool aligned) {
   for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < total;
        index += int64_t(blockDim.x) * gridDim.x) {
     const int pw = static_cast<int>(index % pooled_width);
     const int ph = static_cast<int>((index / pooled_width) % pooled_height);
     const int64_t c = (index / pooled_width / pooled_height) % channels;
     const int64_t n = index / pooled_width / pooled_height / channels;
-    const RoiGeometry<acc_t> g =
-        roi_geometry<acc_t>(rois + n * 5, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
-    if (g.batch < 0 || g.batch >= batch_size) continue;
+    int level;
+    RoiGeometry<acc_t> g;
+    if (!resolve_roi(rois + n * 5, L, batch_size, pooled_height, pooled_width, sampling_ratio, aligned, level, g)) {
+      continue;
+    }
     const acc_t gv = static_cast<acc_t>(grad[n * sn + c * sc + ph * sh + pw * sw]) / g.count;
     if (gv == acc_t(0)) continue;
-    acc_t* plane = grad_input + (g.batch * channels + c) * height * width;
+    const int height = L.height[level], width = L.width[level];
+    acc_t* plane = L.data[level] + (g.batch * channels + c) * (int64_t(height) * width);
     for (int iy = 0; iy < g.grid_h; ++iy) {
       const Tap<acc_t> ty = linear_tap(sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h), height);
       if (is_empty(ty)) continue;
@@ -163,6 +220,7 @@ __global__ void __launch_bounds__(kThreads) roi_align_backward_atomic_kernel(
 template <typename acc_t>
 struct RoiDesc {
   acc_t start_h, start_w, bin_h, bin_w, count;
+  int level;  // -1: the RoI samples nothing
   int batch, grid_h, grid_w;
   int r0, r1, q0, q1;  // inclusive footprint (rows, columns) that may receive gradient; r1 < r0 if none
 };
@@ -172,27 +230,29 @@ template <typename acc_t>
 __device__ void axis_footprint(acc_t start, acc_t bin, int pooled, int grid, int size, int& lo, int& hi) {
   lo = 0;
   hi = -1;
-  if (grid <= 0) return;
+  if (grid <= 0 || size <= 0) return;
   const acc_t a = sample_coord(start, bin, 0, 0, grid);
   const acc_t b = sample_coord(start, bin, pooled - 1, grid - 1, grid);
+  if (!is_finite(a) || !is_finite(b)) {  // overflowing box: every pixel; the exact weights decide
+    hi = size - 1;
+    return;
+  }
   const acc_t vmin = a < b ? a : b, vmax = a < b ? b : a;
   if (vmax < acc_t(-1) || vmin > acc_t(size)) return;
-  const acc_t fmin = vmin > acc_t(0) ? vmin : acc_t(0);
-  const acc_t fmax = vmax > acc_t(0) ? vmax : acc_t(0);
+  const acc_t fmin = vmin > acc_t(0) ? vmin : acc_t(0);  // in [0, size]: the casts below are exact
+  const acc_t fmax = vmax > acc_t(0) ? (vmax < acc_t(size) ? vmax : acc_t(size)) : acc_t(0);
   lo = static_cast<int>(::floor(fmin)) - 1;  // one pixel of slack each side against rounding
   hi = static_cast<int>(::floor(fmax)) + 2;
   lo = lo < 0 ? 0 : lo;
   hi = hi > size - 1 ? size - 1 : hi;
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename P>
 __global__ void roi_describe_kernel(
     int64_t num_rois,
     const scalar_t* __restrict__ rois,
-    acc_t spatial_scale,
+    const Levels<P, acc_t> L,
     int64_t batch_size,
-    int height,
-    int width,
     int pooled_height,
     int pooled_width,
     int sampling_ratio,
@@ -200,19 +260,31 @@ __global__ void roi_describe_kernel(
     RoiDesc<acc_t>* __restrict__ out) {
   const int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (n >= num_rois) return;
-  const RoiGeometry<acc_t> g =
-      roi_geometry<acc_t>(rois + n * 5, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
   RoiDesc<acc_t> d;
+  int level;
+  RoiGeometry<acc_t> g;
+  if (!resolve_roi(rois + n * 5, L, batch_size, pooled_height, pooled_width, sampling_ratio, aligned, level, g)) {
+    d.level = -1;
+    d.batch = -1;
+    d.r0 = d.q0 = 0;
+    d.r1 = d.q1 = -1;
+    d.grid_h = d.grid_w = 0;
+    d.start_h = d.start_w = d.bin_h = d.bin_w = acc_t(0);
+    d.count = acc_t(1);
+    out[n] = d;
+    return;
+  }
   d.start_h = g.start_h;
   d.start_w = g.start_w;
   d.bin_h = g.bin_h;
   d.bin_w = g.bin_w;
   d.count = g.count;
-  d.batch = (g.batch >= 0 && g.batch < batch_size) ? static_cast<int>(g.batch) : -1;
+  d.level = level;
+  d.batch = static_cast<int>(g.batch);
   d.grid_h = g.grid_h;
   d.grid_w = g.grid_w;
-  axis_footprint(g.start_h, g.bin_h, pooled_height, g.grid_h, height, d.r0, d.r1);
-  axis_footprint(g.start_w, g.bin_w, pooled_width, g.grid_w, width, d.q0, d.q1);
+  axis_footprint(g.start_h, g.bin_h, pooled_height, g.grid_h, L.height[level], d.r0, d.r1);
+  axis_footprint(g.start_w, g.bin_w, pooled_width, g.grid_w, L.width[level], d.q0, d.q1);
   out[n] = d;
 }
 
@@ -220,7 +292,7 @@ __global__ void roi_describe_kernel(
 template <typename acc_t>
 __device__ __forceinline__ void candidate_samples(
     acc_t start, acc_t bin, int grid, int pooled, int pix, int& s_lo, int& s_hi) {
-  const int total = pooled * grid;
+  const int total = pooled * grid;  // <= kMaxPooledSize * kMaxSamplingGrid
   const acc_t step = bin / static_cast<acc_t>(grid);
   s_lo = 0;
   s_hi = total - 1;
@@ -234,6 +306,7 @@ __device__ __forceinline__ void candidate_samples(
       s_hi = -1;
       return;
     }
+    // NaN comparisons are false: a NaN bound keeps the full range
     s_lo = lo > acc_t(0) ? static_cast<int>(::floor(lo)) : 0;
     s_hi = hi < static_cast<acc_t>(total - 1) ? static_cast<int>(::ceil(hi)) : total - 1;
   }
@@ -259,15 +332,17 @@ __global__ void __launch_bounds__(kTile* kTile) roi_align_backward_gather_kernel
     const RoiDesc<acc_t>* __restrict__ desc,
     int64_t num_rois,
     int64_t channels,
-    int height,
-    int width,
     int pooled_height,
     int pooled_width,
-    scalar_t* __restrict__ grad_input) {
+    const Levels<scalar_t*, acc_t> L) {
   __shared__ RoiDesc<acc_t> rois_s[kRoiChunk];
+  // which level, image and 16x16 tile this block owns (blocks of level l: [tile_begin[l], tile_begin[l+1]))
+  int level = 0;
+  while (level + 1 < L.num_levels && int64_t(blockIdx.x) >= L.tile_begin[level + 1]) ++level;
+  const int height = L.height[level], width = L.width[level];
   const int tiles_x = (width + kTile - 1) / kTile;
   const int tiles_y = (height + kTile - 1) / kTile;
-  int64_t t = blockIdx.x;
+  int64_t t = int64_t(blockIdx.x) - L.tile_begin[level];
   const int tile_x = static_cast<int>(t % tiles_x);
   t /= tiles_x;
   const int tile_y = static_cast<int>(t % tiles_y);
@@ -291,8 +366,11 @@ __global__ void __launch_bounds__(kTile* kTile) roi_align_backward_gather_kernel
     __syncthreads();
     for (int j = 0; j < m; ++j) {
       const RoiDesc<acc_t>& d = rois_s[j];
-      // block-uniform rejection: other image, or footprint misses this tile
-      if (d.batch != b || d.r1 < tile_r0 || d.r0 > tile_r1 || d.q1 < tile_q0 || d.q0 > tile_q1) continue;
+      // block-uniform rejection: other level or image, or footprint misses this tile
+      if (d.level != level || d.batch != b || d.r1 < tile_r0 || d.r0 > tile_r1 || d.q1 < tile_q0 ||
+          d.q0 > tile_q1) {
+        continue;
+      }
       if (!inside || r < d.r0 || r > d.r1 || q < d.q0 || q > d.q1) continue;
       int sy_lo, sy_hi, sx_lo, sx_hi;
       candidate_samples(d.start_h, d.bin_h, d.grid_h, pooled_height, r, sy_lo, sy_hi);
@@ -316,8 +394,8 @@ __global__ void __launch_bounds__(kTile* kTile) roi_align_backward_gather_kernel
     }
   }
   if (!inside) return;
-  scalar_t* out = grad_input + ((int64_t(b) * channels + c0) * height + r) * width + q;
   const int64_t plane = int64_t(height) * width;
+  scalar_t* out = L.data[level] + (int64_t(b) * channels + c0) * plane + int64_t(r) * width + q;
 #pragma unroll
   for (int k = 0; k < kChannelGroup; ++k) {
     if (k < nc) out[k * plane] = static_cast<scalar_t>(acc[k]);
@@ -328,16 +406,158 @@ __global__ void __launch_bounds__(kTile* kTile) roi_align_backward_gather_kernel
 // host functions
 // ---------------------------------------------------------------------------------------
 
-void check_rois(const at::Tensor& rois, const at::Tensor& like, const char* name) {
+void check_rois(const char* op, const at::Tensor& rois, const at::Tensor& like) {
   TORCH_CHECK(
-      rois.dim() == 2 && rois.size(1) == 5, "maskray::", name, ": rois must be [K, 5] (batch index, x1, y1, x2, y2), got ",
+      rois.dim() == 2 && rois.size(1) == 5, "maskray::", op, ": rois must be [K, 5] (batch index, x1, y1, x2, y2), got ",
       rois.sizes());
-  TORCH_CHECK(like.is_cuda() && rois.is_cuda(), "maskray::", name, ": CUDA kernel got tensors on ", like.device(),
+  TORCH_CHECK(like.is_cuda() && rois.is_cuda(), "maskray::", op, ": CUDA kernel got tensors on ", like.device(),
               " and ", rois.device());
-  TORCH_CHECK(like.device() == rois.device(), "maskray::", name, ": tensors on different devices (", like.device(),
+  TORCH_CHECK(like.device() == rois.device(), "maskray::", op, ": tensors on different devices (", like.device(),
               " vs ", rois.device(), ")");
-  TORCH_CHECK(like.scalar_type() == rois.scalar_type(), "maskray::", name, ": dtypes differ (", like.scalar_type(),
+  TORCH_CHECK(like.scalar_type() == rois.scalar_type(), "maskray::", op, ": dtypes differ (", like.scalar_type(),
               " vs ", rois.scalar_type(), ")");
+}
+
+at::Tensor forward_levels_cuda(
+    const char* op,
+    at::TensorList features,
+    const at::Tensor& rois,
+    const std::vector<double>& scales,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio,
+    bool aligned,
+    const LevelMap& map) {
+  TORCH_CHECK(!features.empty() && features.size() <= size_t(kMaxLevels), "maskray::", op, ": 1 to ", kMaxLevels,
+              " feature maps, got ", features.size());
+  TORCH_CHECK(scales.size() == features.size(), "maskray::", op, ": ", features.size(), " feature maps but ",
+              scales.size(), " scales");
+  check_params(op, scales, pooled_height, pooled_width, sampling_ratio);
+  const at::Tensor& first = features[0];
+  std::vector<at::Tensor> inputs;
+  std::vector<int64_t> heights, widths;
+  for (size_t l = 0; l < features.size(); ++l) {
+    const at::Tensor& f = features[l];
+    TORCH_CHECK(f.dim() == 4, "maskray::", op, ": feature map ", l, " must be [N, C, H, W], got ", f.sizes());
+    TORCH_CHECK(
+        f.size(0) == first.size(0) && f.size(1) == first.size(1) && f.scalar_type() == first.scalar_type() &&
+            f.device() == first.device(),
+        "maskray::", op, ": feature map ", l, " differs from map 0 in batch, channels, dtype or device");
+    check_map_size(op, f.size(2), f.size(3));
+    inputs.push_back(f.contiguous());
+    heights.push_back(f.size(2));
+    widths.push_back(f.size(3));
+  }
+  check_rois(op, rois, first);
+  const c10::cuda::CUDAGuard device_guard(first.device());
+  at::Tensor output = at::empty({rois.size(0), first.size(1), pooled_height, pooled_width}, first.options());
+  if (output.numel() == 0) return output;
+  const at::Tensor r = rois.contiguous();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t total = output.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "maskray_roi_align_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<const scalar_t*> ptrs;
+    for (const at::Tensor& t : inputs) ptrs.push_back(t.const_data_ptr<scalar_t>());
+    const auto L = make_levels<const scalar_t*, acc_t>(ptrs, heights, widths, scales, map);
+    roi_align_forward_kernel<scalar_t, acc_t><<<grid_size(total), kThreads, 0, stream>>>(
+        total, L, r.const_data_ptr<scalar_t>(), first.size(0), first.size(1), static_cast<int>(pooled_height),
+        static_cast<int>(pooled_width), sampling_arg(sampling_ratio), aligned, output.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return output;
+}
+
+std::vector<at::Tensor> backward_levels_cuda(
+    const char* op,
+    const at::Tensor& grad,
+    const at::Tensor& rois,
+    const std::vector<double>& scales,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t batch_size,
+    int64_t channels,
+    at::IntArrayRef heights_in,
+    at::IntArrayRef widths_in,
+    int64_t sampling_ratio,
+    bool aligned,
+    bool deterministic,
+    const LevelMap& map) {
+  const size_t num_levels = scales.size();
+  TORCH_CHECK(
+      num_levels >= 1 && num_levels <= size_t(kMaxLevels) && heights_in.size() == num_levels &&
+          widths_in.size() == num_levels,
+      "maskray::", op, ": need one height, width and scale per level (1 to ", kMaxLevels, " levels)");
+  check_params(op, scales, pooled_height, pooled_width, sampling_ratio);
+  check_rois(op, rois, grad);
+  TORCH_CHECK(
+      grad.dim() == 4 && grad.size(0) == rois.size(0) && grad.size(1) == channels &&
+          grad.size(2) == pooled_height && grad.size(3) == pooled_width,
+      "maskray::", op, ": grad has shape ", grad.sizes(), ", expected [", rois.size(0), ", ", channels, ", ",
+      pooled_height, ", ", pooled_width, "]");
+  TORCH_CHECK(batch_size >= 0 && channels >= 0, "maskray::", op, ": negative batch size or channels");
+  std::vector<int64_t> heights(heights_in.begin(), heights_in.end()), widths(widths_in.begin(), widths_in.end());
+  for (size_t l = 0; l < num_levels; ++l) check_map_size(op, heights[l], widths[l]);
+  const c10::cuda::CUDAGuard device_guard(grad.device());
+  const at::ScalarType acc_type = at::toOpMathType(grad.scalar_type());
+  std::vector<at::Tensor> result;
+  if (grad.numel() == 0) {
+    for (size_t l = 0; l < num_levels; ++l) {
+      result.push_back(at::zeros({batch_size, channels, heights[l], widths[l]}, grad.options()));
+    }
+    return result;
+  }
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor r = rois.contiguous();
+  const int64_t K = rois.size(0);
+  const int PH = static_cast<int>(pooled_height), PW = static_cast<int>(pooled_width);
+  const int SR = sampling_arg(sampling_ratio);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "maskray_roi_align_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (deterministic) {
+      std::vector<scalar_t*> ptrs;
+      for (size_t l = 0; l < num_levels; ++l) {
+        result.push_back(at::empty({batch_size, channels, heights[l], widths[l]}, grad.options()));
+        ptrs.push_back(result.back().mutable_data_ptr<scalar_t>());
+      }
+      auto L = make_levels<scalar_t*, acc_t>(ptrs, heights, widths, scales, map);
+      L.tile_begin[0] = 0;
+      for (size_t l = 0; l < num_levels; ++l) {
+        L.tile_begin[l + 1] = L.tile_begin[l] + batch_size * ceil_div(heights[l], kTile) * ceil_div(widths[l], kTile);
+      }
+      const int64_t tiles = L.tile_begin[num_levels];
+      if (tiles == 0 || channels == 0) return;
+      TORCH_CHECK(tiles <= int64_t(0x7fffffff), "maskray::", op, ": feature maps too large (", tiles, " tiles)");
+      const int64_t channel_groups = ceil_div(channels, kChannelGroup);
+      TORCH_CHECK(channel_groups <= 65535, "maskray::", op, ": too many channels (", channels, ")");
+      at::Tensor desc = at::empty(
+          {static_cast<int64_t>(K * sizeof(RoiDesc<acc_t>))}, grad.options().dtype(at::kByte));
+      auto* desc_ptr = reinterpret_cast<RoiDesc<acc_t>*>(desc.mutable_data_ptr());
+      roi_describe_kernel<scalar_t, acc_t><<<ceil_div(K, kThreads), kThreads, 0, stream>>>(
+          K, r.const_data_ptr<scalar_t>(), L, batch_size, PH, PW, SR, aligned, desc_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const dim3 blocks(static_cast<unsigned>(tiles), static_cast<unsigned>(channel_groups));
+      roi_align_backward_gather_kernel<scalar_t, acc_t><<<blocks, kTile * kTile, 0, stream>>>(
+          grad.const_data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3), desc_ptr,
+          K, channels, PH, PW, L);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      std::vector<at::Tensor> acc;
+      std::vector<acc_t*> ptrs;
+      for (size_t l = 0; l < num_levels; ++l) {
+        acc.push_back(at::zeros({batch_size, channels, heights[l], widths[l]}, grad.options().dtype(acc_type)));
+        ptrs.push_back(acc.back().mutable_data_ptr<acc_t>());
+      }
+      const auto L = make_levels<acc_t*, acc_t>(ptrs, heights, widths, scales, map);
+      const int64_t total = grad.numel();
+      roi_align_backward_atomic_kernel<scalar_t, acc_t><<<grid_size(total), kThreads, 0, stream>>>(
+          total, grad.const_data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
+          r.const_data_ptr<scalar_t>(), L, batch_size, channels, PH, PW, SR, aligned);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      for (at::Tensor& t : acc) result.push_back(t.scalar_type() == grad.scalar_type() ? t : t.to(grad.scalar_type()));
+    }
+  });
+  return result;
 }
 
 at::Tensor roi_align_forward_cuda(
@@ -349,26 +569,8 @@ at::Tensor roi_align_forward_cuda(
     int64_t sampling_ratio,
     bool aligned) {
   TORCH_CHECK(input.dim() == 4, "maskray::roi_align: input must be [N, C, H, W], got ", input.sizes());
-  check_rois(rois, input, "roi_align");
-  TORCH_CHECK(pooled_height > 0 && pooled_width > 0, "maskray::roi_align: output size must be positive");
-  const c10::cuda::CUDAGuard device_guard(input.device());
-  at::Tensor output = at::empty({rois.size(0), input.size(1), pooled_height, pooled_width}, input.options());
-  if (output.numel() == 0) return output;
-  if (input.size(2) == 0 || input.size(3) == 0) return output.zero_();  // nothing to sample
-  const at::Tensor in = input.contiguous();
-  const at::Tensor r = rois.contiguous();
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t total = output.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "maskray_roi_align_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    roi_align_forward_kernel<scalar_t, acc_t><<<grid_size(total), kThreads, 0, stream>>>(
-        total, in.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(), static_cast<acc_t>(spatial_scale),
-        in.size(0), in.size(1), static_cast<int>(in.size(2)), static_cast<int>(in.size(3)),
-        static_cast<int>(pooled_height), static_cast<int>(pooled_width), static_cast<int>(sampling_ratio), aligned,
-        output.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return output;
+  return forward_levels_cuda(
+      "roi_align", {input}, rois, {spatial_scale}, pooled_height, pooled_width, sampling_ratio, aligned, kSingleLevel);
 }
 
 at::Tensor roi_align_backward_cuda(
@@ -384,54 +586,52 @@ at::Tensor roi_align_backward_cuda(
     int64_t sampling_ratio,
     bool aligned,
     bool deterministic) {
-  check_rois(rois, grad, "roi_align_backward");
-  TORCH_CHECK(
-      grad.dim() == 4 && grad.size(0) == rois.size(0) && grad.size(1) == channels &&
-          grad.size(2) == pooled_height && grad.size(3) == pooled_width,
-      "maskray::roi_align_backward: grad has shape ", grad.sizes(), ", expected [", rois.size(0), ", ", channels,
-      ", ", pooled_height, ", ", pooled_width, "]");
-  const c10::cuda::CUDAGuard device_guard(grad.device());
-  if (grad.numel() == 0 || batch_size * channels * height * width == 0) {
-    return at::zeros({batch_size, channels, height, width}, grad.options());
-  }
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor r = rois.contiguous();
-  const int64_t K = rois.size(0);
-  const int H = static_cast<int>(height), W = static_cast<int>(width);
-  const int PH = static_cast<int>(pooled_height), PW = static_cast<int>(pooled_width);
-  const int SR = static_cast<int>(sampling_ratio);
-  at::Tensor result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "maskray_roi_align_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t scale = static_cast<acc_t>(spatial_scale);
-    if (deterministic) {
-      at::Tensor desc = at::empty(
-          {static_cast<int64_t>(K * sizeof(RoiDesc<acc_t>))}, grad.options().dtype(at::kByte));
-      auto* desc_ptr = reinterpret_cast<RoiDesc<acc_t>*>(desc.mutable_data_ptr());
-      roi_describe_kernel<scalar_t, acc_t><<<ceil_div(K, kThreads), kThreads, 0, stream>>>(
-          K, r.const_data_ptr<scalar_t>(), scale, batch_size, H, W, PH, PW, SR, aligned, desc_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      result = at::empty({batch_size, channels, height, width}, grad.options());
-      const dim3 blocks(
-          static_cast<unsigned>(batch_size * ceil_div(H, kTile) * ceil_div(W, kTile)),
-          static_cast<unsigned>(ceil_div(channels, kChannelGroup)));
-      TORCH_CHECK(blocks.y <= 65535, "maskray::roi_align_backward: too many channels (", channels, ")");
-      roi_align_backward_gather_kernel<scalar_t, acc_t><<<blocks, kTile * kTile, 0, stream>>>(
-          grad.const_data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3), desc_ptr,
-          K, channels, H, W, PH, PW, result.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      at::Tensor acc = at::zeros({batch_size, channels, height, width}, grad.options().dtype(at::toOpMathType(grad.scalar_type())));
-      const int64_t total = grad.numel();
-      roi_align_backward_atomic_kernel<scalar_t, acc_t><<<grid_size(total), kThreads, 0, stream>>>(
-          total, grad.const_data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
-          r.const_data_ptr<scalar_t>(), scale, batch_size, channels, H, W, PH, PW, SR, aligned,
-          acc.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      result = acc.scalar_type() == grad.scalar_type() ? acc : acc.to(grad.scalar_type());
-    }
-  });
-  return result;
+  return backward_levels_cuda(
+      "roi_align_backward", grad, rois, {spatial_scale}, pooled_height, pooled_width, batch_size, channels, {height},
+      {width}, sampling_ratio, aligned, deterministic, kSingleLevel)[0];
+}
+
+at::Tensor multi_level_roi_align_cuda(
+    at::TensorList features,
+    const at::Tensor& rois,
+    at::ArrayRef<double> scales,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio,
+    bool aligned,
+    int64_t k_min,
+    int64_t k_max,
+    double canonical_scale,
+    double canonical_level,
+    double eps) {
+  const char* op = "multi_level_roi_align";
+  const LevelMap map = make_level_map(op, features.size(), k_min, k_max, canonical_scale, canonical_level, eps);
+  return forward_levels_cuda(op, features, rois, scales.vec(), pooled_height, pooled_width, sampling_ratio, aligned, map);
+}
+
+std::vector<at::Tensor> multi_level_roi_align_backward_cuda(
+    const at::Tensor& grad,
+    const at::Tensor& rois,
+    at::ArrayRef<double> scales,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t batch_size,
+    int64_t channels,
+    at::IntArrayRef heights,
+    at::IntArrayRef widths,
+    int64_t sampling_ratio,
+    bool aligned,
+    int64_t k_min,
+    int64_t k_max,
+    double canonical_scale,
+    double canonical_level,
+    double eps,
+    bool deterministic) {
+  const char* op = "multi_level_roi_align_backward";
+  const LevelMap map = make_level_map(op, scales.size(), k_min, k_max, canonical_scale, canonical_level, eps);
+  return backward_levels_cuda(
+      op, grad, rois, scales.vec(), pooled_height, pooled_width, batch_size, channels, heights, widths,
+      sampling_ratio, aligned, deterministic, map);
 }
 
 }  // namespace
@@ -439,6 +639,8 @@ at::Tensor roi_align_backward_cuda(
 TORCH_LIBRARY_IMPL(maskray, CUDA, m) {
   m.impl("roi_align", &roi_align_forward_cuda);
   m.impl("roi_align_backward", &roi_align_backward_cuda);
+  m.impl("multi_level_roi_align", &multi_level_roi_align_cuda);
+  m.impl("multi_level_roi_align_backward", &multi_level_roi_align_backward_cuda);
 }
 
 }  // namespace maskray

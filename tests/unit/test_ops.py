@@ -291,7 +291,7 @@ def test_malformed_input_raises():
 
 def test_op_checks_batch_index_itself():
     # the raw op must not read out of bounds either
-    with pytest.raises(RuntimeError, match="not a batch index"):
+    with pytest.raises(ValueError, match="not a batch index"):
         torch.ops.maskray.roi_align(torch.randn(1, 1, 4, 4), torch.tensor([[3.0, 0, 0, 2, 2]]), 1.0, 2, 2, -1, False)
 
 
