@@ -55,21 +55,35 @@ def crop_rle_counts(crop: np.ndarray, y0: int, x0: int, image_size: tuple[int, i
     im_h, im_w = int(image_size[0]), int(image_size[1])
     h, w = crop.shape
     total = im_h * im_w
-    if h == 0 or w == 0 or not crop.any():
+    if h == 0 or w == 0:
         return [total]
-    # Columns x0..x0+w-1 at full height, column-major: a (w, H) block, flattened row by row.
-    block = np.zeros((w, im_h), dtype=np.uint8)
-    block[:, y0:y0 + h] = crop.T
-    flat = block.ravel()
-    offset = x0 * im_h  # zeros of the columns left of the crop
-    edges = []
-    if flat[0]:
-        edges.append(offset)
-    edges.extend((np.flatnonzero(flat[1:] != flat[:-1]) + 1 + offset).tolist())
-    end = offset + flat.size
-    if flat[-1] and end < total:
-        edges.append(end)
-    return np.diff(np.asarray([0, *edges, total], dtype=np.int64)).tolist()
+    # Column-major over the crop only, each column framed by a zero above and below, so every
+    # foreground run starts and ends inside its column: O(crop) work, whatever the image size.
+    framed = np.zeros((w, h + 2), dtype=np.int8)
+    framed[:, 1:h + 1] = crop.T
+    step = np.diff(framed.ravel())
+    starts = np.flatnonzero(step == 1) + 1  # flat index of a run's first pixel
+    ends = np.flatnonzero(step == -1) + 1  # flat index just past a run's last pixel
+    if starts.size == 0:
+        return [total]
+    # Flat index q -> column q // (h+2), crop row q % (h+2) - 1 -> full-image column-major index.
+    def full(q: np.ndarray) -> np.ndarray:
+        return (x0 + q // (h + 2)) * im_h + y0 + q % (h + 2) - 1
+
+    first, past = full(starts), full(ends)
+    # A run reaching the image's bottom row continues into the next column's run from row 0.
+    keep_end = np.ones(first.size, dtype=bool)
+    keep_start = np.ones(first.size, dtype=bool)
+    joined = past[:-1] == first[1:]
+    keep_end[:-1] &= ~joined
+    keep_start[1:] &= ~joined
+    edges = np.empty(2 * int(keep_start.sum()), dtype=np.int64)
+    edges[0::2] = first[keep_start]
+    edges[1::2] = past[keep_end]
+    bounds = [0, *edges.tolist()]
+    if bounds[-1] != total:
+        bounds.append(total)
+    return np.diff(np.asarray(bounds, dtype=np.int64)).tolist()
 
 
 def encode_instance_masks(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], *,
