@@ -46,14 +46,13 @@ def cpu_config(train: str, runs: str, workers: int, iters: int, size: int) -> di
 
 
 def run_train(config: dict, path: str) -> float:
-    from jobs import train
+    from pipeline.train import fit, load_config
     from train_support import write_config
 
     write_config(path, config)
-    rc = train.run(argparse.Namespace(config=path, overrides=[], verbose=False))
-    assert rc == 0
-    with open(os.path.join(config["storage_path"], config["name"], "final_metrics.json")) as f:
-        return float(json.load(f)["train"]["images_per_s"])
+    result = fit(load_config(path))
+    print(f"{config['name']}: driver-side start-up {result.timings}", flush=True)
+    return float(result.metrics["images_per_s"])
 
 
 def gpu_benchmark(iters: int) -> None:

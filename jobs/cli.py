@@ -1,4 +1,4 @@
-"""The ``maskray`` command: parses arguments and hands them to a module in ``jobs``."""
+"""The ``maskray`` command line (``jobs.cli``): one subcommand per job, each a thin module in ``jobs``."""
 
 from __future__ import annotations
 
@@ -8,22 +8,49 @@ import logging
 import sys
 import traceback
 
+DESCRIPTION = """\
+maskray: instance segmentation (Mask R-CNN) at cluster scale. Train a model on your
+COCO-style dataset, segment millions of images with it, and improve it with your
+unlabeled images, on one machine or a Ray cluster; data and results in local folders
+or object storage (s3://).
+
+The three jobs:
+  train     train Mask R-CNN on labeled shards (Ray Train, many workers/GPUs)
+  infer     segment images with a trained model (Ray Data); Parquet / COCO JSON results
+  distill   self-training rounds: pseudo-label unlabeled images, train a better student
+
+Getting data in: convert (COCO json + images -> shards), pack (raw images -> shards).
+Looking at results: eval (COCO AP), show (overlay PNGs). On a cluster: submit, status,
+logs, stop. To see it all work on synthetic shapes: maskray demo.
+"""
+
 # subcommand -> (module in jobs, one-line help). Order is the order shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("jobs.demo", "run the whole product end to end on synthetic data"),
-    "synth": ("jobs.synth", "write a synthetic COCO shapes dataset (PNG + annotations.json)"),
-    "convert": ("jobs.convert", "convert a COCO dataset to maskray shards"),
+    "train": ("jobs.train", "train Mask R-CNN on labeled shards with Ray Train"),
+    "infer": ("jobs.infer", "segment images (shards) with a trained model, with Ray Data"),
+    "distill": ("jobs.distill", "data-distillation rounds: pseudo-label unlabeled images, train a student"),
+    "convert": ("jobs.convert", "convert a COCO dataset (json + images) to maskray shards"),
     "pack": ("jobs.pack", "pack a folder or bucket prefix of raw images into unlabeled shards"),
-    "train": ("jobs.train", "train Mask R-CNN with Ray Train"),
-    "eval": ("jobs.evaluate", "COCO bbox/segm evaluation of a checkpoint on labeled shards"),
-    "infer": ("jobs.infer", "batch-segment shards with Ray Data"),
-    "distill": ("jobs.distill", "run data-distillation self-training rounds"),
-    "show": ("jobs.show", "write PNG overlays of predictions"),
+    "eval": ("jobs.evaluate", "COCO bbox/segm AP of a checkpoint on labeled shards"),
+    "show": ("jobs.show", "write PNG overlays of a model's predictions"),
+    "demo": ("jobs.demo", "run the whole product end to end on synthetic shapes"),
+    "synth": ("jobs.synth", "write a synthetic COCO shapes dataset (PNG + annotations.json)"),
     "submit": ("jobs.submit", "submit a train/infer/distill job to a Ray cluster"),
     "status": ("jobs.submit", "status of a submitted job"),
     "logs": ("jobs.submit", "logs of a submitted job"),
     "stop": ("jobs.submit", "stop a submitted job"),
 }
+
+
+def version() -> str:
+    """The installed package's version (pyproject.toml), or "unknown" when run from a bare checkout."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("maskray")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def configure_logging(verbose: bool) -> None:
@@ -39,7 +66,9 @@ def configure_logging(verbose: bool) -> None:
 
 def build_parser(modules: dict[str, object] | None = None) -> argparse.ArgumentParser:
     """The full parser; ``modules`` maps a subcommand to an imported job module."""
-    parser = argparse.ArgumentParser(prog="maskray", description=__doc__)
+    parser = argparse.ArgumentParser(prog="maskray", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"maskray {version()}")
     parser.add_argument("--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():

@@ -57,6 +57,16 @@ class Timings:
         self.steps[name] = round(seconds, 1)
 
 
+def _timed(timings: Timings, name: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, logged and timed as demo step ``name``."""
+    logger.info("demo: ── %s ──", name)
+    start = time.perf_counter()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        timings.record(name, time.perf_counter() - start)
+
+
 def _step(timings: Timings, name: str, argv: list[str]) -> None:
     """Run ``maskray ARGV`` in-process (same code as the command), timing it."""
     logger.info("demo: ── %s ── maskray %s", name, " ".join(argv))
@@ -107,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     }
     timings = Timings()
     started = time.perf_counter()
-    _init_ray(bool(getattr(args, "verbose", False)))
+    verbose = bool(getattr(args, "verbose", False))
+    _init_ray(verbose)  # once for every step: train, infer and distill find it up
 
     # 1. data: labeled train (+ unlabeled pool) and held-out val, as shards.
     if not storage.exists(storage.join(paths["train"], "manifest.json")):
@@ -129,10 +140,12 @@ def run(args: argparse.Namespace) -> int:
     run_uri = storage.join(paths["runs"], "shapes-cpu")
     final_uri = storage.join(run_uri, "final_metrics.json")
     if not storage.exists(final_uri):
-        _step(timings, "train", ["train", "--config", args.train_config,
-                                 "--set", f"data.train={paths['train']}", "--set", f"data.val={paths['val']}",
-                                 "--set", f"storage_path={paths['runs']}", "--set", "name=shapes-cpu",
-                                 *[x for o in args.overrides for x in ("--set", o)]])
+        from pipeline.train import fit, load_config
+
+        config = load_config(args.train_config, [f"data.train={paths['train']}", f"data.val={paths['val']}",
+                                                 f"storage_path={paths['runs']}", "name=shapes-cpu", *args.overrides])
+        result = _timed(timings, "train", fit, config, verbose=verbose)
+        logger.info("demo: Ray Train driver start-up (s): %s", result.timings)
     final = json.loads(storage.read_bytes(final_uri))
     checkpoint = final["model"]
 
@@ -151,12 +164,12 @@ def run(args: argparse.Namespace) -> int:
     # 5. one data-distillation round, the trained model as the round-0 teacher.
     distill_summary = None
     if not args.skip_distill:
-        _step(timings, "distill", ["distill", "--config", args.distill_config,
-                                   "--set", f"work_dir={paths['distill']}",
-                                   "--set", f"data.labeled={paths['train']}",
-                                   "--set", f"data.unlabeled={paths['pool']}",
-                                   "--set", f"data.val={paths['val']}",
-                                   "--set", f"teacher={checkpoint}"])
+        from pipeline.distill import load_distill_config, run_distill
+
+        distill_config = load_distill_config(args.distill_config, [
+            f"work_dir={paths['distill']}", f"data.labeled={paths['train']}", f"data.unlabeled={paths['pool']}",
+            f"data.val={paths['val']}", f"teacher={checkpoint}"])
+        _timed(timings, "distill", run_distill, distill_config, verbose=verbose)
         distill_summary = _distill_rounds(paths["distill"])
 
     # 6. overlays and the report.

@@ -30,16 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(name: str):
-    import torch
+    """``--device`` -> torch.device (kept here for jobs.show until it imports pipeline.evaluate's)."""
+    from pipeline.evaluate import resolve_device as resolve
 
-    from model.errors import MaskrayError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MaskrayError(f"--device {name}: CUDA is not available here (use --device cpu)")
-    return device
+    return resolve(name)
 
 
 def amp_dtype(name: str):

@@ -14,6 +14,7 @@ _EXPORTS = {
     "save_checkpoint": "model.checkpoint",
     "load_checkpoint": "model.checkpoint",
     "load_weights": "model.checkpoint",
+    "load_backbone_weights": "model.checkpoint",
     "build_from_config": "model.checkpoint",
     "MaskrayError": "model.errors",
 }

@@ -12,6 +12,7 @@ label 0 is background.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import os
@@ -28,6 +29,14 @@ FORMAT = "maskray-checkpoint/1"
 _BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 _VARIANTS = ("v1", "v2")
 _NORMS = ("bn", "frozen_bn", "gn")
+
+
+class ModelConfigError(MaskrayError):
+    """An invalid :class:`ModelConfig` field: ``key`` names it, ``reason`` says what is wrong."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"model config {key}: {reason}")
+        self.key, self.reason = key, reason
 
 
 @dataclass
@@ -53,33 +62,36 @@ class ModelConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.backbone not in _BACKBONES:
-            raise MaskrayError(f"model config backbone {self.backbone!r} is not one of {', '.join(_BACKBONES)}")
-        if self.variant not in _VARIANTS:
-            raise MaskrayError(f"model config variant {self.variant!r} is not one of {', '.join(_VARIANTS)}")
-        if self.norm not in _NORMS:
-            raise MaskrayError(f"model config norm {self.norm!r} is not one of {', '.join(_NORMS)}")
-        if not isinstance(self.num_classes, int) or self.num_classes < 2:
-            raise MaskrayError(f"model config num_classes={self.num_classes!r} must be an int >= 2")
-        if not 0 < self.min_size <= self.max_size:
-            raise MaskrayError(
-                f"model config min_size={self.min_size} / max_size={self.max_size}: need 0 < min_size <= max_size"
-            )
-        if not 0 <= self.trainable_layers <= 5:
-            raise MaskrayError(f"model config trainable_layers={self.trainable_layers} is outside 0..5")
+        def require(ok: bool, key: str, reason: str) -> None:
+            if not ok:
+                raise ModelConfigError(key, reason)
+
+        require(self.backbone in _BACKBONES, "backbone", f"{self.backbone!r} is not one of {', '.join(_BACKBONES)}")
+        require(self.variant in _VARIANTS, "variant", f"{self.variant!r} is not one of {', '.join(_VARIANTS)}")
+        require(self.norm in _NORMS, "norm", f"{self.norm!r} is not one of {', '.join(_NORMS)}")
+        require(isinstance(self.num_classes, int) and not isinstance(self.num_classes, bool)
+                and self.num_classes >= 2, "num_classes", f"{self.num_classes!r} must be an int >= 2")
+        require(0 < self.min_size <= self.max_size, "min_size",
+                f"need 0 < min_size <= max_size, got {self.min_size} / {self.max_size}")
+        require(0 <= self.trainable_layers <= 5, "trainable_layers", f"{self.trainable_layers} is outside 0..5")
+        require(0 <= self.box_score_thresh < 1, "box_score_thresh", f"{self.box_score_thresh} is outside [0, 1)")
+        require(self.box_detections_per_img > 0, "box_detections_per_img",
+                f"must be > 0, got {self.box_detections_per_img}")
         self.categories = [dict(c) for c in self.categories]
         for i, c in enumerate(self.categories):
-            if "id" not in c or "name" not in c:
-                raise MaskrayError(f"model config categories[{i}]={c!r} needs 'id' and 'name'")
-        if self.categories and len(self.categories) != self.num_classes - 1:
-            raise MaskrayError(
-                f"model config has {len(self.categories)} categories but num_classes={self.num_classes}; "
-                "expected num_classes = len(categories) + 1 (label 0 is background)"
-            )
-        reserved = {f.name for f in dataclasses.fields(self)} | {"backbone_module"}
+            require("id" in c and "name" in c, f"categories[{i}]", f"{c!r} needs 'id' and 'name'")
+        require(not self.categories or len(self.categories) == self.num_classes - 1, "num_classes",
+                f"{len(self.categories)} categories but num_classes={self.num_classes}; expected "
+                "num_classes = len(categories) + 1 (label 0 is background)")
+        for key in self.options:
+            require(isinstance(key, str), "options", f"option names must be strings, got {key!r}")
+        reserved = {f.name for f in dataclasses.fields(ModelConfig)} | {"backbone_module"}
         clash = sorted(set(self.options) & reserved)
-        if clash:
-            raise MaskrayError(f"model config options repeat top-level fields: {', '.join(clash)}")
+        require(not clash, "options", f"repeat top-level fields: {', '.join(clash)}")
+
+    def model_dict(self) -> dict[str, Any]:
+        """The :class:`ModelConfig` fields only (a subclass's own fields left out)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)}
 
     @classmethod
     def for_categories(cls, categories: list[dict], **kwargs: Any) -> ModelConfig:
@@ -87,7 +99,7 @@ class ModelConfig:
         return cls(categories=list(categories), num_classes=len(categories) + 1, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return copy.deepcopy(self.model_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -251,3 +263,48 @@ def load_weights(model: nn.Module, f: str | os.PathLike | BinaryIO | bytes) -> t
                            f"(names or shapes differ everywhere)")
     _unwrap(model).load_state_dict(fitting, strict=False)
     return len(fitting), sorted(set(own) - set(fitting))
+
+
+BODY_PREFIX = "backbone.body."  # where the ResNet of build_backbone sits in a Mask R-CNN
+
+
+def load_backbone_weights(model: nn.Module, f: str | os.PathLike | BinaryIO | bytes) -> int:
+    """Initialise the ResNet body of ``model`` from a torchvision ImageNet classification state dict.
+
+    The file has the key layout of torchvision's ``resnet50-0676ba61.pth`` (``conv1.weight``,
+    ``bn1.*``, ``layer1.0.conv1.weight`` ... ``fc.*``): every key but the classifier (``fc.*``)
+    lands at ``backbone.body.<key>``, as ``maskrcnn_resnet50_fpn(weights_backbone=...)`` does.
+    Strict over the body: a body tensor the file lacks, a key with no place in the body, or a
+    shape that differs (e.g. resnet18 weights for a resnet50 body) raises :class:`MaskrayError`
+    naming it. ``num_batches_tracked`` entries are dropped where the body uses
+    ``FrozenBatchNorm2d`` (which has none). Requires-grad flags (``trainable_layers``) are left
+    as the builder set them. Returns the number of tensors copied. Loaded with ``weights_only=True``.
+    """
+    name = _name(f)
+    state = _torch_load(f, name)
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        raise MaskrayError(f"backbone weights {name} are a whole maskray checkpoint; use model.weights for it")
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MaskrayError(f"backbone weights {name} are not a state dict of tensors")
+    body = {k[len(BODY_PREFIX):]: v for k, v in _unwrap(model).state_dict().items() if k.startswith(BODY_PREFIX)}
+    if not body:
+        raise MaskrayError(f"backbone weights {name}: the model has no {BODY_PREFIX.rstrip('.')} (not a ResNet-FPN)")
+    fitting: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith("fc."):
+            continue  # the ImageNet classifier has no place in a detector
+        if key not in body:
+            if key.endswith("num_batches_tracked"):
+                continue  # FrozenBatchNorm2d keeps no counter
+            raise MaskrayError(f"backbone weights {name}: {key} has no place in the model's ResNet body "
+                               "(expected a torchvision resnet18/34/50/101 classification state dict)")
+        if tuple(value.shape) != tuple(body[key].shape):
+            raise MaskrayError(f"backbone weights {name}: {key} has shape {tuple(value.shape)} but the model's "
+                               f"{BODY_PREFIX}{key} is {tuple(body[key].shape)} (weights of another ResNet depth?)")
+        fitting[BODY_PREFIX + key] = value
+    missing = sorted(k for k in body if BODY_PREFIX + k not in fitting and not k.endswith("num_batches_tracked"))
+    if missing:
+        raise MaskrayError(f"backbone weights {name} lack {len(missing)} tensors of the ResNet body, "
+                           f"e.g. {', '.join(missing[:3])}")
+    _unwrap(model).load_state_dict(fitting, strict=False)
+    return len(fitting)

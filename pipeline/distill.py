@@ -9,7 +9,7 @@ A distill config is a YAML mapping::
     prepare: {enabled: true, size: 64, labeled: 40, unlabeled: 360, val: 100, seed: 0, ...}
     data: {labeled: URI, unlabeled: URI, val: URI, val_max_images: 0}   # default: <work_dir>/data/*
     teacher: URI                     # optional: an existing checkpoint as round 0's teacher (no training)
-    train: {...}                     # a `maskray train` config (pipeline.config.TrainConfig) without
+    train: {...}                     # a `maskray train` config (pipeline.train.config.TrainConfig) without
                                      # data.train/val, name, storage_path: the distill job fills them;
                                      # or a train config file: `train: shapes-cpu.yaml` (those keys dropped)
     student: {mix_ratio: 0.5, init: scratch, overrides: {schedule.max_iters: 800}}
@@ -137,8 +137,8 @@ class DistillConfig:
         self.train_config(self.data.labeled, "check", self.work_dir, self.student.overrides)
 
     def train_config(self, train_uri: str, name: str, storage_path: str, overrides: dict | None = None):
-        """The :class:`pipeline.config.TrainConfig` of one training run of the rounds."""
-        from pipeline.config import ConfigError, TrainConfig, apply_overrides
+        """The :class:`pipeline.train.config.TrainConfig` of one training run of the rounds."""
+        from pipeline.train.config import ConfigError, TrainConfig, apply_overrides
 
         data = copy.deepcopy(self.train)
         data.setdefault("data", {})
@@ -214,7 +214,7 @@ def load_distill_config(path: str, overrides: list[str] | None = None) -> Distil
     import os
 
     from pipeline import storage
-    from pipeline.config import ConfigError, apply_overrides, read_yaml_config
+    from pipeline.train.config import ConfigError, apply_overrides, read_yaml_config
 
     try:
         data = read_yaml_config(path)
@@ -335,3 +335,155 @@ def write_mixed_dataset(labeled_uri: str, pseudo_uri: str | None, out_uri: str, 
                                      extra={**(extra or {}), "mix_ratio": ratio if pseudo_uri else 1.0,
                                             "labeled": labeled_uri, "pseudo": pseudo_uri}))
     return rows, labeled_rows
+
+
+# --------------------------------------------------------------------------- the rounds' config
+
+# Keys (dotted) of a distill config that do not change what a round computes: they may differ
+# when an unfinished round is continued (``rounds`` may grow to add rounds).
+NON_RESULT_KEYS = ("rounds", "min_gain", "eval_threads", "inference", "data.val_max_images",
+                   "train.log_every", "train.eval", "train.checkpoint", "train.max_failures",
+                   "train.wait_for_resources", "train.placement_strategy", "train.cpus_per_worker",
+                   "train.threads_per_worker", "train.data.decode_cpus", "train.data.decode_tasks",
+                   "train.data.max_bad_fraction")
+CONFIG_FILE = "config.json"  # <work_dir>/rounds/config.json: the config the unfinished round runs under
+
+
+def check_rounds_config(config: DistillConfig, *, resume_anyway: bool = False) -> list[str]:
+    """Refuse to continue an unfinished round under a config that differs in results; remember this one.
+
+    Finished rounds are kept whatever the config (the scheduler logs it). Returns the differing keys.
+    """
+    from pipeline import storage
+    from pipeline.rounds import load_states
+    from pipeline.train.config import config_diff
+
+    uri = storage.join(config.work_dir, "rounds", CONFIG_FILE)
+    new = to_dict(config)
+    diff: list[str] = []
+    if storage.exists(uri):
+        old = json.loads(storage.read_bytes(uri))
+        unfinished = [s.round for s in load_states(config.work_dir) if not s.done]
+        diff = config_diff(old, new, NON_RESULT_KEYS)
+        if diff and unfinished:
+            shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
+            if not resume_anyway:
+                raise DistillConfigError(
+                    f"{config.work_dir}: round {unfinished[0]} is unfinished and was started with another config "
+                    f"({shown} differ); pass --resume-anyway to continue it under this config, or use a new work_dir")
+            logger.warning("round %d: continuing under a changed config (--resume-anyway): %s", unfinished[0], shown)
+    storage.write_bytes(uri, (json.dumps(new, indent=2) + "\n").encode())
+    return diff
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+class DistillSteps:
+    """The real step functions of :class:`pipeline.rounds.RoundScheduler` for one config: training
+    through :func:`pipeline.train.engine.fit`, pseudo-labels through :func:`pipeline.pseudo.run_pseudo_labels`."""
+
+    def __init__(self, config: DistillConfig, *, resume_anyway: bool = False, verbose: bool = False) -> None:
+        self.config = config
+        self.resume_anyway = resume_anyway
+        self.verbose = verbose
+
+    def functions(self):
+        from pipeline.rounds import StepFunctions
+
+        return StepFunctions(self.train_teacher, self.pseudo_label, self.train_student, self.evaluate)
+
+    def _train(self, train_config) -> str:
+        """One training run (its config is remembered in its run folder); the checkpoint URI."""
+        from pipeline.train import engine
+
+        result = engine.fit(train_config, resume_anyway=self.resume_anyway, verbose=self.verbose)
+        if not result.checkpoint_uri:
+            raise MaskrayError(f"training run {result.run_dir} ended without a checkpoint")
+        return result.checkpoint_uri
+
+    def _rows_for(self, train_config) -> int:
+        """Rows that last the whole schedule: one epoch of the training stream, no restarts."""
+        return train_config.schedule.max_iters * train_config.global_batch if train_config.schedule.max_iters else 0
+
+    def train_teacher(self, out: str) -> str:
+        from pipeline import storage
+
+        c = self.config
+        if c.teacher:  # a given round-0 teacher is only evaluated (the eval step loads it)
+            logger.info("round 0: teacher given: %s", c.teacher)
+            return c.teacher
+        data = storage.join(out, "data")
+        train_config = c.train_config(data, "run", out)
+        rows, _ = write_mixed_dataset(c.data.labeled, None, data, ratio=1.0, seed=train_config.seed,
+                                      min_rows=self._rows_for(train_config), extra={"round": 0})
+        logger.info("round 0: teacher data %s: %d rows of %s", data, rows, c.data.labeled)
+        return self._train(train_config)
+
+    def pseudo_label(self, round_index: int, teacher: str, out: str):
+        from pipeline.pseudo import run_pseudo_labels
+
+        c = self.config
+        return run_pseudo_labels(round_index, teacher, out, unlabeled=c.data.unlabeled, labeled=c.data.labeled,
+                                 tta=c.tta, thresholds=c.thresholds, keep_empty=c.student.keep_empty,
+                                 batch_size=c.inference.batch_size, actors=c.inference.actors,
+                                 cpus_per_actor=c.inference.cpus_per_actor, threads=c.inference.threads)
+
+    def train_student(self, round_index: int, pseudo_dataset: str, out: str) -> str:
+        from pipeline import storage
+        from pipeline.pseudo import check_pseudo_dataset
+        from pipeline.rounds import load_state
+
+        c = self.config
+        state = load_state(c.work_dir, round_index)
+        check_pseudo_dataset(pseudo_dataset, round_index=round_index, teacher=state.teacher)
+        mixed = storage.join(out, "data")
+        overrides = dict(c.student.overrides)
+        if c.student.init == "teacher":
+            overrides["model.weights"] = state.teacher
+        train_config = c.train_config(mixed, "run", out, overrides)
+        rows, labeled = write_mixed_dataset(c.data.labeled, pseudo_dataset, mixed, ratio=c.student.mix_ratio,
+                                            seed=train_config.seed + round_index,
+                                            min_rows=self._rows_for(train_config),
+                                            extra={"round": round_index, "teacher": state.teacher})
+        logger.info("round %d: student data %s: %d rows, %d labeled (mix ratio %.2f)", round_index, mixed, rows,
+                    labeled, c.student.mix_ratio)
+        return self._train(train_config)
+
+    def evaluate(self, checkpoint: str) -> dict:
+        import torch
+
+        from pipeline.evaluate import evaluate_model, load_checkpoint_uri, metrics_to_json
+
+        c = self.config
+        if c.eval_threads:
+            torch.set_num_threads(c.eval_threads)
+        model, model_config, _ = load_checkpoint_uri(checkpoint)
+        metrics = evaluate_model(model, c.data.val, category_ids=model_config.category_ids(),
+                                 limit=c.data.val_max_images or None, batch_size=4)
+        return metrics_to_json(metrics)
+
+
+def run_distill(config: DistillConfig, *, resume_anyway: bool = False, verbose: bool = False):
+    """All rounds of ``config`` (``maskray distill`` and the demo): prepare the data, check the
+    rounds' config, start Ray by the one rule and run the scheduler. Returns the scheduler
+    (``.stop_reason``); the per-round summary is written to ``<work_dir>/rounds/summary.txt``."""
+    from pipeline import raysetup, storage
+    from pipeline.rounds import RoundScheduler, format_summary, load_states
+
+    check_rounds_config(config, resume_anyway=resume_anyway)
+    prepare_data(config)
+    started_ray = raysetup.init(verbose=verbose)
+    try:
+        scheduler = RoundScheduler(config.work_dir, DistillSteps(config, resume_anyway=resume_anyway,
+                                                                 verbose=verbose).functions(),
+                                   rounds=config.rounds, min_gain=config.min_gain, config_hash=config.fingerprint())
+        scheduler.run()
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    table = format_summary(load_states(config.work_dir))
+    storage.write_bytes(storage.join(config.work_dir, "rounds", "summary.txt"), (table + "\n").encode())
+    return scheduler

@@ -115,12 +115,24 @@ def format_table(metrics: dict[str, dict[str, float | None]]) -> str:
     return "\n".join(lines)
 
 
-def _decode_rows(rows: Iterable[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
-    from pipeline.dataset import decode_image
+def _decode_rows(rows: Iterable[dict[str, Any]], skipped: list | None = None
+                 ) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+    """Decoded rows; with a ``skipped`` list, an undecodable row (``ImageDecodeError``: corrupt,
+    unsupported, over the pixel limit) is logged, appended as ``(image_id, where, reason)`` and
+    left out instead of raising."""
+    from pipeline.dataset import ImageDecodeError, decode_image
 
     for row in rows:
         try:
             image = decode_image(row["image"])
+        except ImageDecodeError as exc:
+            if skipped is None:
+                raise MaskrayError(f"image {row.get('image_id')} ({row.get('file_name')}): {exc}") from exc
+            where = row.get("_shard") or row.get("file_name")
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.warning("skipped image %s in %s: %s", row.get("image_id"), where, reason)
+            skipped.append((row.get("image_id"), where, reason))
+            continue
         except MaskrayError:
             raise
         except Exception as exc:  # noqa: BLE001 - name the row at fault
@@ -140,12 +152,15 @@ def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 
 def predict_rows(model: torch.nn.Module, rows: Iterable[dict[str, Any]], *, batch_size: int = 2,
-                 device: str | torch.device = "cpu", amp_dtype: torch.dtype | None = None
-                 ) -> Iterator[tuple[dict[str, Any], torch.Tensor, Instances]]:
-    """Run ``model`` (eval mode) over shard rows: yields ``(row, uint8 image [3, H, W], Instances)``."""
+                 device: str | torch.device = "cpu", amp_dtype: torch.dtype | None = None,
+                 skipped: list | None = None) -> Iterator[tuple[dict[str, Any], torch.Tensor, Instances]]:
+    """Run ``model`` (eval mode) over shard rows: yields ``(row, uint8 image [3, H, W], Instances)``.
+
+    With a ``skipped`` list undecodable rows are skipped and recorded there (see ``_decode_rows``).
+    """
     device = torch.device(device)
     model.eval().to(device)
-    for batch in _batches(_decode_rows(rows), max(1, batch_size)):
+    for batch in _batches(_decode_rows(rows, skipped), max(1, batch_size)):
         images = [image.to(device, non_blocking=True).float().div_(255) for _, image in batch]
         with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outputs = model(images)
@@ -157,19 +172,27 @@ def predict_rows(model: torch.nn.Module, rows: Iterable[dict[str, Any]], *, batc
 def evaluate_model(model: torch.nn.Module, data: str | Iterable[dict[str, Any]],
                    categories: Sequence[dict] | None = None, *, category_ids: Sequence[int] | None = None,
                    batch_size: int = 2, device: str | torch.device = "cpu", limit: int | None = None,
-                   amp_dtype: torch.dtype | None = None) -> dict[str, dict[str, float | None]]:
+                   amp_dtype: torch.dtype | None = None, skipped: list | None = None,
+                   max_bad_fraction: float = 0.01) -> dict[str, dict[str, float | None]]:
     """COCO bbox/segm metrics of ``model`` on a dataset URI or on shard rows.
 
     ``categories`` (COCO dicts) define the ground truth's categories; for a URI they default
     to the manifest's. ``category_ids`` maps model labels 1..K to category ids
     (``ModelConfig.category_ids()``); it defaults to the ids of ``categories`` in order.
+
+    Undecodable images (corrupt, over the pixel limit) are skipped, logged with image id and
+    shard, and left out of the ground truth too; ``skipped`` (a list, optional) receives
+    ``(image_id, shard, reason)`` for each. More than ``max_bad_fraction`` of the evaluated
+    images skipped raises :class:`MaskrayError` (metrics on what is left would mislead).
     """
+    if skipped is None:
+        skipped = []
     if isinstance(data, str):
-        from pipeline.format import read_manifest, read_rows
+        from pipeline.format import read_manifest
 
         if categories is None:
             categories = read_manifest(data).categories
-        rows: Iterable[dict[str, Any]] = read_rows(data)
+        rows: Iterable[dict[str, Any]] = _rows_with_shard(data)
     else:
         rows = data
     if categories is None:
@@ -181,13 +204,41 @@ def evaluate_model(model: torch.nn.Module, data: str | Iterable[dict[str, Any]],
 
     seen: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
-    for row, _, instances in predict_rows(model, rows, batch_size=batch_size, device=device, amp_dtype=amp_dtype):
+    for row, _, instances in predict_rows(model, rows, batch_size=batch_size, device=device, amp_dtype=amp_dtype,
+                                          skipped=skipped):
         seen.append({k: row.get(k) for k in ("image_id", "file_name", "width", "height", "annotations")})
         results.extend(instances.to_coco(int(row["image_id"]), category_ids))
+    total = len(seen) + len(skipped)
+    if skipped and len(skipped) > max_bad_fraction * total:
+        first = skipped[0]
+        raise MaskrayError(f"evaluation: {len(skipped)} of {total} images could not be decoded (more than "
+                           f"max_bad_fraction={max_bad_fraction:g}); first: image {first[0]} in {first[1]}: {first[2]}")
     if not seen:
         raise MaskrayError("evaluation got no images")
-    log.info("evaluated %d images, %d detections", len(seen), len(results))
+    log.info("evaluated %d images, %d detections%s", len(seen), len(results),
+             f"; {len(skipped)} undecodable images skipped" if skipped else "")
     return coco_metrics(coco_ground_truth(seen, categories), results)
+
+
+def _rows_with_shard(dataset_uri: str) -> Iterator[dict[str, Any]]:
+    """The dataset's rows (manifest order), each tagged with its shard's file name as ``_shard``."""
+    from pipeline.format import iter_shard_rows, shard_uris
+
+    for uri in shard_uris(dataset_uri):
+        shard = uri.rstrip("/").rsplit("/", 1)[-1]
+        for row in iter_shard_rows(uri):
+            row["_shard"] = shard
+            yield row
+
+
+def resolve_device(name: str) -> torch.device:
+    """A ``--device`` value ("auto", "cpu", "cuda", "cuda:1") -> ``torch.device``; one line when CUDA is missing."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MaskrayError(f"--device {name}: CUDA is not available here (use --device cpu)")
+    return device
 
 
 def metrics_to_json(metrics: dict[str, dict[str, float | None]]) -> dict[str, dict[str, float | None]]:

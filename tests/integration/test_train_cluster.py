@@ -32,7 +32,7 @@ def two_nodes():
 @pytest.mark.slow
 def test_node_removed_mid_run_finishes_with_max_failures(two_nodes, tmp_path, caplog):
     cluster, worker_node = two_nodes
-    caplog.set_level(logging.INFO, logger="jobs.train")
+    caplog.set_level(logging.INFO, logger="pipeline.train.engine")
     make_shapes_dataset(str(tmp_path / "train"), images=16, seed=0)
     # SPREAD puts one worker on each node; after the removal both fit on the head (2 x 0.5 CPU)
     config = tiny_config(str(tmp_path / "train"), "", str(tmp_path / "runs"), "node-loss", max_failures=1,
@@ -50,7 +50,7 @@ def test_node_removed_mid_run_finishes_with_max_failures(two_nodes, tmp_path, ca
     assert not thread.is_alive(), "training did not finish after the node was removed"
     assert "error" not in outcome, outcome.get("error")
     assert outcome["rc"] == 0
-    lines = [r.getMessage() for r in caplog.records if r.name == "jobs.train"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.train.engine"]
     assert any(line.startswith("resumed from") for line in lines), lines
     final = json.loads(open(os.path.join(run, "final_metrics.json")).read())
     assert final["iteration"] == 10

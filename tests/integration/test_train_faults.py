@@ -61,7 +61,7 @@ def wait_for(predicate, timeout: float, what: str):
 
 @pytest.mark.slow
 def test_worker_sigkill_recovers_from_last_checkpoint(ray_local, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="jobs.train")
+    caplog.set_level(logging.INFO, logger="pipeline.train.engine")
     make_shapes_dataset(str(tmp_path / "train"), images=16, seed=0)
     config = tiny_config(str(tmp_path / "train"), "", str(tmp_path / "runs"), "killed",
                          max_failures=2, **{"schedule.max_iters": 12})
@@ -77,7 +77,7 @@ def test_worker_sigkill_recovers_from_last_checkpoint(ray_local, tmp_path, caplo
     assert "error" not in outcome, outcome.get("error")
     assert outcome["rc"] == 0
 
-    lines = [r.getMessage() for r in caplog.records if r.name == "jobs.train"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.train.engine"]
     resumed = [line for line in lines if line.startswith("resumed from")]
     assert resumed, lines
     at = int(resumed[-1].rsplit(" ", 1)[1])

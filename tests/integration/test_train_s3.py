@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline import storage
-from pipeline.config import ConfigError
+from pipeline.train.config import ConfigError
 from train_support import make_shapes_dataset, run_uri, tiny_config, write_config
 
 
@@ -21,15 +21,16 @@ def s3_data(s3):
     return base
 
 
-def run_train(path: str, *overrides: str) -> int:
+def run_train(path: str, *overrides: str, resume_anyway: bool = False) -> int:
     from jobs import train
 
-    return train.run(argparse.Namespace(config=path, overrides=list(overrides), verbose=False))
+    return train.run(argparse.Namespace(config=path, overrides=list(overrides), verbose=False,
+                                        resume_anyway=resume_anyway))
 
 
 @pytest.mark.slow
 def test_two_workers_checkpoint_to_s3_and_resume_by_name(ray_local, s3_data, tmp_path, caplog, capsys):
-    caplog.set_level(logging.INFO, logger="jobs.train")
+    caplog.set_level(logging.INFO, logger="pipeline.train.engine")
     config = tiny_config(f"{s3_data}/train", f"{s3_data}/val", f"{s3_data}/runs", "resume",
                          **{"schedule.max_iters": 4, "eval.at_end": True})
     path = write_config(tmp_path / "train.yaml", config)
@@ -52,14 +53,17 @@ def test_two_workers_checkpoint_to_s3_and_resume_by_name(ray_local, s3_data, tmp
     assert [c["name"] for c in model_config.categories] == ["circle", "square", "triangle", "star"]
     assert model_config.num_classes == 5 and model_config.backbone == "resnet18"
     assert storage.list_files(f"{run}/tensorboard"), "TensorBoard events mirrored to the run folder"
-    lines = [r.getMessage() for r in caplog.records if r.name == "jobs.train"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.train.engine"]
     assert any(line.startswith("iter 2/4 ") for line in lines)
     assert any(line.startswith("eval iter 4: bbox AP") for line in lines)
 
-    # same name, longer schedule: resumes at the saved iteration 4, never re-runs 1..4
+    # same name, longer schedule: refused (the run remembers its config) unless asked; then it
+    # resumes at the saved iteration 4, never re-runs 1..4
+    with pytest.raises(ConfigError, match=r"started with another config: schedule\.max_iters \(4 -> 6\).*--resume-anyway"):
+        run_train(path, "schedule.max_iters=6")
     caplog.clear()
-    assert run_train(path, "schedule.max_iters=6") == 0
-    lines = [r.getMessage() for r in caplog.records if r.name == "jobs.train"]
+    assert run_train(path, "schedule.max_iters=6", resume_anyway=True) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.train.engine"]
     assert any("at iteration 4" in line and line.startswith("resumed from") for line in lines), lines
     assert not any(line.startswith(("iter 2/6 ", "iter 4/6 ")) for line in lines), lines
     assert any(line.startswith("iter 6/6 ") for line in lines), lines

@@ -35,3 +35,20 @@ def test_error_is_one_line_with_hint_and_verbose_shows_traceback(tmp_path):
     assert "Traceback" not in quiet.stderr
     loud = subprocess.run(cmd[:3] + ["--verbose"] + cmd[3:], capture_output=True, text=True)
     assert loud.returncode != 0 and "Traceback" in loud.stderr
+
+
+def test_top_level_help_speaks_to_users_and_version_exists(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "instance segmentation" in out and "The three jobs:" in out
+    for job in ("train", "infer", "distill"):
+        assert f"\n  {job} " in out  # described in the opening text, not only listed
+    assert "module in jobs" not in out
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"maskray {cli.version()}"
+    from importlib.metadata import version
+
+    assert cli.version() == version("maskray")

@@ -1,12 +1,11 @@
-"""jobs.distill's training steps with `maskray train` replaced by a recorder (no Ray)."""
+"""pipeline.distill's training steps with pipeline.train.fit replaced by a recorder (no Ray)."""
 
-import json
 import os
 
 import pytest
-import yaml
 
-from jobs import distill as job
+from pipeline import distill as job
+from pipeline.train.engine import TrainResult
 from model.errors import MaskrayError
 from pipeline import rounds
 from pipeline.distill import distill_config_from_dict
@@ -33,17 +32,13 @@ def setup(tmp_path, monkeypatch):
     })
     runs = []
 
-    def fake_train(args):
-        cfg = yaml.safe_load(open(args.config))
+    def fake_fit(train_config, *, resume_anyway=False, verbose=False):
+        cfg = train_config.to_dict()
         runs.append(cfg)
         run_dir = os.path.join(cfg["storage_path"], cfg["name"])
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "final_metrics.json"), "w") as f:
-            json.dump({"model": os.path.join(run_dir, "ckpt/model.pt")}, f)
-        print("final iteration: done")
-        return 0
+        return TrainResult(checkpoint_uri=os.path.join(run_dir, "ckpt/model.pt"), run_dir=run_dir)
 
-    monkeypatch.setattr("jobs.train.run", fake_train)
+    monkeypatch.setattr("pipeline.train.engine.fit", fake_fit)
     return config, runs, tmp_path
 
 
@@ -76,3 +71,21 @@ def test_student_mixes_its_own_rounds_pseudo_labels_and_refuses_others(setup):
     _dataset(stale, 4, 100, extra={"round": 0, "teacher": "/teacher.pt"})
     with pytest.raises(MaskrayError, match="round 0"):
         steps.train_student(1, stale, out)
+
+
+def test_an_unfinished_round_refuses_a_changed_config_unless_told(setup, tmp_path):
+    from pipeline.distill import DistillConfigError, check_rounds_config
+
+    config, _, _ = setup
+    assert check_rounds_config(config) == []  # first run: remembered
+    rounds.save_state(config.work_dir, rounds.RoundState.new(0))  # round 0 started, not finished
+    config.rounds = 3  # adding rounds and changing inference do not change a round's results
+    config.inference.actors = 2
+    assert check_rounds_config(config) == []
+    config.student.mix_ratio = 0.25
+    config.train["optim"] = {"base_lr": 0.5}
+    with pytest.raises(DistillConfigError, match=r"round 0 is unfinished.*student\.mix_ratio.*train\.optim\.base_lr"
+                                                 r".*--resume-anyway"):
+        check_rounds_config(config)
+    assert check_rounds_config(config, resume_anyway=True) == ["student.mix_ratio", "train.optim.base_lr"]
+    assert check_rounds_config(config) == []  # the new config is now the remembered one

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, TrainConfig, apply_overrides, load_config, parse_override
+from pipeline.train.config import ConfigError, TrainConfig, apply_overrides, load_config, parse_override
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -4,15 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ConfigError, ScheduleConfig, TrainConfig
-from pipeline.training import (
-    _format_line,
-    check_model_options,
-    check_resources,
-    collate,
-    format_eval_line,
-    lr_at,
-)
+from pipeline.train.config import ConfigError, ScheduleConfig, TrainConfig
+from pipeline.train.engine import check_model_options, check_resources
+from pipeline.train.loop import collate, format_eval_line, format_line, lr_at
 
 
 def config(**kw) -> TrainConfig:
@@ -91,7 +85,7 @@ def test_collate_ragged_and_stacked_batches():
 
 
 def test_console_lines_are_one_readable_line():
-    line = _format_line(120, 600, {"loss": 0.91, "loss_classifier": 0.21, "loss_box_reg": 0.3, "loss_mask": 0.33,
+    line = format_line(120, 600, {"loss": 0.91, "loss_classifier": 0.21, "loss_box_reg": 0.3, "loss_mask": 0.33,
                                    "loss_objectness": 0.07}, 0.02, 12.34, 0.8, 0.031)
     assert line == ("iter 120/600  epoch 0.80  loss 0.910 (cls 0.21 box 0.30 mask 0.33 rpn 0.07)  lr 0.0200  "
                     "12.3 img/s  data 3%")
@@ -111,7 +105,7 @@ CATS = [{"id": 3, "name": "circle"}, {"id": 7, "name": "square"}]
 
 
 def test_plan_takes_classes_from_the_train_manifest(tmp_path):
-    from pipeline.training import plan_run
+    from pipeline.train.engine import plan_run
 
     train = write_dataset(tmp_path / "train", CATS, 40)
     val = write_dataset(tmp_path / "val", CATS, 10)
@@ -122,14 +116,12 @@ def test_plan_takes_classes_from_the_train_manifest(tmp_path):
     assert plan.categories == CATS and plan.train_images == 40 and plan.val_images == 10
     assert plan.total_iters == 30  # 3 epochs x 40 images / global batch 4
     assert plan.run_uri == str(tmp_path / "runs" / "r")
-    from pipeline.training import model_config_for
-
-    mc = model_config_for(cfg, plan.categories)
+    mc = cfg.model.model_config(plan.categories)
     assert mc.num_classes == 3 and mc.category_ids() == [3, 7]  # label i = categories[i - 1]
 
 
 def test_plan_errors_name_the_data_key(tmp_path):
-    from pipeline.training import plan_run
+    from pipeline.train.engine import plan_run
 
     train = write_dataset(tmp_path / "train", CATS, 3)
     with pytest.raises(ConfigError, match=r"data\.train=.*nowhere"):

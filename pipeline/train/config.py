@@ -33,11 +33,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from model.checkpoint import ModelConfig, ModelConfigError
 from model.errors import MaskrayError
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
-VARIANTS = ("v1", "v2")
-NORMS = ("bn", "frozen_bn", "gn")
 POLICIES = ("step", "cosine")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -61,6 +59,10 @@ class DataConfig:
     shuffle_buffer: int = 64  # local shuffle buffer (rows) per worker; 0 = no shuffling
     decode_cpus: float = 0.25  # logical CPUs reserved by each decode+augment task in the stream
     decode_tasks: int = 0  # at most this many decode+augment tasks at once; 0 = Ray Data decides
+    # rows that cannot be decoded (corrupt, over the pixel limit, bad annotations) are skipped,
+    # counted and logged; more than this fraction of the train set (or of the evaluated val
+    # images) stops the run with one line
+    max_bad_fraction: float = 0.01
 
     def __post_init__(self) -> None:
         _require(bool(self.train.strip()), "data.train", "a train dataset URI is required (--set data.train=URI)")
@@ -68,40 +70,45 @@ class DataConfig:
         _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
         _require(self.decode_cpus > 0, "data.decode_cpus", f"must be > 0, got {self.decode_cpus}")
         _require(self.decode_tasks >= 0, "data.decode_tasks", f"must be >= 0, got {self.decode_tasks}")
+        _require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction",
+                 f"{self.max_bad_fraction} is outside [0, 1]")
 
 
 @dataclass
-class ModelSection:
-    """The model to build (classes come from the train manifest, not from here).
+class ModelSection(ModelConfig):
+    """The model to build: :class:`model.checkpoint.ModelConfig` itself (one definition of its
+    fields, validated by it) plus where its initial weights come from.
 
-    ``options`` holds further keyword arguments of ``model.build_maskrcnn`` (e.g.
-    ``anchor_sizes: [[16], [32], [64], [128], [256]]``, ``rpn_batch_size_per_image``,
-    ``box_batch_size_per_image``, ``head_norm``); they are stored in the checkpoint's
-    ``ModelConfig.options`` so inference rebuilds the same model.
+    Classes come from the train manifest, not from here (``categories`` / ``num_classes`` are
+    refused). ``options`` holds further keyword arguments of ``model.build_maskrcnn`` (e.g.
+    ``anchor_sizes``, ``fpn_channels``, ``head_norm``); the checkpoint's ``ModelConfig`` keeps
+    them, so inference rebuilds the same model.
+
+    ``backbone_weights``: a torchvision ImageNet classification state dict of the ``backbone``
+    (``resnet50-0676ba61.pth`` key layout) loaded into the ResNet body before training, as
+    ``maskrcnn_resnet50_fpn(weights_backbone=..., trainable_backbone_layers=3)`` does; pair it
+    with ``norm: frozen_bn`` and ``trainable_layers: 3``. ``weights``: a whole detector
+    (maskray checkpoint or torchvision Mask R-CNN state dict) to fine-tune from; loaded after
+    ``backbone_weights`` when both are set.
     """
 
-    backbone: str = "resnet50"
-    variant: str = "v1"
-    min_size: int = 800
-    max_size: int = 1333
-    norm: str = "bn"
-    trainable_layers: int = 5
-    box_score_thresh: float = 0.05
-    box_detections_per_img: int = 100
-    weights: str = ""  # initialise from this checkpoint / state dict URI (fine-tuning); "" = random init
-    options: dict[str, Any] = field(default_factory=dict)
+    weights: str = ""  # whole-detector init (fine-tuning); "" = none
+    backbone_weights: str = ""  # ImageNet classification state dict for the ResNet body; "" = random init
 
     def __post_init__(self) -> None:
-        _require(self.backbone in BACKBONES, "model.backbone", f"{self.backbone!r} is not one of {', '.join(BACKBONES)}")
-        _require(self.variant in VARIANTS, "model.variant", f"{self.variant!r} is not one of {', '.join(VARIANTS)}")
-        _require(self.norm in NORMS, "model.norm", f"{self.norm!r} is not one of {', '.join(NORMS)}")
-        _require(0 < self.min_size <= self.max_size, "model.min_size",
-                 f"need 0 < min_size <= max_size, got {self.min_size} / {self.max_size}")
-        _require(0 <= self.trainable_layers <= 5, "model.trainable_layers", f"{self.trainable_layers} is outside 0..5")
-        _require(0 <= self.box_score_thresh < 1, "model.box_score_thresh", f"{self.box_score_thresh} is outside [0, 1)")
-        _require(self.box_detections_per_img > 0, "model.box_detections_per_img", "must be > 0")
-        for key in self.options:
-            _require(isinstance(key, str), "model.options", f"option names must be strings, got {key!r}")
+        try:
+            super().__post_init__()
+        except ModelConfigError as exc:
+            raise ConfigError(f"model.{exc.key}: {exc.reason}") from None
+        _require(not self.categories and self.num_classes == ModelConfig.num_classes, "model.categories",
+                 "classes come from the train manifest (data.train); remove model.categories / model.num_classes")
+
+    def model_config(self, categories: list[dict]) -> ModelConfig:
+        """The checkpoint's :class:`ModelConfig` for ``categories`` (model label ``i`` = ``categories[i - 1]``)."""
+        fields = self.model_dict()
+        fields.update(categories=[{"id": int(c["id"]), "name": str(c["name"])} for c in categories],
+                      num_classes=len(categories) + 1)
+        return ModelConfig(**fields)
 
 
 @dataclass
@@ -261,6 +268,35 @@ class TrainConfig:
             raise ConfigError(f"{source}: {exc}") from None
 
 
+# Keys (dotted; a section covers its keys) that do not change what a run computes: they may
+# differ when a run is resumed. Everything else must match the run folder's run_config.json.
+NON_RESULT_KEYS = ("name", "storage_path", "log_every", "eval", "checkpoint", "max_failures",
+                   "wait_for_resources", "placement_strategy", "cpus_per_worker", "threads_per_worker",
+                   "data.val", "data.val_max_images", "data.decode_cpus", "data.decode_tasks",
+                   "data.max_bad_fraction")
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (dicts flattened; lists and scalars are values)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ between two config dicts, except keys under ``ignore``."""
+    a, b = flatten(old), flatten(new)
+
+    def ignored(key: str) -> bool:
+        return any(key == i or key.startswith(i + ".") for i in ignore)
+
+    return sorted(k for k in set(a) | set(b) if not ignored(k) and a.get(k) != b.get(k))
+
+
 def _type_name(tp: Any) -> str:
     if dataclasses.is_dataclass(tp):
         return "mapping"
@@ -296,7 +332,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise wrong()
         (item,) = typing.get_args(tp) or (Any,)
         return [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise wrong()
         return dict(value)

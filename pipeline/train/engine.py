@@ -1,0 +1,422 @@
+"""The training engine: :func:`fit` runs a training run with Ray Train and returns a :class:`TrainResult`.
+
+Driver side only (the workers' loop is :mod:`pipeline.train.loop`): :func:`plan_run` reads the
+train/val manifests (classes come from the train manifest: model label ``i`` =
+``categories[i - 1]``), checks the model options and sizes the schedule;
+:func:`check_run_config` compares the config with the one the run folder remembers
+(``run_config.json``) and refuses a rerun under the same name whose results-affecting keys
+differ; :func:`check_resources` refuses a worker group the cluster cannot hold;
+:func:`train_dataset` builds the Ray Data stream (read shards -> decode + augment in CPU
+tasks, undecodable rows skipped and counted by a :class:`BadRows` actor).
+
+Ray Train's settings are grouped as Ray Train groups them when :func:`fit` builds the trainer:
+``ScalingConfig`` (``num_workers``, ``use_gpu``, ``cpus_per_worker``, ``placement_strategy``),
+``RunConfig`` (``name``, ``storage_path``, ``checkpoint.keep``), ``FailureConfig``
+(``max_failures``, ``wait_for_resources``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from model.errors import MaskrayError
+from pipeline.train.config import NON_RESULT_KEYS, ConfigError, TrainConfig, config_diff
+from pipeline.train.loop import STOP_KEY, RunPlan, train_loop_per_worker
+from pipeline.transforms import TrainAugment, drop_crowd_and_degenerate
+
+logger = logging.getLogger(__name__)
+
+TRAIN_COLUMNS = ["image_id", "width", "height", "image", "annotations"]
+RUN_CONFIG_FILE = "run_config.json"  # in the run folder: the config the run was started with
+FINAL_METRICS_FILE = "final_metrics.json"
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` hands back.
+
+    ``checkpoint_uri``: the last checkpoint's ``model.pt`` (a maskray checkpoint: loads with
+    ``pipeline.evaluate.load_checkpoint_uri`` / ``model.checkpoint.load_checkpoint``);
+    ``metrics``: the last report (iteration, losses, ``bbox_AP``... when evaluated);
+    ``run_dir``: ``<storage_path>/<name>`` (checkpoints, TensorBoard, ``final_metrics.json``).
+    """
+
+    checkpoint_uri: str | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    run_dir: str = ""
+    timings: dict[str, float] = field(default_factory=dict)  # driver-side seconds (start-up breakdown)
+
+    def eval_metrics(self) -> dict[str, dict[str, float | None]]:
+        """``{"bbox": {"AP": ..}, "segm": {..}}`` from the flat ``bbox_AP``... metrics (empty when not evaluated)."""
+        out = {kind: {k.split("_", 1)[1]: v for k, v in self.metrics.items() if k.startswith(kind + "_")}
+               for kind in ("bbox", "segm")}
+        return {k: v for k, v in out.items() if v}
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def check_model_options(options: dict[str, Any]) -> None:
+    """Every ``model.options`` key must be a plain keyword of ``model.build_maskrcnn``."""
+    from model.checkpoint import ModelConfig
+    from model.maskrcnn import build_maskrcnn
+
+    params = inspect.signature(build_maskrcnn).parameters
+    top_level = {f for f in ModelConfig.__dataclass_fields__} | {"num_classes"}
+    for key in options:
+        if key not in params or key.endswith("_module") or key in top_level or key in (
+                "rpn_anchor_generator", "rpn_head", "box_roi_pool", "box_head", "box_predictor",
+                "mask_roi_pool", "mask_head", "mask_predictor"):
+            plain = [p for p in params if p not in top_level and not p.endswith(("_module", "_head", "_pool",
+                                                                                  "_predictor", "_generator"))]
+            raise ConfigError(f"model.options.{key}: not a keyword of build_maskrcnn that a config can set "
+                              f"(known: {', '.join(plain)})")
+
+
+def plan_run(config: TrainConfig) -> RunPlan:
+    """Read the manifests and size the run; every error here happens before any worker starts."""
+    from pipeline import storage
+    from pipeline.format import read_manifest
+
+    def manifest(uri: str, key: str):
+        try:
+            return read_manifest(uri)
+        except MaskrayError as exc:
+            raise ConfigError(f"{key}={uri}: {exc}") from None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{key}={uri}: cannot read the dataset manifest ({exc})") from None
+
+    train = manifest(config.data.train, "data.train")
+    categories = [dict(c) for c in train.categories]
+    if not categories:
+        raise ConfigError(f"data.train={config.data.train}: the manifest lists no categories")
+    train_images = sum(int(s.images) for s in train.shards)
+    per_worker = train_images // config.num_workers
+    if per_worker < config.images_per_worker:
+        raise ConfigError(
+            f"data.train={config.data.train}: {train_images} images give each of {config.num_workers} workers "
+            f"{per_worker} per epoch, fewer than images_per_worker={config.images_per_worker}")
+    val_images = 0
+    if config.data.val:
+        val = manifest(config.data.val, "data.val")
+        val_images = sum(int(s.images) for s in val.shards)
+        train_ids = [int(c["id"]) for c in categories]
+        val_ids = [int(c["id"]) for c in val.categories]
+        if val_ids and val_ids != train_ids:
+            raise ConfigError(f"data.val={config.data.val}: categories {val_ids} differ from the train "
+                              f"manifest's {train_ids}")
+    for key in ("weights", "backbone_weights"):
+        uri = getattr(config.model, key)
+        if not uri:
+            continue
+        try:
+            found = storage.exists(uri)
+        except MaskrayError as exc:
+            raise ConfigError(f"model.{key}={uri}: {exc}") from None
+        if not found:
+            raise ConfigError(f"model.{key}={uri}: no such file")
+    check_model_options(config.model.options)
+    total = config.total_iters(train_images)
+    for step in config.schedule.steps:
+        if step >= total:
+            raise ConfigError(f"schedule.steps: step {step} is not below the {total} iterations of the run")
+    return RunPlan(categories=categories, train_images=train_images, val_images=val_images, total_iters=total,
+                   lr=config.lr, global_batch=config.global_batch,
+                   run_uri=storage.join(config.storage_path, config.name))
+
+
+def check_resources(config: TrainConfig, resources: dict[str, float], *, autoscaling: bool = False) -> None:
+    """Refuse a worker group larger than the cluster (``resources`` = ``ray.cluster_resources()``).
+
+    Ray Train would otherwise wait for the resources forever; ``autoscaling`` (the config's
+    ``wait_for_resources``) skips the check where an autoscaler can add nodes.
+    """
+    if autoscaling:
+        return
+    need_cpu = config.num_workers * config.cpus_per_worker
+    have_cpu = float(resources.get("CPU", 0.0))
+    if need_cpu > have_cpu + 1e-9:
+        raise ConfigError(
+            f"num_workers={config.num_workers} x cpus_per_worker={config.cpus_per_worker:g} needs {need_cpu:g} CPUs "
+            f"but the Ray cluster has {have_cpu:g}; lower num_workers or cpus_per_worker (on an autoscaling "
+            "cluster set wait_for_resources: true)")
+    if config.use_gpu and config.num_workers > float(resources.get("GPU", 0.0)):
+        raise ConfigError(f"use_gpu with num_workers={config.num_workers} needs as many GPUs but the Ray cluster "
+                          f"has {resources.get('GPU', 0):g}; set use_gpu: false or fewer workers")
+
+
+class DecodeAugment:
+    """Ray Data ``flat_map`` function: encoded row -> [decoded, augmented numpy row] (CPU tasks).
+
+    A row whose image cannot be decoded (corrupt, unsupported, over the pixel limit) or whose
+    annotations cannot become a target yields no row: it is logged with its image id and shard
+    and sent to the ``bad_rows`` actor (:class:`BadRows`), which the workers read.
+    """
+
+    def __init__(self, category_ids: list[int], hflip_prob: float = 0.0,
+                 scale_range: tuple[float, float] = (1.0, 1.0), seed: int | None = None, bad_rows: Any = None):
+        self.category_ids = list(category_ids)
+        self.augment = TrainAugment(hflip_prob, tuple(scale_range), seed)
+        self.bad_rows = bad_rows
+
+    def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        from pipeline.dataset import ImageDecodeError, TargetError, decode_image, decode_target
+
+        try:
+            image = decode_image(row["image"])
+            target = decode_target(list(row["annotations"] or []), int(row["height"]), int(row["width"]),
+                                   self.category_ids)
+        except (ImageDecodeError, TargetError) as exc:
+            shard = os.path.basename(str(row.get("path") or "?"))
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            logger.warning("skipped train image %s in %s: %s", row.get("image_id"), shard, reason)
+            if self.bad_rows is not None:
+                self.bad_rows.add.remote(int(row["image_id"]), shard, reason)
+            return []
+        image, target = self.augment(image, target)
+        target = drop_crowd_and_degenerate(target)
+        masks = target["masks"].numpy().astype(bool)
+        return [{
+            "image_id": int(row["image_id"]),
+            "image": image.numpy(),
+            "boxes": target["boxes"].numpy().astype(np.float32).reshape(-1, 4),
+            "labels": target["labels"].numpy().astype(np.int64),
+            # bit-packed along x: 8x fewer bytes through the object store than uint8 masks
+            # (at 800x1333 one instance is 1 MB as uint8); collate() unpacks them
+            "masks": np.packbits(masks, axis=-1),
+            "mask_width": masks.shape[-1],
+        }]
+
+
+class BadRows:
+    """A tiny Ray actor: the distinct (image id, shard) rows the train stream skipped, with reasons.
+
+    Distinct, so a bad row met again in a later epoch (or after a restart) counts once.
+    """
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[int, str, str]] = []
+        self.keys: set[tuple[int, str]] = set()
+
+    def add(self, image_id: int, shard: str, reason: str) -> None:
+        if (image_id, shard) not in self.keys:
+            self.keys.add((image_id, shard))
+            self.entries.append((image_id, shard, reason))
+
+    def since(self, start: int) -> tuple[int, list[tuple[int, str, str]]]:
+        """(distinct bad rows so far, the entries from index ``start`` on)."""
+        return len(self.entries), self.entries[start:]
+
+
+def train_dataset(config: TrainConfig, plan: RunPlan, bad_rows: Any = None):
+    """The Ray Data train stream: shards -> decode + augment (CPU tasks of ``data.decode_cpus``);
+    undecodable rows dropped and reported to ``bad_rows`` (a :class:`BadRows` actor)."""
+    from pipeline.dataset import read_shards
+
+    fn = DecodeAugment([int(c["id"]) for c in plan.categories], config.augment.hflip_prob,
+                       tuple(config.augment.scale_jitter), bad_rows=bad_rows)
+    # read tasks take the decode share too: Ray's default of 1 CPU per read task never fits
+    # beside workers that hold all but a fraction of a small node's CPUs (the stream stalls)
+    ds = read_shards(config.data.train, columns=TRAIN_COLUMNS, num_cpus=config.data.decode_cpus, include_paths=True)
+    import ray.data
+
+    pool = ray.data.TaskPoolStrategy(size=config.data.decode_tasks or None)
+    ds = ds.flat_map(fn, num_cpus=config.data.decode_cpus, compute=pool)
+    ds.context.enable_progress_bars = False  # the loop prints one line per interval; infer keeps its bars
+    return ds
+
+
+
+
+# --------------------------------------------------------------------------- the run's config
+
+
+def check_run_config(config: TrainConfig, run_uri: str, *, resume_anyway: bool = False) -> list[str]:
+    """Refuse to continue a run folder started with a config that differs in results.
+
+    Keys in :data:`~pipeline.train.config.NON_RESULT_KEYS` (logging, eval cadence, retries,
+    placement) may differ. Any other differing key raises :class:`ConfigError` naming them,
+    unless ``resume_anyway``, which logs them. Returns the differing keys. The config is
+    recorded by :func:`remember_run_config` once the run starts (a run refused for another
+    reason records nothing).
+    """
+    from pipeline import storage
+
+    uri = storage.join(run_uri, RUN_CONFIG_FILE)
+    new = config.to_dict()
+    diff: list[str] = []
+    if storage.exists(uri):
+        try:
+            old = json.loads(storage.read_bytes(uri))
+        except ValueError as exc:
+            raise ConfigError(f"{uri}: not readable JSON ({exc}); move the run folder away or pick a new name") from None
+        diff = config_diff(old, new, NON_RESULT_KEYS)
+        if diff:
+            from pipeline.train.config import flatten
+
+            a, b = flatten(old), flatten(new)
+            shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in diff[:6])
+            more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
+            if not resume_anyway:
+                raise ConfigError(f"run {config.name} in {run_uri} was started with another config: {shown}{more}; "
+                                  f"pass --resume-anyway to continue it under this config, or pick a new name "
+                                  f"(--set name=...)")
+            logger.warning("run %s: continuing under a changed config (--resume-anyway): %s%s", config.name, shown, more)
+    return diff
+
+
+def remember_run_config(config: TrainConfig, run_uri: str) -> None:
+    """Write the config in force to ``<run>/run_config.json`` (what :func:`check_run_config` compares with)."""
+    from pipeline import storage
+
+    storage.write_bytes(storage.join(run_uri, RUN_CONFIG_FILE),
+                        (json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def failure_message(exc: BaseException) -> str:
+    """One line for a failed Ray Train ``fit()``: the first worker's root-cause error, else the controller's."""
+    causes = list(getattr(exc, "worker_failures", {}).values())
+    if getattr(exc, "controller_failure", None) is not None:
+        causes.append(exc.controller_failure)
+    for cause in causes or [exc]:
+        inner = getattr(cause, "cause", None) or cause
+        lines = [ln.strip() for ln in str(inner).strip().splitlines() if ln.strip()]
+        if lines:
+            errors = [ln for ln in lines if ": " in ln and ln.split(":", 1)[0].replace(".", "").isidentifier()
+                      and ln.split(":", 1)[0].split(".")[-1][0].isupper()]
+            text = errors[-1] if errors else lines[0]
+            return f"{type(inner).__name__}: {text}" if not errors else text
+    return type(exc).__name__
+
+
+def _storage_kwargs(storage_path: str) -> dict[str, Any]:
+    from pipeline import storage
+
+    if "://" in storage_path:
+        fs, base = storage.resolve(storage_path)
+        return {"storage_path": base, "storage_filesystem": fs}
+    return {"storage_path": os.path.abspath(storage_path)}
+
+
+def fit(config: TrainConfig, *, resume_anyway: bool = False, verbose: bool = False) -> TrainResult:
+    """Train with Ray Train; the library call behind ``maskray train``, ``maskray distill`` and the demo.
+
+    Plans and checks everything it can before any worker starts (manifests, model options,
+    the run folder's remembered config, cluster resources), starts Ray by the one rule
+    (:func:`pipeline.raysetup.init`; a no-op when Ray is up), runs a ``TorchTrainer`` (DDP over
+    ``num_workers``; checkpoints and TensorBoard under ``<storage_path>/<name>``; rerunning the
+    same name resumes from the last checkpoint), relays the workers' console lines to this
+    process's log, writes ``final_metrics.json`` in the run folder and returns a
+    :class:`TrainResult`. A failed run raises :class:`MaskrayError` with one line.
+    """
+    from pipeline import raysetup, storage
+
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    plan = plan_run(config)
+    check_run_config(config, plan.run_uri, resume_anyway=resume_anyway)
+    logger.info("train: %d images, %d categories, %d workers x %d images, lr %.4f, %d iterations -> %s",
+                plan.train_images, len(plan.categories), config.num_workers, config.images_per_worker,
+                plan.lr, plan.total_iters, plan.run_uri)
+    timings["plan_s"] = time.perf_counter() - t0
+
+    raysetup.init(verbose=verbose)
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    timings["ray_init_s"] = time.perf_counter() - t0 - timings["plan_s"]
+    check_resources(config, ray.cluster_resources(), autoscaling=config.wait_for_resources)
+    # the console relay and the bad-row counter live on the driver's node: they outlive any worker node
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    bad_rows = ray.remote(BadRows).options(num_cpus=0, scheduling_strategy=here).remote()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.to_dict(), "plan": plan.to_dict(), "progress": progress,
+                           "bad_rows": bad_rows, "t0": time.time()},
+        scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                               resources_per_worker={"CPU": config.cpus_per_worker},
+                                               placement_strategy=config.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=config.name,
+            # a worker group that cannot start (e.g. a node gone for good) fails the run after a few
+            # tries instead of retrying forever, unless the cluster can grow
+            failure_config=ray.train.FailureConfig(
+                max_failures=config.max_failures,
+                controller_failure_limit=-1 if config.wait_for_resources else 3),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
+            **_storage_kwargs(config.storage_path),
+        ),
+        datasets={"train": train_dataset(config, plan, bad_rows)},
+    )
+    stop = threading.Event()
+
+    def relay() -> None:
+        while not stop.is_set():
+            try:
+                line = progress.get(timeout=0.5)
+            except Exception:  # noqa: BLE001 - queue.Empty, or the actor is gone at shutdown
+                continue
+            logger.info("%s", line)
+
+    thread = threading.Thread(target=relay, name="maskray-train-progress", daemon=True)
+    thread.start()
+    remember_run_config(config, plan.run_uri)
+    timings["driver_setup_s"] = time.perf_counter() - t0 - timings["plan_s"] - timings["ray_init_s"]
+    t_fit = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise MaskrayError(f"training run {config.name} failed: {failure_message(exc)}") from exc
+    finally:
+        stop.set()
+        thread.join(timeout=2)
+        while True:  # whatever the workers sent last
+            try:
+                logger.info("%s", progress.get_nowait())
+            except Exception:  # noqa: BLE001
+                break
+        for actor in (progress.actor, bad_rows):
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001
+                pass
+    timings["fit_s"] = time.perf_counter() - t_fit
+    metrics = dict(result.metrics or {})
+    if metrics.get(STOP_KEY):
+        raise MaskrayError(f"training run {config.name} stopped at iteration {metrics.get('iteration')}: "
+                           f"{metrics[STOP_KEY]}")
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    if checkpoint and "://" in config.storage_path:
+        checkpoint = f"{config.storage_path.split('://', 1)[0]}://{checkpoint}"
+    out = TrainResult(checkpoint_uri=f"{checkpoint}/model.pt" if checkpoint else None, metrics=metrics,
+                      run_dir=plan.run_uri, timings={k: round(v, 2) for k, v in timings.items()})
+    final = {
+        **out.eval_metrics(),
+        "checkpoint": checkpoint,
+        "model": out.checkpoint_uri,
+        "dataset": config.data.val or None,
+        "iteration": metrics.get("iteration"),
+        "total_iters": plan.total_iters,
+        "train": {k: v for k, v in metrics.items() if not k.startswith(("bbox_", "segm_"))},
+        "run": plan.run_uri,
+    }
+    storage.write_bytes(storage.join(plan.run_uri, FINAL_METRICS_FILE),
+                        json.dumps(final, indent=2, sort_keys=True).encode("utf-8"))
+    return out
