@@ -403,8 +403,8 @@ def _run_ray(job: IngestJob) -> tuple[dict, Iterator[dict]]:
         ctx.enable_progress_bars = False
         try:
             ds = ray.data.from_items([{"chunk": k} for k in range(n)], override_num_blocks=n)
-            # one task per chunk; a task that dies with its node is retried by Ray
-            ds = ds.map(_ray_chunk_row, fn_kwargs={"job": job}, num_cpus=1, max_retries=3)
+            # one task per chunk (a task that dies with its node is retried by Ray Data)
+            ds = ds.map(_ray_chunk_row, fn_kwargs={"job": job}, num_cpus=1)
             for row in ds.iter_rows():
                 yield json.loads(row["record"])
         except Exception as exc:  # noqa: BLE001

@@ -116,12 +116,14 @@ def test_s3_interrupted_convert_then_rerun(s3, tmp_path, monkeypatch):
         convert.convert_coco(str(src / "annotations.json"), str(src / "images"), out,
                              images_per_shard=5)
     monkeypatch.setattr(storage, "write_bytes", real)
-    assert storage.list_files(out) == [f"{out}/part-00000.parquet"]
+    assert [u for u in storage.list_files(out) if "/_ingest/" not in u] == [
+        f"{out}/part-00000.parquet"]
+    assert f"{out}/_ingest/done-00000.json" in storage.list_files(out)
     with pytest.raises(storage.StorageError, match=f"^{out}/manifest.json: not found"):
         fmt.read_manifest(out)
     report = convert.convert_coco(str(src / "annotations.json"), str(src / "images"), out,
                                   images_per_shard=5)
-    assert report.images_written == 12
+    assert report.images_written == 12 and report.chunks_reused == 1
     assert [r["image_id"] for r in fmt.read_rows(out, columns=["image_id"])] == list(range(1, 13))
 
 
