@@ -85,6 +85,35 @@ class IngestOptions:
                 "row_group_size": self.row_group_size, "max_pixels": self.max_pixels}
 
 
+def add_arguments(parser) -> None:
+    """The flags ``maskray convert`` and ``maskray pack`` share (an ``argparse`` parser)."""
+    parser.add_argument("--images-per-shard", type=int, default=DEFAULT_IMAGES_PER_SHARD,
+                        help=f"images per shard (default {DEFAULT_IMAGES_PER_SHARD})")
+    parser.add_argument("--max-shard-mb", type=float,
+                        default=DEFAULT_MAX_SHARD_BYTES / (1024 * 1024),
+                        help="approximate shard size limit in MB (default 256)")
+    parser.add_argument("--row-group-size", type=int, default=DEFAULT_ROW_GROUP_SIZE,
+                        help=f"rows per Parquet row group (default {DEFAULT_ROW_GROUP_SIZE})")
+    parser.add_argument("--workers", type=int, default=8,
+                        help="threads reading images in each shard's task (default 8)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="images with more pixels (read from the header) are skipped "
+                             f"before decoding (default {DEFAULT_MAX_PIXELS:,})")
+    parser.add_argument("--runner", choices=RUNNERS, default="auto",
+                        help="ray: one Ray Data task per shard on the cluster (RAY_ADDRESS, else "
+                             "a local Ray); local: this process only; auto (default): ray when "
+                             "RAY_ADDRESS is set (e.g. a submitted job), else local")
+
+
+def options_from_args(args) -> dict:
+    """Keyword arguments of :func:`pipeline.convert.convert_coco`/``pack_images`` from the
+    flags of :func:`add_arguments`."""
+    return {"images_per_shard": args.images_per_shard,
+            "max_shard_bytes": int(args.max_shard_mb * 1024 * 1024),
+            "row_group_size": args.row_group_size, "workers": args.workers,
+            "max_pixels": args.max_pixels, "runner": args.runner}
+
+
 # ---------------------------------------------------------------------------------------------
 # Reports
 
