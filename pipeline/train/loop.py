@@ -417,16 +417,18 @@ class EvalHook(Hook):
 
 
 class BadRowsHook(Hook):
-    """Rows the train stream skipped (a :class:`~pipeline.train.engine.BadRows` actor counts them)."""
+    """Rows the train stream skipped, as counted by a :class:`~pipeline.train.engine.BadRows` actor.
 
-    def __init__(self, counter: Any, console: Console, limit: int):
-        self.counter, self.console, self.limit = counter, console, limit
+    ``fetch(start)`` returns (distinct bad rows so far, entries from ``start`` on); more than
+    ``limit`` stops the run.
+    """
+
+    def __init__(self, fetch: Any, console: Console, limit: int):
+        self.fetch, self.console, self.limit = fetch, console, limit
         self.shown = 0
 
     def after_interval(self, w: Worker, metrics: dict[str, Any], due: Due) -> None:
-        import ray
-
-        count, entries = ray.get(self.counter.since.remote(self.shown))
+        count, entries = self.fetch(self.shown)
         for image_id, shard, reason in entries:
             self.console(f"skipped train image {image_id} in {shard}: {reason}")
         self.shown += len(entries)
@@ -537,9 +539,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     marks["DDP ready"] = time.time()
     hooks: list[Hook] = []
     if w.rank == 0:
-        if loop_config.get("bad_rows") is not None:
+        counter = loop_config.get("bad_rows")
+        if counter is not None:
             limit = int(config.data.max_bad_fraction * plan.train_images)
-            hooks.append(BadRowsHook(loop_config["bad_rows"], console, limit))
+            hooks.append(BadRowsHook(lambda start: ray.get(counter.since.remote(start)), console, limit))
         hooks += [ConsoleHook(console), EvalHook(console), TensorBoardHook(plan.run_uri)]
     def first_batch() -> None:
         marks["first batch"] = time.time()

@@ -35,8 +35,10 @@ def _rle(segmentation, height: int, width: int) -> dict:
 
 
 def make_shapes_dataset(uri: str, *, images: int, seed: int = 0, size: int = 64, first_id: int = 1,
-                        images_per_shard: int = 16, num_categories: int = 4) -> Manifest:
-    """``images`` synthetic shapes images of ``size`` px as a maskray-shards/1 dataset at ``uri``."""
+                        images_per_shard: int = 16, num_categories: int = 4,
+                        corrupt: frozenset[int] = frozenset()) -> Manifest:
+    """``images`` synthetic shapes images of ``size`` px as a maskray-shards/1 dataset at ``uri``;
+    the images at the indices in ``corrupt`` are stored truncated (undecodable PNG)."""
     from pipeline.synth import categories_for, make_image
 
     categories = categories_for(num_categories)
@@ -44,6 +46,8 @@ def make_shapes_dataset(uri: str, *, images: int, seed: int = 0, size: int = 64,
     with ShardWriter(uri, images_per_shard=images_per_shard) as writer:
         for index in range(images):
             png, anns = make_image(seed, index, size, categories)
+            if index in corrupt:
+                png = png[: len(png) // 2]
             image_id = first_id + index
             rows = []
             for ann in anns:
