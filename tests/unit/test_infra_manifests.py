@@ -140,7 +140,7 @@ def test_rayjob_entrypoint_is_a_real_command(path):
         if config:
             assert _repo_path(config).is_file(), f"{path.name}: config {config} is not in the repo"
         if module_name == "jobs.train":
-            from pipeline.config import load_config
+            from pipeline.train.config import load_config
 
             load_config(str(_repo_path(config)), args.overrides)  # raises on an unknown key or bad value
         if module_name == "jobs.distill":
@@ -247,7 +247,8 @@ def test_cluster_yaml_has_a_gpu_worker_type_and_optional_spot():
 
 def test_cluster_yaml_installs_the_project_from_the_lock_and_builds_the_op():
     config = _cluster()
-    assert config["file_mounts"] == {"/home/ubuntu/maskray": "."}, "the project root (ray up from there)"
+    assert config["file_mounts"] == {"/home/ubuntu/maskray": ".",  # the project root (ray up from there)
+                                     "/home/ubuntu/.ray/auth_token": "~/.ray/auth_token"}  # Ray's token
     assert (ROOT / "pyproject.toml").is_file() and (ROOT / "uv.lock").is_file()
     setup = "\n".join(config["setup_commands"])
     assert re.search(r"uv sync --frozen\b", setup)
@@ -265,3 +266,36 @@ def test_cluster_yaml_installs_the_project_from_the_lock_and_builds_the_op():
         assert {".venv", ".git", "data"} <= set(config[key])
     for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
         assert "maskray/.venv/bin" in command, "Ray (and job entry points) run from the locked env"
+
+
+def _ray_cluster_specs():
+    for path in MANIFESTS:
+        for doc in _docs(path):
+            yield path.name, doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+
+
+def test_every_ray_cluster_requires_ray_token_authentication():
+    names = []
+    for name, spec in _ray_cluster_specs():
+        assert spec.get("authOptions") == {"mode": "token"}, f"{name}: dashboard/job API without auth"
+        ports = [p["containerPort"] for c in spec["headGroupSpec"]["template"]["spec"]["containers"]
+                 for p in c.get("ports", [])]
+        assert 10001 not in ports, f"{name}: Ray Client port opened but never used"
+        names.append(name)
+    assert len(names) == len(MANIFESTS)
+    policy = yaml.safe_load((KUBERAY / "network" / "networkpolicy.yaml").read_text())
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    selector = policy["spec"]["podSelector"]["matchExpressions"][0]
+    assert selector["key"] == "ray.io/cluster" and selector["operator"] == "Exists"
+    sources = policy["spec"]["ingress"][0]["from"]
+    assert all("podSelector" in s and "ipBlock" not in s and "namespaceSelector" not in s for s in sources)
+
+
+def test_cluster_launcher_dashboard_on_loopback_with_token_auth():
+    config = _cluster()
+    for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
+        if "ray start" in command:
+            assert "RAY_AUTH_MODE=token" in command, command
+            assert "0.0.0.0" not in command, command
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head
