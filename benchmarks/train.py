@@ -10,12 +10,16 @@ With CUDA (``--gpu``, on by default when a GPU is visible) it also measures R50-
 loop (``maskrcnn_resnet50_fpn``, plain SGD + ``torch.autocast`` + GradScaler) on the same data.
 
     python benchmarks/train.py [--iters 30] [--size 128] [--images 64]
+
+``--startup`` instead measures where Ray Train's start-up goes for the demo's config
+(``configs/shapes-cpu.yaml``, 2 workers, 4 iterations on 64 images): the driver's planning,
+``ray.init`` and trainer set-up (``TrainResult.timings``), then the workers' own marks
+(worker process running, model built, DDP ready, first batch), in seconds after ``fit()`` began.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -91,13 +95,54 @@ def gpu_benchmark(iters: int) -> None:
           f"maskray model {ours:.2f} img/s, ratio {ours / ref:.2f}")
 
 
+def startup(images: int) -> None:
+    """One short run of the demo's train config; prints the start-up breakdown."""
+    import logging
+
+    from pipeline.train import fit, load_config
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logging.getLogger("pipeline.train.engine").addHandler(Keep())
+    logging.getLogger("pipeline.train.engine").setLevel(logging.INFO)
+    root = tempfile.mkdtemp(prefix="maskray-bench-startup-")
+    train = make_data(root, images, 128)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = load_config(os.path.join(repo, "configs", "shapes-cpu.yaml"), [
+        f"data.train={train}", "data.val=", f"storage_path={root}/runs", "name=startup",
+        "schedule.max_iters=4", "schedule.warmup_iters=2", "schedule.steps=[]", "log_every=2"])
+    t = time.perf_counter()
+    result = fit(config)
+    total = time.perf_counter() - t
+    print(f"fit() of 4 iterations: {total:.1f} s; driver side: {result.timings}")
+    for line in lines:
+        if line.startswith(("start-up", "iter ")):
+            print("  " + line)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--startup", action="store_true", help="measure Ray Train's start-up instead")
     args = parser.parse_args()
+    if args.startup:
+        import ray
+
+        from pipeline import raysetup
+
+        raysetup.init(num_cpus=2)
+        try:
+            startup(args.images)
+        finally:
+            ray.shutdown()
+        return 0
 
     import ray
     import torch

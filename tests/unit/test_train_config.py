@@ -119,8 +119,17 @@ def test_shipped_configs_load(name):
 def test_coco_1x_is_the_standard_schedule():
     config = load_config(str(REPO / "configs" / "coco-r50-fpn-1x.yaml"))
     assert config.global_batch == 16 and config.lr == pytest.approx(0.02)
-    assert config.schedule.max_iters == 90000 and config.schedule.steps == [60000, 80000]
-    assert config.model.min_size == 800 and config.model.backbone == "resnet50"
+    # torchvision references/detection maskrcnn_resnet50_fpn: 26 epochs, lr steps after 16 and 22,
+    # warm-up 1000 iterations from lr/1000, ImageNet backbone with frozen BN, 3 trainable stages
+    per_epoch = -(-117266 // 16)
+    assert config.schedule.max_iters == 26 * per_epoch
+    assert config.schedule.steps == [16 * per_epoch, 22 * per_epoch]
+    assert config.schedule.warmup_iters == 1000 and config.schedule.warmup_factor == pytest.approx(0.001)
+    assert config.optim.momentum == 0.9 and config.optim.weight_decay == pytest.approx(1e-4)
+    assert config.model.min_size == 800 and config.model.max_size == 1333 and config.model.backbone == "resnet50"
+    assert config.model.norm == "frozen_bn" and config.model.trainable_layers == 3
+    assert config.model.backbone_weights.endswith("resnet50-0676ba61.pth")
+    assert config.augment.hflip_prob == 0.5 and config.augment.scale_jitter == [1.0, 1.0]
 
 
 def test_job_arguments_and_config_errors_before_ray(tmp_path):
