@@ -2,9 +2,11 @@
 
 ``maskray submit [--address URL] [--wait] -- train|infer|distill ARGS...`` sends the same
 command a user runs locally (``python -m jobs.<module> ARGS``) to a cluster through Ray's Job
-Submission SDK (``ray.job_submission.JobSubmissionClient``). The project folder travels as the
-job's ``working_dir`` (environments, VCS, data and outputs left out), merged with the runtime
-env in ``infra/runtime_env.yaml``. The address comes from ``--address``, else ``RAY_ADDRESS``,
+Submission SDK (``ray.job_submission.JobSubmissionClient``). Only what the jobs need travels as
+the job's ``working_dir``: the allowlist :data:`WORKING_DIR_ALLOWLIST` (code, configs, the
+lock), staged in a temporary folder without secrets-looking files, merged with the runtime env
+in ``infra/runtime_env.yaml``. Ray token authentication: the client sends ``RAY_AUTH_TOKEN`` /
+``~/.ray/auth_token`` when ``RAY_AUTH_MODE=token`` (see ``infra/README.md``). The address comes from ``--address``, else ``RAY_ADDRESS``,
 else the local dashboard ``http://127.0.0.1:8265``.
 
 Credentials never travel with a job: a runtime env is stored in the job's metadata and shown
@@ -33,13 +35,21 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # maskray command -> module run on the cluster as ``python -m <module>``.
 JOB_MODULES: dict[str, str] = {"train": "jobs.train", "infer": "jobs.infer", "distill": "jobs.distill"}
 
-# Never uploaded as part of working_dir (gitignore syntax, relative to the project root; Ray
-# also honours the project's .gitignore). Local environments and tools are rebuilt on the
-# cluster from the lock, data and outputs live in storage (local paths or s3://).
-WORKING_DIR_EXCLUDES: tuple[str, ...] = (
-    ".venv/", ".tools/", ".git/", ".cache/", ".pytest_cache/", "**/__pycache__/", "*.egg-info/",
-    "build/", "data/", "outputs/", "out/", "demo-out/", "runs/",
+# What a job needs on the cluster, relative to the project root: the ONLY paths uploaded as its
+# working_dir (an allowlist, so a .env, a key or a credentials file next to the code never
+# travels). The locked environment is already on the nodes; data and outputs live in storage.
+WORKING_DIR_ALLOWLIST: tuple[str, ...] = (
+    "pyproject.toml", "uv.lock", "model", "pipeline", "jobs", "configs", "infra/runtime_env.yaml",
 )
+# Never uploaded, even inside an allowed folder (fnmatch on each file's name).
+NEVER_UPLOADED: tuple[str, ...] = (
+    ".env", ".env.*", "*.env", "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_ed25519*",
+    "*credentials*", ".netrc", ".pypirc", "*.kubeconfig", "auth_token", "*.pyc", "*.so",
+)
+NEVER_UPLOADED_DIRS: tuple[str, ...] = ("__pycache__", ".aws", ".ssh", ".ray", ".git", "build")
+
+# Still applied by Ray to the staged folder (gitignore syntax); the runtime env file adds more.
+WORKING_DIR_EXCLUDES: tuple[str, ...] = ("**/__pycache__/", "*.parquet", "*.pt")
 
 # Names of env vars that carry credentials: never put into a job's runtime env.
 _SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|SESSION_KEY|PRIVATE_KEY|CREDENTIAL|API_KEY",
@@ -142,11 +152,45 @@ def check_no_secrets(env_vars: dict[str, str], source: str) -> None:
                 "the dashboard, so give the cluster its credentials through its own secrets (see infra/README.md)")
 
 
-def load_runtime_env(path: str | Path, *, extra_env: list[str] = (), working_dir: Path | None = PROJECT_ROOT) -> dict:
-    """The runtime env of a submission: ``path`` (YAML mapping) + project working_dir + excludes + ``extra_env``.
+def stage_working_dir(root: Path, dest: Path) -> list[str]:
+    """Copy the allowlisted paths of ``root`` (:data:`WORKING_DIR_ALLOWLIST`, minus
+    :data:`NEVER_UPLOADED` names and :data:`NEVER_UPLOADED_DIRS`) into ``dest``; returns the
+    relative paths copied, sorted. Symlinks are not followed out of ``root``."""
+    import fnmatch
+    import shutil
 
-    A ``working_dir`` in the file (e.g. a zip URI in storage) wins over the project folder;
-    its ``excludes`` are added to :data:`WORKING_DIR_EXCLUDES`.
+    root, dest = Path(root).resolve(), Path(dest)
+    copied: list[str] = []
+
+    def take(path: Path) -> None:
+        rel = path.relative_to(root)
+        if any(fnmatch.fnmatch(path.name, pat) for pat in NEVER_UPLOADED):
+            return
+        if not path.resolve().is_relative_to(root):
+            return
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+        copied.append(rel.as_posix())
+
+    for entry in WORKING_DIR_ALLOWLIST:
+        path = root / entry
+        if path.is_file():
+            take(path)
+        elif path.is_dir():
+            for folder, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if d not in NEVER_UPLOADED_DIRS and not d.startswith("."))
+                for name in sorted(files):
+                    take(Path(folder) / name)
+    return sorted(copied)
+
+
+def load_runtime_env(path: str | Path, *, extra_env: list[str] = (), working_dir: Path | None = None) -> dict:
+    """The runtime env of a submission: ``path`` (YAML mapping) + ``working_dir`` + excludes + ``extra_env``.
+
+    ``working_dir`` is the folder :func:`stage_working_dir` filled (never the project folder
+    itself); a ``working_dir`` in the file (e.g. a zip URI in storage) wins over it; the file's
+    ``excludes`` are added to :data:`WORKING_DIR_EXCLUDES`.
     """
     import yaml
 
@@ -284,20 +328,26 @@ def summarize_failure(message: str) -> str:
 # --------------------------------------------------------------------------- commands
 
 def run_submit(args: argparse.Namespace) -> int:
+    import tempfile
+
     entrypoint = build_entrypoint(args.job, args.job_args)
-    runtime_env = load_runtime_env(args.runtime_env, extra_env=args.env)
     for path in paths_outside_project(args.job_args):
         logger.warning("%s is outside the project folder: the job reads it on the cluster, which works only "
                        "where the nodes share this filesystem (use s3:// or a path inside the project)", path)
     client = make_client(args.address)
-    submission_id = client.submit_job(
-        entrypoint=entrypoint,
-        runtime_env=runtime_env,
-        submission_id=args.submission_id,
-        entrypoint_num_cpus=args.entrypoint_num_cpus,
-        entrypoint_num_gpus=args.entrypoint_num_gpus,
-        metadata={"maskray_command": args.job},
-    )
+    # the upload happens inside submit_job, so the staged folder lives until it returns
+    with tempfile.TemporaryDirectory(prefix="maskray-submit-") as staged:
+        shipped = stage_working_dir(PROJECT_ROOT, Path(staged))
+        logger.debug("working_dir: %d files (%s)", len(shipped), ", ".join(WORKING_DIR_ALLOWLIST))
+        runtime_env = load_runtime_env(args.runtime_env, extra_env=args.env, working_dir=Path(staged))
+        submission_id = client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env=runtime_env,
+            submission_id=args.submission_id,
+            entrypoint_num_cpus=args.entrypoint_num_cpus,
+            entrypoint_num_gpus=args.entrypoint_num_gpus,
+            metadata={"maskray_command": args.job},
+        )
     logger.info("submitted %s", entrypoint)
     print(f"submission id: {submission_id}")
     print(f"dashboard:     {dashboard_url(client, submission_id)}")

@@ -113,10 +113,10 @@ def test_address_from_flag_then_env_then_local(monkeypatch):
     assert submit.resolve_address("https://ray.example.com/") == "https://ray.example.com"
 
 
-def test_runtime_env_is_the_project_minus_envs_data_outputs_plus_the_file(tmp_path):
-    env = submit.load_runtime_env(submit.RUNTIME_ENV_FILE, extra_env=["MASKRAY_X=1"])
-    assert env["working_dir"] == str(submit.PROJECT_ROOT)
-    for pattern in (".venv/", ".tools/", ".git/", "data/", "outputs/", "demo-out/"):
+def test_runtime_env_is_the_staged_folder_plus_the_file(tmp_path):
+    env = submit.load_runtime_env(submit.RUNTIME_ENV_FILE, extra_env=["MASKRAY_X=1"], working_dir=tmp_path)
+    assert env["working_dir"] == str(tmp_path)
+    for pattern in ("*.parquet", "*.pt", "**/__pycache__/"):
         assert pattern in env["excludes"]
     assert env["env_vars"]["PYTHONUNBUFFERED"] == "1" and env["env_vars"]["MASKRAY_X"] == "1"
     own = tmp_path / "env.yaml"
@@ -139,7 +139,8 @@ def test_submit_prints_id_and_dashboard_url(fake, capsys):
     out = capsys.readouterr().out
     assert "submission id: raysubmit_123" in out and "http://head:8265/#/jobs/raysubmit_123" in out
     assert client.submitted["entrypoint"] == "python -m jobs.train --config c.yaml"
-    assert client.submitted["runtime_env"]["working_dir"] == str(submit.PROJECT_ROOT)
+    staged = client.submitted["runtime_env"]["working_dir"]
+    assert staged != str(submit.PROJECT_ROOT) and "maskray-submit-" in staged
     assert fake.holder["address"] == "http://head:8265"
 
 
@@ -188,3 +189,47 @@ def test_unreachable_dashboard_is_one_clear_line(monkeypatch):
         port = s.getsockname()[1]
     with pytest.raises(MaskrayError, match=rf"cannot reach the Ray dashboard at http://127.0.0.1:{port}"):
         submit.make_client(f"127.0.0.1:{port}")
+
+
+def test_working_dir_is_an_allowlist_and_never_ships_secrets(tmp_path):
+    project = tmp_path / "project"
+    for rel, text in {
+        "pyproject.toml": "[project]", "uv.lock": "lock", "pipeline/a.py": "x = 1",
+        "pipeline/sub/b.py": "y = 2", "model/cuda/op.cu": "//", "jobs/train.py": "", "configs/c.yaml": "a: 1",
+        "infra/runtime_env.yaml": "{}", "infra/cluster.yaml": "not needed by a job",
+        ".env": "AWS_SECRET_ACCESS_KEY=leak", "key.pem": "-----BEGIN", "credentials": "[default]",
+        "pipeline/.env": "leak", "pipeline/server.pem": "leak", "configs/aws_credentials.ini": "leak",
+        "pipeline/__pycache__/a.cpython-311.pyc": "", "model/_op.so": "", "data/big.parquet": "",
+        "notes/todo.md": "", ".aws/credentials": "leak", "jobs/.ssh/id_rsa": "leak",
+    }.items():
+        path = project / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    (project / "pipeline" / "outside.py").symlink_to(tmp_path / "elsewhere.py")
+    (tmp_path / "elsewhere.py").write_text("secret = 1")
+    dest = tmp_path / "staged"
+    shipped = submit.stage_working_dir(project, dest)
+    assert shipped == ["configs/c.yaml", "infra/runtime_env.yaml", "jobs/train.py", "model/cuda/op.cu",
+                       "pipeline/a.py", "pipeline/sub/b.py", "pyproject.toml", "uv.lock"]
+    on_disk = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    assert on_disk == shipped
+    # the real project stages its code and nothing that looks like a secret
+    real = submit.stage_working_dir(submit.PROJECT_ROOT, tmp_path / "real")
+    assert "pipeline/ingest.py" in real and "jobs/train.py" in real and "pyproject.toml" in real
+    assert not any(p.endswith((".pem", ".env", ".so")) or "credentials" in p for p in real)
+
+
+def test_submitted_runtime_env_holds_no_key_value(fake, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIASUBMITKEY0000001")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "submit-secret-value-0001")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "submit-session-token-0001")
+    client = fake()
+    args = parse(submit.add_submit_arguments, ["--env", "MASKRAY_X=1", "--", "train", "--config", "c.yaml"])
+    assert submit.run_submit(args) == 0
+    import json
+
+    blob = json.dumps(client.submitted, default=str)
+    for value in ("AKIASUBMITKEY0000001", "submit-secret-value-0001", "submit-session-token-0001"):
+        assert value not in blob
+    with pytest.raises(MaskrayError, match="looks like a credential"):
+        submit.load_runtime_env(submit.RUNTIME_ENV_FILE, extra_env=["AWS_SECRET_ACCESS_KEY=x"])
