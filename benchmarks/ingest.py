@@ -29,6 +29,7 @@ def _seaweed_server_class():
     import importlib.util
 
     path = os.path.join(ROOT, "tests", "integration", "conftest.py")
+    sys.path.insert(0, os.path.dirname(path))  # its `ports` helper sits next to it
     spec = importlib.util.spec_from_file_location("_maskray_it_conftest", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while building
