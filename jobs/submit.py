@@ -1,6 +1,6 @@
 """``maskray submit | status | logs | stop``: maskray jobs on a running Ray cluster.
 
-``maskray submit [--address URL] [--wait] -- train|infer|distill ARGS...`` sends the same
+``maskray submit [--address URL] [--wait] -- train|infer|distill|convert|pack ARGS...`` sends the same
 command a user runs locally (``python -m jobs.<module> ARGS``) to a cluster through Ray's Job
 Submission SDK (``ray.job_submission.JobSubmissionClient``). Only what the jobs need travels as
 the job's ``working_dir``: the allowlist :data:`WORKING_DIR_ALLOWLIST` (code, configs, the
@@ -33,7 +33,8 @@ RUNTIME_ENV_FILE = PROJECT_ROOT / "infra" / "runtime_env.yaml"
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
 # maskray command -> module run on the cluster as ``python -m <module>``.
-JOB_MODULES: dict[str, str] = {"train": "jobs.train", "infer": "jobs.infer", "distill": "jobs.distill"}
+JOB_MODULES: dict[str, str] = {"train": "jobs.train", "infer": "jobs.infer", "distill": "jobs.distill",
+                               "convert": "jobs.convert", "pack": "jobs.pack"}
 
 # What a job needs on the cluster, relative to the project root: the ONLY paths uploaded as its
 # working_dir (an allowlist, so a .env, a key or a credentials file next to the code never

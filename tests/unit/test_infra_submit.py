@@ -81,8 +81,11 @@ def test_double_dash_separates_the_job_command_and_its_arguments():
     assert submit.build_entrypoint(args.job, args.job_args) == "python -m jobs.train --config c.yaml --set 'name=x y'"
     args = parse(submit.add_submit_arguments, ["infer", "--verbose"])
     assert submit.build_entrypoint(args.job, args.job_args) == "python -m jobs.infer --verbose"
+    # ingestion runs on the cluster too (RAY_ADDRESS is set in a job's driver: --runner auto -> ray)
+    args = parse(submit.add_submit_arguments, ["--", "pack", "--images", "s3://b/raw", "--out", "s3://b/ds"])
+    assert submit.build_entrypoint(args.job, args.job_args) == "python -m jobs.pack --images s3://b/raw --out s3://b/ds"
     with pytest.raises(SystemExit):
-        parse(submit.add_submit_arguments, ["--", "convert", "x"])
+        parse(submit.add_submit_arguments, ["--", "synth", "x"])
 
 
 def test_the_maskray_cli_passes_everything_after_the_job_to_it():
