@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: env ops test test-unit test-integration demo clean
+.PHONY: env ops test test-unit test-integration demo clean sanitize
 
 $(UV_HOME)/bin/uv:
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(UV_HOME) uv
@@ -35,6 +35,16 @@ test-integration: env
 
 demo: env
 	$(VENV)/bin/maskray demo --out $(OUT)
+
+# The CPU RoIAlign op built with ASan + UBSan (any UB report fatal) in its own cache folder,
+# running the op tests. libasan must be loaded first: it is preloaded into Python.
+SANITIZE_TESTS ?= tests/unit/test_ops.py tests/unit/test_ops_hostile.py tests/unit/test_ops_property.py tests/unit/test_ops_multilevel.py
+SANITIZE_ENV = MASKRAY_OPS_SANITIZE=1 MASKRAY_OPS_DIR=$(CURDIR)/build/ops-sanitize CUDA_VISIBLE_DEVICES= \
+  LD_PRELOAD="$$($${CXX:-c++} -print-file-name=libasan.so) $$($${CXX:-c++} -print-file-name=libubsan.so)" \
+  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+sanitize: env
+	$(SANITIZE_ENV) $(PY) -m model.build --no-cuda
+	$(SANITIZE_ENV) $(PY) -m pytest $(SANITIZE_TESTS) -q -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(UV_HOME) build *.egg-info
