@@ -99,6 +99,8 @@ def quiet_console(verbose: bool = False) -> None:
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
     if not verbose:
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+        import ray.data  # noqa: F401 - it configures its loggers (INFO) on import: set them after that
+
         for name in ("ray", "ray.data", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
     # Their one warning each is about progress bars ("Progress bars disabled"; "tqdm is not

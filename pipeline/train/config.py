@@ -20,6 +20,17 @@ value parsed with ``yaml.safe_load``, so ``--set optim.base_lr=0.01`` is a float
 a value of the wrong type or an invalid value raises :class:`ConfigError` whose one-line
 message names the file and the dotted key at fault.
 
+The ``model`` section is the model's own :class:`model.checkpoint.ModelConfig` (one definition
+of its fields, validated by it) plus ``weights`` / ``backbone_weights``; classes come from
+the train manifest.
+
+Ray Train's settings stay flat keys named after Ray's own fields, and
+:func:`pipeline.train.engine.fit` groups them as Ray Train does: ``ScalingConfig``
+(``num_workers``, ``use_gpu``, ``cpus_per_worker``, ``placement_strategy``), ``RunConfig``
+(``name``, ``storage_path``, ``checkpoint.keep``), ``FailureConfig`` (``max_failures``,
+``wait_for_resources``). They are not nested sections in the YAML because the submit/KubeRay
+manifests and the distill configs set them by these names (``--set num_workers=8``).
+
 The learning rate scales linearly with the global batch: ``optim.base_lr`` is the rate for a
 global batch of ``optim.reference_batch`` images, and training uses
 ``base_lr * num_workers * images_per_worker / reference_batch`` (:meth:`TrainConfig.lr`).

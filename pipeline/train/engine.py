@@ -7,7 +7,7 @@ train/val manifests (classes come from the train manifest: model label ``i`` =
 (``run_config.json``) and refuses a rerun under the same name whose results-affecting keys
 differ; :func:`check_resources` refuses a worker group the cluster cannot hold;
 :func:`train_dataset` builds the Ray Data stream (read shards -> decode + augment in CPU
-tasks, undecodable rows skipped and counted by a :class:`BadRows` actor).
+tasks, undecodable rows skipped and counted by the run's :class:`RunChannel` actor).
 
 Ray Train's settings are grouped as Ray Train groups them when :func:`fit` builds the trainer:
 ``ScalingConfig`` (``num_workers``, ``use_gpu``, ``cpus_per_worker``, ``placement_strategy``),
@@ -159,7 +159,7 @@ class DecodeAugment:
 
     A row whose image cannot be decoded (corrupt, unsupported, over the pixel limit) or whose
     annotations cannot become a target yields no row: it is logged with its image id and shard
-    and sent to the ``bad_rows`` actor (:class:`BadRows`), which the workers read.
+    and sent to the ``bad_rows`` actor (:class:`RunChannel`), which rank 0 reads.
     """
 
     def __init__(self, category_ids: list[int], hflip_prob: float = 0.0,
@@ -197,15 +197,25 @@ class DecodeAugment:
         }]
 
 
-class BadRows:
-    """A tiny Ray actor: the distinct (image id, shard) rows the train stream skipped, with reasons.
+class RunChannel:
+    """A tiny Ray actor on the driver's node: the workers' console lines, and the distinct
+    (image id, shard) rows the train stream skipped, with reasons.
 
-    Distinct, so a bad row met again in a later epoch (or after a restart) counts once.
+    One actor for both (each actor is a Python process to start). Bad rows are distinct, so a
+    row met again in a later epoch (or after a restart) counts once.
     """
 
     def __init__(self) -> None:
+        self.lines: list[str] = []
         self.entries: list[tuple[int, str, str]] = []
         self.keys: set[tuple[int, str]] = set()
+
+    def say(self, line: str) -> None:
+        self.lines.append(line)
+
+    def take_lines(self) -> list[str]:
+        lines, self.lines = self.lines, []
+        return lines
 
     def add(self, image_id: int, shard: str, reason: str) -> None:
         if (image_id, shard) not in self.keys:
@@ -219,7 +229,7 @@ class BadRows:
 
 def train_dataset(config: TrainConfig, plan: RunPlan, bad_rows: Any = None):
     """The Ray Data train stream: shards -> decode + augment (CPU tasks of ``data.decode_cpus``);
-    undecodable rows dropped and reported to ``bad_rows`` (a :class:`BadRows` actor)."""
+    undecodable rows dropped and reported to ``bad_rows`` (a :class:`RunChannel` actor)."""
     from pipeline.dataset import read_shards
 
     fn = DecodeAugment([int(c["id"]) for c in plan.categories], config.augment.hflip_prob,
@@ -323,7 +333,7 @@ def fit(config: TrainConfig, *, resume_anyway: bool = False, verbose: bool = Fal
     """
     from pipeline import raysetup, storage
 
-    t0 = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time()  # wall clock: the workers' start-up marks are relative to it
     timings: dict[str, float] = {}
     plan = plan_run(config)
     check_run_config(config, plan.run_uri, resume_anyway=resume_anyway)
@@ -332,23 +342,27 @@ def fit(config: TrainConfig, *, resume_anyway: bool = False, verbose: bool = Fal
                 plan.lr, plan.total_iters, plan.run_uri)
     timings["plan_s"] = time.perf_counter() - t0
 
+    def mark(name: str) -> None:  # driver-side seconds per phase, in order
+        timings[name] = time.perf_counter() - t0 - sum(timings.values())
+
     raysetup.init(verbose=verbose)
+    mark("ray_init_s")
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
-    from ray.util.queue import Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    timings["ray_init_s"] = time.perf_counter() - t0 - timings["plan_s"]
+    mark("import_ray_train_s")
     check_resources(config, ray.cluster_resources(), autoscaling=config.wait_for_resources)
     # the console relay and the bad-row counter live on the driver's node: they outlive any worker node
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-    bad_rows = ray.remote(BadRows).options(num_cpus=0, scheduling_strategy=here).remote()
+    channel = ray.remote(RunChannel).options(num_cpus=0, scheduling_strategy=here).remote()
+    dataset = train_dataset(config, plan, channel)
+    mark("dataset_s")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "plan": plan.to_dict(), "progress": progress,
-                           "bad_rows": bad_rows, "t0": time.time()},
+        train_loop_config={"config": config.to_dict(), "plan": plan.to_dict(), "channel": channel,
+                           "t0": wall0},
         scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                                resources_per_worker={"CPU": config.cpus_per_worker},
                                                placement_strategy=config.placement_strategy),
@@ -363,22 +377,26 @@ def fit(config: TrainConfig, *, resume_anyway: bool = False, verbose: bool = Fal
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
             **_storage_kwargs(config.storage_path),
         ),
-        datasets={"train": train_dataset(config, plan, bad_rows)},
+        datasets={"train": dataset},
     )
     stop = threading.Event()
 
-    def relay() -> None:
-        while not stop.is_set():
-            try:
-                line = progress.get(timeout=0.5)
-            except Exception:  # noqa: BLE001 - queue.Empty, or the actor is gone at shutdown
-                continue
+    def drain() -> None:
+        try:
+            lines = ray.get(channel.take_lines.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - the actor is busy or gone at shutdown: next time
+            return
+        for line in lines:
             logger.info("%s", line)
+
+    def relay() -> None:
+        while not stop.wait(0.5):
+            drain()
 
     thread = threading.Thread(target=relay, name="maskray-train-progress", daemon=True)
     thread.start()
     remember_run_config(config, plan.run_uri)
-    timings["driver_setup_s"] = time.perf_counter() - t0 - timings["plan_s"] - timings["ray_init_s"]
+    mark("trainer_s")
     t_fit = time.perf_counter()
     try:
         result = trainer.fit()
@@ -386,17 +404,12 @@ def fit(config: TrainConfig, *, resume_anyway: bool = False, verbose: bool = Fal
         raise MaskrayError(f"training run {config.name} failed: {failure_message(exc)}") from exc
     finally:
         stop.set()
-        thread.join(timeout=2)
-        while True:  # whatever the workers sent last
-            try:
-                logger.info("%s", progress.get_nowait())
-            except Exception:  # noqa: BLE001
-                break
-        for actor in (progress.actor, bad_rows):
-            try:
-                ray.kill(actor)
-            except Exception:  # noqa: BLE001
-                pass
+        thread.join(timeout=12)
+        drain()  # whatever the workers sent last
+        try:
+            ray.kill(channel)
+        except Exception:  # noqa: BLE001
+            pass
     timings["fit_s"] = time.perf_counter() - t_fit
     metrics = dict(result.metrics or {})
     if metrics.get(STOP_KEY):

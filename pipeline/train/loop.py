@@ -300,18 +300,18 @@ class Hook:
 
 
 class Console:
-    """Rank 0's one-line messages to the driver (queue actor), or to the log when there is none."""
+    """Rank 0's one-line messages to the driver (the run's ``RunChannel`` actor), or to the log when there is none."""
 
-    def __init__(self, queue: Any):
-        self.queue = queue
+    def __init__(self, channel: Any):
+        self.channel = channel
 
     def __call__(self, line: str) -> None:
-        if self.queue is not None:
+        if self.channel is not None:
             try:
-                self.queue.put_nowait(line)
+                self.channel.say.remote(line)
                 return
             except Exception:  # noqa: BLE001 - the driver went away: keep training, log locally
-                self.queue = None
+                self.channel = None
         logger.info("%s", line)
 
 
@@ -417,7 +417,7 @@ class EvalHook(Hook):
 
 
 class BadRowsHook(Hook):
-    """Rows the train stream skipped, as counted by a :class:`~pipeline.train.engine.BadRows` actor.
+    """Rows the train stream skipped, as counted by the run's :class:`~pipeline.train.engine.RunChannel` actor.
 
     ``fetch(start)`` returns (distinct bad rows so far, entries from ``start`` on); more than
     ``limit`` stops the run.
@@ -517,8 +517,9 @@ def run_loop(w: Worker, shard: Any, hooks: list[Hook], first_batch: Any = None) 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs (``TorchTrainer(train_loop_per_worker, train_loop_config=...)``).
 
-    ``loop_config``: ``config`` (TrainConfig dict), ``plan`` (RunPlan dict), ``progress`` (queue
-    actor for console lines or None), ``bad_rows`` (the stream's BadRows actor or None).
+    ``loop_config``: ``config`` (TrainConfig dict), ``plan`` (RunPlan dict), ``channel`` (the
+    run's RunChannel actor: console lines and the stream's bad rows; or None), ``t0`` (the
+    driver's wall clock when it started the trainer).
     """
     import ray.train
     import ray.train.torch
@@ -527,7 +528,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     marks = {"worker started": time.time()}  # wall clock: comparable with the driver's t0 on one machine
     config = TrainConfig.from_dict(loop_config["config"], source="train_loop_config")
     plan = RunPlan(**loop_config["plan"])
-    console = Console(loop_config.get("progress"))
+    channel = loop_config.get("channel")
+    console = Console(channel)
     ctx = ray.train.get_context()
     w, lines = setup(config, plan, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
                      ray.train.get_checkpoint())
@@ -539,10 +541,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     marks["DDP ready"] = time.time()
     hooks: list[Hook] = []
     if w.rank == 0:
-        counter = loop_config.get("bad_rows")
-        if counter is not None:
+        if channel is not None:
             limit = int(config.data.max_bad_fraction * plan.train_images)
-            hooks.append(BadRowsHook(lambda start: ray.get(counter.since.remote(start)), console, limit))
+            hooks.append(BadRowsHook(lambda start: ray.get(channel.since.remote(start)), console, limit))
         hooks += [ConsoleHook(console), EvalHook(console), TensorBoardHook(plan.run_uri)]
     def first_batch() -> None:
         marks["first batch"] = time.time()

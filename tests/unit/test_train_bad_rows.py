@@ -9,7 +9,7 @@ from model.errors import MaskrayError
 from pipeline.evaluate import evaluate_model
 from pipeline.synth import categories_for, make_image
 from pipeline.train.config import TrainConfig
-from pipeline.train.engine import BadRows, DecodeAugment
+from pipeline.train.engine import RunChannel, DecodeAugment
 from pipeline.train.loop import BadRowsHook, Due, RunPlan, Worker
 
 CATS = categories_for(2)
@@ -38,10 +38,10 @@ def _row(index, corrupt=False, image_id=None):
 
 
 class Recorder:
-    """Stands in for the BadRows actor handle: ``add.remote(...)`` runs the real class's method."""
+    """Stands in for the RunChannel actor handle: ``add.remote(...)`` runs the real class's method."""
 
     def __init__(self):
-        self.counter = BadRows()
+        self.counter = RunChannel()
         self.add = type("M", (), {"remote": staticmethod(self.counter.add)})()
 
 
@@ -69,7 +69,7 @@ def _worker(fraction=0.01, images=100):
 
 
 def test_the_hook_names_new_rows_counts_them_and_stops_past_the_fraction():
-    counter, lines = BadRows(), []
+    counter, lines = RunChannel(), []
     w = _worker(0.01, 100)  # limit: 1 row
     hook = BadRowsHook(counter.since, lines.append, limit=int(0.01 * 100))
     counter.add(7, "part-00000.parquet", "not a recognised image format")

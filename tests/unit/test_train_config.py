@@ -146,3 +146,20 @@ def test_job_arguments_and_config_errors_before_ray(tmp_path):
     args.overrides = ["optim.momentum=2"]
     with pytest.raises(ConfigError, match=r"optim\.momentum: 2\.0 is outside \[0, 1\)"):
         train.run(args)  # fails while loading the config: Ray is never imported for this
+
+
+def test_the_model_section_is_the_models_own_config():
+    from model.checkpoint import ModelConfig
+
+    config = TrainConfig.from_dict({"data": {"train": "/d"}, "model": {
+        "backbone": "resnet18", "min_size": 128, "max_size": 128, "options": {"fpn_channels": 64},
+        "backbone_weights": "/w/resnet18.pth"}})
+    assert isinstance(config.model, ModelConfig)  # one definition of the model's fields, not a mirror
+    mc = config.model.model_config([{"id": 3, "name": "a"}, {"id": 5, "name": "b"}])
+    assert type(mc) is ModelConfig and mc.num_classes == 3 and mc.options == {"fpn_channels": 64}
+    assert ModelConfig.from_dict(mc.to_dict()) == mc  # what a checkpoint stores: no train-only keys
+    assert "backbone_weights" not in mc.to_dict()
+    with pytest.raises(ConfigError, match=r"model\.categories: classes come from the train manifest"):
+        TrainConfig.from_dict({"data": {"train": "/d"}, "model": {"num_classes": 5}})
+    with pytest.raises(ConfigError, match=r"model\.box_score_thresh: 1\.5 is outside"):
+        TrainConfig.from_dict({"data": {"train": "/d"}, "model": {"box_score_thresh": 1.5}})
