@@ -1,7 +1,7 @@
 """Inference throughput: the Ray Data pipeline (``run_inference``) vs a plain single-process loop.
 
 Anchor, measured in the same run: the plain loop over the same model and the same encoded images
-held in memory (decode -> ``Predictor.predict`` -> RLE with ``pipeline.instances``), run twice:
+held in memory (decode -> ``Predictor.segment``: model + per-instance paste/RLE), run twice:
 with torch's defaults (one batch on every core's OpenMP thread, what ``model(images)`` does) and
 with the Predictor's lanes on every core (``threads=os.cpu_count()``, what the pipeline's actor
 uses); the faster of the two is the anchor. Then ``run_inference`` over the same images stored as
@@ -66,18 +66,15 @@ def make_dataset(root: str, images: int, shards: int, size: int) -> list[bytes]:
 
 def plain_loop(ckpt: str, data: list[bytes], batch_size: int, score_threshold: float, threads: int = 0) -> dict:
     from pipeline.dataset import decode_image
-    from pipeline.inference import Predictor
-    from pipeline.instances import Instances
+    from pipeline.infer.predictor import Predictor
 
     predictor = Predictor(ckpt, score_threshold=score_threshold, threads=threads)
-    ids = predictor.category_ids
     predictor.predict([decode_image(data[0])])  # warm-up
     instances = 0
     start = time.perf_counter()
     for i in range(0, len(data), batch_size):
         images = [decode_image(b) for b in data[i:i + batch_size]]
-        for k, (im, out) in enumerate(zip(images, predictor.predict(images))):
-            instances += len(Instances.from_output(out, tuple(im.shape[-2:])).to_coco(i + k, ids))
+        instances += sum(len(found) for found in predictor.segment(images))
     seconds = time.perf_counter() - start
     return {"images": len(data), "seconds": seconds, "images_per_s": len(data) / seconds,
             "instances": instances, "lanes_threads": threads}
@@ -124,17 +121,17 @@ class GpuSampler:
 def timed_predictor(marker: str):
     """A Predictor that records (once, across actors) when the first model batch starts.
     Defined in a function so Ray pickles it by value."""
-    from pipeline.inference import Predictor
+    from pipeline.infer.predictor import Predictor
 
     class TimedPredictor(Predictor):
-        def process_batch(self, table):
+        def process_units(self, table, batch_size=None):
             try:
                 fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
                 os.write(fd, repr(time.time()).encode())
                 os.close(fd)
             except FileExistsError:
                 pass
-            return super().process_batch(table)
+            return super().process_units(table, batch_size)
 
     return TimedPredictor
 
@@ -143,7 +140,7 @@ def pipeline_run(data_uri: str, out_uri: str, ckpt: str, *, actors: int, batch_s
                  score_threshold: float, gpus_per_actor: float | None = None, threads: int | None = None) -> dict:
     """End to end: images / wall of run_inference. Steady: images / (last commit - first model
     batch start), i.e. without starting Ray Data and the actors (checkpoint load, op load)."""
-    from pipeline.inference import run_inference
+    from pipeline.infer.driver import run_inference
 
     marker = out_uri.rstrip("/") + ".first-batch"
     commits: list[float] = []
@@ -151,7 +148,7 @@ def pipeline_run(data_uri: str, out_uri: str, ckpt: str, *, actors: int, batch_s
     summary = run_inference(data_uri, out_uri, ckpt, batch_size=batch_size, actors=actors,
                             gpus_per_actor=gpus_per_actor, threads=threads, score_threshold=score_threshold,
                             predictor_factory=timed_predictor(marker),
-                            on_shard_committed=lambda uri: commits.append(time.time()))
+                            on_unit_committed=lambda name: commits.append(time.time()))
     wall = time.time() - start
     first_batch = float(open(marker).read())
     return {"actors": actors, "images": summary.images, "errors": summary.errors,

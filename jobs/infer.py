@@ -1,11 +1,16 @@
-"""``maskray infer``: batch-segment maskray shards with Ray Data (``python -m jobs.infer`` is the same).
+"""``maskray infer``: batch-segment images with Ray Data (``python -m jobs.infer`` is the same).
 
-Streams the shards under ``--input`` through CPU decode tasks, an actor pool running the
-checkpoint (one GPU per actor with AMP when the cluster has GPUs, CPU actors otherwise) and CPU
-RLE post-processing, and commits one results Parquet file per input shard under ``--output``
-(same file name, written atomically). A rerun with the same ``--output`` skips the shards already
-done; every input image yields exactly one row (``error`` set when it could not be processed).
-Ends with one summary line: images, errors, instances, images/s, wall time.
+``--input`` is a maskray dataset (``manifest.json`` + shards) or a prefix of image files
+(``s3://bucket/photos/``: keyed by object path, no pack step). Units of images stream through
+CPU decode tasks (uint8, EXIF orientation applied unless ``--no-exif``), an actor pool running
+the checkpoint (one GPU per actor with AMP when the cluster has GPUs, CPU actors otherwise;
+resize and normalize on the actor's device) and CPU tasks that paste/RLE-encode per instance and
+write one results Parquet file per unit under ``--output``, atomically (see
+``pipeline/infer/driver.py``). ``--output`` records what produced it (``provenance.json``: model
+digest, options, input identity): a rerun with the same everything skips finished units; a rerun
+that differs refuses in one line unless ``--overwrite``; ``--retry-errors`` recomputes only rows
+whose error may be transient. Every input image yields exactly one row (``error`` set when it
+could not be processed). Progress every 10 s; ends with one summary line.
 Connects to the Ray cluster in ``RAY_ADDRESS`` when set (``maskray submit``), else starts a local one.
 """
 
@@ -39,6 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="drop detections scoring below T (default 0.05)")
     parser.add_argument("--max-pixels", type=int, default=50_000_000, metavar="P",
                         help="images with more pixels become error rows (default 50,000,000; 0 = no limit)")
+    parser.add_argument("--images-per-unit", type=int, default=64, metavar="N",
+                        help="images per unit of work and results file (default 64; their uint8 pixels travel "
+                             "together, so use ~8 for 12-MP photos)")
+    parser.add_argument("--no-exif", action="store_true",
+                        help="keep the raw pixel frame (default: apply EXIF orientation, as image viewers do)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="recompute results that --output holds from another checkpoint, input or options")
+    parser.add_argument("--retry-errors", action="store_true",
+                        help="recompute only the rows whose error may be transient (read or inference failures)")
 
 
 def parse_actors(text: str) -> int | tuple[int, int]:
@@ -57,7 +71,7 @@ def parse_actors(text: str) -> int | tuple[int, int]:
 
 def run(args: argparse.Namespace) -> int:
     from model.errors import MaskrayError
-    from pipeline.inference import run_inference
+    from pipeline.infer.driver import run_inference
 
     if args.batch_size < 1:
         raise MaskrayError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -69,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         raise MaskrayError(f"--threads must be >= 0, got {args.threads}")
     if args.max_pixels < 0:
         raise MaskrayError(f"--max-pixels must be >= 0, got {args.max_pixels}")
+    if args.images_per_unit < 1:
+        raise MaskrayError(f"--images-per-unit must be >= 1, got {args.images_per_unit}")
     summary = run_inference(
         args.input, args.output, args.checkpoint,
         batch_size=args.batch_size,
@@ -78,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
         score_threshold=args.score_threshold,
         coco_json=args.coco_json,
         max_pixels=args.max_pixels or None,
+        images_per_unit=args.images_per_unit,
+        exif=not args.no_exif,
+        overwrite=args.overwrite,
+        retry_errors=args.retry_errors,
     )
     print(summary.line())
     if summary.coco_json:

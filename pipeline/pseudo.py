@@ -264,7 +264,7 @@ def ensemble(preds: Sequence[Prediction], config: TTAConfig) -> Prediction:
 @contextlib.contextmanager
 def _model_scale(model: Callable, scale: float) -> Iterator[None]:
     """Scale a detector's own resize for one transform, so the network really sees the image at
-    ``scale``; restored on exit. Handles a ``pipeline.inference.Predictor`` (integer
+    ``scale``; restored on exit. Handles a ``pipeline.infer.predictor.Predictor`` (integer
     ``min_size``/``max_size``) and a torchvision detector (``model.transform``)."""
     if scale == 1.0:
         yield
@@ -394,10 +394,10 @@ INPUT_COLUMNS = ["image_id", "file_name", "width", "height", "image"]
 class TTALabeler:
     """Ray Data actor stage: a batch of unlabeled shard rows (pyarrow) -> the same rows with
     ``annotations`` = the teacher's ensembled TTA detections (with ``score``). The checkpoint is
-    loaded once per actor with :class:`pipeline.inference.Predictor`."""
+    loaded once per actor with :class:`pipeline.infer.predictor.Predictor`."""
 
     def __init__(self, checkpoint_uri: str, tta: dict, threads: int = 0) -> None:
-        from pipeline.inference import Predictor
+        from pipeline.infer.predictor import Predictor
 
         self.config = TTAConfig(**tta)
         self.predictor = Predictor(checkpoint_uri, device="cpu" if not torch.cuda.is_available() else None,

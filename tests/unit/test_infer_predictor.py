@@ -1,25 +1,20 @@
-"""pipeline.inference without Ray: the predictor against the plain model, the CPU stages on bad
-images, the exactly-once shard collector, commits, resume checks and COCO JSON."""
+"""pipeline.infer.predictor without Ray: the predictor against the plain model, the bounded
+segment path, the uint8 model stage, lanes and TTA rescaling."""
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import threading
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
-from model.checkpoint import ModelConfig, build_from_config, save_checkpoint
+from model.checkpoint import ModelConfig, build_from_config
 from model.errors import MaskrayError
-from pipeline import format as fmt
-from pipeline import inference
-from pipeline.inference import Predictor, ShardCollector, predict_images
+from pipeline.infer.predictor import Predictor, predict_images
 
 SIZE = 64
 CATEGORIES = [{"id": 3, "name": "a"}, {"id": 9, "name": "b"}]
@@ -80,223 +75,62 @@ def test_score_threshold_and_tta_hook(tiny):
     assert bool((flipped["boxes"][:, 0] <= flipped["boxes"][:, 2]).all())
 
 
-def stage_input(rows: list[tuple[str, bytes]]) -> pa.Table:
+def test_segment_equals_predict_plus_torchvision_paste_and_rle(tiny):
+    """The bounded path (per-instance paste + RLE) gives the RLEs of predict's full-size masks."""
+    from pipeline.instances import Instances, to_result_instances
+
+    model, config = tiny
+    predictor = Predictor(model=model, config=config, score_threshold=0.0)
+    ims = images(2, seed=5)
+    segmented = predictor.segment(ims)
+    for im, got, plain in zip(ims, segmented, predictor.predict(ims)):
+        size = tuple(im.shape[-2:])
+        expected = to_result_instances(Instances.from_output(plain, size).to_coco(0, config.category_ids()))
+        assert len(got) == len(expected) > 0
+        assert [g["segmentation"] for g in got] == [e["segmentation"] for e in expected]
+        assert [g["category_id"] for g in got] == [e["category_id"] for e in expected]
+        np.testing.assert_allclose([g["bbox"] for g in got], [e["bbox"] for e in expected], atol=1e-3)
+
+
+def units_table(images_: list[torch.Tensor | None], errors: list[str | None] | None = None) -> pa.Table:
+    errors = errors or [None if im is not None else "decode failed: x" for im in images_]
     return pa.table({
-        "image_id": pa.array(range(1, len(rows) + 1), pa.int64()),
-        "file_name": [name for name, _ in rows],
-        "image": pa.array([data for _, data in rows], pa.binary()),
-        "shard": ["part-00000.parquet"] * len(rows),
-        "row": pa.array(range(len(rows)), pa.int64()),
+        "unit": ["u.parquet"], "positions": pa.array([list(range(len(images_)))], pa.list_(pa.int64())),
+        "image_ids": pa.array([list(range(1, len(images_) + 1))], pa.list_(pa.int64())),
+        "file_names": pa.array([[f"{i}.png" for i in range(len(images_))]], pa.list_(pa.string())),
+        "heights": pa.array([[0 if im is None else int(im.shape[1]) for im in images_]], pa.list_(pa.int32())),
+        "widths": pa.array([[0 if im is None else int(im.shape[2]) for im in images_]], pa.list_(pa.int32())),
+        "pixels": pa.array([[b"" if im is None else im.numpy().tobytes() for im in images_]],
+                           pa.list_(pa.large_binary())),
+        "errors": pa.array([errors], pa.list_(pa.string())), "merge": [False],
     })
 
 
-def test_cpu_and_model_stages_give_one_row_per_image(tiny):
-    from pycocotools import mask as mask_utils
+def test_model_stage_takes_uint8_and_isolates_a_failing_image(tiny, monkeypatch):
+    from pipeline.infer.predictor import unpack
 
     model, config = tiny
-    rng = np.random.default_rng(0)
-    good = png(rng.integers(0, 255, (40, 72, 3), dtype=np.uint8))
-    rows = [
-        ("good.png", good),
-        ("truncated.png", good[: len(good) // 2]),
-        ("zero.png", b""),
-        ("junk.jpg", b"not an image"),
-        ("gray16.png", png(rng.integers(0, 65535, (30, 50), dtype=np.uint16))),
-        ("rgba.png", png(rng.integers(0, 255, (30, 50, 4), dtype=np.uint8), "RGBA")),
-        ("big.png", png(np.zeros((100, 100, 3), np.uint8))),
-    ]
-    pre = inference._preprocess(stage_input(rows), min_size=SIZE, max_size=96, max_pixels=5_000)
-    errors = dict(zip(pre.column("file_name").to_pylist(), pre.column("error").to_pylist()))
-    assert {k for k, v in errors.items() if v} == {"truncated.png", "zero.png", "junk.jpg", "big.png"}
-    assert "MP" in errors["big.png"]
-    assert pre.column("height").to_pylist()[0] == 40 and pre.column("rwidth").to_pylist()[0] == 96  # 96/72 < 64/40
+    ims = images(3, seed=2)
+    predictor = Predictor(model=model, config=config, model_id="m#sha256:1", batch_size=2)
+    out = predictor(units_table([ims[0], None, ims[1], ims[2]]))
+    assert out.column("model").to_pylist() == ["m#sha256:1"]
+    preds = out.column("preds")[0].as_py()
+    assert preds[1] is None and all(p is not None for p in (preds[0], preds[2], preds[3]))
+    plain = predictor.forward_uint8([ims[0]])[0]
+    np.testing.assert_allclose(unpack(preds[0])["boxes"], plain["boxes"].numpy(), atol=1e-4)
 
-    predictor = Predictor(model=model, config=config, score_threshold=0.0, model_id="m")
-    post = inference._postprocess(predictor(pre), category_ids=config.category_ids())
-    assert post.num_rows == len(rows)
-    assert post.column("row").to_pylist() == list(range(len(rows)))
-    by_name = dict(zip(post.column("file_name").to_pylist(), post.to_pylist()))
-    from pipeline.dataset import decode_image
+    real = predictor.forward_uint8
 
-    plain = predictor.predict([decode_image(good)])[0]
-    got = by_name["good.png"]["instances"]
-    assert len(got) == len(plain["scores"]) > 0
-    for inst, box in zip(got, plain["boxes"].tolist()):
-        assert inst["category_id"] in (3, 9)
-        np.testing.assert_allclose(inst["bbox"], [box[0], box[1], box[2] - box[0], box[3] - box[1]], atol=1e-2)
-        assert mask_utils.decode(inst["segmentation"]).shape == (40, 72)
-    for name in ("truncated.png", "zero.png", "junk.jpg", "big.png"):
-        assert by_name[name]["instances"] == [] and by_name[name]["error"]
-    for name in ("gray16.png", "rgba.png"):
-        assert by_name[name]["error"] is None
-
-
-def test_no_detections_and_a_failing_image_only_cost_their_own_rows(tiny, monkeypatch):
-    model, config = tiny
-    rows = [(f"{i}.png", png(np.full((32, 32, 3), 40 * i, np.uint8))) for i in range(3)]
-    pre = inference._preprocess(stage_input(rows), min_size=SIZE, max_size=96, max_pixels=None)
-    blind = Predictor(model=model, config=config, score_threshold=1.0)
-    post = inference._postprocess(blind(pre), category_ids=config.category_ids())
-    assert post.column("instances").to_pylist() == [[], [], []]
-    assert post.column("error").to_pylist() == [None, None, None]
-
-    predictor = Predictor(model=model, config=config)
-    real = predictor.forward_resized
-
-    def flaky(batch, sizes):
-        if len(batch) > 1 or float(batch[0].mean()) > 0.2:  # the whole batch, then image 2 alone
+    def flaky(batch):
+        if len(batch) > 1 or int(batch[0][0, 0, 0]) == int(ims[1][0, 0, 0]):  # the batch, then image 1 alone
             raise RuntimeError("out of memory")
-        return real(batch, sizes)
+        return real(batch)
 
-    monkeypatch.setattr(predictor, "forward_resized", flaky)
-    out = predictor(pre)
-    assert out.column("pred").null_count == 1
-    errors = out.column("error").to_pylist()
-    assert errors[:2] == [None, None] and "out of memory" in errors[2]
-
-
-def test_read_rows_takes_exact_row_ranges_across_row_groups(tmp_path):
-    rows = [fmt.make_row(image_id=10 + i, file_name=f"{i}.png", width=1, height=1, image=bytes([i]))
-            for i in range(8)]
-    uri = str(tmp_path / "part-00000.parquet")
-    pq.write_table(fmt.rows_to_table(rows), uri, row_group_size=3)
-    units = pa.Table.from_pylist([{"shard": "part-00000.parquet", "uri": uri, "start": a, "stop": b, "total": 8}
-                                  for a, b in ((0, 2), (2, 7), (7, 8))])
-    out = inference._read_rows(units, columns=inference.READ_COLUMNS)
-    assert out.column("row").to_pylist() == list(range(8))
-    assert out.column("image_id").to_pylist() == [10 + i for i in range(8)]
-    assert out.column("image").to_pylist() == [bytes([i]) for i in range(8)]
-    assert set(out.column("shard").to_pylist()) == {"part-00000.parquet"}
-    wrong = pa.Table.from_pylist([{"shard": "p", "uri": uri, "start": 0, "stop": 2, "total": 9}])
-    with pytest.raises(MaskrayError, match="has 8 rows but the manifest says 9"):
-        inference._read_rows(wrong, columns=inference.READ_COLUMNS)
-
-
-def piece(shard: str, rows: list[int]) -> pa.Table:
-    return pa.table({"shard": [shard] * len(rows), "row": pa.array(rows, pa.int64())})
-
-
-def test_shard_collector_commits_each_shard_once_without_duplicates():
-    commits: list[tuple[str, list[int]]] = []
-    collector = ShardCollector({"a": 3, "b": 2}, lambda name, pieces: commits.append(
-        (name, sorted(r for p in pieces for r in p.column("row").to_pylist()))))
-    collector.add(pa.concat_tables([piece("a", [0, 1]), piece("b", [1])]))
-    collector.add(piece("a", [1, 0]))  # a retried batch
-    assert commits == []
-    collector.add(pa.concat_tables([piece("a", [2]), piece("b", [0])]))
-    assert commits == [("a", [0, 1, 2]), ("b", [0, 1])]
-    collector.add(piece("a", [2]))  # late duplicate of a committed shard
-    collector.finish()
-    assert len(commits) == 2 and collector.duplicates == 3
-
-    with pytest.raises(MaskrayError, match="more rows"):
-        ShardCollector({"a": 1}, lambda *a: None).add(piece("a", [1]))
-    with pytest.raises(MaskrayError, match="unknown shard"):
-        ShardCollector({"a": 1}, lambda *a: None).add(piece("z", [0]))
-    incomplete = ShardCollector({"a": 2}, lambda *a: None)
-    incomplete.add(piece("a", [0]))
-    with pytest.raises(MaskrayError, match=r"a \(1/2 rows\)"):
-        incomplete.finish()
-
-
-def result_piece(shard: str, rows: list[int], instances: list[list[dict]], errors: list[str | None]) -> pa.Table:
-    return pa.table({
-        "shard": [shard] * len(rows), "row": pa.array(rows, pa.int64()),
-        "image_id": pa.array([100 + r for r in rows], pa.int64()), "file_name": [f"{r}.png" for r in rows],
-        "instances": pa.array(instances, fmt.RESULT_SCHEMA.field("instances").type),
-        "error": pa.array(errors, pa.string()),
-    })
-
-
-def test_commit_resume_check_and_coco_json(tmp_path, monkeypatch):
-    from pycocotools import mask as mask_utils
-    from pycocotools.coco import COCO
-
-    mask = np.zeros((20, 30), np.uint8, order="F")
-    mask[2:8, 3:9] = 1
-    rle = mask_utils.encode(mask)
-    inst = {"category_id": 3, "score": 0.9, "bbox": [3.0, 2.0, 6.0, 6.0],
-            "segmentation": {"size": [20, 30], "counts": rle["counts"]}}
-    out = str(tmp_path / "out")
-    uri = inference.result_uri(out, "s3-ish/prefix/part-00007.parquet")
-    assert uri.endswith("/out/part-00007.parquet")
-    pieces = [result_piece("x", [1], [[]], ["decode failed: junk"]), result_piece("x", [0], [[inst, inst]], [None])]
-    assert inference._commit(uri, pieces, "ckpt#sha256:abc") == (2, 1, 2)
-    table = pq.read_table(uri)
-    assert table.schema.equals(fmt.RESULT_SCHEMA)
-    assert table.column("image_id").to_pylist() == [100, 101]  # ordered by input row
-    assert set(table.column("model").to_pylist()) == {"ckpt#sha256:abc"}
-    assert inference._complete_rows(uri) == 2
-    assert inference._complete_rows(str(tmp_path / "out" / "missing.parquet")) is None
-    (tmp_path / "out" / "broken.parquet").write_bytes(b"PAR1 not parquet")
-    assert inference._complete_rows(str(tmp_path / "out" / "broken.parquet")) is None
-
-    json_path = str(tmp_path / "coco.json")
-    assert inference.write_coco_json(out, ["part-00007.parquet"], json_path) == 2
-    gt = COCO()
-    gt.dataset = {"images": [{"id": 100, "width": 30, "height": 20}, {"id": 101, "width": 30, "height": 20}],
-                  "annotations": [], "categories": CATEGORIES}
-    gt.createIndex()
-    res = gt.loadRes(json_path)
-    assert len(res.getAnnIds()) == 2
-    assert json.load(open(json_path))[0]["segmentation"]["counts"] == rle["counts"].decode()
-
-
-def test_finished_shards_are_skipped_without_starting_ray(tmp_path, tiny, monkeypatch):
-    import ray
-
-    model, config = tiny
-    data, out = str(tmp_path / "data"), str(tmp_path / "out")
-    ckpt = str(tmp_path / "ckpt.pt")
-    save_checkpoint(ckpt, model, config)
-    infos = []
-    (tmp_path / "data").mkdir()
-    for index, count in enumerate((2, 0)):
-        path = fmt.SHARD_PATTERN.format(index=index)
-        rows = [fmt.make_row(image_id=index * 10 + i, file_name=f"{i}.png", width=1, height=1, image=b"x")
-                for i in range(count)]
-        pq.write_table(fmt.rows_to_table(rows), f"{data}/{path}")
-        infos.append(fmt.ShardInfo(path=path, images=count, instances=0))
-    fmt.write_manifest(data, fmt.Manifest(categories=CATEGORIES, shards=infos))
-    inference._commit(inference.result_uri(out, infos[0].path),
-                      [result_piece("part-00000.parquet", [0, 1], [[], []], [None, None])], "m")
-    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray must not start"))
-
-    summary = inference.run_inference(data, out, ckpt, coco_json=str(tmp_path / "c.json"))
-    assert (summary.shards_skipped, summary.shards_done, summary.images, summary.images_skipped) == (1, 1, 0, 2)
-    assert pq.read_table(inference.result_uri(out, infos[1].path)).num_rows == 0  # empty shard committed
-    assert "images: 0  errors: 0  instances: 0" in summary.line()
-
-
-def test_job_arguments():
-    from jobs import infer
-
-    parser = argparse.ArgumentParser()
-    infer.add_arguments(parser)
-    args = parser.parse_args(["--checkpoint", "c", "--input", "i", "--output", "o", "--actors", "1,3"])
-    assert infer.parse_actors(args.actors) == (1, 3) and args.batch_size == 4 and args.gpus_per_actor is None
-    assert args.threads is None
-    assert infer.parse_actors("2") == 2
-    for bad in ("0", "3,1", "x"):
-        with pytest.raises(MaskrayError, match="--actors"):
-            infer.parse_actors(bad)
-    args.batch_size = 0
-    with pytest.raises(MaskrayError, match="--batch-size"):
-        infer.run(args)
-    args.batch_size, args.threads = 4, -1
-    with pytest.raises(MaskrayError, match="--threads"):
-        infer.run(args)
-
-
-def test_cpu_actor_threads_share_the_cluster_cores():
-    assert inference.cpu_actor_threads([2.0], 1) == 2  # one actor on a 2-core node: both cores
-    assert inference.cpu_actor_threads([2.0], 2) == 1
-    assert inference.cpu_actor_threads([2.0], 3) == 1  # never below one thread
-    assert inference.cpu_actor_threads([16.0, 16.0], 4) == 8
-    assert inference.cpu_actor_threads([16.0, 4.0], 1) == 16  # no more than the largest node has
-    assert inference.cpu_actor_threads([0.0], 1) == 1  # a GPU-only view of the cluster
-    with pytest.raises(MaskrayError, match="actors"):
-        inference.cpu_actor_threads([2.0], 0)
+    monkeypatch.setattr(predictor, "forward_uint8", flaky)
+    out = predictor(units_table(ims[:2]))
+    errors = out.column("errors")[0].as_py()
+    assert errors[0] is None and "out of memory" in errors[1] and errors[1].startswith("inference failed:")
+    assert out.column("preds")[0].as_py()[1] is None
 
 
 class LaneRecorder(Predictor):

@@ -1,0 +1,462 @@
+"""``run_inference``: plan units, check provenance, run the Ray Data pipeline, watch progress.
+
+Stages (every one in Ray tasks/actors; the driver sees unit names and counts only)::
+
+    units (one Ray Data row each) -> read + decode (CPU task, uint8 at the original size)
+      -> model (actor pool: resize/normalize on its device, boxes + 28x28 mask probabilities)
+      -> post-process + write (CPU task: per-instance paste + RLE, one results file per unit,
+         written atomically) -> metadata rows (counts) back to the driver
+
+Results prefix layout::
+
+    <output>/provenance.json      what produced the results (model digest, options, input identity)
+    <output>/<unit>.parquet       RESULT_SCHEMA rows of one unit; a unit is a shard
+                                  (``part-00003.parquet``: same name as the input shard) or a row
+                                  range of one (``part-00003.rows-0000064-0000128.parquet``), or a
+                                  run of raw image files (``files-0000000-0000016.parquet``)
+
+Exactly-once invariant: ``<output>/<unit>`` exists <=> it holds exactly one row per image of the
+unit. Each unit is a single Ray Data row through every stage (never split or merged by Ray Data's
+bundling), and its file is written whole and atomically by the task that made it; a retried task
+(actor death) rewrites the same file. A rerun skips units whose file exists.
+
+Why not Ray Data's own ``write_parquet`` + ``CheckpointConfig(id_column="image_id")``: its
+checkpoint is written after the data file, per block, so a crash between the two re-processes the
+block on resume and leaves the first file too (duplicates: at-least-once, not exactly-once);
+files are named by task uuid, so a rerun cannot tell finished work from a partial attempt; and
+the checkpointed ids are loaded into memory before the run (grows with the images). The unit
+file above is the smallest mechanism that keeps exactly-once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from model.errors import MaskrayError
+from pipeline.infer.predictor import Predictor, error_text, load_model, model_sizes
+from pipeline.infer.stages import IMAGE_SUFFIXES, is_transient, read_units, write_units
+
+logger = logging.getLogger(__name__)
+
+PROVENANCE = "provenance.json"
+RESULTS_FORMAT = "maskray-results/2"
+DEFAULT_MAX_PIXELS = 50_000_000  # as pipeline.dataset; larger images become error rows
+MAX_RESTARTS = 2  # a dead model actor is restarted at most this often ...
+MAX_TASK_RETRIES = 2  # ... and a unit retried on a new actor at most this often; then the run stops
+PROGRESS_SECONDS = 10.0
+
+
+@dataclasses.dataclass
+class InferenceSummary:
+    """What one ``run_inference`` call did (counts cover the units processed in this run)."""
+
+    images: int = 0
+    errors: int = 0
+    instances: int = 0
+    seconds: float = 0.0
+    units_done: int = 0
+    units_skipped: int = 0
+    images_skipped: int = 0
+    first_commit_seconds: float | None = None
+    coco_json: str | None = None
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"images: {self.images}  errors: {self.errors}  instances: {self.instances}  "
+                f"images/s: {self.images_per_second:.2f}  wall time: {self.seconds:.1f} s  "
+                f"(units: {self.units_done} done, {self.units_skipped} skipped)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One unit of work and of commit (see the module docstring)."""
+
+    unit: str
+    source: str  # "shard" | "files"
+    uri: str = ""
+    start: int = 0
+    stop: int = 0
+    total: int = 0
+    paths: tuple[str, ...] = ()
+    prefix: str = ""
+    only: tuple[int, ...] = ()
+
+    @property
+    def images(self) -> int:
+        return len(self.only) if self.only else (self.stop - self.start if self.source == "shard" else len(self.paths))
+
+    def describe(self) -> str:
+        if self.source == "shard":
+            return f"{self.uri} rows {self.start}-{self.stop - 1}"
+        return f"{len(self.paths)} files from {self.paths[0]}" if self.paths else self.unit
+
+    def row(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["paths"], d["only"] = list(self.paths), list(self.only)
+        return d
+
+
+def shard_name(shard_path: str) -> str:
+    return shard_path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def plan_shard_units(name: str, uri: str, count: int, images_per_unit: int) -> list[Unit]:
+    """Units of one shard: the whole shard when it fits ``images_per_unit`` (results file named
+    like the shard), else consecutive row ranges."""
+    if count <= images_per_unit:
+        return [Unit(name, "shard", uri, 0, count, count)]
+    stem = name[:-len(".parquet")] if name.endswith(".parquet") else name
+    return [Unit(f"{stem}.rows-{a:07d}-{min(a + images_per_unit, count):07d}.parquet", "shard", uri, a,
+                 min(a + images_per_unit, count), count) for a in range(0, count, images_per_unit)]
+
+
+def plan(input_uri: str, images_per_unit: int) -> tuple[list[Unit], dict]:
+    """``(units, input identity)`` of a dataset prefix (``manifest.json`` + shards) or of a raw
+    prefix of image files (keyed by object path, sorted)."""
+    from pipeline import storage
+    from pipeline.format import manifest_uri, read_manifest, shard_uris
+
+    if storage.exists(manifest_uri(input_uri)):
+        raw = storage.read_bytes(manifest_uri(input_uri))
+        manifest = read_manifest(input_uri)
+        units: list[Unit] = []
+        names = set()
+        for info, uri in zip(manifest.shards, shard_uris(input_uri, manifest)):
+            name = shard_name(info.path)
+            if name in names:
+                raise MaskrayError(f"dataset {input_uri}: the manifest lists two shards named {name}, "
+                                   "which would share one results file")
+            names.add(name)
+            units.extend(plan_shard_units(name, uri, int(info.images), images_per_unit))
+        return units, {"uri": input_uri, "kind": "shards", "manifest_sha256": hashlib.sha256(raw).hexdigest()}
+    sizes = dict(storage.list_file_sizes(input_uri, suffixes=IMAGE_SUFFIXES))
+    files = sorted(sizes)
+    if not files:
+        raise MaskrayError(f"--input {input_uri}: no manifest.json and no image files "
+                           f"({', '.join(IMAGE_SUFFIXES)}) there")
+    listing = "\n".join(f"{storage.relative(u, input_uri)}\t{sizes[u]}" for u in files)
+    units = [Unit(f"files-{a:07d}-{min(a + images_per_unit, len(files)):07d}.parquet", "files",
+                  paths=tuple(files[a:a + images_per_unit]), prefix=input_uri)
+             for a in range(0, len(files), images_per_unit)]
+    return units, {"uri": input_uri, "kind": "files", "files": len(files),
+                   "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+
+
+def model_digest(model_id: str) -> str:
+    """The digest part of a ``load_model`` id (``<uri>#sha256:<hex>``): same bytes, same model."""
+    return model_id.rsplit("#", 1)[-1]
+
+
+def check_provenance(output_uri: str, record: dict, *, overwrite: bool, existing: Sequence[str]) -> None:
+    """Refuse (one line naming the first difference) when ``output_uri`` holds results made
+    differently, unless ``overwrite`` (then the old results files are deleted); then record."""
+    from pipeline import storage
+
+    uri = storage.join(output_uri, PROVENANCE)
+    old = json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+    if old is None and existing and not overwrite:
+        raise MaskrayError(f"--output {output_uri} holds {len(existing)} results files but no {PROVENANCE} "
+                           "(made by another version or by hand); pass --overwrite to recompute them")
+    if old is not None and old != record and not overwrite:
+        for key in ("format", "model", "input", "options"):
+            a, b = old.get(key), record.get(key)
+            if isinstance(a, dict) and isinstance(b, dict):
+                diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+                if diff:
+                    k = diff[0]
+                    raise MaskrayError(f"--output {output_uri} holds results made with {key} {k}={a.get(k)!r}, "
+                                       f"this run has {k}={b.get(k)!r}; pass --overwrite to recompute them "
+                                       "or choose another --output")
+            elif a != b:
+                raise MaskrayError(f"--output {output_uri} holds results made with {key} {a!r}, this run has "
+                                   f"{b!r}; pass --overwrite to recompute them or choose another --output")
+    if overwrite and (old != record or existing):
+        for name in existing:
+            storage.delete(storage.join(output_uri, name))
+        if existing:
+            logger.info("--overwrite: deleted %d results files under %s", len(existing), output_uri)
+    if old != record:
+        storage.write_bytes(uri, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+
+
+def existing_results(output_uri: str) -> list[str]:
+    """Names of the results files (``*.parquet``) directly under ``output_uri``."""
+    from pipeline import storage
+
+    return sorted(storage.relative(u, output_uri) for u in storage.list_files(output_uri, suffixes=(".parquet",))
+                  if "/" not in storage.relative(u, output_uri))
+
+
+def transient_positions(uri: str) -> list[int]:
+    """Positions of a results file's rows whose ``error`` may be transient."""
+    import pyarrow.parquet as pq
+
+    from pipeline import storage
+
+    errors = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["error"]).column("error").to_pylist()
+    return [i for i, e in enumerate(errors) if is_transient(e)]
+
+
+def cpu_actor_threads(node_cpus: Sequence[float], actors: int) -> int:
+    """Threads (``Predictor(threads=)``) for each of ``actors`` CPU model actors on nodes with
+    ``node_cpus``: the cluster's CPUs shared out among the actors (at least 1, at most the
+    largest node's); the model is the bottleneck on CPU (benchmarks/RESULTS.md, Inference)."""
+    if actors < 1:
+        raise MaskrayError(f"actors {actors} must be >= 1")
+    cpus = [c for c in node_cpus if c > 0]
+    if not cpus:
+        return 1
+    return max(1, min(int(max(cpus)), int(sum(cpus) // actors)))
+
+
+class Progress:
+    """Console progress (done / total images, images/s, ETA), at most every ``every`` seconds."""
+
+    def __init__(self, total: int, every: float = PROGRESS_SECONDS) -> None:
+        self.total, self.every = total, every
+        self.done = 0
+        self.started = self.last = time.perf_counter()
+
+    def add(self, images: int) -> None:
+        self.done += images
+        now = time.perf_counter()
+        if now - self.last >= self.every or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now - self.started, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            logger.info("progress: %d/%d images (%.0f%%), %.1f images/s, ETA %s", self.done, self.total,
+                        100.0 * self.done / max(self.total, 1), rate,
+                        f"{eta:.0f} s" if eta != float("inf") else "?")
+
+
+def run_inference(
+    dataset_uri: str,
+    output_uri: str,
+    checkpoint_uri: str,
+    *,
+    batch_size: int = 4,
+    actors: int | tuple[int, int] = 1,
+    gpus_per_actor: float | None = None,
+    cpus_per_actor: float | None = None,
+    threads: int | None = None,
+    score_threshold: float = 0.05,
+    coco_json: str | None = None,
+    predictor_factory: type[Predictor] | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    images_per_unit: int = 64,
+    exif: bool = True,
+    overwrite: bool = False,
+    retry_errors: bool = False,
+    on_unit_committed: Callable[[str], None] | None = None,
+) -> InferenceSummary:
+    """Segment every image under ``dataset_uri`` (maskray shards, or a prefix of image files)
+    into results files under ``output_uri`` (see the module docstring).
+
+    ``actors`` is a pool size or ``(min, max)``; ``gpus_per_actor`` None = 1 when the cluster has
+    GPUs, else CPU actors; ``cpus_per_actor`` None = 1, lowered on a CPU-only cluster so one CPU
+    stays for the read/write tasks; ``threads`` per CPU actor (None: :func:`cpu_actor_threads`).
+    ``images_per_unit`` bounds a unit (uint8 pixels of a unit travel as one object: 16 x 12-MP
+    photos = 576 MB). ``exif`` applies EXIF orientation. ``overwrite`` recomputes results made
+    differently; ``retry_errors`` recomputes rows whose error may be transient.
+    ``predictor_factory`` replaces :class:`Predictor` in the actor pool (same keyword arguments).
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from pipeline import storage
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise MaskrayError(f"batch size {batch_size!r} must be a positive integer")
+    if not isinstance(images_per_unit, int) or images_per_unit < 1:
+        raise MaskrayError(f"images per unit {images_per_unit!r} must be a positive integer")
+    if not 0.0 <= score_threshold <= 1.0:
+        raise MaskrayError(f"score threshold {score_threshold} must be in [0, 1]")
+    if threads is not None and (not isinstance(threads, int) or threads < 0):
+        raise MaskrayError(f"threads {threads!r} must be an integer >= 0 (0 = Ray's default)")
+    started = time.perf_counter()
+    units, identity = plan(dataset_uri, images_per_unit)
+    model, config, model_id = load_model(checkpoint_uri)  # the driver reads sizes and categories only
+    min_size, max_size = model_sizes(model)
+    category_ids = list(config.category_ids())
+    del model
+    record = {
+        "format": RESULTS_FORMAT,
+        "model": model_digest(model_id),
+        "input": identity,
+        "options": {"score_threshold": float(score_threshold), "max_pixels": max_pixels, "min_size": min_size,
+                    "max_size": max_size, "exif": bool(exif), "tta": None, "images_per_unit": images_per_unit,
+                    "category_ids": category_ids},
+    }
+    existing = existing_results(output_uri)
+    check_provenance(output_uri, record, overwrite=overwrite, existing=existing)
+    done = set() if overwrite else set(existing)
+    summary = InferenceSummary()
+    pending: list[Unit] = []
+    for unit in units:
+        if unit.unit not in done:
+            pending.append(unit)
+            continue
+        if retry_errors:
+            only = transient_positions(storage.join(output_uri, unit.unit))
+            if only:
+                pending.append(dataclasses.replace(unit, only=tuple(only)))
+                continue
+        summary.units_skipped += 1
+        summary.images_skipped += unit.images
+    logger.info("%d units to process (%d images), %d already done", len(pending),
+                sum(u.images for u in pending), summary.units_skipped)
+    for unit in [u for u in pending if u.images == 0]:  # empty shards: an empty file, no Ray
+        write_units(_empty_unit_table(unit), output_uri=output_uri, category_ids=category_ids)
+        summary.units_done += 1
+    pending = [u for u in pending if u.images > 0]
+
+    if pending:
+        from pipeline import raysetup
+
+        raysetup.init()
+        resources = ray.cluster_resources()
+        if gpus_per_actor is None:
+            gpus_per_actor = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+        max_actors = actors[1] if isinstance(actors, tuple) else int(actors)
+        if cpus_per_actor is None:
+            cpus_per_actor = 1.0
+            spare = float(resources.get("CPU", 0)) - 1.0
+            if not gpus_per_actor and spare > 0 and max_actors * cpus_per_actor > spare:
+                cpus_per_actor = max(0.1, spare / max_actors)
+        if gpus_per_actor:
+            threads = 0
+        elif threads is None:
+            threads = cpu_actor_threads(
+                [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")], max_actors)
+        logger.info("model actors: %s x (%.2f CPU, %.2f GPU, %s torch threads), batch size %d, %d images per unit",
+                    actors, cpus_per_actor, gpus_per_actor, threads or "default", batch_size, images_per_unit)
+        compute = (ActorPoolStrategy(min_size=actors[0], max_size=actors[1]) if isinstance(actors, tuple)
+                   else ActorPoolStrategy(size=int(actors)))
+        ds = ray.data.from_items([u.row() for u in pending], override_num_blocks=len(pending))
+        # batch_size=1 everywhere: a unit is one row, so every stage sees whole units.
+        ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow",
+                            fn_kwargs={"max_pixels": max_pixels, "exif": exif})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+            ds = ds.map_batches(
+                predictor_factory or Predictor, batch_size=1, batch_format="pyarrow", compute=compute,
+                num_gpus=gpus_per_actor, num_cpus=cpus_per_actor,
+                fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "score_threshold": score_threshold,
+                                       "threads": threads, "batch_size": batch_size},
+                # Bounded: a unit that kills its actor every time stops the run after a few tries
+                # (never an endless restart loop); retried units rewrite the same file.
+                max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES,
+            )
+        ds = ds.map_batches(write_units, batch_size=1, batch_format="pyarrow",
+                            fn_kwargs={"output_uri": output_uri, "category_ids": category_ids})
+        _watch(ds, pending, summary, started, on_unit_committed)
+
+    summary.seconds = time.perf_counter() - started
+    if coco_json is not None:
+        write_coco_json(output_uri, [u.unit for u in units], coco_json)
+        summary.coco_json = coco_json
+    return summary
+
+
+def _empty_unit_table(unit: Unit) -> Any:
+    import pyarrow as pa
+
+    return pa.table({"unit": [unit.unit], "positions": pa.array([[]], pa.list_(pa.int64())),
+                     "image_ids": pa.array([[]], pa.list_(pa.int64())), "file_names": pa.array([[]], pa.list_(pa.string())),
+                     "heights": pa.array([[]], pa.list_(pa.int32())), "widths": pa.array([[]], pa.list_(pa.int32())),
+                     "errors": pa.array([[]], pa.list_(pa.string())), "preds": pa.array([[]], pa.list_(pa.large_binary())),
+                     "merge": [False], "model": [""]})
+
+
+def _watch(ds: Any, pending: list[Unit], summary: InferenceSummary, started: float,
+           on_unit_committed: Callable[[str], None] | None) -> None:
+    """Consume the metadata rows (counts only), log progress, and stop with the units left when
+    the pipeline fails."""
+    left = {u.unit: u for u in pending}
+    progress = Progress(sum(u.images for u in pending))
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    try:
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception as exc:  # a stage failed for good (bounded retries spent)
+                raise MaskrayError(f"inference stopped ({error_text(exc)}); {len(left)} units not committed: "
+                                   f"{_name_units(left.values())}; finished units are kept, rerun to resume") from exc
+            for row in batch.to_pylist():
+                if left.pop(row["unit"], None) is None:
+                    continue  # a retried unit reported twice: its file was rewritten whole
+                if summary.first_commit_seconds is None:
+                    summary.first_commit_seconds = time.perf_counter() - started
+                summary.units_done += 1
+                summary.images += row["images"]
+                summary.errors += row["errors"]
+                summary.instances += row["instances"]
+                progress.add(row["images"])
+                if on_unit_committed is not None:
+                    on_unit_committed(row["unit"])
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()  # stops the streaming executor at once when the caller raised
+    if left:
+        raise MaskrayError(f"inference ended with {len(left)} units not committed: {_name_units(left.values())}; "
+                           "rerun to finish them")
+
+
+def _name_units(units: Any, limit: int = 5) -> str:
+    units = list(units)
+    text = ", ".join(u.describe() for u in units[:limit])
+    return text + (f" and {len(units) - limit} more" if len(units) > limit else "")
+
+
+def write_coco_json(output_uri: str, unit_names: Sequence[str], json_uri: str) -> int:
+    """COCO results JSON (``pycocotools.COCO.loadRes`` layout) from the committed results files,
+    streamed: one results file in memory at a time, the JSON written as it goes (atomically:
+    a temporary name then a rename locally, one multipart upload on S3). Returns the instance count."""
+    import pyarrow.parquet as pq
+
+    from pipeline import storage
+
+    fs, path = storage.resolve(json_uri)
+    local = not storage.is_s3(json_uri)
+    target = f"{path}.tmp" if local else path
+    if local:
+        import os
+
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    count = 0
+    with fs.open_output_stream(target) as out:
+        out.write(b"[")
+        for name in unit_names:
+            uri = storage.join(output_uri, name)
+            table = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["image_id", "instances"])
+            for image_id, instances in zip(table.column("image_id").to_pylist(), table.column("instances").to_pylist()):
+                for inst in instances or []:
+                    seg = inst["segmentation"]
+                    item = json.dumps({
+                        "image_id": int(image_id), "category_id": int(inst["category_id"]),
+                        "bbox": [round(float(v), 3) for v in inst["bbox"]], "score": round(float(inst["score"]), 5),
+                        "segmentation": {"size": [int(v) for v in seg["size"]], "counts": seg["counts"].decode("ascii")},
+                    })
+                    out.write(((",\n" if count else "") + item).encode())
+                    count += 1
+        out.write(b"]\n")
+    if local:
+        fs.move(target, path)
+    if not count:
+        logger.warning("%s holds no instances (pycocotools COCO.loadRes cannot load an empty list)", json_uri)
+    return count

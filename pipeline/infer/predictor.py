@@ -1,0 +1,365 @@
+"""The model on one device: :class:`Predictor` (plain loop and Ray Data model stage) and
+:func:`load_model`. Imports neither Ray nor storage at module level (the GPU check script and
+unit tests use it without Ray).
+
+``Predictor(checkpoint_uri=None, *, model=None, config=None, device=None, amp=None, score_threshold=0.0, threads=0)``
+    ``predict(images)``: ``[3,H,W]`` images (uint8, or float in [0,1]) -> torchvision-style
+    output dicts in each input's frame (``masks`` pasted, float ``[N,1,H,W]``), like
+    ``model(images)``; fine for small images, O(N*H*W) memory.
+    ``segment(images)``: the bounded path: per image a list of result instances (RLE pasted one
+    instance at a time within its box, :mod:`pipeline.infer.paste`).
+    ``forward_uint8(images)``: uint8 ``[3,H,W]`` at the original size -> boxes in the original
+    frame + low-resolution mask probabilities; the conversion to float, resize and normalize run
+    on the model's device (what the Ray Data model stage ships: uint8, never float32).
+    ``predictor(table)``: the Ray Data model stage (:meth:`process_units`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.errors import MaskrayError
+
+logger = logging.getLogger(__name__)
+
+# Error messages are stored per row; keep them bounded.
+MAX_ERROR_CHARS = 500
+
+
+def error_text(exc: BaseException) -> str:
+    """One bounded line naming the exception type and its first message line."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text[:MAX_ERROR_CHARS]
+
+
+def to_float(image: torch.Tensor) -> torch.Tensor:
+    """A ``[3,H,W]`` image as float32 in [0,1] (uint8 is divided by 255)."""
+    if image.dtype == torch.uint8:
+        return image.to(torch.float32).div_(255.0)
+    if not image.is_floating_point():
+        raise MaskrayError(f"image of dtype {image.dtype} is neither uint8 nor float")
+    return image.to(torch.float32)
+
+
+def model_sizes(model: torch.nn.Module) -> tuple[int, int]:
+    """``(min_size, max_size)`` of a torchvision detector's internal resize (eval: last min_size)."""
+    transform = model.transform
+    return int(transform.min_size[-1]), int(transform.max_size)
+
+
+def resize_for_model(image: torch.Tensor, min_size: int, max_size: int) -> torch.Tensor:
+    """Resize a float ``[3,H,W]`` image exactly as torchvision's GeneralizedRCNNTransform does
+    in eval mode (shorter side to ``min_size``, longer side at most ``max_size``, bilinear)."""
+    from torchvision.models.detection.transform import _resize_image_and_masks
+
+    resized, _ = _resize_image_and_masks(image, float(min_size), float(max_size))
+    return resized
+
+
+def _unwrap(model: Any) -> torch.nn.Module:
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def load_model(checkpoint_uri: str) -> tuple[torch.nn.Module, Any, str]:
+    """``(model, config, model_id)`` from a checkpoint at any storage URI; ``model_id`` names the
+    checkpoint and a digest of its bytes (the ``model`` column of results)."""
+    from model.checkpoint import load_checkpoint
+    from pipeline import storage
+
+    data = storage.read_bytes(checkpoint_uri)
+    model, config, _ = load_checkpoint(data, map_location="cpu")
+    return model, config, f"{checkpoint_uri}#sha256:{hashlib.sha256(data).hexdigest()[:16]}"
+
+
+# --------------------------------------------------------------------------- predictor
+
+
+class Predictor:
+    """A Mask R-CNN ready for inference on one device; the same object serves a plain loop
+    (:meth:`predict`) and a Ray Data actor (``__call__`` with a ``pyarrow.Table`` batch).
+
+    Give either ``checkpoint_uri`` (read from storage, once, here) or ``model`` (+ optional
+    ``config`` for category ids). ``device`` defaults to CUDA when visible; ``amp`` (autocast to
+    float16) defaults to on for CUDA. Detections below ``score_threshold`` are dropped.
+
+    ``threads`` (CPU only) is how many cores the model may use; 0 leaves torch as it is (a Ray
+    actor runs torch on as many OpenMP threads as CPUs it reserved, ``OMP_NUM_THREADS``). With
+    ``threads`` = T > 1 a batch of B images is split into L = min(T, B) lanes of consecutive images
+    run concurrently on Python threads (torch releases the GIL in its kernels), each lane on
+    T // L intra-op threads. Lanes beat one batch on T OpenMP threads: 6.9 vs 6.1 images/s on 2
+    idle cores, 6.4 vs 5.2 in a Ray actor beside the pipeline's other processes, which preempt
+    one thread of an OpenMP team while the others wait at its barrier (benchmarks/RESULTS.md).
+    """
+
+    def __init__(
+        self,
+        checkpoint_uri: str | None = None,
+        *,
+        model: torch.nn.Module | None = None,
+        config: Any = None,
+        device: str | torch.device | None = None,
+        amp: bool | None = None,
+        score_threshold: float = 0.0,
+        model_id: str | None = None,
+        threads: int = 0,
+        batch_size: int = 4,
+    ) -> None:
+        if (checkpoint_uri is None) == (model is None):
+            raise MaskrayError("Predictor needs exactly one of checkpoint_uri or model")
+        if not isinstance(threads, int) or threads < 0:
+            raise MaskrayError(f"threads {threads!r} must be an integer >= 0 (0 = leave torch's setting)")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise MaskrayError(f"batch size {batch_size!r} must be a positive integer")
+        self.batch_size = batch_size  # images per model call in process_units
+        if checkpoint_uri is not None:
+            model, config, model_id = load_model(checkpoint_uri)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.threads = threads if self.device.type == "cpu" else 0
+        self._lanes: Any = None  # ThreadPoolExecutor for lanes 2..T, made on first use
+        self.amp = self.device.type == "cuda" if amp is None else bool(amp)
+        self.model = _unwrap(model).to(self.device).eval()
+        self.config = config
+        self.model_id = model_id or ""
+        self.score_threshold = float(score_threshold)
+        if config is not None and hasattr(config, "category_ids"):
+            self.category_ids = list(config.category_ids())
+        else:
+            num_classes = self.model.roi_heads.box_predictor.cls_score.out_features
+            self.category_ids = list(range(1, num_classes))
+
+    @property
+    def min_size(self) -> int:
+        """The resize target of the shorter side (the detector's eval ``min_size``); settable, so
+        TTA can rescale it (``pipeline.pseudo``), and read by :meth:`predict` on every call."""
+        return model_sizes(self.model)[0]
+
+    @min_size.setter
+    def min_size(self, value: int) -> None:
+        self.model.transform.min_size = (int(value),)
+
+    @property
+    def max_size(self) -> int:
+        """The cap on the longer side (the detector's ``max_size``); settable like ``min_size``."""
+        return model_sizes(self.model)[1]
+
+    @max_size.setter
+    def max_size(self, value: int) -> None:
+        self.model.transform.max_size = int(value)
+
+    @property
+    def transform(self) -> torch.nn.Module:
+        """The detector's GeneralizedRCNNTransform (so TTA code that rescales ``min_size`` /
+        ``max_size`` of ``model.transform`` works on a Predictor too)."""
+        return self.model.transform
+
+    # ---- the model on already-resized images
+
+    def forward_resized(
+        self, images: Sequence[torch.Tensor], original_sizes: Sequence[tuple[int, int]], *, cpu: bool = True
+    ) -> list[dict[str, torch.Tensor]]:
+        """Detections for float ``[3,h,w]`` images already resized by :func:`resize_for_model`.
+
+        Returns per image ``boxes`` (xyxy in the ORIGINAL frame), ``labels``, ``scores`` and
+        ``masks`` (``[N,1,M,M]`` mask probabilities, not yet pasted), keeping only scores >=
+        ``score_threshold``; float32 tensors on the CPU (``cpu=False``: on the model's device).
+        With ``threads`` > 1 the images run in lanes (see the class docstring); the outputs are in
+        input order either way.
+        """
+        if not images:
+            return []
+        if not self.threads:
+            return self._forward_lane(images, original_sizes, cpu, 0)
+        lanes = min(self.threads, len(images))
+        intra = max(1, self.threads // lanes)
+        if lanes == 1:
+            return self._forward_lane(images, original_sizes, cpu, intra)
+        if self._lanes is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._lanes = ThreadPoolExecutor(max_workers=self.threads - 1, thread_name_prefix="maskray-lane")
+        # Consecutive, near-equal chunks; lane 0 runs on the calling thread.
+        bounds = [len(images) * k // lanes for k in range(lanes + 1)]
+        futures = [self._lanes.submit(self._forward_lane, images[a:b], original_sizes[a:b], cpu, intra)
+                   for a, b in zip(bounds[1:-1], bounds[2:])]
+        try:
+            outputs = self._forward_lane(images[:bounds[1]], original_sizes[:bounds[1]], cpu, intra)
+        finally:
+            # Every lane has finished before this returns or raises (a retry must not overlap).
+            for f in futures:
+                f.exception()
+        for f in futures:
+            outputs.extend(f.result())
+        return outputs
+
+    def _forward_lane(
+        self, images: Sequence[torch.Tensor], original_sizes: Sequence[tuple[int, int]], cpu: bool, intra: int
+    ) -> list[dict[str, torch.Tensor]]:
+        """:meth:`forward_resized` of one lane, on the calling thread, with torch on ``intra``
+        threads (0: as it is). Autocast, inference mode and, with OpenMP, the thread count are
+        per thread, so they are set here."""
+        from torchvision.models.detection.image_list import ImageList
+        from torchvision.models.detection.transform import resize_boxes
+
+        if intra and torch.get_num_threads() != intra:
+            torch.set_num_threads(intra)
+        model = self.model
+        transform = model.transform
+        with torch.inference_mode(), torch.autocast(self.device.type, enabled=self.amp):
+            tensors = [transform.normalize(img.to(self.device, non_blocking=True)) for img in images]
+            sizes = [tuple(t.shape[-2:]) for t in tensors]
+            batched = transform.batch_images(tensors, size_divisible=transform.size_divisible)
+            image_list = ImageList(batched, sizes)
+            features = model.backbone(image_list.tensors)
+            if isinstance(features, torch.Tensor):
+                features = {"0": features}
+            proposals, _ = model.rpn(image_list, features)
+            detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
+        results = []
+        for det, size, orig in zip(detections, sizes, original_sizes):
+            keep = det["scores"] >= self.score_threshold
+            out = {
+                "boxes": resize_boxes(det["boxes"][keep].float(), size, tuple(orig)),
+                "labels": det["labels"][keep],
+                "scores": det["scores"][keep].float(),
+                "masks": det["masks"][keep].float(),
+            }
+            results.append({k: v.cpu() for k, v in out.items()} if cpu else out)
+        return results
+
+    # ---- plain loop
+
+    def predict(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """torchvision-style outputs for ``[3,H,W]`` images (uint8 or float [0,1]), each in its
+        input's frame, masks pasted (``[N,1,H,W]`` probabilities), on the model's device, like
+        ``model(images)`` in eval mode."""
+        from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+        floats = [to_float(img) for img in images]
+        sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in floats]
+        min_size, max_size = self.min_size, self.max_size  # read per call: TTA may rescale them
+        resized = [resize_for_model(f, min_size, max_size) for f in floats]
+        outputs = self.forward_resized(resized, sizes, cpu=False)
+        for out, size in zip(outputs, sizes):
+            out["masks"] = paste_masks_in_image(out["masks"], out["boxes"], size)
+        return outputs
+
+    # ---- bounded outputs and the Ray Data model stage
+
+    def forward_uint8(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """:meth:`forward_resized` for uint8 ``[3,H,W]`` images at their original size: each is
+        moved to the model's device first, then made float, resized and normalized there."""
+        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        min_size, max_size = self.min_size, self.max_size
+        resized = []
+        for im in images:
+            if min(im.shape[-2:]) < 1:
+                raise MaskrayError(f"a {im.shape[-1]}x{im.shape[-2]} image is empty")
+            resized.append(resize_for_model(to_float(im.to(self.device, non_blocking=True)), min_size, max_size))
+        return self.forward_resized(resized, sizes)
+
+    def segment(self, images: Sequence[torch.Tensor]) -> list[list[dict]]:
+        """Per image, result instances (RESULT_SCHEMA ``instances``: COCO xywh ``bbox``,
+        ``category_id``, ``score``, RLE ``segmentation`` with bytes ``counts``), pasted one instance
+        at a time within its box: memory O(one box), never O(N*H*W)."""
+        from pipeline.infer.paste import to_result_instances
+
+        outs = self.forward_uint8([im if im.dtype == torch.uint8 else (to_float(im) * 255).round().to(torch.uint8)
+                                   for im in images]) if images else []
+        return [to_result_instances(o["boxes"], o["labels"].numpy(), o["scores"].numpy(), o["masks"],
+                                    int(im.shape[-2]), int(im.shape[-1]), self.category_ids)
+                for o, im in zip(outs, images)]
+
+    def __call__(self, batch: Any) -> Any:
+        if isinstance(batch, (list, tuple)):
+            return self.predict(batch)
+        return self.process_units(batch)
+
+    def process_units(self, table: Any, batch_size: int | None = None) -> Any:
+        """Ray Data model stage: decoded units (one row per unit, :mod:`pipeline.infer.stages`)
+        -> the same rows with ``preds`` (per image the pickled :meth:`forward_uint8` output, or
+        null) and ``model`` (this predictor's model id). Images run ``batch_size`` at a time
+        (default ``self.batch_size``); a batch that fails as a whole is retried image by image so
+        one bad image costs only its own row an ``error``."""
+        import pyarrow as pa
+
+        size = int(batch_size or getattr(self, "batch_size", 4))
+        preds_col, errors_col = [], []
+        for u in range(table.num_rows):
+            heights = table.column("heights")[u].as_py()
+            widths = table.column("widths")[u].as_py()
+            errors = table.column("errors")[u].as_py()
+            pixels = table.column("pixels")[u].values
+            todo = [i for i, e in enumerate(errors) if e is None]
+            preds: list[bytes | None] = [None] * len(errors)
+            for start in range(0, len(todo), size):
+                chunk = todo[start:start + size]
+                ims = [torch.frombuffer(pixels[i].as_buffer(), dtype=torch.uint8).view(3, heights[i], widths[i])
+                       for i in chunk]
+                try:
+                    for i, out in zip(chunk, self.forward_uint8(ims)):
+                        preds[i] = pack(out)
+                except Exception as exc:  # noqa: BLE001 - isolate the failing image(s)
+                    logger.warning("batch of %d failed (%s); retrying image by image", len(chunk), error_text(exc))
+                    self._release_memory()
+                    for i, im in zip(chunk, ims):
+                        try:
+                            preds[i] = pack(self.forward_uint8([im])[0])
+                        except Exception as exc_i:  # noqa: BLE001
+                            errors[i] = f"inference failed: {error_text(exc_i)}"
+                            self._release_memory()
+            preds_col.append(preds)
+            errors_col.append(errors)
+        self._after_batch(table)
+        keep = [n for n in table.column_names if n not in ("pixels", "errors")]
+        out = table.select(keep)
+        out = out.append_column("errors", pa.array(errors_col, pa.list_(pa.string())))
+        out = out.append_column("preds", pa.array(preds_col, pa.list_(pa.large_binary())))
+        return out.append_column("model", pa.array([self.model_id] * table.num_rows, pa.string()))
+
+    def _after_batch(self, table: Any) -> None:
+        """Hook after a unit ran and before its rows are returned (tests inject faults here)."""
+
+    def _release_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def pack(out: dict[str, torch.Tensor]) -> bytes:
+    """A :meth:`Predictor.forward_resized` output as bytes (numpy arrays, pickle 5)."""
+    return pickle.dumps({k: v.numpy() for k, v in out.items()}, protocol=5)
+
+
+def unpack(data: bytes) -> dict[str, np.ndarray]:
+    return pickle.loads(data)
+
+
+def predict_images(
+    model: torch.nn.Module | Predictor,
+    images: Sequence[torch.Tensor],
+    *,
+    transforms: Callable[[Callable, Sequence[torch.Tensor]], Any] | None = None,
+    score_threshold: float = 0.0,
+    device: str | torch.device | None = None,
+    amp: bool | None = None,
+) -> Any:
+    """Predictions for ``images`` in their own frames (see :meth:`Predictor.predict`), through the
+    ``transforms`` TTA hook when given (``transforms(predict_fn, images)``)."""
+    predictor = model if isinstance(model, Predictor) else Predictor(
+        model=model, device=device, amp=amp, score_threshold=score_threshold)
+    if transforms is None:
+        return predictor.predict(images)
+    return transforms(predictor.predict, images)

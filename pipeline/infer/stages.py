@@ -1,0 +1,291 @@
+"""The CPU stages of ``run_inference``: read + decode a unit, post-process + write a unit.
+
+A *unit* is the pipeline's unit of work and of commit: a bounded row range of one input shard,
+or a bounded list of image files of a raw prefix. It travels as ONE Ray Data row from start to
+end (so no bundling or block slicing can ever split it), and ends as one results file
+``<output>/<unit name>`` written atomically by :func:`write_units` in a Ray task: result bytes
+never pass through the driver.
+
+Unit row (planned by :mod:`pipeline.infer.driver`): ``unit`` (results file name), ``source``
+("shard" | "files"), ``uri`` (the shard), ``start``/``stop``/``total`` (shard rows), ``paths``
+(object URIs of a files unit), ``prefix`` (the raw prefix, for stable ids), ``only`` (positions
+to recompute with ``--retry-errors``; empty = all).
+
+Decoded unit (:func:`read_units`): ``unit``, ``positions`` (list<int64>: 0-based position in
+the unit), ``image_ids``, ``file_names``, ``heights``/``widths`` (original frame, after EXIF),
+``pixels`` (list<large_binary>: uint8 ``[3,H,W]``, C-contiguous, the original size: the model
+stage resizes and normalizes on its device), ``errors`` (list<string>, null = fine), ``merge``.
+
+Error rows: ``read failed``/``inference failed`` can be transient (``--retry-errors`` recomputes
+them); ``decode failed``/``post-processing failed`` are the image's own fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from model.errors import MaskrayError
+from pipeline.infer.predictor import error_text, unpack
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+TRANSIENT_ERRORS = ("read failed:", "inference failed:")
+STORAGE_ATTEMPTS = 4  # tries of one storage call on a transient error (backoff 0.5, 1, 2 s + jitter)
+_PERMANENT_HINTS = ("not found", "no such file", "does not exist", "nosuchkey", "nosuchbucket", "access denied",
+                    "forbidden", "invalidaccesskeyid", "signaturedoesnotmatch")
+
+T = TypeVar("T")
+
+
+def is_transient(error: str | None) -> bool:
+    """Whether a stored row error may go away on a retry (``--retry-errors``)."""
+    return error is not None and error.startswith(TRANSIENT_ERRORS)
+
+
+def with_retries(call: Callable[[], T], what: str, attempts: int = STORAGE_ATTEMPTS,
+                 sleep: Callable[[float], None] = time.sleep) -> T:
+    """``call()``, retried with exponential backoff and jitter on transient storage errors
+    (throttling, 5xx, timeouts, dropped connections: any ``OSError`` not naming a missing object
+    or a credential problem); the last error is raised."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except OSError as exc:
+            text = str(exc).lower()
+            if attempt + 1 >= attempts or isinstance(exc, FileNotFoundError) or any(h in text for h in _PERMANENT_HINTS):
+                raise
+            delay = 0.5 * 2 ** attempt * (1 + random.random() / 2)
+            logger.warning("%s: %s; retrying in %.1f s", what, error_text(exc), delay)
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def stable_image_id(relative_path: str) -> int:
+    """A 63-bit id of a raw image from its path under the input prefix (stable across reruns and copies)."""
+    return int.from_bytes(hashlib.sha256(relative_path.encode()).digest()[:8], "big") >> 1
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation tag (1..8) of encoded image bytes; 1 when absent or unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            value = int(im.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - no EXIF is the normal case; decode reports real damage
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """``[C,H,W]`` pixels as an image viewer shows them for an EXIF ``orientation`` (as
+    ``PIL.ImageOps.exif_transpose``)."""
+    ops = {
+        1: lambda x: x,
+        2: lambda x: x.flip(-1),
+        3: lambda x: x.flip(-1, -2),
+        4: lambda x: x.flip(-2),
+        5: lambda x: x.transpose(-1, -2),
+        6: lambda x: torch.rot90(x, -1, (-2, -1)),
+        7: lambda x: x.transpose(-1, -2).flip(-1, -2),
+        8: lambda x: torch.rot90(x, 1, (-2, -1)),
+    }
+    return ops[orientation](image).contiguous()
+
+
+def decode(data: bytes | None, *, max_pixels: int | None, exif: bool = True) -> torch.Tensor:
+    """Encoded bytes -> uint8 ``[3,H,W]`` (``pipeline.dataset.decode_image``: one-line errors for
+    empty, corrupt, truncated or over-``max_pixels`` data), EXIF orientation applied unless ``exif``
+    is False."""
+    from pipeline.dataset import decode_image
+
+    image = decode_image(data, max_pixels=max_pixels)
+    if exif and data:
+        image = apply_orientation(image, exif_orientation(data))
+    return image
+
+
+# --------------------------------------------------------------------------- read + decode
+
+
+def _read_shard_rows(unit: dict) -> tuple[list[int], list[str], list[bytes | None]]:
+    """``(image_ids, file_names, image bytes)`` of rows ``start..stop-1`` of a shard (only the
+    row groups overlapping the range are fetched)."""
+    import pyarrow.parquet as pq
+
+    from pipeline import storage
+
+    start, stop = int(unit["start"]), int(unit["stop"])
+
+    def read():
+        fs, path = storage.resolve(unit["uri"])
+        with fs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            if parquet.metadata.num_rows != unit["total"]:
+                raise MaskrayError(f"shard {unit['uri']} has {parquet.metadata.num_rows} rows but the manifest "
+                                   f"says {unit['total']}; the dataset is inconsistent")
+            groups, first, offset = [], None, 0
+            for g in range(parquet.num_row_groups):
+                n = parquet.metadata.row_group(g).num_rows
+                if offset < stop and offset + n > start:
+                    groups.append(g)
+                    first = offset if first is None else first
+                offset += n
+            return parquet.read_row_groups(groups, columns=["image_id", "file_name", "image"]).slice(
+                start - first, stop - start)
+
+    table = with_retries(read, f"reading {unit['uri']}")
+    return (table.column("image_id").to_pylist(), table.column("file_name").to_pylist(),
+            table.column("image").to_pylist())
+
+
+def read_units(batch: Any, *, max_pixels: int | None, exif: bool = True) -> Any:
+    """Ray Data stage: unit rows -> decoded units (see the module docstring). A row whose image
+    cannot be read or decoded carries ``error`` from here on; a shard that cannot be read after
+    :data:`STORAGE_ATTEMPTS` tries fails the task (Ray Data then stops the run naming it)."""
+    import pyarrow as pa
+
+    from pipeline import storage
+
+    out: dict[str, list] = {k: [] for k in ("unit", "positions", "image_ids", "file_names", "heights", "widths",
+                                            "pixels", "errors", "merge")}
+    for unit in batch.to_pylist():
+        if unit["source"] == "shard":
+            ids, names, datas = _read_shard_rows(unit)
+            read_errors: list[str | None] = [None] * len(ids)
+        else:
+            ids, names, datas, read_errors = [], [], [], []
+            for uri in unit["paths"]:
+                ids.append(stable_image_id(storage.relative(uri, unit["prefix"])))
+                names.append(uri)
+                try:
+                    datas.append(with_retries(lambda uri=uri: storage.read_bytes(uri), f"reading {uri}"))
+                    read_errors.append(None)
+                except Exception as exc:  # noqa: BLE001 - an unreadable object is its own error row
+                    datas.append(None)
+                    read_errors.append(f"read failed: {error_text(exc)}")
+        positions = list(unit["only"]) or list(range(len(ids)))
+        heights, widths, pixels, errors = [], [], [], []
+        for p in positions:
+            error = read_errors[p]
+            h = w = 0
+            blob = b""
+            if error is None:
+                try:
+                    image = decode(datas[p], max_pixels=max_pixels, exif=exif)
+                    h, w = int(image.shape[-2]), int(image.shape[-1])
+                    blob = image.numpy().tobytes()
+                except Exception as exc:  # noqa: BLE001 - a bad image is an error row, never a crash
+                    error = f"decode failed: {error_text(exc)}"
+            heights.append(h)
+            widths.append(w)
+            pixels.append(blob)
+            errors.append(error)
+        out["unit"].append(unit["unit"])
+        out["positions"].append(positions)
+        out["image_ids"].append([int(ids[p]) for p in positions])
+        out["file_names"].append([names[p] for p in positions])
+        out["heights"].append(heights)
+        out["widths"].append(widths)
+        out["pixels"].append(pixels)
+        out["errors"].append(errors)
+        out["merge"].append(bool(unit["only"]))
+    types = {"unit": pa.string(), "positions": pa.list_(pa.int64()), "image_ids": pa.list_(pa.int64()),
+             "file_names": pa.list_(pa.string()), "heights": pa.list_(pa.int32()), "widths": pa.list_(pa.int32()),
+             "pixels": pa.list_(pa.large_binary()), "errors": pa.list_(pa.string()), "merge": pa.bool_()}
+    return pa.table({k: pa.array(v, types[k]) for k, v in out.items()})
+
+
+def pixel_bytes(table: Any) -> int:
+    """Bytes of pixels in a decoded-units table (what one stage ships to the model stage)."""
+    return int(sum(len(b) for b in table.column("pixels").combine_chunks().flatten().to_pylist()))
+
+
+# --------------------------------------------------------------------------- post-process + write
+
+
+def unit_table(unit: dict, category_ids: Sequence[int]) -> Any:
+    """One model-stage output row -> a RESULT_SCHEMA table of its images (in unit order)."""
+    import pyarrow as pa
+
+    from pipeline.format import RESULT_SCHEMA
+    from pipeline.infer.paste import to_result_instances
+
+    errors = list(unit["errors"])
+    instances: list[list[dict]] = []
+    for k, pred in enumerate(unit["preds"]):
+        if errors[k] is not None or pred is None:
+            instances.append([])
+            continue
+        try:
+            p = unpack(pred)
+            instances.append(to_result_instances(p["boxes"], p["labels"], p["scores"], p["masks"],
+                                                 unit["heights"][k], unit["widths"][k], category_ids))
+        except Exception as exc:  # noqa: BLE001
+            errors[k] = f"post-processing failed: {error_text(exc)}"
+            instances.append([])
+    n = len(errors)
+    return pa.table({
+        "image_id": pa.array(unit["image_ids"], pa.int64()),
+        "file_name": pa.array(unit["file_names"], pa.string()),
+        "instances": pa.array(instances, RESULT_SCHEMA.field("instances").type),
+        "error": pa.array(errors, pa.string()),
+        "model": pa.array([unit["model"]] * n, pa.string()),
+    }, schema=RESULT_SCHEMA)
+
+
+def _merge(existing: Any, fresh: Any, positions: Sequence[int]) -> Any:
+    """``existing`` with the rows at ``positions`` replaced by ``fresh`` (same order)."""
+    import pyarrow as pa
+
+    index = np.arange(existing.num_rows)
+    source = np.zeros(existing.num_rows, dtype=bool)
+    index[list(positions)] = np.arange(len(positions))
+    source[list(positions)] = True
+    both = pa.concat_tables([existing.select(fresh.column_names).cast(fresh.schema), fresh])
+    take = np.where(source, existing.num_rows + index, np.arange(existing.num_rows))
+    return both.take(pa.array(take))
+
+
+def write_units(batch: Any, *, output_uri: str, category_ids: Sequence[int]) -> Any:
+    """Ray Data stage: model-stage rows -> one results file per unit, each written atomically
+    (``storage.write_bytes``: tmp + rename locally, one PUT on S3, retried on transient errors);
+    returns small metadata rows only (``unit``, ``images``, ``errors``, ``transient``,
+    ``instances``, ``pixel_bytes``). A retried task rewrites the same complete file, so a unit's
+    file always holds exactly one row per image of the unit."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline import storage
+
+    meta: dict[str, list] = {k: [] for k in ("unit", "images", "errors", "transient", "instances")}
+    for unit in batch.to_pylist():
+        uri = storage.join(output_uri, unit["unit"])
+        table = unit_table(unit, category_ids)
+        if unit["merge"]:
+            existing = pq.read_table(io.BytesIO(with_retries(lambda: storage.read_bytes(uri), f"reading {uri}")))
+            table = _merge(existing, table, unit["positions"])
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        with_retries(lambda: storage.write_bytes(uri, sink.getvalue()), f"writing {uri}")
+        errors = [e for e in table.column("error").to_pylist() if e is not None]
+        meta["unit"].append(unit["unit"])
+        meta["images"].append(len(unit["positions"]))
+        meta["errors"].append(len(errors))
+        meta["transient"].append(sum(is_transient(e) for e in errors))
+        meta["instances"].append(int(pc.sum(pc.list_value_length(table.column("instances"))).as_py() or 0))
+    return pa.table(meta)

@@ -1,0 +1,290 @@
+"""pipeline.infer stages and driver without Ray: read/decode units (row ranges, bad images, EXIF),
+post-process + atomic write (and the --retry-errors merge), planning, provenance refusals,
+resume without Ray, streamed COCO JSON, storage retries and the job's arguments."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from model.checkpoint import ModelConfig, build_from_config, save_checkpoint
+from model.errors import MaskrayError
+from pipeline import format as fmt
+from pipeline.infer import driver, stages
+from pipeline.infer.predictor import Predictor
+
+CATEGORIES = [{"id": 3, "name": "a"}, {"id": 9, "name": "b"}]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    config = ModelConfig.for_categories(
+        CATEGORIES, backbone="resnet18", min_size=64, max_size=96, box_detections_per_img=5,
+        options={"rpn_pre_nms_top_n_test": 60, "rpn_post_nms_top_n_test": 30})
+    model = build_from_config(config).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "a.pt"
+    save_checkpoint(str(path), model, config)
+    return model, config, str(path)
+
+
+def png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_dataset(root, rows_per_shard: list[list[bytes]], row_group_size: int = 3) -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    infos, next_id = [], 1
+    for index, datas in enumerate(rows_per_shard):
+        path = fmt.SHARD_PATTERN.format(index=index)
+        rows = [fmt.make_row(image_id=next_id + i, file_name=f"{next_id + i}.png", width=1, height=1, image=d)
+                for i, d in enumerate(datas)]
+        next_id += len(datas)
+        pq.write_table(fmt.rows_to_table(rows), str(root / path), row_group_size=row_group_size)
+        infos.append(fmt.ShardInfo(path=path, images=len(datas), instances=0))
+    fmt.write_manifest(str(root), fmt.Manifest(categories=CATEGORIES, shards=infos))
+    return str(root)
+
+
+def test_read_units_takes_exact_row_ranges_and_makes_bad_images_error_rows(tmp_path):
+    rng = np.random.default_rng(0)
+    good = png(rng.integers(0, 255, (40, 72, 3), dtype=np.uint8))
+    datas = [good, good[: len(good) // 2], b"", b"not an image",
+             png(rng.integers(0, 65535, (30, 50), dtype=np.uint16)),
+             png(rng.integers(0, 255, (30, 50, 4), dtype=np.uint8), "RGBA"), png(np.zeros((100, 100, 3), np.uint8)),
+             good]
+    data = write_dataset(tmp_path / "d", [datas])
+    units, identity = driver.plan(data, images_per_unit=3)
+    assert [u.unit for u in units] == ["part-00000.rows-0000000-0000003.parquet",
+                                       "part-00000.rows-0000003-0000006.parquet",
+                                       "part-00000.rows-0000006-0000008.parquet"]
+    assert identity["kind"] == "shards" and len(identity["manifest_sha256"]) == 64
+    out = stages.read_units(pa.Table.from_pylist([u.row() for u in units]), max_pixels=5_000)
+    assert out.num_rows == 3
+    ids = [i for row in out.column("image_ids").to_pylist() for i in row]
+    assert ids == list(range(1, 9))
+    errors = [e for row in out.column("errors").to_pylist() for e in row]
+    assert [e is not None for e in errors] == [False, True, True, True, False, False, True, False]
+    assert all(e.startswith("decode failed:") for e in errors if e)
+    assert "MP" in errors[6] and not stages.is_transient(errors[6])
+    h, w = out.column("heights")[0].as_py()[0], out.column("widths")[0].as_py()[0]
+    pix = out.column("pixels")[0].as_py()[0]
+    assert (h, w) == (40, 72) and len(pix) == 3 * 40 * 72  # uint8 at the original size, never float32
+    assert stages.pixel_bytes(out) == 3 * 40 * 72 * 2 + 3 * 30 * 50 * 2
+
+    retry = pa.Table.from_pylist([driver.dataclasses.replace(units[2], only=(1,)).row()])
+    part = stages.read_units(retry, max_pixels=None)
+    assert part.column("positions").to_pylist() == [[1]] and part.column("image_ids").to_pylist() == [[8]]
+    assert part.column("merge").to_pylist() == [True]
+
+    wrong = [dict(units[0].row(), total=9)]
+    with pytest.raises(MaskrayError, match="has 8 rows but the manifest says 9"):
+        stages.read_units(pa.Table.from_pylist(wrong), max_pixels=None)
+
+
+def test_exif_orientation_6_is_applied_by_default(tmp_path):
+    rng = np.random.default_rng(1)
+    array = rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
+    data = buf.getvalue()
+    viewed = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    assert viewed.shape == (50, 30, 3)  # orientation 6: the viewer rotates 90 degrees clockwise
+    got = stages.decode(data, max_pixels=None)
+    assert tuple(got.shape) == (3, 50, 30)
+    assert np.array_equal(got.permute(1, 2, 0).numpy(), viewed)
+    raw = stages.decode(data, max_pixels=None, exif=False)
+    assert tuple(raw.shape) == (3, 30, 50)
+    # Every orientation matches PIL's exif_transpose.
+    base = torch.arange(2 * 3 * 4, dtype=torch.uint8).view(2, 3, 4)
+    pil = Image.fromarray(base.permute(1, 2, 0).numpy()[..., 0])
+    for o in range(1, 9):
+        e = Image.Exif()
+        e[0x0112] = o
+        pil.info["exif"] = e.tobytes()
+        pil_exif = pil.copy()
+        pil_exif.getexif()[0x0112] = o
+        want = np.asarray(ImageOps.exif_transpose(pil_exif))
+        assert np.array_equal(stages.apply_orientation(base, o)[0].numpy(), want), o
+
+
+def model_rows(tiny, datas: list[bytes], unit: str = "u.parquet") -> pa.Table:
+    """The model stage's output for one unit of ``datas`` (what write_units receives)."""
+    model, config, _ = tiny
+    decoded = [stages.decode(d, max_pixels=None) for d in datas]
+    table = pa.table({
+        "unit": [unit], "positions": pa.array([list(range(len(datas)))], pa.list_(pa.int64())),
+        "image_ids": pa.array([[10 + i for i in range(len(datas))]], pa.list_(pa.int64())),
+        "file_names": pa.array([[f"{i}.png" for i in range(len(datas))]], pa.list_(pa.string())),
+        "heights": pa.array([[int(x.shape[1]) for x in decoded]], pa.list_(pa.int32())),
+        "widths": pa.array([[int(x.shape[2]) for x in decoded]], pa.list_(pa.int32())),
+        "pixels": pa.array([[x.numpy().tobytes() for x in decoded]], pa.list_(pa.large_binary())),
+        "errors": pa.array([[None] * len(datas)], pa.list_(pa.string())), "merge": [False]})
+    return Predictor(model=model, config=config, model_id="ckpt#sha256:abc")(table)
+
+
+def test_write_units_commits_one_atomic_file_and_merges_retried_rows(tiny, tmp_path):
+    from pycocotools.coco import COCO
+
+    rng = np.random.default_rng(2)
+    datas = [png(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)) for _ in range(3)]
+    rows = model_rows(tiny, datas)
+    errors = rows.column("errors")[0].as_py()
+    errors[1] = "inference failed: RuntimeError: out of memory"  # as the actor stage writes it
+    rows = rows.set_column(rows.column_names.index("errors"), "errors", pa.array([errors], pa.list_(pa.string())))
+    out = str(tmp_path / "out")
+    meta = stages.write_units(rows, output_uri=out, category_ids=[3, 9])
+    assert meta.to_pylist()[0]["images"] == 3 and meta.to_pylist()[0]["errors"] == 1
+    assert meta.to_pylist()[0]["transient"] == 1
+    table = pq.read_table(f"{out}/u.parquet")
+    assert table.schema.equals(fmt.RESULT_SCHEMA)
+    assert table.column("image_id").to_pylist() == [10, 11, 12]
+    assert set(table.column("model").to_pylist()) == {"ckpt#sha256:abc"}
+    assert driver.transient_positions(f"{out}/u.parquet") == [1]
+    before = table.column("instances").to_pylist()
+    assert len(before[0]) > 0 and before[1] == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["u.parquet"]  # no temporary left
+
+    # --retry-errors: only position 1 is recomputed and merged into the file.
+    retry = model_rows(tiny, [datas[1]])
+    retry = retry.set_column(retry.column_names.index("positions"), "positions", pa.array([[1]], pa.list_(pa.int64())))
+    retry = retry.set_column(retry.column_names.index("image_ids"), "image_ids", pa.array([[11]], pa.list_(pa.int64())))
+    retry = retry.set_column(retry.column_names.index("merge"), "merge", pa.array([True]))
+    stages.write_units(retry, output_uri=out, category_ids=[3, 9])
+    merged = pq.read_table(f"{out}/u.parquet")
+    assert merged.column("image_id").to_pylist() == [10, 11, 12]
+    assert merged.column("error").to_pylist() == [None, None, None]
+    after = merged.column("instances").to_pylist()
+    assert after[0] == before[0] and after[2] == before[2] and len(after[1]) > 0
+
+    json_path = str(tmp_path / "j" / "coco.json")
+    n = driver.write_coco_json(out, ["u.parquet"], json_path)
+    assert n == sum(len(x) for x in after) > 0
+    gt = COCO()
+    gt.dataset = {"images": [{"id": i, "width": 60, "height": 40} for i in (10, 11, 12)], "annotations": [],
+                  "categories": CATEGORIES}
+    gt.createIndex()
+    assert len(gt.loadRes(json_path).getAnnIds()) == n
+    assert len(json.load(open(json_path))) == n
+
+
+def test_rerun_refuses_other_model_options_or_input_unless_overwrite(tiny, tmp_path, monkeypatch):
+    import ray
+
+    model, config, ckpt = tiny
+    data = write_dataset(tmp_path / "d", [[], []])  # two empty shards: no Ray needed
+    out = str(tmp_path / "out")
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray must not start"))
+    first = driver.run_inference(data, out, ckpt, score_threshold=0.3)
+    assert (first.units_done, first.units_skipped) == (2, 0)
+    again = driver.run_inference(data, out, ckpt, score_threshold=0.3)
+    assert (again.units_done, again.units_skipped) == (0, 2)
+    with pytest.raises(MaskrayError, match=r"options score_threshold=0.3, this run has score_threshold=0.5.*--overwrite"):
+        driver.run_inference(data, out, ckpt, score_threshold=0.5)
+    other = tmp_path / "b.pt"
+    torch.manual_seed(1)
+    save_checkpoint(str(other), build_from_config(config), config)
+    with pytest.raises(MaskrayError, match=r"made with model 'sha256:.*--overwrite"):
+        driver.run_inference(data, out, str(other), score_threshold=0.3)
+    data2 = write_dataset(tmp_path / "d2", [[], [], []])
+    with pytest.raises(MaskrayError, match=r"input"):
+        driver.run_inference(data2, out, ckpt, score_threshold=0.3)
+    redo = driver.run_inference(data, out, str(other), score_threshold=0.3, overwrite=True)
+    assert (redo.units_done, redo.units_skipped) == (2, 0)
+    record = json.loads((tmp_path / "out" / "provenance.json").read_text())
+    assert record["model"] == driver.model_digest(driver.load_model(str(other))[2])
+    (tmp_path / "stray").mkdir()
+    (tmp_path / "stray" / "part-00000.parquet").write_bytes(b"x")
+    with pytest.raises(MaskrayError, match="no provenance.json"):
+        driver.run_inference(data, str(tmp_path / "stray"), ckpt)
+
+
+def test_raw_prefix_plan_is_keyed_by_path(tmp_path):
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    for name in ("b.jpg", "a.png", "sub/c.JPG", "notes.txt"):
+        (root / name).write_bytes(b"x")
+    units, identity = driver.plan(str(root), images_per_unit=2)
+    assert [u.unit for u in units] == ["files-0000000-0000002.parquet", "files-0000002-0000003.parquet"]
+    assert [p.rsplit("/", 1)[-1] for u in units for p in u.paths] == ["a.png", "b.jpg", "c.JPG"]
+    assert identity["files"] == 3
+    assert stages.stable_image_id("sub/c.JPG") == stages.stable_image_id("sub/c.JPG") < 2 ** 63
+    (root / "d.jpg").write_bytes(b"y")
+    assert driver.plan(str(root), 2)[1]["listing_sha256"] != identity["listing_sha256"]
+    with pytest.raises(MaskrayError, match="no manifest.json and no image files"):
+        driver.plan(str(tmp_path / "empty"), 2)
+
+
+def test_storage_retries_back_off_on_transient_errors_only():
+    calls, sleeps = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("AWS Error SLOW_DOWN during GetObject: 503 Please reduce your request rate")
+        return "ok"
+
+    assert stages.with_retries(flaky, "reading x", sleep=sleeps.append) == "ok"
+    assert len(calls) == 3 and len(sleeps) == 2 and sleeps[1] > sleeps[0]
+
+    def missing():
+        calls.append(1)
+        raise OSError("s3://b/k: not found")
+
+    calls.clear()
+    with pytest.raises(OSError):
+        stages.with_retries(missing, "reading y", sleep=sleeps.append)
+    assert len(calls) == 1
+
+    def always():
+        raise ConnectionError("connection reset")
+
+    with pytest.raises(ConnectionError):
+        stages.with_retries(always, "z", attempts=3, sleep=lambda s: None)
+
+
+def test_job_arguments():
+    from jobs import infer
+
+    parser = argparse.ArgumentParser()
+    infer.add_arguments(parser)
+    args = parser.parse_args(["--checkpoint", "c", "--input", "i", "--output", "o", "--actors", "1,3"])
+    assert infer.parse_actors(args.actors) == (1, 3) and args.batch_size == 4 and args.gpus_per_actor is None
+    assert args.threads is None and not args.no_exif and not args.overwrite and not args.retry_errors
+    assert args.images_per_unit == 64
+    assert infer.parse_actors("2") == 2
+    for bad in ("0", "3,1", "x"):
+        with pytest.raises(MaskrayError, match="--actors"):
+            infer.parse_actors(bad)
+    args.batch_size = 0
+    with pytest.raises(MaskrayError, match="--batch-size"):
+        infer.run(args)
+    args.batch_size, args.threads = 4, -1
+    with pytest.raises(MaskrayError, match="--threads"):
+        infer.run(args)
+    args.threads, args.images_per_unit = None, 0
+    with pytest.raises(MaskrayError, match="--images-per-unit"):
+        infer.run(args)
+
+
+def test_cpu_actor_threads_share_the_cluster_cores():
+    assert driver.cpu_actor_threads([2.0], 1) == 2
+    assert driver.cpu_actor_threads([2.0], 2) == 1
+    assert driver.cpu_actor_threads([2.0], 3) == 1
+    assert driver.cpu_actor_threads([16.0, 16.0], 4) == 8
+    assert driver.cpu_actor_threads([16.0, 4.0], 1) == 16
+    assert driver.cpu_actor_threads([0.0], 1) == 1
+    with pytest.raises(MaskrayError, match="actors"):
+        driver.cpu_actor_threads([2.0], 0)
