@@ -17,6 +17,10 @@ With CUDA (guarded): R50-FPN at 800 px with AMP, images/s per GPU through the pi
 busy fraction sampled with ``nvidia-smi`` during the stream.
 
     python benchmarks/infer.py [--images 48] [--size 128] [--shards 8] [--backbone resnet18] [--actors 1,2] [--threads T]
+
+Plumbing overhead (item 4 of issue 13), one command, ratios printed:
+
+    python benchmarks/infer.py --noop --images 20000 --shards 200 --size 64 --actors 1 --driver-rss 2000,20000
 """
 
 from __future__ import annotations
@@ -249,6 +253,183 @@ def gpu_benchmark(args: argparse.Namespace, work: str) -> dict:
     return run
 
 
+def noop_predictor(instances: int, marker: str | None = None):
+    """A Predictor whose model does nothing: ``instances`` fixed synthetic detections per image
+    (boxes + 28x28 soft masks, so post-processing and results carry real instances), or none.
+    Records (once) when the first model call starts. Defined in a function so Ray pickles it by value."""
+    from pipeline.infer.predictor import Predictor
+
+    class NoopPredictor(Predictor):
+        def forward_uint8(self, images):
+            if marker is not None:
+                try:
+                    fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                    os.write(fd, repr(time.time()).encode())
+                    os.close(fd)
+                except FileExistsError:
+                    pass
+            outs = []
+            for im in images:
+                h, w = int(im.shape[-2]), int(im.shape[-1])
+                k = torch.arange(instances, dtype=torch.float32)
+                boxes = torch.stack([k % 4 * w / 5, k % 3 * h / 4, k % 4 * w / 5 + w / 5, k % 3 * h / 4 + h / 4], 1)
+                yy, xx = torch.meshgrid(torch.linspace(-1, 1, 28), torch.linspace(-1, 1, 28), indexing="ij")
+                blob = (1.2 - (xx ** 2 + yy ** 2).sqrt()).clamp(0, 1)
+                outs.append({"boxes": boxes, "labels": (k.long() % 4) + 1, "scores": torch.full((instances,), 0.9),
+                             "masks": blob.expand(instances, 1, 28, 28).contiguous()})
+            return outs
+
+    return NoopPredictor
+
+
+def noop_dataset(root: str, images: int, shards: int, size: int) -> None:
+    """``images`` PNGs of ``size`` px (64 distinct ones, cycled) in ``shards`` shards."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    distinct = []
+    for _ in range(64):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+        distinct.append(buf.getvalue())
+    per = images // shards
+    infos = []
+    for index in range(shards):
+        rows = [fmt.make_row(image_id=index * per + i + 1, file_name=f"{index * per + i}.png", width=size,
+                             height=size, image=distinct[(index * per + i) % 64]) for i in range(per)]
+        path = fmt.SHARD_PATTERN.format(index=index)
+        sink = io.BytesIO()
+        pq.write_table(fmt.rows_to_table(rows), sink, row_group_size=64)
+        storage.write_bytes(os.path.join(root, path), sink.getvalue())
+        infos.append(fmt.ShardInfo(path=path, images=len(rows), instances=0))
+    fmt.write_manifest(root, fmt.Manifest(categories=CATEGORIES, shards=infos, source="benchmark"))
+
+
+def noop_loop(data_uri: str, ckpt: str) -> dict:
+    """One process: read every shard, decode, make float and resize as the model would."""
+    from pipeline.format import read_manifest, shard_uris
+    from pipeline.infer.predictor import load_model, model_sizes, resize_for_model, to_float
+    from pipeline.infer.stages import decode
+
+    model, _, _ = load_model(ckpt)
+    min_size, max_size = model_sizes(model)
+    start = time.perf_counter()
+    n = 0
+    for uri in shard_uris(data_uri, read_manifest(data_uri)):
+        table = pq.read_table(uri, columns=["image"])
+        for data in table.column("image").to_pylist():
+            resize_for_model(to_float(decode(data, max_pixels=None)), min_size, max_size)
+            n += 1
+    seconds = time.perf_counter() - start
+    return {"images": n, "seconds": seconds, "images_per_s": n / seconds}
+
+
+def noop_pipeline(data_uri: str, out_uri: str, ckpt: str, *, actors: int, batch_size: int, images_per_unit: int,
+                  instances: int) -> dict:
+    from pipeline.infer.driver import run_inference
+
+    marker = out_uri.rstrip("/") + ".first-batch"
+    commits: list[float] = []
+    start = time.time()
+    summary = run_inference(data_uri, out_uri, ckpt, batch_size=batch_size, actors=actors, score_threshold=0.0,
+                            predictor_factory=noop_predictor(instances, marker), images_per_unit=images_per_unit,
+                            on_unit_committed=lambda name: commits.append(time.time()))
+    wall = time.time() - start
+    first_batch = float(open(marker).read())
+    after_first = summary.images - images_per_unit
+    return {"images": summary.images, "instances": summary.instances, "seconds": wall,
+            "images_per_s": summary.images / wall, "first_model_call_s": first_batch - start,
+            "first_commit_s": commits[0] - start,
+            "steady_images_per_s": after_first / (commits[-1] - commits[0]) if len(commits) > 1 else 0.0}
+
+
+def stage_bytes(data_uri: str, ckpt: str, instances: int) -> dict:
+    """Bytes per image between stages, measured on the first unit outside Ray."""
+    import pyarrow as pa
+
+    from pipeline.infer import driver, stages
+
+    unit = driver.plan(data_uri, 10**9)[0][0]
+    decoded = stages.read_units(pa.Table.from_pylist([unit.row()]), max_pixels=None)
+    model, config, model_id = driver.load_model(ckpt)
+    predictor = noop_predictor(instances)(model=model, config=config, model_id=model_id, device="cpu")
+    out = predictor(decoded)
+    n = unit.images
+    preds = sum(len(p) for p in out.column("preds")[0].as_py())
+    return {"decode_to_model_bytes_per_image": stages.pixel_bytes(decoded) / n,
+            "model_to_write_bytes_per_image": preds / n,
+            "float32_resized_bytes_per_image_before": 4 * decoded.column("pixels")[0].values[0].as_py().__len__()}
+
+
+def driver_rss_child(data_uri: str, out_uri: str, ckpt: str, instances: int, queue) -> None:
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start_ray(num_cpus=os.cpu_count())
+    run = noop_pipeline(data_uri, out_uri, ckpt, actors=1, batch_size=16, images_per_unit=100, instances=instances)
+    import ray
+
+    ray.shutdown()
+    queue.put({"images": run["images"], "instances": run["instances"], "driver_peak_rss": 
+               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_before_ray": before})
+
+
+def noop_benchmark(args: argparse.Namespace, work: str) -> dict:
+    """Plumbing overhead: the pipeline with a no-op model vs one process reading + decoding +
+    resizing the same shards; then the driver's peak RSS at 2k and 20k images with instances."""
+    import multiprocessing as mp
+
+    import ray
+
+    ckpt = os.path.join(work, "ckpt.pt")
+    write_checkpoint(ckpt, args.backbone, args.size, args.detections, args.proposals)
+    data_uri = os.path.join(work, "noop-data")
+    noop_dataset(data_uri, args.images, args.shards, args.size)
+    loop = noop_loop(data_uri, ckpt)
+    print(f"one-process loop (read + decode + resize): {loop['images_per_s']:.0f} images/s "
+          f"({loop['images']} images, {loop['seconds']:.1f} s)", flush=True)
+    sizes = stage_bytes(data_uri, ckpt, args.noop_instances)
+    print("bytes per image between stages: decode -> model {decode_to_model_bytes_per_image:.0f} (uint8; "
+          "float32 at this size would be {float32_resized_bytes_per_image_before:.0f}), model -> write "
+          "{model_to_write_bytes_per_image:.0f}".format(**sizes), flush=True)
+    t0 = time.time()
+    start_ray(num_cpus=os.cpu_count())
+    ray_start = time.time() - t0
+    try:
+        run = noop_pipeline(data_uri, os.path.join(work, "noop-out"), ckpt, actors=args.actors[0],
+                            batch_size=args.batch_size, images_per_unit=args.images_per_unit, instances=0)
+    finally:
+        ray.shutdown()
+    run["ray_start_s"] = ray_start
+    run["ratio_end_to_end"] = run["images_per_s"] / loop["images_per_s"]
+    run["ratio_steady"] = run["steady_images_per_s"] / loop["images_per_s"]
+    print(f"pipeline, no-op model, {args.actors[0]} actor(s), {args.images_per_unit} images per unit: end to end "
+          f"{run['images_per_s']:.0f} images/s ({run['seconds']:.1f} s), steady {run['steady_images_per_s']:.0f} "
+          f"images/s; ratio to the loop: end to end {run['ratio_end_to_end']:.2f} (target 0.5), steady "
+          f"{run['ratio_steady']:.2f} (target 0.8); start-up: Ray started in {ray_start:.1f} s (before the run), "
+          f"first model call at {run['first_model_call_s']:.1f} s, first results committed at "
+          f"{run['first_commit_s']:.1f} s (target 15)", flush=True)
+    rss = []
+    if args.driver_rss:
+        ctx = mp.get_context("spawn")
+        for n in args.driver_rss:
+            uri = os.path.join(work, f"rss-data-{n}")
+            noop_dataset(uri, n, max(1, n // 100), args.size)
+            queue = ctx.Queue()
+            proc = ctx.Process(target=driver_rss_child, args=(uri, os.path.join(work, f"rss-out-{n}"), ckpt,
+                                                              args.noop_instances, queue))
+            proc.start()
+            rss.append(queue.get())
+            proc.join()
+            print(f"driver peak RSS at {n} images ({rss[-1]['instances']} instances): "
+                  f"{rss[-1]['driver_peak_rss'] / 2**20:.0f} MiB", flush=True)
+        if len(rss) > 1:
+            print(f"driver peak RSS growth {args.driver_rss[0]} -> {args.driver_rss[-1]} images: "
+                  f"{(rss[-1]['driver_peak_rss'] - rss[0]['driver_peak_rss']) / 2**20:.0f} MiB (target <= 50)", flush=True)
+    return {"loop": loop, "pipeline": run, "bytes": sizes, "driver_rss": rss}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=48)
@@ -267,12 +448,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-batch-size", type=int, default=8)
     parser.add_argument("--no-gpu", action="store_true")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--noop", action="store_true",
+                        help="plumbing overhead: the model replaced by a no-op, against a read+decode+resize loop "
+                             "(use with --images 20000 --shards 200 --size 64)")
+    parser.add_argument("--images-per-unit", type=int, default=100, help="--noop: images per unit")
+    parser.add_argument("--noop-instances", type=int, default=5,
+                        help="--noop: synthetic instances per image for the driver RSS runs")
+    parser.add_argument("--driver-rss", type=lambda s: [int(v) for v in s.split(",")], default=[],
+                        help="--noop: also the driver's peak RSS at these image counts (e.g. 2000,20000)")
     args = parser.parse_args(argv)
     work = tempfile.mkdtemp(prefix="maskray-bench-infer-")
     try:
         report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
                   "load_avg_at_start": os.getloadavg(), "args": vars(args)}
-        report["cpu"] = cpu_benchmark(args, work)
+        if args.noop:
+            report["noop"] = noop_benchmark(args, work)
+            args.no_gpu = True
+        else:
+            report["cpu"] = cpu_benchmark(args, work)
         if torch.cuda.is_available() and not args.no_gpu:
             report["gpu"] = gpu_benchmark(args, work)
         else:

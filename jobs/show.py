@@ -2,7 +2,9 @@
 
 Either runs a checkpoint on the first ``--limit`` images of ``--data``, or draws stored
 predictions (``--results``: the Parquet files ``maskray infer`` wrote) on those images.
-One ``<image_id>.png`` per image is written under ``--out`` (local folder or ``s3://`` prefix).
+One ``<image_id>.png`` per image is written under ``--out`` (local folder or ``s3://`` prefix), drawn
+at a readable size (``--long-side``, default 1280 px: small images upscaled, photos shrunk) with
+captions in a font scaled to it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score-thresh", type=float, default=0.5, metavar="S",
                         help="draw instances scoring at least S (default 0.5)")
     parser.add_argument("--batch-size", type=int, default=2, metavar="N", help="images per forward pass (default 2)")
+    parser.add_argument("--long-side", type=int, default=1280, metavar="PX",
+                        help="draw overlays with this longer side (small images upscaled, photos shrunk; default 1280)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
 
 
@@ -64,10 +68,12 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.evaluate import load_checkpoint_uri, predict_rows
     from pipeline.format import read_manifest, read_rows
     from pipeline.instances import Instances, from_result_instances
-    from pipeline.visualize import draw_instances, to_png
+    from pipeline.visualize import render_overlay, to_png
 
     if args.limit < 1:
         raise MaskrayError(f"--limit must be >= 1, got {args.limit}")
+    if args.long_side < 16:
+        raise MaskrayError(f"--long-side must be >= 16, got {args.long_side}")
     manifest = read_manifest(args.data)
     names = {int(c["id"]): str(c["name"]) for c in manifest.categories}
     rows = list(islice(read_rows(args.data, columns=["image_id", "file_name", "width", "height", "image"]),
@@ -98,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
     label_names = [names.get(i, str(i)) for i in ids]
     for row, image, results in drawn:
         size = (int(image.shape[1]), int(image.shape[2]))
-        overlay = draw_instances(image, Instances.from_coco(results, size, ids), label_names,
-                                 score_thresh=args.score_thresh)
+        overlay = render_overlay(image, Instances.from_coco(results, size, ids), label_names,
+                                 score_thresh=args.score_thresh, long_side=args.long_side)
         storage.write_bytes(storage.join(args.out, f"{int(row['image_id'])}.png"), to_png(overlay), fsync=False)
     logger.info("wrote %d overlays to %s", len(drawn), args.out)
     print(f"{len(drawn)} overlays in {args.out}")
