@@ -103,6 +103,8 @@ def quiet_console(verbose: bool = False) -> None:
 
         for name in ("ray", "ray.data", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # "Token authentication is enabled for this Ray cluster": true of every Ray 2.60 start, not news
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Their one warning each is about progress bars ("Progress bars disabled"; "tqdm is not
     # installed", when a worker's bar reaches the driver): maskray's own choice, not news.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
