@@ -61,7 +61,7 @@ def _stored_results(results_uri: str, image_ids: set[int]) -> dict[int, dict]:
 def run(args: argparse.Namespace) -> int:
     from itertools import islice
 
-    from jobs.evaluate import resolve_device
+    from pipeline.evaluate import resolve_device
     from model.errors import MaskrayError
     from pipeline import storage
     from pipeline.dataset import decode_image
