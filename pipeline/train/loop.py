@@ -407,6 +407,9 @@ class EvalHook(Hook):
             result = evaluate_model(_unwrap(w.model), config.data.val, w.plan.categories, limit=limit,
                                     device=w.device, batch_size=max(1, config.images_per_worker),
                                     skipped=skipped, max_bad_fraction=config.data.max_bad_fraction)
+        except MaskrayError as exc:  # too many bad val images: a clean stop, not a crash Ray Train would retry
+            w.stop_reason = f"data.val={config.data.val}: {exc}"
+            return
         finally:
             w.model.train()
         images = min(w.plan.val_images, limit or w.plan.val_images)

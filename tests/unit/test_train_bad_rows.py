@@ -113,3 +113,19 @@ def test_evaluation_skips_undecodable_images_and_refuses_past_the_fraction(caplo
     with pytest.raises(MaskrayError, match=r"evaluation: 1 of 5 images could not be decoded .*image 5"):
         evaluate_model(Oracle(truth), rows, CATS, max_bad_fraction=0.1)
     assert np.isfinite(metrics["segm"]["AP50"])
+
+
+def test_too_many_bad_val_images_stop_the_run_cleanly(tmp_path, monkeypatch):
+    from pipeline.train import loop
+
+    def refuse(*args, **kwargs):
+        raise MaskrayError("evaluation: 3 of 4 images could not be decoded (more than max_bad_fraction=0.01)")
+
+    monkeypatch.setattr("pipeline.evaluate.evaluate_model", refuse)
+    w = _worker()
+    w.config.data.val = "/d/val"
+    lines, metrics = [], {}
+    loop.EvalHook(lines.append).after_interval(w, metrics, Due(False, True, False))
+    assert w.stop_reason == ("data.val=/d/val: evaluation: 3 of 4 images could not be decoded "
+                             "(more than max_bad_fraction=0.01)")
+    assert lines == [] and not any(k.startswith("segm_") for k in metrics)
