@@ -253,6 +253,16 @@ def gpu_benchmark(args: argparse.Namespace, work: str) -> dict:
     return run
 
 
+def _mark(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` unless it exists (the first writer wins, across processes)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, text.encode())
+    os.close(fd)
+
+
 def noop_predictor(instances: int, marker: str | None = None):
     """A Predictor whose model does nothing: ``instances`` fixed synthetic detections per image
     (boxes + 28x28 soft masks, so post-processing and results carry real instances), or none.
@@ -260,6 +270,12 @@ def noop_predictor(instances: int, marker: str | None = None):
     from pipeline.infer.predictor import Predictor
 
     class NoopPredictor(Predictor):
+        def __init__(self, *args, **kwargs):
+            started = time.time()
+            super().__init__(*args, **kwargs)
+            if marker is not None:
+                _mark(marker + ".actor", f"{started!r} {time.time()!r}")
+
         def forward_uint8(self, images):
             if marker is not None:
                 try:
@@ -337,9 +353,11 @@ def noop_pipeline(data_uri: str, out_uri: str, ckpt: str, *, actors: int, batch_
                             on_unit_committed=lambda name: commits.append(time.time()))
     wall = time.time() - start
     first_batch = float(open(marker).read())
+    actor_start, actor_ready = (float(v) for v in open(marker + ".actor").read().split())
     after_first = summary.images - images_per_unit
     return {"images": summary.images, "instances": summary.instances, "seconds": wall,
             "images_per_s": summary.images / wall, "first_model_call_s": first_batch - start,
+            "actor_process_up_s": actor_start - start, "actor_ready_s": actor_ready - start,
             "first_commit_s": commits[0] - start,
             "steady_images_per_s": after_first / (commits[-1] - commits[0]) if len(commits) > 1 else 0.0}
 
@@ -408,7 +426,8 @@ def noop_benchmark(args: argparse.Namespace, work: str) -> dict:
           f"{run['images_per_s']:.0f} images/s ({run['seconds']:.1f} s), steady {run['steady_images_per_s']:.0f} "
           f"images/s; ratio to the loop: end to end {run['ratio_end_to_end']:.2f} (target 0.5), steady "
           f"{run['ratio_steady']:.2f} (target 0.8); start-up: Ray started in {ray_start:.1f} s (before the run), "
-          f"first model call at {run['first_model_call_s']:.1f} s, first results committed at "
+          f"model actor process up at {run['actor_process_up_s']:.1f} s, its checkpoint loaded at "
+          f"{run['actor_ready_s']:.1f} s, first model call at {run['first_model_call_s']:.1f} s, first results committed at "
           f"{run['first_commit_s']:.1f} s (target 15)", flush=True)
     rss = []
     if args.driver_rss:

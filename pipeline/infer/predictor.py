@@ -260,8 +260,9 @@ class Predictor:
     # ---- bounded outputs and the Ray Data model stage
 
     def forward_uint8(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """:meth:`forward_resized` for uint8 ``[3,H,W]`` images at their original size: each is
-        moved to the model's device first, then made float, resized and normalized there."""
+        """:meth:`forward_resized` for uint8 ``[3,H,W]`` images at their original size (float
+        images in [0,1] are taken too): each is moved to the model's device first, then made
+        float, resized and normalized there."""
         sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         min_size, max_size = self.min_size, self.max_size
         resized = []
@@ -277,8 +278,7 @@ class Predictor:
         at a time within its box: memory O(one box), never O(N*H*W)."""
         from pipeline.infer.paste import to_result_instances
 
-        outs = self.forward_uint8([im if im.dtype == torch.uint8 else (to_float(im) * 255).round().to(torch.uint8)
-                                   for im in images]) if images else []
+        outs = self.forward_uint8(images) if images else []
         return [to_result_instances(o["boxes"], o["labels"].numpy(), o["scores"].numpy(), o["masks"],
                                     int(im.shape[-2]), int(im.shape[-1]), self.category_ids)
                 for o, im in zip(outs, images)]
