@@ -95,8 +95,6 @@ def quiet_console(verbose: bool = False) -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    # A busy 2-core laptop can need more than Ray's default 30 s to register its raylet.
-    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
     if not verbose:
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
         import ray.data  # noqa: F401 - it configures its loggers (INFO) on import: set them after that
@@ -142,5 +140,46 @@ def init(address: str | None = None, *, verbose: bool = False, **kwargs: Any) ->
     kwargs.setdefault("logging_level", logging.INFO if verbose else logging.WARNING)
     if JOB_CONFIG_ENV not in os.environ and "runtime_env" not in kwargs:
         kwargs["runtime_env"] = runtime_env()
-    ray.init(address=address, **kwargs)
-    return True
+    attempts = START_ATTEMPTS if address == "local" else 1
+    for attempt in range(1, attempts + 1):
+        before = _child_pids()
+        try:
+            ray.init(address=address, **kwargs)
+            return True
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise
+            logger.warning("Ray's local instance did not register within Ray's fixed 30 s (a busy machine); "
+                           "starting it again (attempt %d of %d)", attempt + 1, attempts)
+            ray.shutdown()
+            _stop_new_children(before)
+    return True  # pragma: no cover - the loop returns or raises
+
+
+# A saturated machine can make the raylet miss Ray 2.60's fixed 30 s registration window ("The
+# current node timed out during startup"); a private local instance is then started again.
+START_ATTEMPTS = 3
+
+
+def _child_pids() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _stop_new_children(before: set[int]) -> None:
+    """Stop the processes a failed ``ray.init`` left (GCS, raylet, reaper: our children since ``before``)."""
+    import psutil
+
+    leftovers = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    for proc in leftovers:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(leftovers, timeout=10)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass

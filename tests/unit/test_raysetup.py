@@ -106,3 +106,33 @@ def test_init_in_a_submitted_job_keeps_the_jobs_runtime_env(fake_ray, monkeypatc
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     raysetup.init()
     assert "runtime_env" not in calls[0] and calls[0]["address"] == "127.0.0.1:6379"
+
+
+def test_a_local_start_that_times_out_is_retried_then_gives_up(fake_ray, monkeypatch):
+    import ray
+
+    calls, state = fake_ray
+    tries = []
+
+    def flaky(**kwargs):
+        tries.append(kwargs["address"])
+        if len(tries) < 2:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+        state["up"] = True
+
+    monkeypatch.setattr(ray, "init", flaky)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    assert raysetup.init() is True and tries == ["local", "local"]
+
+    state["up"] = False
+    tries.clear()
+    monkeypatch.setattr(ray, "init", lambda **kw: (tries.append(1), (_ for _ in ()).throw(
+        Exception("The current node timed out during startup."))))
+    with pytest.raises(Exception, match="timed out during startup"):
+        raysetup.init()
+    assert len(tries) == raysetup.START_ATTEMPTS
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # joining a cluster: no second start
+    tries.clear()
+    with pytest.raises(Exception, match="timed out"):
+        raysetup.init()
+    assert len(tries) == 1
