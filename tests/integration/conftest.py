@@ -49,6 +49,7 @@ class SeaweedServer:
     region: str = "us-east-1"
     startup_timeout: float = 60.0
     endpoint: str = ""
+    filer: str = ""  # the filer as SeaweedFS names it, "127.0.0.1:HTTP.GRPC" (for `weed filer.copy`)
     dir: str = ""
     _proc: subprocess.Popen | None = field(default=None, repr=False)
     _log: object = field(default=None, repr=False)
@@ -70,6 +71,7 @@ class SeaweedServer:
         self.dir = tempfile.mkdtemp(prefix="maskray-seaweed-")
         ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
         self.endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+        self.filer = f"127.0.0.1:{ports['filer.port']}.{ports['filer.port.grpc']}"
         cmd = [weed, "mini", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
                "-s3.port.iceberg=0", "-s3.port.lance=0", f"-bucket={self.bucket}"]

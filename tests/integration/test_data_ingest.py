@@ -164,13 +164,29 @@ def test_no_key_value_crosses_processes_or_lands_in_files(s3, ray_local, tmp_pat
     _scan(json.dumps(env).encode(), secrets, "the submit runtime env")
 
 
+def _bulk_load(s3, tmp_path, folder: str, n: int) -> None:
+    """n tiny PNGs under s3://bucket/folder/raw, loaded through the filer with `weed filer.copy`
+    (Go, no S3 signing: ~8x the rate of PUTs from Python here)."""
+    from conftest import find_weed
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    blobs = [_tiny_png(i) for i in range(256)]
+    for i in range(n):
+        (raw / f"img-{i:06d}.png").write_bytes(blobs[i % 256])
+    proc = subprocess.run([find_weed(), "filer.copy", "-c=16", str(raw),
+                           f"http://{s3.filer}/buckets/{s3.bucket}/{folder}/"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 @pytest.mark.slow
-def test_100k_object_prefix_listed_and_packed(s3, ray_local):
+def test_100k_object_prefix_listed_and_packed(s3, ray_local, tmp_path):
     prefix = f"s3://{s3.bucket}/ingest-100k/raw"
     out = f"s3://{s3.bucket}/ingest-100k/out"
     n = 100_000
     start = time.monotonic()
-    _put_many(prefix, n, threads=48)
+    _bulk_load(s3, tmp_path, "ingest-100k", n)
     put_s = time.monotonic() - start
     fs, root = storage.resolve(prefix)
     listed = fs.get_file_info(pafs.FileSelector(root, recursive=True))
