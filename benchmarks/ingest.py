@@ -7,7 +7,7 @@ for each and the ratios to the one-process path.
     .venv/bin/python benchmarks/ingest.py [--files 20000 --images-per-shard 1000 --size 32]
 
 The objects are small PNGs (``--size`` px squares, ~100-300 bytes: the per-object cost, not
-bandwidth, is what is measured), PUT once with many concurrent requests. Every pack writes a
+bandwidth, is what is measured), loaded once with ``weed filer.copy``. Every pack writes a
 fresh output prefix; each Ray cluster first packs a small warm-up prefix so that worker start-up
 and imports are not counted. The machine's load average is printed with the figures.
 """
@@ -19,7 +19,6 @@ import io
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -37,30 +36,38 @@ def _seaweed_server_class():
     return module.SeaweedServer
 
 
-def put_pngs(prefix: str, n: int, size: int, threads: int = 48) -> float:
-    """n small PNGs under ``prefix``; returns PUTs per second."""
+def put_pngs(server, folder: str, n: int, size: int) -> float:
+    """n small PNGs under ``s3://bucket/folder/raw``, loaded through SeaweedFS's filer with
+    ``weed filer.copy`` (Go, no S3 signing); returns objects per second."""
+    import shutil
+    import subprocess
+    import tempfile
+
     import numpy as np
     from PIL import Image
 
-    from pipeline import storage
-
     rng = np.random.default_rng(0)
     blobs = []
-    for i in range(64):
+    for _ in range(64):
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8) // 64 * 64).save(
             buf, format="PNG")
         blobs.append(buf.getvalue())
-    fs, root = storage.resolve(prefix)
-
-    def put(i: int) -> None:
-        with fs.open_output_stream(f"{root}/img-{i:07d}.png") as f:
-            f.write(blobs[i % len(blobs)])
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(put, range(n), chunksize=256))
-    return n / (time.perf_counter() - start)
+    local = tempfile.mkdtemp(prefix="maskray-ingest-bench-")
+    try:
+        raw = os.path.join(local, "raw")
+        os.makedirs(raw)
+        for i in range(n):
+            with open(os.path.join(raw, f"img-{i:07d}.png"), "wb") as f:
+                f.write(blobs[i % len(blobs)])
+        weed = os.path.join(os.path.dirname(sys.executable), "weed")
+        start = time.perf_counter()
+        subprocess.run([weed, "filer.copy", "-c=16", raw,
+                        f"http://{server.filer}/buckets/{server.bucket}/{folder}/"],
+                       check=True, capture_output=True)
+        return n / (time.perf_counter() - start)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
 
 
 def timed_pack(prefix: str, out: str, **kwargs) -> float:
@@ -94,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         os.environ.update(server.env)
         bucket = f"s3://{server.bucket}"
-        prefix, warm = f"{bucket}/raw", f"{bucket}/warm"
-        put_rate = put_pngs(prefix, args.files, args.size)
-        put_pngs(warm, 2 * args.images_per_shard, args.size)
+        prefix, warm = f"{bucket}/bench/raw", f"{bucket}/warm/raw"
+        put_rate = put_pngs(server, "bench", args.files, args.size)
+        put_pngs(server, "warm", 2 * args.images_per_shard, args.size)
         print(f"PUT {args.files} objects: {put_rate:.0f}/s")
         common = dict(images_per_shard=args.images_per_shard, workers=args.workers)
         results["one process"] = timed_pack(prefix, f"{bucket}/out-local", runner="local",
