@@ -370,7 +370,7 @@ def test_raw_image_prefix_on_s3_keyed_by_path(s3, ray_local):
     again = run_inference(photos, out_uri, ckpt, actors=1, score_threshold=0.0, images_per_unit=3)
     assert again.units_skipped == 2 and again.images == 0
     storage.write_bytes(f"{photos}/f.jpg", raw_jpeg(9, 48, 32))
-    with pytest.raises(Exception, match="input listing_sha256"):
+    with pytest.raises(Exception, match="made with input files=4, this run has files=5"):
         run_inference(photos, out_uri, ckpt, actors=1, score_threshold=0.0, images_per_unit=3)
 
 
@@ -414,7 +414,7 @@ def test_12mp_photos_stay_within_the_memory_target(ray_local, tmp_path):
         stop.set()
         sampler.join()
     assert summary.images == 2 and summary.errors == 0
-    assert summary.instances >= 150, summary.instances  # ~100 detections per image
+    assert summary.instances >= 100, summary.instances  # up to 100 detections per image
     for unit in driver.existing_results(out_uri):
         for row in pq.read_table(f"{out_uri}/{unit}").to_pylist():
             assert all(i["segmentation"]["size"] == [3000, 4000] for i in row["instances"])
