@@ -253,21 +253,20 @@ def gpu_benchmark(args: argparse.Namespace, work: str) -> dict:
     return run
 
 
-def _mark(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` unless it exists (the first writer wins, across processes)."""
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.write(fd, text.encode())
-    os.close(fd)
-
-
 def noop_predictor(instances: int, marker: str | None = None):
     """A Predictor whose model does nothing: ``instances`` fixed synthetic detections per image
     (boxes + 28x28 soft masks, so post-processing and results carry real instances), or none.
     Records (once) when the first model call starts. Defined in a function so Ray pickles it by value."""
     from pipeline.infer.predictor import Predictor
+
+    def _mark(path: str, text: str) -> None:
+        """Write ``text`` to ``path`` unless it exists (the first writer wins, across processes)."""
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.write(fd, text.encode())
+        os.close(fd)
 
     class NoopPredictor(Predictor):
         def __init__(self, *args, **kwargs):
@@ -278,12 +277,7 @@ def noop_predictor(instances: int, marker: str | None = None):
 
         def forward_uint8(self, images):
             if marker is not None:
-                try:
-                    fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                    os.write(fd, repr(time.time()).encode())
-                    os.close(fd)
-                except FileExistsError:
-                    pass
+                _mark(marker, repr(time.time()))
             outs = []
             for im in images:
                 h, w = int(im.shape[-2]), int(im.shape[-1])
@@ -393,6 +387,31 @@ def driver_rss_child(data_uri: str, out_uri: str, ckpt: str, instances: int, que
                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_before_ray": before})
 
 
+def driver_rss(args: argparse.Namespace, work: str, ckpt: str) -> list[dict]:
+    """The driver's peak RSS (``ru_maxrss`` of a fresh process running ``run_inference``) at each
+    of ``args.driver_rss`` image counts, synthetic instances on every image."""
+    import multiprocessing as mp
+
+    rss = []
+    if args.driver_rss:
+        ctx = mp.get_context("spawn")
+        for n in args.driver_rss:
+            uri = os.path.join(work, f"rss-data-{n}")
+            noop_dataset(uri, n, max(1, n // 100), args.size)
+            queue = ctx.Queue()
+            proc = ctx.Process(target=driver_rss_child, args=(uri, os.path.join(work, f"rss-out-{n}"), ckpt,
+                                                              args.noop_instances, queue))
+            proc.start()
+            rss.append(queue.get(timeout=1200))
+            proc.join()
+            print(f"driver peak RSS at {n} images ({rss[-1]['instances']} instances): "
+                  f"{rss[-1]['driver_peak_rss'] / 2**20:.0f} MiB", flush=True)
+        if len(rss) > 1:
+            print(f"driver peak RSS growth {args.driver_rss[0]} -> {args.driver_rss[-1]} images: "
+                  f"{(rss[-1]['driver_peak_rss'] - rss[0]['driver_peak_rss']) / 2**20:.0f} MiB (target <= 50)", flush=True)
+    return rss
+
+
 def noop_benchmark(args: argparse.Namespace, work: str) -> dict:
     """Plumbing overhead: the pipeline with a no-op model vs one process reading + decoding +
     resizing the same shards; then the driver's peak RSS at 2k and 20k images with instances."""
@@ -402,6 +421,9 @@ def noop_benchmark(args: argparse.Namespace, work: str) -> dict:
 
     ckpt = os.path.join(work, "ckpt.pt")
     write_checkpoint(ckpt, args.backbone, args.size, args.detections, args.proposals)
+    rss = []
+    if args.rss_only:
+        return {"driver_rss": driver_rss(args, work, ckpt)}
     data_uri = os.path.join(work, "noop-data")
     noop_dataset(data_uri, args.images, args.shards, args.size)
     loop = noop_loop(data_uri, ckpt)
@@ -429,23 +451,7 @@ def noop_benchmark(args: argparse.Namespace, work: str) -> dict:
           f"model actor process up at {run['actor_process_up_s']:.1f} s, its checkpoint loaded at "
           f"{run['actor_ready_s']:.1f} s, first model call at {run['first_model_call_s']:.1f} s, first results committed at "
           f"{run['first_commit_s']:.1f} s (target 15)", flush=True)
-    rss = []
-    if args.driver_rss:
-        ctx = mp.get_context("spawn")
-        for n in args.driver_rss:
-            uri = os.path.join(work, f"rss-data-{n}")
-            noop_dataset(uri, n, max(1, n // 100), args.size)
-            queue = ctx.Queue()
-            proc = ctx.Process(target=driver_rss_child, args=(uri, os.path.join(work, f"rss-out-{n}"), ckpt,
-                                                              args.noop_instances, queue))
-            proc.start()
-            rss.append(queue.get())
-            proc.join()
-            print(f"driver peak RSS at {n} images ({rss[-1]['instances']} instances): "
-                  f"{rss[-1]['driver_peak_rss'] / 2**20:.0f} MiB", flush=True)
-        if len(rss) > 1:
-            print(f"driver peak RSS growth {args.driver_rss[0]} -> {args.driver_rss[-1]} images: "
-                  f"{(rss[-1]['driver_peak_rss'] - rss[0]['driver_peak_rss']) / 2**20:.0f} MiB (target <= 50)", flush=True)
+    rss = driver_rss(args, work, ckpt)
     return {"loop": loop, "pipeline": run, "bytes": sizes, "driver_rss": rss}
 
 
@@ -473,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images-per-unit", type=int, default=100, help="--noop: images per unit")
     parser.add_argument("--noop-instances", type=int, default=5,
                         help="--noop: synthetic instances per image for the driver RSS runs")
+    parser.add_argument("--rss-only", action="store_true", help="--noop: only the driver RSS runs")
     parser.add_argument("--driver-rss", type=lambda s: [int(v) for v in s.split(",")], default=[],
                         help="--noop: also the driver's peak RSS at these image counts (e.g. 2000,20000)")
     args = parser.parse_args(argv)
