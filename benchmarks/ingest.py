@@ -70,6 +70,25 @@ def put_pngs(server, folder: str, n: int, size: int) -> float:
         shutil.rmtree(local, ignore_errors=True)
 
 
+def _cluster(nodes: int, cpus: int, attempts: int = 3):
+    """A ``ray.cluster_utils.Cluster`` of ``nodes`` simulated nodes, retried: on a saturated
+    machine a raylet can miss Ray's start-up window."""
+    from ray.cluster_utils import Cluster
+
+    for attempt in range(1, attempts + 1):
+        cluster = Cluster()
+        try:
+            for _ in range(nodes):
+                cluster.add_node(num_cpus=cpus, include_dashboard=False)
+            return cluster
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception here
+            cluster.shutdown()
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise
+            time.sleep(5)
+    raise AssertionError("unreachable")
+
+
 def timed_pack(prefix: str, out: str, **kwargs) -> float:
     from pipeline import convert
 
@@ -93,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.ERROR)
     import ray
-    from ray.cluster_utils import Cluster
 
     server = _seaweed_server_class()()
     server.start()
@@ -111,10 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"one process ({args.workers} threads): {results['one process']:.0f} files/s",
               flush=True)
         for nodes in (1, 2):
-            cluster = Cluster(initialize_head=True, head_node_args={
-                "num_cpus": args.cpus_per_node, "include_dashboard": False})
-            for _ in range(nodes - 1):
-                cluster.add_node(num_cpus=args.cpus_per_node)
+            cluster = _cluster(nodes, args.cpus_per_node)
             try:
                 ray.init(address=cluster.address, log_to_driver=False)
                 timed_pack(warm, f"{bucket}/out-warm-{nodes}", runner="ray", **common)
