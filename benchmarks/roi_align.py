@@ -101,7 +101,8 @@ def per_level_pooler(pyramid: OrderedDict, boxes: list[torch.Tensor], output_siz
     return torch.cat(pooled)[position]
 
 
-def cases(device: str, per_image_rois: int, which: list[str], channels: int = CHANNELS, dtype=torch.float32):
+def cases(device: str, per_image_rois: int, which: list[str], channels: int = CHANNELS, sizes=(7, 14),
+          dtype=torch.float32):
     """(name, {label: fn(*inputs) -> out}, input tensors) per benchmark case; the first fn is ours."""
     g = torch.Generator().manual_seed(0)
     boxes = [b.to(device, dtype) for b in make_boxes(per_image_rois, g)]
@@ -113,7 +114,7 @@ def cases(device: str, per_image_rois: int, which: list[str], channels: int = CH
     shapes = [IMAGE] * BATCH
     out = []
     if "fpn" in which:
-        for size in (7, 14):
+        for size in sizes:
             ours = ops.MultiScaleRoIAlign(list(pyramid), size, 2)
             theirs = torchvision.ops.MultiScaleRoIAlign(list(pyramid), size, 2)
             out.append((
@@ -127,7 +128,7 @@ def cases(device: str, per_image_rois: int, which: list[str], channels: int = CH
             ))
     if "single" in which:
         feat = pyramid["0"]
-        for size in (7, 14):
+        for size in sizes:
             out.append((
                 f"single level 200x272, {size}x{size}",
                 {
@@ -158,7 +159,8 @@ def run_case(fn, inputs, device: str, repeat: int, deterministic: bool = False):
     return fwd, fb, out.shape
 
 
-def bench(device: str, repeat: int, per_image_rois: int, which: list[str], channels: int = CHANNELS) -> None:
+def bench(device: str, repeat: int, per_image_rois: int, which: list[str], channels: int = CHANNELS,
+          sizes=(7, 14)) -> None:
     print(f"\n== {device}: {torch.cuda.get_device_name() if device == 'cuda' else cpu_name()}, "
           f"torch {torch.__version__}, torchvision {torchvision.__version__}, threads {torch.get_num_threads()}, "
           f"{per_image_rois} RoIs x {BATCH} images, {channels} channels, median of {repeat}")
@@ -180,7 +182,7 @@ def bench(device: str, repeat: int, per_image_rois: int, which: list[str], chann
     if device == "cuda":
         header += f" {'ours GB/s':>10s} {'%copy':>6s}" + (" %peak" if peak else "")
     print(header)
-    for name, fns, inputs in cases(device, per_image_rois, which, channels):
+    for name, fns, inputs in cases(device, per_image_rois, which, channels, sizes):
         ours = fns["ours"]
         f_ours, fb_ours, shape = run_case(ours, inputs, device, repeat)
         in_bytes = sum(t.numel() * t.element_size() for t in inputs)
@@ -225,6 +227,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", nargs="+", default=["fpn"], choices=["fpn", "single"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--rois-per-image", type=int, default=1000)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[7, 14], help="pooled sizes (default 7 14)")
     parser.add_argument("--channels", type=int, default=CHANNELS, help=f"feature channels (default {CHANNELS})")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     args = parser.parse_args(argv)
@@ -233,7 +236,7 @@ def main(argv=None) -> int:
         if device == "cuda" and not torch.cuda.is_available():
             print("\n== cuda: no GPU visible, skipped")
             continue
-        bench(device, args.repeat, args.rois_per_image, args.cases, args.channels)
+        bench(device, args.repeat, args.rois_per_image, args.cases, args.channels, args.sizes)
     return 0
 
 

@@ -173,18 +173,25 @@ def build(with_cuda: bool | None = None, arch: list[str] | None = None, verbose:
     if with_cuda and arch:
         os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(arch)
     try:
-        cpp_extension.load(
-            name=NAME,
-            sources=sources,
-            extra_cflags=CFLAGS,
-            extra_ldflags=LDFLAGS,
-            extra_cuda_cflags=NVCC_FLAGS,
-            extra_include_paths=[str(SOURCE_DIR)] + (extra_cuda_includes() if with_cuda else []),
-            build_directory=str(directory),
-            with_cuda=with_cuda,
-            is_python_module=False,
-            verbose=verbose,
-        )
+        if ninja_available():
+            cpp_extension.load(
+                name=NAME,
+                sources=sources,
+                extra_cflags=CFLAGS,
+                extra_ldflags=LDFLAGS,
+                extra_cuda_cflags=NVCC_FLAGS,
+                extra_include_paths=[str(SOURCE_DIR)] + (extra_cuda_includes() if with_cuda else []),
+                build_directory=str(directory),
+                with_cuda=with_cuda,
+                is_python_module=False,
+                verbose=verbose,
+            )
+        else:
+            log.warning("ninja not found: building with plain compiler calls (no incremental rebuilds)")
+            library = build_without_ninja(directory, with_cuda, arch or [], verbose)
+            import torch
+
+            torch.ops.load_library(str(library))
     except (RuntimeError, OSError, ImportError) as exc:
         raise _build_error(exc, directory) from exc
     finally:
@@ -211,6 +218,74 @@ def _build_error(exc: BaseException, directory: Path) -> MaskrayError:
         f"building the RoIAlign op from {SOURCE_DIR} failed: {tail}{where}. Hint: a C++17 compiler (g++) and "
         "ninja are needed (and nvcc with CUDA_HOME for GPUs); retry with `python -m model.build --verbose`"
     )
+
+
+def ninja_available() -> bool:
+    """torch's JIT builder needs ninja; some GPU images lack it (then :func:`build_without_ninja`)."""
+    from torch.utils import cpp_extension
+
+    try:
+        cpp_extension.verify_ninja_availability()
+    except RuntimeError:
+        return False
+    return True
+
+
+def host_command(source: Path, output: Path) -> list[str]:
+    """A host-compiler command compiling one C++ source of the op to an object file."""
+    import shutil
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    includes = cpp_extension.include_paths("cpu") + [sysconfig.get_paths()["include"]]
+    compiler = os.environ.get("CXX") or shutil.which("c++") or "c++"
+    return (
+        [compiler, "-c", str(source), "-o", str(output), f"-I{SOURCE_DIR}"]
+        + [arg for p in includes for arg in ("-isystem", p)]
+        + [f"-DTORCH_EXTENSION_NAME={NAME}", "-DTORCH_API_INCLUDE_EXTENSION_H", "-fPIC", "-std=c++20"]
+        + CFLAGS
+    )
+
+
+def link_command(objects: list[Path], output: Path, with_cuda: bool) -> list[str]:
+    """Link the op's objects into the shared library, against torch's libraries (as torch's builder does)."""
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX") or shutil.which("c++") or "c++"
+    libs = ["-lc10"] + (["-lc10_cuda"] if with_cuda else []) + ["-ltorch_cpu"]
+    libs += (["-ltorch_cuda"] if with_cuda else []) + ["-ltorch", "-ltorch_python"]
+    if with_cuda:
+        home = Path(cuda_home() or "/usr/local/cuda")
+        libs += [f"-L{home / ('lib64' if (home / 'lib64').exists() else 'lib')}", "-lcudart"]
+    return [compiler, "-shared", *map(str, objects), "-o", str(output), f"-L{cpp_extension.TORCH_LIB_PATH}", *libs,
+            *LDFLAGS]
+
+
+def build_without_ninja(directory: Path, with_cuda: bool, arch: list[str], verbose: bool = False) -> Path:
+    """Compile each source (c++, and nvcc for CUDA) and link, with plain subprocess calls; the
+    library lands where :func:`build` puts it. Raises RuntimeError with the compiler output."""
+    import subprocess
+
+    commands, objects = [], []
+    for name in CPP_SOURCES + (CUDA_SOURCES if with_cuda else []):
+        obj = directory / (name + ".o")
+        source = SOURCE_DIR / name
+        commands.append(nvcc_command(source, obj, arch) if name.endswith(".cu") else host_command(source, obj))
+        objects.append(obj)
+    library = directory / f"{NAME}.so"
+    partial = directory / f"{NAME}.so.partial"  # renamed when complete: a reader never sees half a library
+    commands.append(link_command(objects, partial, with_cuda))
+    for command in commands:
+        if verbose:
+            log.info("%s", " ".join(command))
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(command[:4])} ... failed:\n{proc.stdout}\n{proc.stderr}")
+    partial.replace(library)
+    return library
 
 
 def nvcc_command(source: Path, output: Path, arch: list[str]) -> list[str]:

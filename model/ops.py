@@ -371,9 +371,10 @@ def multi_level_roi_align(
     Returns:
         Tensor[K, C, output_height, output_width] in features[0]'s dtype.
     """
-    pooled_height, pooled_width = _check_params(output_size, 1.0, sampling_ratio)
+    if not features or len(features) != len(scales):
+        raise RoIAlignInputError(f"roi_align: {len(features)} feature maps but {len(scales)} scales")
     for scale in scales:
-        _check_params(output_size, scale, sampling_ratio)
+        pooled_height, pooled_width = _check_params(output_size, scale, sampling_ratio)
     dtype = features[0].dtype
     device_type = features[0].device.type
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):

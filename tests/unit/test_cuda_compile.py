@@ -6,24 +6,11 @@ the C++ source is compiled alongside by the host compiler. Skipped when nvcc is 
 
 import shutil
 import subprocess
-import sysconfig
 import time
 
 import pytest
 
 from model import build
-
-
-def _host_command(source, output):
-    from torch.utils import cpp_extension
-
-    includes = cpp_extension.include_paths("cpu") + [sysconfig.get_paths()["include"]]
-    return (
-        [shutil.which("c++") or "c++", "-c", str(source), "-o", str(output), f"-I{build.SOURCE_DIR}"]
-        + [arg for p in includes for arg in ("-isystem", p)]
-        + [f"-DTORCH_EXTENSION_NAME={build.NAME}", "-DTORCH_API_INCLUDE_EXTENSION_H", "-fPIC", "-std=c++20"]
-        + build.CFLAGS
-    )
 
 
 @pytest.mark.skipif(build.cuda_home() is None, reason="nvcc not found")
@@ -36,7 +23,7 @@ def test_cuda_sources_compile_for_sm80_and_sm90(tmp_path):
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         ),
         subprocess.Popen(
-            _host_command(build.SOURCE_DIR / "roi_align.cpp", cpp_obj),
+            build.host_command(build.SOURCE_DIR / "roi_align.cpp", cpp_obj),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         ),
     ]
