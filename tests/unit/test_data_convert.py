@@ -412,3 +412,21 @@ def test_rerun_with_other_options_starts_afresh_and_done_run_is_reused(tmp_path)
     other = convert.pack_images(str(src), out, images_per_shard=4)
     assert other.chunks_reused == 0 and [s.images for s in other.shards] == [4, 1]
     assert [r["image_id"] for r in fmt.read_rows(out)] == [1, 2, 3, 4, 5]
+
+
+def test_driver_keeps_a_bounded_problem_list_and_the_records_keep_all(tmp_path, monkeypatch):
+    from pipeline import ingest
+
+    monkeypatch.setattr(ingest, "MAX_REPORT_PROBLEMS", 50)
+    src = tmp_path / "raw"
+    src.mkdir()
+    for i in range(120):
+        (src / f"note-{i:03d}.txt").write_text("x")
+    (src / "a.png").write_bytes(_png())
+    out = tmp_path / "out"
+    report = convert.pack_images(str(src), str(out))
+    assert (report.images_in, report.images_written, report.images_skipped) == (121, 1, 120)
+    assert len(report.problems) == 50 and report.problems_total == 120
+    assert "... and 100 more problems (all in" in report.summary(max_problems=20)
+    everything = json.loads((out / "_ingest" / "plan-problems.json").read_text())
+    assert len(everything) == 120 and everything[-1]["source"].endswith("note-119.txt")
