@@ -164,6 +164,23 @@ def test_no_key_value_crosses_processes_or_lands_in_files(s3, ray_local, tmp_pat
     _scan(json.dumps(env).encode(), secrets, "the submit runtime env")
 
 
+def test_error_lines_never_echo_a_key(s3, monkeypatch):
+    """A denied or failing request becomes a one-line error (what logs, reports and results'
+    error rows carry) without the key id or secret that was sent."""
+    wrong_id, wrong_secret = "MASKRAYWRONGKEYID0001", "maskray-wrong-secret-0001"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", wrong_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong_secret)
+    uri = f"s3://{s3.bucket}/ingest-keys/raw/annotations.json"
+    for call in (lambda: storage.read_bytes(uri), lambda: storage.list_files(uri),
+                 lambda: storage.write_bytes(uri + ".x", b"x")):
+        with pytest.raises(storage.StorageError) as info:
+            call()
+        text = str(info.value)
+        assert "access denied" in text
+        _scan(text.encode(), [wrong_id.encode(), wrong_secret.encode(), s3.secret_key.encode()],
+              "an error line")
+
+
 def _bulk_load(s3, tmp_path, folder: str, n: int) -> None:
     """n tiny PNGs under s3://bucket/folder/raw, loaded through the filer with `weed filer.copy`
     (Go, no S3 signing: ~8x the rate of PUTs from Python here)."""
