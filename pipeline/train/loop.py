@@ -197,11 +197,26 @@ def save_train_state(directory: str, w: Worker) -> None:
 
 
 def restore_train_state(checkpoint, w: Worker) -> None:
-    """Model, optimizer, scaler and iteration from a Ray Train checkpoint of :func:`save_train_state`."""
-    with checkpoint.as_directory() as d:
+    """Model, optimizer, scaler and iteration from a Ray Train checkpoint of :func:`save_train_state`.
+
+    A checkpoint in object storage is downloaded by each rank into its own temporary folder:
+    ``Checkpoint.as_directory`` shares one download among a node's processes and deletes it
+    when the last one leaves, and under load a rank was seen reading a file another rank's
+    exit had already removed ("PytorchStreamReader failed reading file").
+    """
+    import shutil
+
+    import pyarrow.fs
+
+    local = isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem)
+    d = checkpoint.path if local else checkpoint.to_directory(tempfile.mkdtemp(prefix="maskray-restore-"))
+    try:
         blob = torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True)
         _unwrap(w.model).load_state_dict(blob["model"], strict=True)
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    finally:
+        if not local:
+            shutil.rmtree(d, ignore_errors=True)
     w.optimizer.load_state_dict(state["optimizer"])
     if w.scaler is not None and state.get("scaler"):
         w.scaler.load_state_dict(state["scaler"])
