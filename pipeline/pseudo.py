@@ -26,6 +26,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -166,25 +167,37 @@ class Transform:
             image = image.flip(-1)
         return image
 
-    def invert(self, pred: Prediction, height: int, width: int) -> Prediction:
-        """Predictions made on ``apply(image)`` -> predictions in the original ``height x width``."""
+    def invert_boxes(self, boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Boxes (xyxy) predicted on ``apply(image)`` -> boxes in the original ``height x width``."""
         th, tw = self.size(height, width)
-        boxes = pred.boxes.clone()
-        masks = pred.masks
+        out = boxes.clone()
         if self.hflip:
-            boxes[:, 0], boxes[:, 2] = tw - pred.boxes[:, 2], tw - pred.boxes[:, 0]
+            out[:, 0], out[:, 2] = tw - boxes[:, 2], tw - boxes[:, 0]
+        if (th, tw) != (height, width):
+            out[:, 0::2] *= width / tw
+            out[:, 1::2] *= height / th
+        out[:, 0::2] = out[:, 0::2].clamp(0, width)
+        out[:, 1::2] = out[:, 1::2].clamp(0, height)
+        return out
+
+    def invert_masks(self, masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Soft masks [N, th, tw] predicted on ``apply(image)`` -> [N, height, width] in [0, 1]
+        (each mask on its own: the same values whether N is 1 or many)."""
+        th, tw = self.size(height, width)
+        if self.hflip:
             masks = masks.flip(-1)
         if (th, tw) != (height, width):
-            boxes[:, 0::2] *= width / tw
-            boxes[:, 1::2] *= height / th
             if masks.shape[0]:
                 masks = F.interpolate(masks[:, None], size=(height, width), mode="bilinear",
                                       align_corners=False)[:, 0]
             else:
                 masks = masks.new_zeros(0, height, width)
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-        return Prediction(boxes, pred.scores.clone(), pred.labels.clone(), masks.clamp(0, 1))
+        return masks.clamp(0, 1)
+
+    def invert(self, pred: Prediction, height: int, width: int) -> Prediction:
+        """Predictions made on ``apply(image)`` -> predictions in the original ``height x width``."""
+        return Prediction(self.invert_boxes(pred.boxes, height, width), pred.scores.clone(), pred.labels.clone(),
+                          self.invert_masks(pred.masks, height, width))
 
 
 # --------------------------------------------------------------------------- ensembling
@@ -200,33 +213,12 @@ def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
 
 
-def ensemble(preds: Sequence[Prediction], config: TTAConfig) -> Prediction:
-    """Merge predictions of the same image (all in the original frame) from ``len(preds)``
-    transforms into one :class:`Prediction`.
-
-    Greedy clustering per class in score order: the best unassigned detection takes every
-    unassigned same-class detection with IoU >= ``iou_threshold``. From each transform only its
-    best member of the cluster counts (a transform votes once). The merged score is the mean
-    over *all* transforms (a transform that missed the object contributes 0) or the max; the
-    box is the top member's (nms) or the score-weighted mean of the members' (wbv); the soft
-    mask is the mean of the members' soft masks.
-    """
-    if not preds:
-        raise ValueError("ensemble: no predictions")
-    height, width = preds[0].image_size
-    for p in preds:
-        if p.image_size != (height, width):
-            raise ValueError(f"ensemble: predictions in different frames {p.image_size} vs {(height, width)}")
-    num_t = len(preds)
-    boxes = torch.cat([p.boxes for p in preds])
-    scores = torch.cat([p.scores for p in preds])
-    labels = torch.cat([p.labels for p in preds])
-    masks = torch.cat([p.masks for p in preds])
-    tidx = torch.cat([torch.full((len(p),), i, dtype=torch.int64) for i, p in enumerate(preds)])
-    keep = scores >= config.min_score
-    boxes, scores, labels, masks, tidx = boxes[keep], scores[keep], labels[keep], masks[keep], tidx[keep]
-
-    out_boxes, out_scores, out_labels, out_masks = [], [], [], []
+def clusters(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, tidx: torch.Tensor, num_t: int,
+             config: TTAConfig) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int], list[torch.Tensor]]:
+    """The clustering of :func:`ensemble` on boxes, scores, labels and transform indices only:
+    ``(boxes, scores, labels, members)`` per merged detection, ``members`` indexing the inputs
+    whose soft masks it averages (so masks can be made one cluster at a time)."""
+    out_boxes, out_scores, out_labels, out_members = [], [], [], []
     for label in labels.unique().tolist():
         idx = torch.nonzero(labels == label).flatten()
         idx = idx[torch.argsort(scores[idx], descending=True, stable=True)]
@@ -252,7 +244,37 @@ def ensemble(preds: Sequence[Prediction], config: TTAConfig) -> Prediction:
             out_boxes.append(box)
             out_scores.append(merged_score)
             out_labels.append(label)
-            out_masks.append(masks[sel].mean(0))
+            out_members.append(sel)
+    return out_boxes, out_scores, out_labels, out_members
+
+
+def ensemble(preds: Sequence[Prediction], config: TTAConfig) -> Prediction:
+    """Merge predictions of the same image (all in the original frame) from ``len(preds)``
+    transforms into one :class:`Prediction`.
+
+    Greedy clustering per class in score order: the best unassigned detection takes every
+    unassigned same-class detection with IoU >= ``iou_threshold``. From each transform only its
+    best member of the cluster counts (a transform votes once). The merged score is the mean
+    over *all* transforms (a transform that missed the object contributes 0) or the max; the
+    box is the top member's (nms) or the score-weighted mean of the members' (wbv); the soft
+    mask is the mean of the members' soft masks.
+    """
+    if not preds:
+        raise ValueError("ensemble: no predictions")
+    height, width = preds[0].image_size
+    for p in preds:
+        if p.image_size != (height, width):
+            raise ValueError(f"ensemble: predictions in different frames {p.image_size} vs {(height, width)}")
+    boxes = torch.cat([p.boxes for p in preds])
+    scores = torch.cat([p.scores for p in preds])
+    labels = torch.cat([p.labels for p in preds])
+    masks = torch.cat([p.masks for p in preds])
+    tidx = torch.cat([torch.full((len(p),), i, dtype=torch.int64) for i, p in enumerate(preds)])
+    keep = scores >= config.min_score
+    masks = masks[keep]
+    out_boxes, out_scores, out_labels, members = clusters(boxes[keep], scores[keep], labels[keep], tidx[keep],
+                                                          len(preds), config)
+    out_masks = [masks[sel].mean(0) for sel in members]
     if not out_scores:
         return Prediction.empty(height, width)
     result = Prediction(torch.stack(out_boxes), torch.stack(out_scores).float(),
@@ -302,6 +324,72 @@ def predict_tta(model: Callable, images: Sequence[torch.Tensor], config: TTAConf
                 th, tw = t.size(*img.shape[-2:])
                 per_image[i].append(t.invert(Prediction.from_output(out, th, tw), *img.shape[-2:]))
     return [ensemble(p, config) for p in per_image]
+
+
+def tta_annotations(predictor: Any, images: Sequence[torch.Tensor], config: TTAConfig,
+                    category_ids: Sequence[int], *, image_ids: Sequence[int]) -> list[list[dict]]:
+    """``to_annotations(predict_tta(predictor.predict, images, config, scaler=predictor)[i], ...)``
+    for every image, in bounded memory: the model's boxes and 28x28 mask probabilities of every
+    transform are kept, clustering runs on boxes (:func:`clusters`), and each merged instance's
+    soft mask is pasted, mapped back and averaged from its members only, encoded, and dropped
+    before the next. Peak: one instance's members at the image size (<= transforms x H x W),
+    never every instance of every transform (``predictor`` is a ``pipeline.infer.predictor.Predictor``).
+    """
+    from pycocotools import mask as mask_utils
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    parts: list[list[tuple]] = [[] for _ in images]
+    with torch.inference_mode():
+        for t in config.transforms():
+            transformed = [t.apply(img) for img in images]
+            with _model_scale(predictor, t.scale):
+                outs = predictor.forward_uint8(transformed)
+            for i, (img, timg, out) in enumerate(zip(images, transformed, outs)):
+                h, w = int(img.shape[-2]), int(img.shape[-1])
+                boxes_t = out["boxes"].float().reshape(-1, 4)
+                parts[i].append((t, t.invert_boxes(boxes_t, h, w), out["scores"].float().reshape(-1),
+                                 out["labels"].to(torch.int64).reshape(-1), boxes_t, out["masks"].float(),
+                                 (int(timg.shape[-2]), int(timg.shape[-1]))))
+    results = []
+    for img, image_id, per_t in zip(images, image_ids, parts):
+        h, w = int(img.shape[-2]), int(img.shape[-1])
+        scores = torch.cat([p[2] for p in per_t])
+        keep = scores >= config.min_score
+        tidx = torch.cat([torch.full((len(p[2]),), k, dtype=torch.int64) for k, p in enumerate(per_t)])[keep]
+        local = torch.cat([torch.arange(len(p[2])) for p in per_t])[keep]
+        boxes, labels = torch.cat([p[1] for p in per_t])[keep], torch.cat([p[3] for p in per_t])[keep]
+        c_boxes, c_scores, c_labels, members = clusters(boxes, scores[keep], labels, tidx, len(per_t), config)
+        annotations: list[dict] = []
+        if c_scores:
+            merged = torch.stack(c_scores).float()
+            order = torch.argsort(merged, descending=True, stable=True)[: config.max_detections]
+            for rank, c in enumerate(order.tolist()):
+                soft = []
+                for m in members[c].tolist():
+                    t, _, _, _, boxes_t, masks28, size_t = per_t[int(tidx[m])]
+                    j = int(local[m])
+                    pasted = paste_masks_in_image(masks28[j:j + 1], boxes_t[j:j + 1], size_t)[:, 0]
+                    soft.append(t.invert_masks(pasted, h, w)[0])
+                binary = (torch.stack(soft).mean(0) >= config.mask_threshold).to(torch.uint8).numpy()
+                area = int(binary.sum())
+                if area == 0:
+                    continue
+                label = int(c_labels[c])
+                if not 1 <= label <= len(category_ids):
+                    raise MaskrayError(f"teacher predicted label {label}, but it has {len(category_ids)} categories")
+                rle = mask_utils.encode(np.asfortranarray(binary[:, :, None]))[0]
+                x1, y1, x2, y2 = (float(v) for v in c_boxes[c].tolist())
+                annotations.append({
+                    "id": int(image_id) * 1000 + rank,
+                    "category_id": int(category_ids[label - 1]),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": float(area),
+                    "iscrowd": False,
+                    "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"]},
+                    "score": float(merged[c]),
+                })
+        results.append(annotations)
+    return results
 
 
 # --------------------------------------------------------------------------- annotations
@@ -408,13 +496,10 @@ class TTALabeler:
         from pipeline.dataset import decode_image
 
         images = [decode_image(r["image"]).float().div_(255.0) for r in rows]
-        preds = predict_tta(self.predictor.predict, images, self.config, scaler=self.predictor)
-        out = []
-        for row, pred in zip(rows, preds):
-            anns = to_annotations(pred, self.category_ids, image_id=int(row["image_id"]),
-                                  mask_threshold=self.config.mask_threshold)
-            out.append({**{k: row[k] for k in INPUT_COLUMNS}, "annotations": anns})
-        return out
+        # Bounded memory: never every transform's masks at the image size (tta_annotations).
+        annotations = tta_annotations(self.predictor, images, self.config, self.category_ids,
+                                      image_ids=[int(r["image_id"]) for r in rows])
+        return [{**{k: row[k] for k in INPUT_COLUMNS}, "annotations": anns} for row, anns in zip(rows, annotations)]
 
     def __call__(self, table):
         from pipeline.format import rows_to_table

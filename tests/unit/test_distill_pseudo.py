@@ -165,3 +165,25 @@ def test_config_validation_names_the_field():
         TTAConfig(scales=(0,))
     with pytest.raises(MaskrayError, match="thresholds.mode"):
         pseudo.ThresholdConfig(mode="auto")
+
+
+def test_bounded_tta_annotations_equal_the_full_size_path():
+    """tta_annotations (members pasted one cluster at a time) gives exactly what predict_tta's
+    full-size masks + to_annotations give, flips and rescales included."""
+    from model.checkpoint import ModelConfig, build_from_config
+    from pipeline.infer.predictor import Predictor
+
+    torch.manual_seed(0)
+    config = ModelConfig.for_categories([{"id": 3, "name": "a"}, {"id": 9, "name": "b"}], backbone="resnet18",
+                                        min_size=64, max_size=96, box_detections_per_img=8,
+                                        options={"rpn_pre_nms_top_n_test": 60, "rpn_post_nms_top_n_test": 30})
+    predictor = Predictor(model=build_from_config(config).eval(), config=config, score_threshold=0.05)
+    g = torch.Generator().manual_seed(4)
+    images = [torch.rand(3, 50, 70, generator=g), torch.rand(3, 61, 45, generator=g)]
+    tta = TTAConfig(scales=(1.0, 0.75), hflip=True, min_score=0.05, mask_threshold=0.4)
+    ids = config.category_ids()
+    full = [pseudo.to_annotations(p, ids, image_id=i + 1, mask_threshold=tta.mask_threshold)
+            for i, p in enumerate(pseudo.predict_tta(predictor.predict, images, tta, scaler=predictor))]
+    bounded = pseudo.tta_annotations(predictor, images, tta, ids, image_ids=[1, 2])
+    assert sum(len(a) for a in full) > 0
+    assert bounded == full
