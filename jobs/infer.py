@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "together, so use ~8 for 12-MP photos)")
     parser.add_argument("--no-exif", action="store_true",
                         help="keep the raw pixel frame (default: apply EXIF orientation, as image viewers do)")
+    parser.add_argument("--intensity", default=None, metavar="MODE",
+                        help="how 16/32-bit images map to 0..255: percentile (default), minmax or dtype")
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute results that --output holds from another checkpoint, input or options")
     parser.add_argument("--retry-errors", action="store_true",
@@ -96,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels or None,
         images_per_unit=args.images_per_unit,
         exif=not args.no_exif,
+        intensity=args.intensity,
         overwrite=args.overwrite,
         retry_errors=args.retry_errors,
     )

@@ -256,6 +256,7 @@ def run_inference(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     images_per_unit: int = 64,
     exif: bool = True,
+    intensity: str | None = None,
     overwrite: bool = False,
     retry_errors: bool = False,
     on_unit_committed: Callable[[str], None] | None = None,
@@ -267,7 +268,8 @@ def run_inference(
     GPUs, else CPU actors; ``cpus_per_actor`` None = 1, lowered on a CPU-only cluster so one CPU
     stays for the read/write tasks; ``threads`` per CPU actor (None: :func:`cpu_actor_threads`).
     ``images_per_unit`` bounds a unit (uint8 pixels of a unit travel as one object: 16 x 12-MP
-    photos = 576 MB). ``exif`` applies EXIF orientation. ``overwrite`` recomputes results made
+    photos = 576 MB). ``exif`` applies EXIF orientation; ``intensity`` maps 16/32-bit images
+    (``pipeline.dataset.INTENSITY_MODES``; None = its default). ``overwrite`` recomputes results made
     differently; ``retry_errors`` recomputes rows whose error may be transient.
     ``predictor_factory`` replaces :class:`Predictor` in the actor pool (same keyword arguments).
     """
@@ -284,6 +286,12 @@ def run_inference(
         raise MaskrayError(f"score threshold {score_threshold} must be in [0, 1]")
     if threads is not None and (not isinstance(threads, int) or threads < 0):
         raise MaskrayError(f"threads {threads!r} must be an integer >= 0 (0 = Ray's default)")
+    from pipeline.dataset import DEFAULT_INTENSITY, check_intensity
+
+    try:
+        intensity = check_intensity(intensity or DEFAULT_INTENSITY)  # recorded as the effective mode
+    except ValueError as exc:
+        raise MaskrayError(str(exc)) from None
     started = time.perf_counter()
     units, identity = plan(dataset_uri, images_per_unit)
     model, config, model_id = load_model(checkpoint_uri)  # the driver reads sizes and categories only
@@ -295,7 +303,8 @@ def run_inference(
         "model": model_digest(model_id),
         "input": identity,
         "options": {"score_threshold": float(score_threshold), "max_pixels": max_pixels, "min_size": min_size,
-                    "max_size": max_size, "exif": bool(exif), "tta": None, "images_per_unit": images_per_unit,
+                    "max_size": max_size, "exif": bool(exif), "intensity": intensity, "tta": None,
+                    "images_per_unit": images_per_unit,
                     "category_ids": category_ids},
     }
     existing = existing_results(output_uri)
@@ -346,7 +355,7 @@ def run_inference(
         ds = ray.data.from_items([u.row() for u in pending], override_num_blocks=len(pending))
         # batch_size=1 everywhere: a unit is one row, so every stage sees whole units.
         ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow",
-                            fn_kwargs={"max_pixels": max_pixels, "exif": exif})
+                            fn_kwargs={"max_pixels": max_pixels, "exif": exif, "intensity": intensity})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*")

@@ -106,13 +106,13 @@ def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return ops[orientation](image).contiguous()
 
 
-def decode(data: bytes | None, *, max_pixels: int | None, exif: bool = True) -> torch.Tensor:
+def decode(data: bytes | None, *, max_pixels: int | None, exif: bool = True, intensity: str | None = None) -> torch.Tensor:
     """Encoded bytes -> uint8 ``[3,H,W]`` (``pipeline.dataset.decode_image``: one-line errors for
-    empty, corrupt, truncated or over-``max_pixels`` data), EXIF orientation applied unless ``exif``
-    is False."""
-    from pipeline.dataset import decode_image
+    empty, corrupt, truncated or over-``max_pixels`` data; ``intensity`` maps 16/32-bit images,
+    None = its default), EXIF orientation applied unless ``exif`` is False."""
+    from pipeline.dataset import DEFAULT_INTENSITY, decode_image
 
-    image = decode_image(data, max_pixels=max_pixels)
+    image = decode_image(data, max_pixels=max_pixels, intensity=intensity or DEFAULT_INTENSITY)
     if exif and data:
         image = apply_orientation(image, exif_orientation(data))
     return image
@@ -152,7 +152,7 @@ def _read_shard_rows(unit: dict) -> tuple[list[int], list[str], list[bytes | Non
             table.column("image").to_pylist())
 
 
-def read_units(batch: Any, *, max_pixels: int | None, exif: bool = True) -> Any:
+def read_units(batch: Any, *, max_pixels: int | None, exif: bool = True, intensity: str | None = None) -> Any:
     """Ray Data stage: unit rows -> decoded units (see the module docstring). A row whose image
     cannot be read or decoded carries ``error`` from here on; a shard that cannot be read after
     :data:`STORAGE_ATTEMPTS` tries fails the task (Ray Data then stops the run naming it)."""
@@ -185,7 +185,7 @@ def read_units(batch: Any, *, max_pixels: int | None, exif: bool = True) -> Any:
             blob = b""
             if error is None:
                 try:
-                    image = decode(datas[p], max_pixels=max_pixels, exif=exif)
+                    image = decode(datas[p], max_pixels=max_pixels, exif=exif, intensity=intensity)
                     h, w = int(image.shape[-2]), int(image.shape[-1])
                     blob = image.numpy().tobytes()
                 except Exception as exc:  # noqa: BLE001 - a bad image is an error row, never a crash

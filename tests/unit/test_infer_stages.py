@@ -288,3 +288,22 @@ def test_cpu_actor_threads_share_the_cluster_cores():
     assert driver.cpu_actor_threads([0.0], 1) == 1
     with pytest.raises(MaskrayError, match="actors"):
         driver.cpu_actor_threads([2.0], 0)
+
+
+def test_intensity_mode_reaches_the_decoder_and_the_provenance(tiny, tmp_path, monkeypatch):
+    import ray
+
+    rng = np.random.default_rng(3)
+    low = png((rng.integers(0, 236, (20, 30)) ).astype(np.uint16))  # a dim 16-bit image
+    by_dtype = stages.decode(low, max_pixels=None, intensity="dtype")
+    stretched = stages.decode(low, max_pixels=None, intensity="minmax")
+    assert int(by_dtype.max()) <= 1 and int(stretched.max()) == 255
+    _, _, ckpt = tiny
+    data = write_dataset(tmp_path / "d", [[]])
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray must not start"))
+    driver.run_inference(data, str(tmp_path / "o"), ckpt, intensity="minmax")
+    assert json.loads((tmp_path / "o" / "provenance.json").read_text())["options"]["intensity"] == "minmax"
+    with pytest.raises(MaskrayError, match="intensity"):
+        driver.run_inference(data, str(tmp_path / "o"), ckpt, intensity="dtype")
+    with pytest.raises(MaskrayError, match="not one of"):
+        driver.run_inference(data, str(tmp_path / "o2"), ckpt, intensity="gamma")
