@@ -263,7 +263,7 @@ void backward_impl(
     int64_t C,
     int sampling_ratio,
     bool aligned,
-    const std::vector<acc_t*>& grad_inputs) {  // zeroed, contiguous [N, C, H_l, W_l] per level
+    const std::vector<acc_t*>& grad_inputs) {  // contiguous [N, C, H_l, W_l] per level, zeroed here
   const int64_t K = rois.size(0);
   const RoiPlan<acc_t> plan =
       make_plan<acc_t, scalar_t>(op, rois, N, levels, map, PH, PW, sampling_ratio, aligned);
@@ -274,6 +274,12 @@ void backward_impl(
     std::vector<acc_t> rowbuf(std::max(plan.max_cols, 1));
     acc_t* G = rowbuf.data();
     for (int64_t c = c_begin; c < c_end; ++c) {
+      // this thread owns channel c of every level and image: zero those planes here, in
+      // parallel and right before they are accumulated into (cache-warm)
+      for (size_t l = 0; l < levels.size(); ++l) {
+        const int64_t plane = int64_t(levels[l].height) * levels[l].width;
+        for (int64_t b = 0; b < N; ++b) std::fill_n(grad_inputs[l] + (b * C + c) * plane, plane, acc_t(0));
+      }
       for (int64_t n = 0; n < K; ++n) {
         const int Q = plan.ncols[n];
         if (Q == 0) continue;
@@ -392,7 +398,10 @@ std::vector<at::Tensor> backward_levels(
   std::vector<Level> levels;
   for (size_t l = 0; l < scales.size(); ++l) {
     check_map_size(op, heights[l], widths[l]);
-    acc.push_back(at::zeros({batch_size, channels, heights[l], widths[l]}, grad.options().dtype(acc_type)));
+    // backward_impl zeroes every plane (per channel, in parallel); only an empty grad needs zeros here
+    const auto options = grad.options().dtype(acc_type);
+    acc.push_back(grad.numel() > 0 ? at::empty({batch_size, channels, heights[l], widths[l]}, options)
+                                   : at::zeros({batch_size, channels, heights[l], widths[l]}, options));
     levels.push_back(Level{static_cast<int>(heights[l]), static_cast<int>(widths[l]), scales[l]});
   }
   if (grad.numel() > 0) {
