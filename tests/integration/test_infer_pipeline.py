@@ -323,6 +323,7 @@ def always_dying_predictor() -> type[Predictor]:
     return AlwaysDying
 
 
+@pytest.mark.slow
 def test_a_model_stage_that_always_crashes_stops_in_bounded_time(ray_local, tmp_path):
     data_uri, out_uri, ckpt = str(tmp_path / "data"), str(tmp_path / "out"), str(tmp_path / "ckpt.pt")
     tiny_checkpoint(ckpt)
