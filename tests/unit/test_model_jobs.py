@@ -122,7 +122,8 @@ def test_show_job_from_checkpoint_and_from_results(dataset, tmp_path):
     assert cli.module_main("show", ["--checkpoint", _checkpoint(tmp_path / "c.pt"), "--data", dataset,
                      "--out", str(out), "--limit", "2", "--score-thresh", "0", "--device", "cpu"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["1.png", "2.png"]
-    assert decode_png(torch.frombuffer(bytearray((out / "1.png").read_bytes()), dtype=torch.uint8)).shape == (3, 64, 64)
+    # overlays are drawn at --long-side (default 1280 px): the 64-px square images are upscaled, aspect kept
+    assert decode_png(torch.frombuffer(bytearray((out / "1.png").read_bytes()), dtype=torch.uint8)).shape == (3, 1280, 1280)
 
     # stored results: ground truth as predictions, one results file
     results = tmp_path / "results"
@@ -134,7 +135,8 @@ def test_show_job_from_checkpoint_and_from_results(dataset, tmp_path):
                      "instances": to_result_instances(gt.to_coco(image_id, [4, 9]))})
     pq.write_table(__import__("pyarrow").Table.from_pylist(rows, schema=RESULT_SCHEMA), results / "part-00000.parquet")
     out2 = tmp_path / "png2"
-    assert cli.module_main("show", ["--results", str(results), "--data", dataset, "--out", str(out2), "--limit", "3"]) == 0
+    assert cli.module_main("show", ["--results", str(results), "--data", dataset, "--out", str(out2), "--limit", "3",
+                                      "--long-side", "64"]) == 0  # the images' own size: pixels comparable
     assert sorted(p.name for p in out2.iterdir()) == ["1.png", "2.png", "3.png"]
     drawn = decode_png(torch.frombuffer(bytearray((out2 / "3.png").read_bytes()), dtype=torch.uint8))
     image, gt = _image_and_targets(3)
