@@ -229,7 +229,7 @@ def _report(paths: dict, final: dict, metrics: dict, rounds: list | None, timing
               f"- training data: `{paths['train']}`, val: `{paths['val']}`, unlabeled pool: `{paths['pool']}`",
               f"- training run (checkpoints, TensorBoard events): `{final.get('run')}`",
               f"- model checkpoint: `{final.get('model')}`",
-              f"- batch-segmentation results (one Parquet file per shard): `{paths['predictions']}`",
+              f"- batch-segmentation results (one Parquet file per unit of images, `provenance.json` says what made them): `{paths['predictions']}`",
               f"- COCO results JSON of the pool: `{out / 'pool-results.json'}`",
               f"- distillation rounds (state.json per round): `{paths['distill']}`",
               f"- overlays: `{overlays}`",

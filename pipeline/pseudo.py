@@ -493,9 +493,23 @@ class TTALabeler:
         self.category_ids = self.predictor.category_ids
 
     def label_rows(self, rows: list[dict]) -> list[dict]:
-        from pipeline.dataset import decode_image
+        """The rows whose image decodes, each with its ``annotations``. A row whose image cannot
+        be decoded (corrupt, over the pixel limit) is logged by image id and file name and left
+        out; :func:`label_candidates` counts what is missing against the source."""
+        from pipeline.dataset import ImageDecodeError, decode_image
 
-        images = [decode_image(r["image"]).float().div_(255.0) for r in rows]
+        images, good = [], []
+        for row in rows:
+            try:
+                images.append(decode_image(row["image"]).float().div_(255.0))
+            except ImageDecodeError as exc:
+                logger.warning("pseudo-labels: skipped image_id=%s (%s): %s", row.get("image_id"),
+                               row.get("file_name"), exc)
+                continue
+            good.append(row)
+        rows = good
+        if not rows:
+            return []
         # Bounded memory: never every transform's masks at the image size (tta_annotations).
         annotations = tta_annotations(self.predictor, images, self.config, self.category_ids,
                                       image_ids=[int(r["image_id"]) for r in rows])
@@ -521,10 +535,11 @@ def _annotation_scores(dataset_uri: str) -> tuple[dict[int, list[float]], int]:
 
 def label_candidates(unlabeled_uri: str, out_uri: str, teacher: str, tta: TTAConfig, *, round_index: int,
                      batch_size: int = 8, actors: int = 1, cpus_per_actor: float = 1.0, threads: int = 0,
-                     images_per_shard: int = 1000) -> str:
+                     images_per_shard: int = 1000, max_bad_fraction: float = 0.01) -> str:
     """Teacher TTA inference over every unlabeled image with Ray Data -> candidate shards under
     ``out_uri`` (every ensembled instance >= ``tta.min_score``, with its score). Kept when a
-    previous run already wrote them for this very teacher and round."""
+    previous run already wrote them for this very teacher and round. Undecodable images are
+    skipped and counted; more than ``max_bad_fraction`` of them stops the round."""
     import dataclasses
 
     import ray.data
@@ -553,9 +568,23 @@ def label_candidates(unlabeled_uri: str, out_uri: str, teacher: str, tta: TTACon
             for row in batch.to_pylist():
                 writer.add(row)
     shards = writer.close()
+    _check_skipped(source.num_images, sum(s.images for s in shards), unlabeled_uri, max_bad_fraction)
     categories = _teacher_categories(teacher, source.categories)
     write_manifest(out_uri, Manifest(categories=categories, shards=shards, source=unlabeled_uri, extra=extra))
     return out_uri
+
+
+def _check_skipped(images_in: int, images_out: int, source_uri: str, max_bad_fraction: float) -> int:
+    """Rows in = rows out + skipped; more than ``max_bad_fraction`` skipped stops the round with
+    one line (each skipped row was logged by the labeling actor). Returns the skipped count."""
+    skipped = images_in - images_out
+    if skipped:
+        logger.warning("pseudo-labels: %d of %d images of %s could not be decoded and were skipped",
+                       skipped, images_in, source_uri)
+    if skipped > max_bad_fraction * images_in:
+        raise MaskrayError(f"pseudo-labels: {skipped} of {images_in} images of {source_uri} could not be decoded, "
+                           f"more than the {max_bad_fraction:g} allowed (the skipped rows are named above)")
+    return skipped
 
 
 def _teacher_categories(teacher: str, fallback: list[dict]) -> list[dict]:

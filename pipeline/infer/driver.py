@@ -41,6 +41,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from model.errors import MaskrayError
+from pipeline.dataset import DEFAULT_MAX_PIXELS  # the one pixel limit; larger images become error rows
 from pipeline.infer.predictor import Predictor, error_text, load_model, model_sizes
 from pipeline.infer.stages import IMAGE_SUFFIXES, is_transient, read_units, write_units
 
@@ -48,7 +49,6 @@ logger = logging.getLogger(__name__)
 
 PROVENANCE = "provenance.json"
 RESULTS_FORMAT = "maskray-results/2"
-DEFAULT_MAX_PIXELS = 50_000_000  # as pipeline.dataset; larger images become error rows
 MAX_RESTARTS = 2  # a dead model actor is restarted at most this often ...
 MAX_TASK_RETRIES = 2  # ... and a unit retried on a new actor at most this often; then the run stops
 PROGRESS_SECONDS = 10.0

@@ -192,7 +192,7 @@ def _tiny_config(root: Path, shards: Path, *, name: str, iters: int) -> Path:
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    for module in ("jobs.train", "pipeline.training", "pipeline.synth", "pipeline.convert"):
+    for module in ("jobs.train", "pipeline.train.engine", "pipeline.synth", "pipeline.convert"):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} has not landed: the train job cannot run yet")
     from model import build

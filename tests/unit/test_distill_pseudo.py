@@ -187,3 +187,33 @@ def test_bounded_tta_annotations_equal_the_full_size_path():
     bounded = pseudo.tta_annotations(predictor, images, tta, ids, image_ids=[1, 2])
     assert sum(len(a) for a in full) > 0
     assert bounded == full
+
+
+def test_labeler_skips_an_undecodable_row_and_the_count_is_checked(caplog):
+    """A corrupt image among unlabeled rows is named and left out (the others are labeled), and
+    the candidates count check stops the round only above the allowed fraction."""
+    import io
+
+    from PIL import Image
+
+    from model.checkpoint import ModelConfig, build_from_config
+    from pipeline.infer.predictor import Predictor
+
+    torch.manual_seed(0)
+    config = ModelConfig.for_categories([{"id": 3, "name": "a"}], backbone="resnet18", min_size=64, max_size=96,
+                                        box_detections_per_img=4)
+    labeler = pseudo.TTALabeler.__new__(pseudo.TTALabeler)
+    labeler.config = TTAConfig(scales=(1.0,), hflip=False, min_score=0.0)
+    labeler.predictor = Predictor(model=build_from_config(config).eval(), config=config, score_threshold=0.0)
+    labeler.category_ids = config.category_ids()
+    buf = io.BytesIO()
+    Image.fromarray(np.full((40, 50, 3), 120, np.uint8)).save(buf, format="PNG")
+    good = {"image_id": 1, "file_name": "a.png", "width": 50, "height": 40, "image": buf.getvalue()}
+    bad = {**good, "image_id": 2, "file_name": "broken.png", "image": buf.getvalue()[:30]}
+    with caplog.at_level("WARNING", logger="pipeline.pseudo"):
+        out = labeler.label_rows([good, bad])
+    assert [r["image_id"] for r in out] == [1]
+    assert "image_id=2" in caplog.text and "broken.png" in caplog.text
+    assert pseudo._check_skipped(200, 198, "s3://b/pool", 0.01) == 2
+    with pytest.raises(MaskrayError, match="3 of 200 images of s3://b/pool could not be decoded"):
+        pseudo._check_skipped(200, 197, "s3://b/pool", 0.01)
