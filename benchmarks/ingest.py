@@ -23,17 +23,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-
-def _seaweed_server_class():
-    import importlib.util
-
-    path = os.path.join(ROOT, "tests", "integration", "conftest.py")
-    sys.path.insert(0, os.path.dirname(path))  # its `ports` helper sits next to it
-    spec = importlib.util.spec_from_file_location("_maskray_it_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while building
-    spec.loader.exec_module(module)
-    return module.SeaweedServer
+from benchmarks.seaweed import seaweed_server_class  # noqa: E402
 
 
 def put_pngs(server, folder: str, n: int, size: int) -> float:
@@ -113,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)
     import ray
 
-    server = _seaweed_server_class()()
+    server = seaweed_server_class()()
     server.start()
     results: dict[str, float] = {}
     try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import os
 import platform
 import statistics
@@ -24,15 +23,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-
-def _seaweed_server_class():
-    path = os.path.join(ROOT, "tests", "integration", "conftest.py")
-    sys.path.insert(0, os.path.dirname(path))  # its `ports` helper sits next to it
-    spec = importlib.util.spec_from_file_location("_maskray_it_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while building
-    spec.loader.exec_module(module)
-    return module.SeaweedServer
+from benchmarks.seaweed import seaweed_server_class  # noqa: E402
 
 
 def build_dataset(uri: str, rows: int, unique: int, size: int, images_per_shard: int) -> None:
@@ -114,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline import format as fmt
 
-    with _seaweed_server_class()() as server:
+    with seaweed_server_class()() as server:
         os.environ.update(server.env)
         uri = f"s3://{server.bucket}/bench/shards"
         t0 = time.perf_counter()
