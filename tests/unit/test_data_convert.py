@@ -17,6 +17,7 @@ from pycocotools.coco import COCO
 from jobs import cli
 from pipeline import convert, storage, synth
 from pipeline import format as fmt
+from png_bombs import png_header_only
 
 
 
@@ -285,17 +286,6 @@ def test_pack_folder(tmp_path, capsys):
     assert rc == 0 and "not an image: 1" in capsys.readouterr().out
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    import struct
-    import zlib
-
-    def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(
-            ">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
-
-
 def _coco(images, annotations=()):
     return {"categories": [{"id": 1, "name": "thing"}], "images": images,
             "annotations": list(annotations)}
@@ -330,7 +320,7 @@ def test_file_name_escapes_are_reported_and_skipped(tmp_path):
 def test_pixel_bomb_is_refused_from_the_header_in_convert_and_pack(tmp_path, monkeypatch):
     root = tmp_path / "imgs"
     root.mkdir()
-    (root / "bomb.png").write_bytes(_png_header_only(30_000, 30_000))
+    (root / "bomb.png").write_bytes(png_header_only(30_000, 30_000))
     (root / "ok.png").write_bytes(_png())
     from PIL import ImageFile
     real_load = ImageFile.ImageFile.load

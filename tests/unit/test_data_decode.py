@@ -13,6 +13,7 @@ from pipeline import format as fmt
 from pipeline.dataset import (INTENSITY_MODES, ImageDecodeError, TargetError, decode_image,
                               decode_target, image_size, load_image)
 from pipeline.synth import encode_rle
+from png_bombs import png_header_only
 
 
 def _encode(img: Image.Image, fmt_: str = "PNG", **kw) -> bytes:
@@ -97,16 +98,8 @@ def test_bad_bytes_raise_clear_errors():
         decode_image(png[: len(png) // 2])
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(
-            ">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
-
-
 def test_pixel_limit_refuses_before_decoding():
-    huge = _png_header_only(10_000, 10_000)
+    huge = png_header_only(10_000, 10_000)
     assert image_size(huge, max_pixels=None) == (10_000, 10_000)
     with pytest.raises(ImageDecodeError, match=r"10000x10000 = 100\.0 MP, over the 50 MP limit"):
         decode_image(huge)
@@ -195,7 +188,7 @@ def test_8bit_images_unchanged_by_any_intensity_mode():
 
 
 def test_30000_squared_png_bomb_refused_from_header(monkeypatch):
-    bomb = _png_header_only(30_000, 30_000)  # a few dozen bytes declaring 900 MP
+    bomb = png_header_only(30_000, 30_000)  # a few dozen bytes declaring 900 MP
     assert len(bomb) < 100
     from PIL import ImageFile
 
