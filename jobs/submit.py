@@ -228,9 +228,7 @@ def load_runtime_env(path: str | Path, *, extra_env: list[str] = (), working_dir
             if pattern not in excludes:
                 excludes.append(str(pattern))
         env["excludes"] = excludes
-    from pipeline import raysetup
-
-    return raysetup.runtime_env(env)
+    return env
 
 
 def make_client(address: str | None):

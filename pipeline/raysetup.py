@@ -10,21 +10,8 @@
 Together with it, the console quieting (:func:`quiet_console`): Ray's own progress output and
 C++ log lines stay off the console unless ``verbose``; maskray's one-line logs are the console.
 
-It also installs maskray's worker set-up hook (``SETUP_HOOK``), which exists for this reason:
-
-The hook works around a busy loop in Ray Data 2.60's streaming executor: when every task
-of a pipeline has finished but its consumers have not yet taken the output (backpressure),
-``StreamingExecutor._scheduling_loop_step`` returns at once, without the ``ray.wait`` that
-paces it while tasks run, so the scheduling thread spins. For a Ray Train ``streaming_split``
-that thread lives in the ``SplitCoordinator`` actor and burned 60-80 % of a core for most of
-every epoch here (measured with ``ps`` and py-spy on 2 cores: training ran at 4.5 img/s while
-it spun and 6.7 img/s once the epoch's data was produced). The patch sleeps
-``IDLE_SLEEP_S`` after a step that left no task running; the executor then reacts to a
-consumer within that delay, which is far below one training step.
-
-The hook runs in every worker process Ray starts for a job (``worker_process_setup_hook``),
-the driver patches itself in :func:`init`. It is a no-op when Ray Data's internals differ
-from what it expects (another Ray version), so it can only ever remove the spin.
+It also paces Ray Data's idle scheduling loop in every executor of the job
+(:mod:`pipeline.raypace`, a ``DataContext`` execution callback registered by :func:`init`).
 """
 
 from __future__ import annotations
@@ -36,49 +23,12 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-SETUP_HOOK = "pipeline.raysetup.setup_worker"
-JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor in a submitted job's driver
-IDLE_SLEEP_S = 0.02
-
-
 def pace_idle_scheduling() -> bool:
-    """Patch ``StreamingExecutor._scheduling_loop_step`` to sleep when no task is running.
+    """Ray Data's idle scheduling loop paced in this process's ``DataContext`` (and so in every
+    Dataset made after it, the Ray Train split coordinator included): :mod:`pipeline.raypace`."""
+    from pipeline import raypace
 
-    Returns whether the executor is (now) patched; False when Ray Data lacks the method.
-    """
-    try:
-        from ray.data._internal.execution import streaming_executor
-    except ImportError:
-        return False
-    executor = getattr(streaming_executor, "StreamingExecutor", None)
-    step = getattr(executor, "_scheduling_loop_step", None)
-    if step is None:
-        return False
-    if getattr(step, "maskray_paced", False):
-        return True
-
-    def paced_step(self, topology) -> bool:
-        keep_going = step(self, topology)
-        # invariant: a step that leaves tasks running was paced by ray.wait inside it
-        if keep_going and not any(op.num_active_tasks() for op in topology):
-            time.sleep(IDLE_SLEEP_S)
-        return keep_going
-
-    paced_step.maskray_paced = True  # type: ignore[attr-defined]
-    executor._scheduling_loop_step = paced_step
-    return True
-
-
-def setup_worker() -> None:
-    """The ``worker_process_setup_hook`` of maskray's Ray jobs."""
-    pace_idle_scheduling()
-
-
-def runtime_env(base: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``base`` (a Ray runtime env) with maskray's worker set-up hook, unless it names another."""
-    env = dict(base or {})
-    env.setdefault("worker_process_setup_hook", SETUP_HOOK)
-    return env
+    return raypace.install()
 
 
 # ray.init options that only make sense when this process starts the instance
@@ -119,9 +69,9 @@ def init(address: str | None = None, *, verbose: bool = False, **kwargs: Any) ->
 
     ``kwargs`` go to ``ray.init``; options that size a local instance (:data:`LOCAL_ONLY`) are
     dropped when joining a cluster. Defaults: ``log_to_driver=verbose``, ``logging_level``
-    INFO/WARNING, no dashboard for a local instance. The worker set-up hook rides in the
-    runtime env, except inside a submitted Ray job, whose own runtime env
-    (``infra/runtime_env.yaml``, which names the hook too) applies.
+    INFO/WARNING, no dashboard for a local instance. No runtime env is set (a submitted job's
+    own applies): a non-default one keeps Ray from using its pre-started worker processes
+    (:mod:`pipeline.raypace`).
     """
     import ray
 
@@ -138,8 +88,6 @@ def init(address: str | None = None, *, verbose: bool = False, **kwargs: Any) ->
             logger.debug("joining Ray at %s: ignoring %s", address, ", ".join(dropped))
     kwargs.setdefault("log_to_driver", verbose)
     kwargs.setdefault("logging_level", logging.INFO if verbose else logging.WARNING)
-    if JOB_CONFIG_ENV not in os.environ and "runtime_env" not in kwargs:
-        kwargs["runtime_env"] = runtime_env()
     attempts = START_ATTEMPTS if address == "local" else 1
     for attempt in range(1, attempts + 1):
         before = _child_pids()

@@ -42,7 +42,8 @@ from typing import Any
 
 from model.errors import MaskrayError
 from pipeline.dataset import DEFAULT_MAX_PIXELS  # the one pixel limit; larger images become error rows
-from pipeline.infer.predictor import Predictor, error_text, load_model, model_sizes
+from model.errors import error_text
+from pipeline.infer.predictor import Predictor, load_model, model_sizes
 from pipeline.infer.stages import IMAGE_SUFFIXES, is_transient, read_units, write_units
 
 logger = logging.getLogger(__name__)

@@ -25,19 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.errors import MaskrayError
+from model.errors import MaskrayError, error_text  # noqa: F401 - error_text: part of this module's API
 
 logger = logging.getLogger(__name__)
-
-# Error messages are stored per row; keep them bounded.
-MAX_ERROR_CHARS = 500
-
-
-def error_text(exc: BaseException) -> str:
-    """One bounded line naming the exception type and its first message line."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text[:MAX_ERROR_CHARS]
 
 
 def to_float(image: torch.Tensor) -> torch.Tensor:

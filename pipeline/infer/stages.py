@@ -31,10 +31,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
-import torch
 
-from model.errors import MaskrayError
-from pipeline.infer.predictor import error_text, unpack
+from model.errors import MaskrayError, error_text
+
+# invariant: this module imports neither torch nor the model at module level, so the read tasks'
+# worker processes never import them (torch + torchvision cost ~5 s of one core per cold process
+# here); only the write stage's post-processing imports torch, lazily.
 
 logger = logging.getLogger(__name__)
 
@@ -90,32 +92,40 @@ def exif_orientation(data: bytes) -> int:
     return value if 1 <= value <= 8 else 1
 
 
-def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
+def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
     """``[C,H,W]`` pixels as an image viewer shows them for an EXIF ``orientation`` (as
-    ``PIL.ImageOps.exif_transpose``)."""
+    ``PIL.ImageOps.exif_transpose``); C-contiguous."""
     ops = {
         1: lambda x: x,
-        2: lambda x: x.flip(-1),
-        3: lambda x: x.flip(-1, -2),
-        4: lambda x: x.flip(-2),
-        5: lambda x: x.transpose(-1, -2),
-        6: lambda x: torch.rot90(x, -1, (-2, -1)),
-        7: lambda x: x.transpose(-1, -2).flip(-1, -2),
-        8: lambda x: torch.rot90(x, 1, (-2, -1)),
+        2: lambda x: np.flip(x, -1),
+        3: lambda x: np.flip(x, (-1, -2)),
+        4: lambda x: np.flip(x, -2),
+        5: lambda x: np.swapaxes(x, -1, -2),
+        6: lambda x: np.rot90(x, -1, (-2, -1)),
+        7: lambda x: np.flip(np.swapaxes(x, -1, -2), (-1, -2)),
+        8: lambda x: np.rot90(x, 1, (-2, -1)),
     }
-    return ops[orientation](image).contiguous()
+    return np.ascontiguousarray(ops[orientation](image))
 
 
-def decode(data: bytes | None, *, max_pixels: int | None, exif: bool = True, intensity: str | None = None) -> torch.Tensor:
-    """Encoded bytes -> uint8 ``[3,H,W]`` (``pipeline.dataset.decode_image``: one-line errors for
-    empty, corrupt, truncated or over-``max_pixels`` data; ``intensity`` maps 16/32-bit images,
-    None = its default), EXIF orientation applied unless ``exif`` is False."""
-    from pipeline.dataset import DEFAULT_INTENSITY, decode_image
+def decode_pixels(data: bytes | None, *, max_pixels: int | None, exif: bool = True,
+                  intensity: str | None = None) -> np.ndarray:
+    """Encoded bytes -> uint8 ``[3,H,W]`` numpy array, C-contiguous (``pipeline.dataset.decode_array``:
+    one-line errors for empty, corrupt, truncated or over-``max_pixels`` data; ``intensity`` maps
+    16/32-bit images, None = its default), EXIF orientation applied unless ``exif`` is False."""
+    from pipeline.dataset import DEFAULT_INTENSITY, decode_array
 
-    image = decode_image(data, max_pixels=max_pixels, intensity=intensity or DEFAULT_INTENSITY)
+    image = decode_array(data, max_pixels=max_pixels, intensity=intensity or DEFAULT_INTENSITY).transpose(2, 0, 1)
     if exif and data:
-        image = apply_orientation(image, exif_orientation(data))
-    return image
+        return apply_orientation(image, exif_orientation(data))
+    return np.ascontiguousarray(image)
+
+
+def decode(data: bytes | None, *, max_pixels: int | None, exif: bool = True, intensity: str | None = None):
+    """:func:`decode_pixels` as a ``torch.uint8`` tensor ``[3,H,W]``."""
+    import torch
+
+    return torch.from_numpy(decode_pixels(data, max_pixels=max_pixels, exif=exif, intensity=intensity))
 
 
 # --------------------------------------------------------------------------- read + decode
@@ -185,9 +195,9 @@ def read_units(batch: Any, *, max_pixels: int | None, exif: bool = True, intensi
             blob = b""
             if error is None:
                 try:
-                    image = decode(datas[p], max_pixels=max_pixels, exif=exif, intensity=intensity)
+                    image = decode_pixels(datas[p], max_pixels=max_pixels, exif=exif, intensity=intensity)
                     h, w = int(image.shape[-2]), int(image.shape[-1])
-                    blob = image.numpy().tobytes()
+                    blob = image.tobytes()
                 except Exception as exc:  # noqa: BLE001 - a bad image is an error row, never a crash
                     error = f"decode failed: {error_text(exc)}"
             heights.append(h)
@@ -223,6 +233,7 @@ def unit_table(unit: dict, category_ids: Sequence[int]) -> Any:
 
     from pipeline.format import RESULT_SCHEMA
     from pipeline.infer.paste import to_result_instances
+    from pipeline.infer.predictor import unpack
 
     errors = list(unit["errors"])
     instances: list[list[dict]] = []

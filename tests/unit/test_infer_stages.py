@@ -108,8 +108,8 @@ def test_exif_orientation_6_is_applied_by_default(tmp_path):
     raw = stages.decode(data, max_pixels=None, exif=False)
     assert tuple(raw.shape) == (3, 30, 50)
     # Every orientation matches PIL's exif_transpose.
-    base = torch.arange(2 * 3 * 4, dtype=torch.uint8).view(2, 3, 4)
-    pil = Image.fromarray(base.permute(1, 2, 0).numpy()[..., 0])
+    base = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    pil = Image.fromarray(base.transpose(1, 2, 0)[..., 0])
     for o in range(1, 9):
         e = Image.Exif()
         e[0x0112] = o
@@ -117,7 +117,19 @@ def test_exif_orientation_6_is_applied_by_default(tmp_path):
         pil_exif = pil.copy()
         pil_exif.getexif()[0x0112] = o
         want = np.asarray(ImageOps.exif_transpose(pil_exif))
-        assert np.array_equal(stages.apply_orientation(base, o)[0].numpy(), want), o
+        got_o = stages.apply_orientation(base, o)
+        assert got_o.flags.c_contiguous and np.array_equal(got_o[0], want), o
+
+
+def test_the_read_stage_imports_no_torch():
+    """The read tasks' processes stay torch-free (a cold torch + torchvision import is ~5 s here)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; import pipeline.infer.stages; "
+             "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def model_rows(tiny, datas: list[bytes], unit: str = "u.parquet") -> pa.Table:

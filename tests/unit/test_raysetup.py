@@ -1,4 +1,5 @@
-"""The Ray Data idle-loop pacing hook (pipeline.raysetup) on a stand-in executor; no Ray started."""
+"""The one Ray start-up rule (pipeline.raysetup) with ray.init recorded, and the idle-loop pacing
+(pipeline.raypace) on a stand-in executor; no Ray started."""
 
 import pytest
 
@@ -13,45 +14,48 @@ class FakeOp:
         return self.active
 
 
-@pytest.fixture
-def patched(monkeypatch):
-    from ray.data._internal.execution import streaming_executor
-
-    calls = []
-
-    def step(self, topology):
-        calls.append(topology)
-        return not topology.get("finished")  # the executor's "keep going"
-
-    monkeypatch.setattr(streaming_executor.StreamingExecutor, "_scheduling_loop_step", step)
-    assert raysetup.pace_idle_scheduling()
-    assert raysetup.pace_idle_scheduling()  # idempotent: a second hook call does not wrap twice
-    return streaming_executor.StreamingExecutor._scheduling_loop_step, calls
+class FakeExecutor:
+    def __init__(self, *active: int):
+        self._topology = {FakeOp(n): None for n in active}
 
 
-def test_a_step_with_no_running_task_sleeps(patched, monkeypatch):
-    step, calls = patched
+def test_a_step_with_no_running_task_sleeps(monkeypatch):
+    from pipeline import raypace
+
     slept = []
-    monkeypatch.setattr(raysetup.time, "sleep", slept.append)
-    assert step(None, {FakeOp(0): None, FakeOp(0): None}) is True
-    assert slept == [raysetup.IDLE_SLEEP_S] and len(calls) == 1
+    monkeypatch.setattr(raypace.time, "sleep", slept.append)
+    raypace.PaceIdleLoop().on_execution_step(FakeExecutor(0, 0))
+    assert slept == [raypace.IDLE_SLEEP_S]
 
 
-def test_a_step_with_running_tasks_or_at_the_end_does_not_sleep(patched, monkeypatch):
-    step, calls = patched
+def test_a_step_with_running_tasks_does_not_sleep(monkeypatch):
+    from pipeline import raypace
+
     slept = []
-    monkeypatch.setattr(raysetup.time, "sleep", slept.append)
-    assert step(None, {FakeOp(0): None, FakeOp(2): None}) is True
-    assert step(None, {"finished": True}) is False  # the last step returns at once
-    assert slept == [] and len(calls) == 2
+    monkeypatch.setattr(raypace.time, "sleep", slept.append)
+    raypace.PaceIdleLoop().on_execution_step(FakeExecutor(0, 2))
+    raypace.PaceIdleLoop().on_execution_step(FakeExecutor())  # no topology yet: nothing to pace
+    assert slept == []
 
 
-def test_runtime_env_names_the_hook_without_overriding_one_given():
-    assert raysetup.runtime_env()["worker_process_setup_hook"] == raysetup.SETUP_HOOK
-    env = raysetup.runtime_env({"env_vars": {"A": "1"}, "worker_process_setup_hook": "mine.hook"})
-    assert env == {"env_vars": {"A": "1"}, "worker_process_setup_hook": "mine.hook"}
-    module, _, name = raysetup.SETUP_HOOK.rpartition(".")
-    assert callable(getattr(__import__(module, fromlist=[name]), name))
+def test_the_pacing_rides_in_every_new_datasets_context():
+    """Registered once in the current DataContext; a Dataset (and so a split coordinator, which
+    adopts the dataset's context) carries it, and the executor instantiates it."""
+    import ray.data
+    from ray.data import DataContext
+
+    from pipeline import raypace
+
+    context = DataContext.get_current()
+    before = list(context.custom_execution_callback_classes)
+    try:
+        assert raysetup.pace_idle_scheduling() and raysetup.pace_idle_scheduling()
+        assert context.custom_execution_callback_classes.count(raypace.PaceIdleLoop) == 1  # idempotent
+        assert raypace.PaceIdleLoop in context.execution_callback_classes
+        ds = ray.data.range(1)  # no execution: the context is copied at creation
+        assert raypace.PaceIdleLoop in ds.context.copy().custom_execution_callback_classes
+    finally:
+        context.custom_execution_callback_classes[:] = before
 
 
 @pytest.fixture
@@ -69,7 +73,6 @@ def fake_ray(monkeypatch):
     monkeypatch.setattr(ray, "init", fake_init)
     monkeypatch.setattr(ray, "is_initialized", lambda: state["up"])
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv(raysetup.JOB_CONFIG_ENV, raising=False)
     return calls, state
 
 
@@ -79,7 +82,7 @@ def test_init_without_ray_address_starts_a_private_local_instance(fake_ray):
     (kwargs,) = calls
     assert kwargs["address"] == "local"  # never ray.init() with no address (that joins a `ray start` cluster)
     assert kwargs["num_cpus"] == 2 and kwargs["include_dashboard"] is False
-    assert kwargs["runtime_env"]["worker_process_setup_hook"] == raysetup.SETUP_HOOK
+    assert "runtime_env" not in kwargs  # Ray's pre-started workers serve the default env only
     assert kwargs["log_to_driver"] is False  # quiet unless verbose
 
 
@@ -98,14 +101,6 @@ def test_init_is_a_no_op_when_ray_is_already_up(fake_ray):
     state["up"] = True
     assert raysetup.init("local", num_cpus=2) is False
     assert calls == []
-
-
-def test_init_in_a_submitted_job_keeps_the_jobs_runtime_env(fake_ray, monkeypatch):
-    calls, _ = fake_ray
-    monkeypatch.setenv(raysetup.JOB_CONFIG_ENV, "{}")
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    raysetup.init()
-    assert "runtime_env" not in calls[0] and calls[0]["address"] == "127.0.0.1:6379"
 
 
 def test_a_local_start_that_times_out_is_retried_then_gives_up(fake_ray, monkeypatch):
