@@ -2,10 +2,20 @@
 
 Stages (every one in Ray tasks/actors; the driver sees unit names and counts only)::
 
-    units (one Ray Data row each) -> read + decode (CPU task, uint8 at the original size)
-      -> model (actor pool: resize/normalize on its device, boxes + 28x28 mask probabilities)
-      -> post-process + write (CPU task: per-instance paste + RLE, one results file per unit,
-         written atomically) -> metadata rows (counts) back to the driver
+    units (one Ray Data row each; a few units per read task) -> read + decode (CPU task,
+      uint8 at the original size)
+      -> model + post-process + write (actor pool, :class:`~pipeline.infer.stages.SegmentAndWrite`:
+         resize/normalize on the model's device, boxes + 28x28 mask probabilities, per-instance
+         paste + RLE, one results file per unit written atomically)
+      -> metadata rows (counts) back to the driver
+
+Why the write is in the model actor and not a third stage of CPU tasks (as it was): on a
+small node Ray Data's scheduler (it ranks operators by object-store use) kept giving the free
+CPU to the read stage, so no results file was committed until every unit had been read, and
+the first write task then paid a cold ``import torch`` (measured: first commit 36-46 s after
+the start with 20,000 images, benchmarks/RESULTS.md). In the actor, torch is already imported
+and each unit is committed as soon as it is computed. The post-processing is per instance
+within its box (:mod:`pipeline.infer.paste`), milliseconds per image.
 
 Results prefix layout::
 
@@ -44,7 +54,7 @@ from model.errors import MaskrayError
 from pipeline.dataset import DEFAULT_MAX_PIXELS  # the one pixel limit; larger images become error rows
 from model.errors import error_text
 from pipeline.infer.predictor import Predictor, load_model, model_sizes
-from pipeline.infer.stages import IMAGE_SUFFIXES, is_transient, read_units, write_units
+from pipeline.infer.stages import IMAGE_SUFFIXES, SegmentAndWrite, is_transient, read_units, write_units
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +63,19 @@ RESULTS_FORMAT = "maskray-results/2"
 MAX_RESTARTS = 2  # a dead model actor is restarted at most this often ...
 MAX_TASK_RETRIES = 2  # ... and a unit retried on a new actor at most this often; then the run stops
 PROGRESS_SECONDS = 10.0
+TASK_IMAGES = 1024  # images per read task (several units of small images share one Ray task)
+MAX_UNITS_PER_TASK = 16
+
+
+def units_per_task(images_per_unit: int) -> int:
+    """Units per read task: ~:data:`TASK_IMAGES` images, at most :data:`MAX_UNITS_PER_TASK` units.
+
+    A Ray Data task costs ~70-100 ms of scheduling on a busy 2-core node, a 100-image unit of
+    64-px images ~30 ms of reading and decoding: one unit per task held the read stage at
+    ~700 images/s, ten per task at ~2,000 (benchmarks/RESULTS.md, issue 13 item 4). Outputs
+    still travel one unit per row, so a large unit (12-MP photos) never waits for the others.
+    """
+    return max(1, min(MAX_UNITS_PER_TASK, TASK_IMAGES // max(1, images_per_unit)))
 
 
 @dataclasses.dataclass
@@ -273,6 +296,7 @@ def run_inference(
     (``pipeline.dataset.INTENSITY_MODES``; None = its default). ``overwrite`` recomputes results made
     differently; ``retry_errors`` recomputes rows whose error may be transient.
     ``predictor_factory`` replaces :class:`Predictor` in the actor pool (same keyword arguments).
+    Units run :func:`units_per_task` to a read task.
     """
     import ray
     from ray.data import ActorPoolStrategy
@@ -353,24 +377,25 @@ def run_inference(
                     actors, cpus_per_actor, gpus_per_actor, threads or "default", batch_size, images_per_unit)
         compute = (ActorPoolStrategy(min_size=actors[0], max_size=actors[1]) if isinstance(actors, tuple)
                    else ActorPoolStrategy(size=int(actors)))
-        ds = ray.data.from_items([u.row() for u in pending], override_num_blocks=len(pending))
-        # batch_size=1 everywhere: a unit is one row, so every stage sees whole units.
+        per_task = units_per_task(images_per_unit)
+        ds = ray.data.from_items([u.row() for u in pending], override_num_blocks=-(-len(pending) // per_task))
+        # batch_size=1 everywhere: a unit is one row, so every call sees one whole unit.
         ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow",
                             fn_kwargs={"max_pixels": max_pixels, "exif": exif, "intensity": intensity})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
             ds = ds.map_batches(
-                predictor_factory or Predictor, batch_size=1, batch_format="pyarrow", compute=compute,
+                SegmentAndWrite, batch_size=1, batch_format="pyarrow", compute=compute,
                 num_gpus=gpus_per_actor, num_cpus=cpus_per_actor,
-                fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "score_threshold": score_threshold,
+                fn_constructor_kwargs={"output_uri": output_uri, "category_ids": category_ids,
+                                       "predictor_factory": predictor_factory,
+                                       "checkpoint_uri": checkpoint_uri, "score_threshold": score_threshold,
                                        "threads": threads, "batch_size": batch_size},
                 # Bounded: a unit that kills its actor every time stops the run after a few tries
                 # (never an endless restart loop); retried units rewrite the same file.
                 max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES,
             )
-        ds = ds.map_batches(write_units, batch_size=1, batch_format="pyarrow",
-                            fn_kwargs={"output_uri": output_uri, "category_ids": category_ids})
         _watch(ds, pending, summary, started, on_unit_committed)
 
     summary.seconds = time.perf_counter() - started

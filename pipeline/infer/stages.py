@@ -1,10 +1,10 @@
-"""The CPU stages of ``run_inference``: read + decode a unit, post-process + write a unit.
+"""The stages of ``run_inference``: read + decode a unit (CPU task); model + post-process + write a unit (actor).
 
 A *unit* is the pipeline's unit of work and of commit: a bounded row range of one input shard,
 or a bounded list of image files of a raw prefix. It travels as ONE Ray Data row from start to
 end (so no bundling or block slicing can ever split it), and ends as one results file
-``<output>/<unit name>`` written atomically by :func:`write_units` in a Ray task: result bytes
-never pass through the driver.
+``<output>/<unit name>`` written atomically by :func:`write_units` in the model actor
+(:class:`SegmentAndWrite`): result bytes never pass through the driver.
 
 Unit row (planned by :mod:`pipeline.infer.driver`): ``unit`` (results file name), ``source``
 ("shard" | "files"), ``uri`` (the shard), ``start``/``stop``/``total`` (shard rows), ``paths``
@@ -300,3 +300,23 @@ def write_units(batch: Any, *, output_uri: str, category_ids: Sequence[int]) -> 
         meta["transient"].append(sum(is_transient(e) for e in errors))
         meta["instances"].append(int(pc.sum(pc.list_value_length(table.column("instances"))).as_py() or 0))
     return pa.table(meta)
+
+
+class SegmentAndWrite:
+    """Ray Data model stage (actor): decoded units -> the model (a :class:`~pipeline.infer.predictor.Predictor`,
+    or ``predictor_factory``, built with ``predictor_kwargs``) -> :func:`write_units` (per-instance
+    paste + RLE, one results file per unit, written atomically here) -> metadata rows.
+
+    A unit killed mid-way (the actor died) is retried whole on a new actor and rewrites the same
+    file, so the exactly-once invariant of :func:`write_units` holds."""
+
+    def __init__(self, *, output_uri: str, category_ids: Sequence[int], predictor_factory: Any = None,
+                 **predictor_kwargs: Any) -> None:
+        from pipeline.infer.predictor import Predictor
+
+        self.predictor = (predictor_factory or Predictor)(**predictor_kwargs)
+        self.output_uri = output_uri
+        self.category_ids = list(category_ids)
+
+    def __call__(self, batch: Any) -> Any:
+        return write_units(self.predictor(batch), output_uri=self.output_uri, category_ids=self.category_ids)

@@ -397,8 +397,10 @@ def _ray_worker_peaks(peaks: dict, stop: threading.Event) -> None:
 
 @pytest.mark.slow
 def test_12mp_photos_stay_within_the_memory_target(ray_local, tmp_path):
-    """Two 4000x3000 JPEGs, a model giving 100 detections each: every Ray worker peaks under 1.5 GB
-    (torch itself is ~0.5 GB; the old full-size paste needed 4.8 GB per image)."""
+    """Two 4000x3000 JPEGs, a model giving 100 detections each: every Ray worker peaks under 2 GB.
+    The model actor holds torch + Ray Data (~1.2 GB measured with the tiny model loaded), one
+    12-MP unit and the per-instance paste (~0.1 GB); the old full-size paste needed 4.8 GB per
+    image, ~20 GB at 100 detections."""
     photos, out_uri, ckpt = str(tmp_path / "photos"), str(tmp_path / "out"), str(tmp_path / "ckpt.pt")
     tiny_checkpoint(ckpt, detections=100)
     os.makedirs(photos)
@@ -419,4 +421,4 @@ def test_12mp_photos_stay_within_the_memory_target(ray_local, tmp_path):
     for unit in driver.existing_results(out_uri):
         for row in pq.read_table(f"{out_uri}/{unit}").to_pylist():
             assert all(i["segmentation"]["size"] == [3000, 4000] for i in row["instances"])
-    assert peaks and max(peaks.values()) < 1.5 * 2**30, {p: v / 2**30 for p, v in peaks.items()}
+    assert peaks and max(peaks.values()) < 2 * 2**30, {p: v / 2**30 for p, v in peaks.items()}
