@@ -436,23 +436,28 @@ def noop_benchmark(args: argparse.Namespace, work: str) -> dict:
     t0 = time.time()
     start_ray(num_cpus=os.cpu_count())
     ray_start = time.time() - t0
+    runs = []
     try:
-        run = noop_pipeline(data_uri, os.path.join(work, "noop-out"), ckpt, actors=args.actors[0],
-                            batch_size=args.batch_size, images_per_unit=args.images_per_unit, instances=0)
+        for k, per_unit in enumerate(args.images_per_unit):  # each a fresh results prefix, Ray kept up
+            run = noop_pipeline(data_uri, os.path.join(work, f"noop-out-{k}-{per_unit}"), ckpt, actors=args.actors[0],
+                                batch_size=args.batch_size, images_per_unit=per_unit, instances=0)
+            run["images_per_unit"] = per_unit
+            run["workers"] = "cold (first run after Ray started)" if k == 0 else "warm (idle workers of the runs before)"
+            run["ray_start_s"] = ray_start
+            run["ratio_end_to_end"] = run["images_per_s"] / loop["images_per_s"]
+            run["ratio_steady"] = run["steady_images_per_s"] / loop["images_per_s"]
+            runs.append(run)
+            print(f"pipeline, no-op model, {args.actors[0]} actor(s), {per_unit} images per unit, {run['workers']}: end to end "
+                  f"{run['images_per_s']:.0f} images/s ({run['seconds']:.1f} s), steady {run['steady_images_per_s']:.0f} "
+                  f"images/s; ratio to the loop: end to end {run['ratio_end_to_end']:.2f} (target 0.5), steady "
+                  f"{run['ratio_steady']:.2f} (target 0.8); start-up: Ray started in {ray_start:.1f} s (before the "
+                  f"runs), model actor process up at {run['actor_process_up_s']:.1f} s, its checkpoint loaded at "
+                  f"{run['actor_ready_s']:.1f} s, first model call at {run['first_model_call_s']:.1f} s, first results "
+                  f"committed at {run['first_commit_s']:.1f} s (target 15)", flush=True)
     finally:
         ray.shutdown()
-    run["ray_start_s"] = ray_start
-    run["ratio_end_to_end"] = run["images_per_s"] / loop["images_per_s"]
-    run["ratio_steady"] = run["steady_images_per_s"] / loop["images_per_s"]
-    print(f"pipeline, no-op model, {args.actors[0]} actor(s), {args.images_per_unit} images per unit: end to end "
-          f"{run['images_per_s']:.0f} images/s ({run['seconds']:.1f} s), steady {run['steady_images_per_s']:.0f} "
-          f"images/s; ratio to the loop: end to end {run['ratio_end_to_end']:.2f} (target 0.5), steady "
-          f"{run['ratio_steady']:.2f} (target 0.8); start-up: Ray started in {ray_start:.1f} s (before the run), "
-          f"model actor process up at {run['actor_process_up_s']:.1f} s, its checkpoint loaded at "
-          f"{run['actor_ready_s']:.1f} s, first model call at {run['first_model_call_s']:.1f} s, first results committed at "
-          f"{run['first_commit_s']:.1f} s (target 15)", flush=True)
     rss = driver_rss(args, work, ckpt)
-    return {"loop": loop, "pipeline": run, "bytes": sizes, "driver_rss": rss}
+    return {"loop": loop, "pipeline": runs, "bytes": sizes, "driver_rss": rss}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -476,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noop", action="store_true",
                         help="plumbing overhead: the model replaced by a no-op, against a read+decode+resize loop "
                              "(use with --images 20000 --shards 200 --size 64)")
-    parser.add_argument("--images-per-unit", type=int, default=100, help="--noop: images per unit")
+    parser.add_argument("--images-per-unit", type=lambda v: [int(x) for x in v.split(",")], default=[100],
+                        help="--noop: images per unit; a comma list runs one pipeline per size (Ray kept up)")
     parser.add_argument("--noop-instances", type=int, default=5,
                         help="--noop: synthetic instances per image for the driver RSS runs")
     parser.add_argument("--rss-only", action="store_true", help="--noop: only the driver RSS runs")

@@ -32,7 +32,15 @@ def pace_idle_scheduling() -> bool:
 
 
 # ray.init options that only make sense when this process starts the instance
-LOCAL_ONLY = ("num_cpus", "num_gpus", "resources", "object_store_memory", "include_dashboard")
+LOCAL_ONLY = ("num_cpus", "num_gpus", "resources", "object_store_memory", "include_dashboard", "_system_config")
+
+# Idle worker processes Ray keeps alive beyond the CPU count, on a local instance. Ray's soft
+# limit (default: the CPU count) counts actors too, so during a Ray Train run (controller, workers,
+# split coordinator, Ray Data's own actors: ~8) every idle task worker was killed 1 s after its
+# task, and the next decode task started a fresh process that imports Ray Data + torch (~8 s of
+# one core here) in the middle of training: measured 35 % of the demo's training throughput
+# (benchmarks/RESULTS.md, issue 14). On a cluster set RAY_num_workers_soft_limit on the nodes.
+EXTRA_IDLE_WORKERS = 16
 
 
 def quiet_console(verbose: bool = False) -> None:
@@ -82,6 +90,10 @@ def init(address: str | None = None, *, verbose: bool = False, **kwargs: Any) ->
     address = resolve_address(address)
     if address == "local":
         kwargs.setdefault("include_dashboard", False)
+        system = dict(kwargs.pop("_system_config", None) or {})
+        cpus = kwargs.get("num_cpus") or os.cpu_count() or 1
+        system.setdefault("num_workers_soft_limit", int(cpus) + EXTRA_IDLE_WORKERS)
+        kwargs["_system_config"] = system
     else:
         dropped = [k for k in LOCAL_ONLY if kwargs.pop(k, None) is not None]
         if dropped:

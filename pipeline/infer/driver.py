@@ -50,9 +50,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from model.errors import MaskrayError
+from model.errors import MaskrayError, error_text
 from pipeline.dataset import DEFAULT_MAX_PIXELS  # the one pixel limit; larger images become error rows
-from model.errors import error_text
 from pipeline.infer.predictor import Predictor, load_model, model_sizes
 from pipeline.infer.stages import IMAGE_SUFFIXES, SegmentAndWrite, is_transient, read_units, write_units
 
@@ -379,6 +378,9 @@ def run_inference(
                    else ActorPoolStrategy(size=int(actors)))
         per_task = units_per_task(images_per_unit)
         ds = ray.data.from_items([u.row() for u in pending], override_num_blocks=-(-len(pending) // per_task))
+        # invariant: every output row (one unit) is its own block, so the model stage starts on a
+        # unit as soon as it is read, and each unit's metadata reaches the driver when committed.
+        ds.context.target_max_block_size = 1
         # batch_size=1 everywhere: a unit is one row, so every call sees one whole unit.
         ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow",
                             fn_kwargs={"max_pixels": max_pixels, "exif": exif, "intensity": intensity})

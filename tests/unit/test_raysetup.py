@@ -82,6 +82,8 @@ def test_init_without_ray_address_starts_a_private_local_instance(fake_ray):
     (kwargs,) = calls
     assert kwargs["address"] == "local"  # never ray.init() with no address (that joins a `ray start` cluster)
     assert kwargs["num_cpus"] == 2 and kwargs["include_dashboard"] is False
+    # idle task workers survive beside a Ray Train run's actors (Ray's soft limit counts actors)
+    assert kwargs["_system_config"] == {"num_workers_soft_limit": 2 + raysetup.EXTRA_IDLE_WORKERS}
     assert "runtime_env" not in kwargs  # Ray's pre-started workers serve the default env only
     assert kwargs["log_to_driver"] is False  # quiet unless verbose
 
@@ -93,6 +95,7 @@ def test_init_joins_ray_address_and_drops_local_sizing(fake_ray, monkeypatch):
     (kwargs,) = calls
     assert kwargs["address"] == "ray://head:10001"
     assert "num_cpus" not in kwargs and "object_store_memory" not in kwargs and "include_dashboard" not in kwargs
+    assert "_system_config" not in kwargs  # a cluster's own settings apply
     assert kwargs["log_to_driver"] is True
 
 
