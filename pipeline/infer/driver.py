@@ -289,7 +289,7 @@ def run_inference(
 
     ``actors`` is a pool size or ``(min, max)``; ``gpus_per_actor`` None = 1 when the cluster has
     GPUs, else CPU actors; ``cpus_per_actor`` None = 1, lowered on a CPU-only cluster so one CPU
-    stays for the read/write tasks; ``threads`` per CPU actor (None: :func:`cpu_actor_threads`).
+    stays for the read tasks; ``threads`` per CPU actor (None: :func:`cpu_actor_threads`).
     ``images_per_unit`` bounds a unit (uint8 pixels of a unit travel as one object: 16 x 12-MP
     photos = 576 MB). ``exif`` applies EXIF orientation; ``intensity`` maps 16/32-bit images
     (``pipeline.dataset.INTENSITY_MODES``; None = its default). ``overwrite`` recomputes results made
