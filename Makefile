@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: env ops bytecode test test-unit test-integration demo clean sanitize
+.PHONY: env ops test test-unit test-integration demo clean sanitize
 
 $(UV_HOME)/bin/uv:
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(UV_HOME) uv
@@ -19,14 +19,6 @@ $(UV_HOME)/bin/uv:
 env: $(if $(shell command -v uv 2>/dev/null),,$(UV_HOME)/bin/uv)
 	$(UV) sync --frozen --extra test --quiet
 	$(MAKE) --no-print-directory ops
-	@test -f $(VENV)/.bytecode-warm || $(MAKE) --no-print-directory bytecode
-
-# A fresh venv from uv has no .pyc files: the first processes of a job (Ray's workers, actors and
-# tasks, starting at once) would each compile Ray, Ray Data, torch and torchvision's modules again.
-# Importing them once, in one process, writes the bytecode for all of them (~15 s, once per venv).
-bytecode:
-	$(PY) -c "import ray.data, ray.train.torch, torch, torchvision, pycocotools.mask, pipeline.train.loop, pipeline.infer.stages, pipeline.infer.predictor, pipeline.pseudo"
-	@touch $(VENV)/.bytecode-warm
 
 # Compile the RoIAlign op ahead of time (cached; a no-op when sources are unchanged).
 ops:
