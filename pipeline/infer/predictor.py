@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.errors import MaskrayError, error_text  # noqa: F401 - error_text: part of this module's API
+from model.errors import MaskrayError, error_text
 
 logger = logging.getLogger(__name__)
 
