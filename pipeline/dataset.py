@@ -203,6 +203,41 @@ def to_uint8(arr: np.ndarray, intensity: str = DEFAULT_INTENSITY) -> np.ndarray:
     return np.rint(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
 
 
+def image_orientation(img: Any) -> int:
+    """The EXIF orientation tag (1..8) of a decoded PIL image; 1 when absent or unreadable.
+
+    Asked after the decode on the same image object: Pillow finds a PNG's ``eXIf`` chunk only by
+    loading the image, so opening the bytes a second time to ask would decode every PNG twice."""
+    try:
+        value = int(img.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - no EXIF is the normal case; the decode reports real damage
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def decode_array_oriented(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                          intensity: str = DEFAULT_INTENSITY) -> tuple[np.ndarray, int]:
+    """:func:`decode_array` and the image's EXIF orientation (1..8, not applied), from one decode."""
+    check_intensity(intensity)
+    img = load_image(data, max_pixels=max_pixels)
+    orientation = image_orientation(img)
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img)
+        if arr.ndim != 2:
+            raise ImageDecodeError(f"unsupported image layout {arr.shape} for mode {mode}")
+        arr = to_uint8(arr, intensity)
+        return np.repeat(arr[:, :, None], 3, axis=2), orientation
+    if mode in ("P", "PA") and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ImageDecodeError(f"unexpected decoded shape {arr.shape} from mode {mode}")
+    return arr, orientation
+
+
 def decode_array(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                  intensity: str = DEFAULT_INTENSITY) -> np.ndarray:
     """Encoded bytes -> ``uint8`` array ``[H, W, 3]``.
@@ -212,25 +247,10 @@ def decode_array(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     images are mapped by ``intensity`` (:data:`INTENSITY_MODES`; default per-image
     1st-99.8th percentile). 16-bit RGB and gray+alpha PNGs reach us already reduced to 8 bits
     by Pillow (high byte). EXIF orientation is not applied (annotations refer to the stored
-    pixel grid). Raises :class:`ImageDecodeError` over ``max_pixels`` before decoding.
+    pixel grid; inference applies it, :func:`decode_array_oriented`). Raises
+    :class:`ImageDecodeError` over ``max_pixels`` before decoding.
     """
-    check_intensity(intensity)
-    img = load_image(data, max_pixels=max_pixels)
-    mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img)
-        if arr.ndim != 2:
-            raise ImageDecodeError(f"unsupported image layout {arr.shape} for mode {mode}")
-        arr = to_uint8(arr, intensity)
-        return np.repeat(arr[:, :, None], 3, axis=2)
-    if mode in ("P", "PA") and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    arr = np.asarray(img, dtype=np.uint8)
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ImageDecodeError(f"unexpected decoded shape {arr.shape} from mode {mode}")
-    return arr
+    return decode_array_oriented(data, max_pixels=max_pixels, intensity=intensity)[0]
 
 
 def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,

@@ -80,18 +80,6 @@ def stable_image_id(relative_path: str) -> int:
 # --------------------------------------------------------------------------- decode
 
 
-def exif_orientation(data: bytes) -> int:
-    """The EXIF orientation tag (1..8) of encoded image bytes; 1 when absent or unreadable."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            value = int(im.getexif().get(0x0112, 1))
-    except Exception:  # noqa: BLE001 - no EXIF is the normal case; decode reports real damage
-        return 1
-    return value if 1 <= value <= 8 else 1
-
-
 def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
     """``[C,H,W]`` pixels as an image viewer shows them for an EXIF ``orientation`` (as
     ``PIL.ImageOps.exif_transpose``); C-contiguous."""
@@ -113,12 +101,10 @@ def decode_pixels(data: bytes | None, *, max_pixels: int | None, exif: bool = Tr
     """Encoded bytes -> uint8 ``[3,H,W]`` numpy array, C-contiguous (``pipeline.dataset.decode_array``:
     one-line errors for empty, corrupt, truncated or over-``max_pixels`` data; ``intensity`` maps
     16/32-bit images, None = its default), EXIF orientation applied unless ``exif`` is False."""
-    from pipeline.dataset import DEFAULT_INTENSITY, decode_array
+    from pipeline.dataset import DEFAULT_INTENSITY, decode_array_oriented
 
-    image = decode_array(data, max_pixels=max_pixels, intensity=intensity or DEFAULT_INTENSITY).transpose(2, 0, 1)
-    if exif and data:
-        return apply_orientation(image, exif_orientation(data))
-    return np.ascontiguousarray(image)
+    image, orientation = decode_array_oriented(data, max_pixels=max_pixels, intensity=intensity or DEFAULT_INTENSITY)
+    return apply_orientation(image.transpose(2, 0, 1), orientation if exif else 1)
 
 
 def decode(data: bytes | None, *, max_pixels: int | None, exif: bool = True, intensity: str | None = None):
