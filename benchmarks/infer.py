@@ -254,10 +254,13 @@ def gpu_benchmark(args: argparse.Namespace, work: str) -> dict:
 
 
 def noop_predictor(instances: int, marker: str | None = None):
-    """A Predictor whose model does nothing: ``instances`` fixed synthetic detections per image
-    (boxes + 28x28 soft masks, so post-processing and results carry real instances), or none.
-    Records (once) when the first model call starts. Defined in a function so Ray pickles it by value."""
-    from pipeline.infer.predictor import Predictor
+    """A Predictor with the model taken out: it reads the checkpoint's config (sizes, categories,
+    digest) but builds no network, resizes every image as the real one does (``forward_uint8``),
+    and its "model" (``forward_resized``) returns ``instances`` fixed synthetic detections per
+    image (boxes + 28x28 soft masks, so post-processing and results carry real instances), or
+    none, made once per image size. Records (once) when the first model call starts. Defined in a
+    function so Ray pickles it by value."""
+    from pipeline.infer.predictor import Predictor, read_model_config
 
     def _mark(path: str, text: str) -> None:
         """Write ``text`` to ``path`` unless it exists (the first writer wins, across processes)."""
@@ -269,25 +272,38 @@ def noop_predictor(instances: int, marker: str | None = None):
         os.close(fd)
 
     class NoopPredictor(Predictor):
-        def __init__(self, *args, **kwargs):
+        def __init__(self, checkpoint_uri: str | None = None, *, model=None, config=None, model_id=None,
+                     score_threshold: float = 0.0, batch_size: int = 4, **_ignored) -> None:
             started = time.time()
-            super().__init__(*args, **kwargs)
+            if checkpoint_uri is not None:
+                config, model_id = read_model_config(checkpoint_uri)
+            self.config, self.model_id, self.batch_size = config, model_id or "", batch_size
+            self.score_threshold, self.threads, self.amp = score_threshold, 0, False
+            self.device = torch.device("cpu")
+            self.category_ids = list(config.category_ids())
+            self.sizes = (config.min_size, config.max_size)
+            self.outputs: dict = {}
             if marker is not None:
                 _mark(marker + ".actor", f"{started!r} {time.time()!r}")
 
-        def forward_uint8(self, images):
+        min_size = property(lambda self: self.sizes[0])
+        max_size = property(lambda self: self.sizes[1])
+
+        def forward_resized(self, images, original_sizes, *, cpu=True):
             if marker is not None:
                 _mark(marker, repr(time.time()))
-            outs = []
-            for im in images:
-                h, w = int(im.shape[-2]), int(im.shape[-1])
+            return [self.synthetic(*size) for size in original_sizes]
+
+        def synthetic(self, h: int, w: int) -> dict:
+            if (h, w) not in self.outputs:
                 k = torch.arange(instances, dtype=torch.float32)
                 boxes = torch.stack([k % 4 * w / 5, k % 3 * h / 4, k % 4 * w / 5 + w / 5, k % 3 * h / 4 + h / 4], 1)
                 yy, xx = torch.meshgrid(torch.linspace(-1, 1, 28), torch.linspace(-1, 1, 28), indexing="ij")
                 blob = (1.2 - (xx ** 2 + yy ** 2).sqrt()).clamp(0, 1)
-                outs.append({"boxes": boxes, "labels": (k.long() % 4) + 1, "scores": torch.full((instances,), 0.9),
-                             "masks": blob.expand(instances, 1, 28, 28).contiguous()})
-            return outs
+                self.outputs[h, w] = {"boxes": boxes, "labels": (k.long() % 4) + 1,
+                                      "scores": torch.full((instances,), 0.9),
+                                      "masks": blob.expand(instances, 1, 28, 28).contiguous()}
+            return self.outputs[h, w]
 
     return NoopPredictor
 
@@ -364,8 +380,7 @@ def stage_bytes(data_uri: str, ckpt: str, instances: int) -> dict:
 
     unit = driver.plan(data_uri, 10**9)[0][0]
     decoded = stages.read_units(pa.Table.from_pylist([unit.row()]), max_pixels=None)
-    model, config, model_id = driver.load_model(ckpt)
-    predictor = noop_predictor(instances)(model=model, config=config, model_id=model_id, device="cpu")
+    predictor = noop_predictor(instances)(ckpt)
     out = predictor(decoded)
     n = unit.images
     preds = sum(len(p) for p in out.column("preds")[0].as_py())
@@ -412,6 +427,42 @@ def driver_rss(args: argparse.Namespace, work: str, ckpt: str) -> list[dict]:
     return rss
 
 
+class _FloorActor:
+    """The floor's model stage: the model actor's imports (torch, torchvision) and nothing else."""
+
+    def __init__(self) -> None:
+        import torchvision  # noqa: F401
+
+    def __call__(self, batch):
+        return batch
+
+
+def _floor_read(batch):
+    return batch
+
+
+def ray_data_floor(units: int = 200) -> dict:
+    """Ray Data's own start-up on a freshly started local Ray: ``units`` one-row items through a
+    task stage and a 1-actor pool that only imports torch + torchvision (the shape of
+    :func:`~pipeline.infer.driver.run_inference` with nothing of ours in it). Seconds to the first
+    output and to the end; no pipeline can start faster than this on the same machine."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    start_ray(num_cpus=os.cpu_count())
+    try:
+        start = time.time()
+        ds = ray.data.from_items([{"unit": i} for i in range(units)], override_num_blocks=max(1, units // 10))
+        ds = ds.map_batches(_floor_read, batch_size=1).map_batches(
+            _FloorActor, batch_size=1, compute=ActorPoolStrategy(size=1), num_cpus=1)
+        first = None
+        for _ in ds.iter_batches(batch_size=None):
+            first = first if first is not None else time.time() - start
+        return {"first_output_s": first, "seconds": time.time() - start}
+    finally:
+        ray.shutdown()
+
+
 def noop_benchmark(args: argparse.Namespace, work: str) -> dict:
     """Plumbing overhead: the pipeline with a no-op model vs one process reading + decoding +
     resizing the same shards; then the driver's peak RSS at 2k and 20k images with instances."""
@@ -456,8 +507,13 @@ def noop_benchmark(args: argparse.Namespace, work: str) -> dict:
                   f"committed at {run['first_commit_s']:.1f} s (target 15)", flush=True)
     finally:
         ray.shutdown()
+    floor = ray_data_floor()
+    print(f"Ray Data's own start-up (fresh Ray, trivial task stage + 1 actor importing torch + torchvision, "
+          f"nothing of ours): first output at {floor['first_output_s']:.1f} s = "
+          f"{floor['first_output_s'] / loop['seconds']:.2f}x the loop's whole run of {loop['images']} images; "
+          f"end to end 0.5x needs every image done in {2 * loop['seconds']:.1f} s", flush=True)
     rss = driver_rss(args, work, ckpt)
-    return {"loop": loop, "pipeline": runs, "bytes": sizes, "driver_rss": rss}
+    return {"loop": loop, "pipeline": runs, "ray_data_floor": floor, "bytes": sizes, "driver_rss": rss}
 
 
 def main(argv: list[str] | None = None) -> int:

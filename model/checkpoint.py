@@ -209,10 +209,10 @@ def _torch_load(f: str | os.PathLike | BinaryIO | bytes, name: str, map_location
         raise MaskrayError(f"checkpoint {name} is not a readable torch file: {first}") from exc
 
 
-def load_checkpoint(
+def read_checkpoint(
     f: str | os.PathLike | BinaryIO | bytes, *, map_location: Any = "cpu"
-) -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
-    """Load ``(model, config, extra)``; the model is rebuilt from the config, in eval mode.
+) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """``(config, state_dict, extra)`` of a checkpoint, checked and validated, no model built.
 
     Objects other than tensors and plain data are refused (``weights_only=True``), as are
     files that are not maskray checkpoints, with a one-line :class:`MaskrayError`.
@@ -228,10 +228,19 @@ def load_checkpoint(
     for key in ("config", "model"):
         if key not in data:
             raise MaskrayError(f"checkpoint {name} lacks its {key!r} entry")
-    config = ModelConfig.from_dict(data["config"])
+    return ModelConfig.from_dict(data["config"]), data["model"], dict(data.get("extra") or {})
+
+
+def load_checkpoint(
+    f: str | os.PathLike | BinaryIO | bytes, *, map_location: Any = "cpu"
+) -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
+    """Load ``(model, config, extra)``; the model is rebuilt from the config
+    (:func:`read_checkpoint`), in eval mode."""
+    name = _name(f)
+    config, state, extra = read_checkpoint(f, map_location=map_location)
     model = build_from_config(config)
     try:
-        model.load_state_dict(data["model"], strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise MaskrayError(f"checkpoint {name} weights do not fit its config ({config.backbone}, "
@@ -239,7 +248,7 @@ def load_checkpoint(
     if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
         model.to(map_location)
     model.eval()
-    return model, config, dict(data.get("extra") or {})
+    return model, config, extra
 
 
 def load_weights(model: nn.Module, f: str | os.PathLike | BinaryIO | bytes) -> tuple[int, list[str]]:

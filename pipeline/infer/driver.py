@@ -52,7 +52,7 @@ from typing import Any
 
 from model.errors import MaskrayError, error_text
 from pipeline.dataset import DEFAULT_MAX_PIXELS  # the one pixel limit; larger images become error rows
-from pipeline.infer.predictor import Predictor, load_model, model_sizes
+from pipeline.infer.predictor import Predictor, read_model_config
 from pipeline.infer.stages import IMAGE_SUFFIXES, SegmentAndWrite, is_transient, read_units, write_units
 
 logger = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ def plan(input_uri: str, images_per_unit: int) -> tuple[list[Unit], dict]:
 
 
 def model_digest(model_id: str) -> str:
-    """The digest part of a ``load_model`` id (``<uri>#sha256:<hex>``): same bytes, same model."""
+    """The digest part of a model id (:func:`~pipeline.infer.predictor.model_id_of`) (``<uri>#sha256:<hex>``): same bytes, same model."""
     return model_id.rsplit("#", 1)[-1]
 
 
@@ -318,10 +318,9 @@ def run_inference(
         raise MaskrayError(str(exc)) from None
     started = time.perf_counter()
     units, identity = plan(dataset_uri, images_per_unit)
-    model, config, model_id = load_model(checkpoint_uri)  # the driver reads sizes and categories only
-    min_size, max_size = model_sizes(model)
+    config, model_id = read_model_config(checkpoint_uri)  # sizes, categories, digest: no model built
+    min_size, max_size = config.min_size, config.max_size  # the eval sizes of the model built from it
     category_ids = list(config.category_ids())
-    del model
     record = {
         "format": RESULTS_FORMAT,
         "model": model_digest(model_id),

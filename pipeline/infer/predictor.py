@@ -64,15 +64,30 @@ def _unwrap(model: Any) -> torch.nn.Module:
         model = inner
 
 
+def model_id_of(checkpoint_uri: str, data: bytes) -> str:
+    """``<uri>#sha256:<first 16 hex>``: names a checkpoint and a digest of its bytes (the
+    ``model`` column of results)."""
+    return f"{checkpoint_uri}#sha256:{hashlib.sha256(data).hexdigest()[:16]}"
+
+
 def load_model(checkpoint_uri: str) -> tuple[torch.nn.Module, Any, str]:
-    """``(model, config, model_id)`` from a checkpoint at any storage URI; ``model_id`` names the
-    checkpoint and a digest of its bytes (the ``model`` column of results)."""
+    """``(model, config, model_id)`` from a checkpoint at any storage URI (:func:`model_id_of`)."""
     from model.checkpoint import load_checkpoint
     from pipeline import storage
 
     data = storage.read_bytes(checkpoint_uri)
     model, config, _ = load_checkpoint(data, map_location="cpu")
-    return model, config, f"{checkpoint_uri}#sha256:{hashlib.sha256(data).hexdigest()[:16]}"
+    return model, config, model_id_of(checkpoint_uri, data)
+
+
+def read_model_config(checkpoint_uri: str) -> tuple[Any, str]:
+    """``(config, model_id)`` of a checkpoint without building its model (what a driver needs:
+    sizes, categories, digest)."""
+    from model.checkpoint import read_checkpoint
+    from pipeline import storage
+
+    data = storage.read_bytes(checkpoint_uri)
+    return read_checkpoint(data, map_location="cpu")[0], model_id_of(checkpoint_uri, data)
 
 
 # --------------------------------------------------------------------------- predictor

@@ -268,7 +268,7 @@ def test_interrupted_run_resumes_without_recomputing(ray_local, tmp_path, capsys
     summary = run_inference(data_uri, out_uri, other, actors=1, score_threshold=1.0, overwrite=True)
     assert summary.units_done == 3 and summary.images == 9 and summary.units_skipped == 0
     rows = results(out_uri, data_uri)
-    assert {r["model"] for r in rows} == {driver.load_model(other)[2]}  # each row names the model that computed it
+    assert {r["model"] for r in rows} == {driver.read_model_config(other)[1]}  # each row names the model that computed it
 
 
 def flaky_predictor(marker: str, bad_name: str) -> type[Predictor]:

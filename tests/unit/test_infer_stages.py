@@ -246,7 +246,7 @@ def test_rerun_refuses_other_model_options_or_input_unless_overwrite(tiny, tmp_p
     redo = driver.run_inference(data, out, str(other), score_threshold=0.3, overwrite=True)
     assert (redo.units_done, redo.units_skipped) == (2, 0)
     record = json.loads((tmp_path / "out" / "provenance.json").read_text())
-    assert record["model"] == driver.model_digest(driver.load_model(str(other))[2])
+    assert record["model"] == driver.model_digest(driver.read_model_config(str(other))[1])
     (tmp_path / "stray").mkdir()
     (tmp_path / "stray" / "part-00000.parquet").write_bytes(b"x")
     with pytest.raises(MaskrayError, match="no provenance.json"):
