@@ -296,44 +296,52 @@ class Predictor:
     def process_units(self, table: Any, batch_size: int | None = None) -> Any:
         """Ray Data model stage: decoded units (one row per unit, :mod:`pipeline.infer.stages`)
         -> the same rows with ``preds`` (per image the pickled :meth:`forward_uint8` output, or
-        null) and ``model`` (this predictor's model id). Images run ``batch_size`` at a time
-        (default ``self.batch_size``); a batch that fails as a whole is retried image by image so
-        one bad image costs only its own row an ``error``."""
+        null) and ``model`` (this predictor's model id); see :meth:`run_units`."""
         import pyarrow as pa
 
+        units = self.run_units(table, batch_size)
+        keep = [n for n in table.column_names if n not in ("pixels", "errors")]
+        out = table.select(keep)
+        out = out.append_column("errors", pa.array([u["errors"] for u in units], pa.list_(pa.string())))
+        preds = [[None if p is None else pack(p) for p in u["preds"]] for u in units]
+        out = out.append_column("preds", pa.array(preds, pa.list_(pa.large_binary())))
+        return out.append_column("model", pa.array([self.model_id] * table.num_rows, pa.string()))
+
+    def run_units(self, table: Any, batch_size: int | None = None) -> list[dict]:
+        """Decoded units -> per unit a dict of its columns (``pixels`` dropped) with ``errors``
+        updated, ``preds`` (per image the :meth:`forward_uint8` output as numpy arrays, or None)
+        and ``model``. Images run ``batch_size`` at a time (default ``self.batch_size``); a batch
+        that fails as a whole is retried image by image so one bad image costs only its own row
+        an ``error``."""
         size = int(batch_size or getattr(self, "batch_size", 4))
-        preds_col, errors_col = [], []
+        units = []
         for u in range(table.num_rows):
             heights = table.column("heights")[u].as_py()
             widths = table.column("widths")[u].as_py()
             errors = table.column("errors")[u].as_py()
             pixels = table.column("pixels")[u].values
             todo = [i for i, e in enumerate(errors) if e is None]
-            preds: list[bytes | None] = [None] * len(errors)
+            preds: list[dict | None] = [None] * len(errors)
             for start in range(0, len(todo), size):
                 chunk = todo[start:start + size]
                 ims = [torch.frombuffer(pixels[i].as_buffer(), dtype=torch.uint8).view(3, heights[i], widths[i])
                        for i in chunk]
                 try:
                     for i, out in zip(chunk, self.forward_uint8(ims)):
-                        preds[i] = pack(out)
+                        preds[i] = to_numpy(out)
                 except Exception as exc:  # noqa: BLE001 - isolate the failing image(s)
                     logger.warning("batch of %d failed (%s); retrying image by image", len(chunk), error_text(exc))
                     self._release_memory()
                     for i, im in zip(chunk, ims):
                         try:
-                            preds[i] = pack(self.forward_uint8([im])[0])
+                            preds[i] = to_numpy(self.forward_uint8([im])[0])
                         except Exception as exc_i:  # noqa: BLE001
                             errors[i] = f"inference failed: {error_text(exc_i)}"
                             self._release_memory()
-            preds_col.append(preds)
-            errors_col.append(errors)
+            unit = {n: table.column(n)[u].as_py() for n in table.column_names if n not in ("pixels", "errors")}
+            units.append(dict(unit, errors=errors, preds=preds, model=self.model_id))
         self._after_batch(table)
-        keep = [n for n in table.column_names if n not in ("pixels", "errors")]
-        out = table.select(keep)
-        out = out.append_column("errors", pa.array(errors_col, pa.list_(pa.string())))
-        out = out.append_column("preds", pa.array(preds_col, pa.list_(pa.large_binary())))
-        return out.append_column("model", pa.array([self.model_id] * table.num_rows, pa.string()))
+        return units
 
     def _after_batch(self, table: Any) -> None:
         """Hook after a unit ran and before its rows are returned (tests inject faults here)."""
@@ -343,9 +351,14 @@ class Predictor:
             torch.cuda.empty_cache()
 
 
-def pack(out: dict[str, torch.Tensor]) -> bytes:
+def to_numpy(out: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """A :meth:`Predictor.forward_resized` output as numpy arrays."""
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def pack(out: dict[str, torch.Tensor] | dict[str, np.ndarray]) -> bytes:
     """A :meth:`Predictor.forward_resized` output as bytes (numpy arrays, pickle 5)."""
-    return pickle.dumps({k: v.numpy() for k, v in out.items()}, protocol=5)
+    return pickle.dumps({k: np.asarray(v) for k, v in out.items()}, protocol=5)
 
 
 def unpack(data: bytes) -> dict[str, np.ndarray]:

@@ -214,7 +214,8 @@ def pixel_bytes(table: Any) -> int:
 
 
 def unit_table(unit: dict, category_ids: Sequence[int]) -> Any:
-    """One model-stage output row -> a RESULT_SCHEMA table of its images (in unit order)."""
+    """One model-stage output row -> a RESULT_SCHEMA table of its images (in unit order); its
+    ``preds`` are packed (:func:`~pipeline.infer.predictor.pack`) or numpy dicts."""
     import pyarrow as pa
 
     from pipeline.format import RESULT_SCHEMA
@@ -228,7 +229,7 @@ def unit_table(unit: dict, category_ids: Sequence[int]) -> Any:
             instances.append([])
             continue
         try:
-            p = unpack(pred)
+            p = unpack(pred) if isinstance(pred, bytes) else pred
             instances.append(to_result_instances(p["boxes"], p["labels"], p["scores"], p["masks"],
                                                  unit["heights"][k], unit["widths"][k], category_ids))
         except Exception as exc:  # noqa: BLE001
@@ -258,7 +259,8 @@ def _merge(existing: Any, fresh: Any, positions: Sequence[int]) -> Any:
 
 
 def write_units(batch: Any, *, output_uri: str, category_ids: Sequence[int]) -> Any:
-    """Ray Data stage: model-stage rows -> one results file per unit, each written atomically
+    """Model-stage rows (a ``pyarrow.Table``, or the unit dicts of
+    :meth:`~pipeline.infer.predictor.Predictor.run_units`) -> one results file per unit, each written atomically
     (``storage.write_bytes``: tmp + rename locally, one PUT on S3, retried on transient errors);
     returns small metadata rows only (``unit``, ``images``, ``errors``, ``transient``,
     ``instances``, ``pixel_bytes``). A retried task rewrites the same complete file, so a unit's
@@ -270,7 +272,7 @@ def write_units(batch: Any, *, output_uri: str, category_ids: Sequence[int]) -> 
     from pipeline import storage
 
     meta: dict[str, list] = {k: [] for k in ("unit", "images", "errors", "transient", "instances")}
-    for unit in batch.to_pylist():
+    for unit in (batch if isinstance(batch, list) else batch.to_pylist()):
         uri = storage.join(output_uri, unit["unit"])
         table = unit_table(unit, category_ids)
         if unit["merge"]:
@@ -307,4 +309,6 @@ class SegmentAndWrite:
         self.category_ids = list(category_ids)
 
     def __call__(self, batch: Any) -> Any:
-        return write_units(self.predictor(batch), output_uri=self.output_uri, category_ids=self.category_ids)
+        # the predictions stay numpy arrays in this process: never pickled between model and write
+        return write_units(self.predictor.run_units(batch), output_uri=self.output_uri,
+                           category_ids=self.category_ids)
