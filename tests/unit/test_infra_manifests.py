@@ -299,3 +299,15 @@ def test_cluster_launcher_dashboard_on_loopback_with_token_auth():
             assert "0.0.0.0" not in command, command
     head = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head
+
+
+def test_every_install_compiles_bytecode():
+    """With PYTHONDONTWRITEBYTECODE=1 (set on our dev box, common in containers) no process writes
+    .pyc, so an install without compiled bytecode makes every Ray worker compile Ray and torchvision
+    from source on import (`import ray.train` 4.1 s instead of 1.5 s: benchmarks/RESULTS.md)."""
+    make_env = re.search(r"^env:.*?(?=^\S)", (ROOT / "Makefile").read_text(), re.S | re.M).group(0)
+    assert re.search(r"\$\(UV\) sync --frozen .*--compile-bytecode", make_env), make_env
+    assert re.search(r"-m compileall .*\bmodel pipeline jobs\b", make_env), "our own packages too"
+    setup = "\n".join(_cluster()["setup_commands"])
+    assert re.search(r"uv sync --frozen --compile-bytecode", setup), setup
+    assert re.search(r"^\s*UV_COMPILE_BYTECODE=1", (INFRA / "Dockerfile").read_text(), re.M)
