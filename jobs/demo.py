@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="labeled training images to synthesize (default 2000)")
     parser.add_argument("--val-images", type=int, default=200, metavar="N",
                         help="held-out labeled images (default 200)")
-    parser.add_argument("--pool-images", type=int, default=200, metavar="N",
-                        help="unlabeled images for batch segmentation and distillation (default 200)")
+    parser.add_argument("--pool-images", type=int, default=100, metavar="N",
+                        help="unlabeled images for batch segmentation and distillation (default 100)")
     parser.add_argument("--train-config", default=str(REPO / "configs" / "shapes-cpu.yaml"), metavar="FILE",
                         help="training config (default configs/shapes-cpu.yaml)")
     parser.add_argument("--distill-config", default=str(REPO / "configs" / "distill-demo.yaml"), metavar="FILE",
