@@ -133,6 +133,48 @@ def test_model_stage_takes_uint8_and_isolates_a_failing_image(tiny, monkeypatch)
     assert out.column("preds")[0].as_py()[1] is None
 
 
+def test_run_units_hands_the_writer_the_same_predictions_unpickled(tiny):
+    """The model actor writes what ``run_units`` returns (numpy arrays, no pickle round trip in one
+    process); it is the same as the packed table ``process_units`` ships."""
+    from pipeline.infer.predictor import unpack
+
+    model, config = tiny
+    ims = images(3, seed=4)
+    predictor = Predictor(model=model, config=config, model_id="m#sha256:2", batch_size=2)
+    table = units_table([ims[0], None, ims[1], ims[2]])
+    [unit] = predictor.run_units(table)
+    packed = predictor.process_units(table)
+    assert unit["model"] == "m#sha256:2" and unit["unit"] == "u.parquet" and "pixels" not in unit
+    assert unit["errors"] == packed.column("errors")[0].as_py() == [None, "decode failed: x", None, None]
+    assert unit["preds"][1] is None
+    for got, shipped in zip(unit["preds"], packed.column("preds")[0].as_py()):
+        if got is None:
+            assert shipped is None
+            continue
+        assert all(isinstance(v, np.ndarray) for v in got.values())
+        for key, value in unpack(shipped).items():
+            np.testing.assert_array_equal(got[key], value)
+
+
+def test_read_model_config_builds_no_model(tiny, tmp_path, monkeypatch):
+    """The driver reads sizes, categories and the digest without building the network."""
+    import model.checkpoint as checkpoint
+    from pipeline.infer.predictor import load_model, read_model_config
+
+    net, config = tiny
+    path = str(tmp_path / "ckpt.pt")
+    checkpoint.save_checkpoint(path, net, config)
+    _, _, model_id = load_model(path)
+
+    def no_build(_config):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(checkpoint, "build_from_config", no_build)
+    got, got_id = read_model_config(path)
+    assert got_id == model_id and got_id.startswith(path + "#sha256:")
+    assert got == config and (got.min_size, got.max_size) == (SIZE, 96) and got.category_ids() == [3, 9]
+
+
 class LaneRecorder(Predictor):
     """Records, per lane: its thread, its number of images and torch's threads in it."""
 
