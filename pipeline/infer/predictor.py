@@ -1,5 +1,5 @@
 """The model on one device: :class:`Predictor` (plain loop and Ray Data model stage) and
-:func:`load_model`. Imports neither Ray nor storage at module level (the GPU check script and
+:func:`load_model` (:func:`read_model_config`: config and digest only). Imports neither Ray nor storage at module level (the GPU check script and
 unit tests use it without Ray).
 
 ``Predictor(checkpoint_uri=None, *, model=None, config=None, device=None, amp=None, score_threshold=0.0, threads=0)``
@@ -11,7 +11,9 @@ unit tests use it without Ray).
     ``forward_uint8(images)``: uint8 ``[3,H,W]`` at the original size -> boxes in the original
     frame + low-resolution mask probabilities; the conversion to float, resize and normalize run
     on the model's device (what the Ray Data model stage ships: uint8, never float32).
-    ``predictor(table)``: the Ray Data model stage (:meth:`process_units`).
+    ``run_units(table)``: the Ray Data model stage's computation (decoded units -> per-unit dicts of
+    numpy predictions, handed to the writer in the same actor); ``predictor(table)`` /
+    :meth:`process_units`: the same as a table with pickled predictions.
 """
 
 from __future__ import annotations
@@ -294,9 +296,9 @@ class Predictor:
         return self.process_units(batch)
 
     def process_units(self, table: Any, batch_size: int | None = None) -> Any:
-        """Ray Data model stage: decoded units (one row per unit, :mod:`pipeline.infer.stages`)
-        -> the same rows with ``preds`` (per image the pickled :meth:`forward_uint8` output, or
-        null) and ``model`` (this predictor's model id); see :meth:`run_units`."""
+        """Decoded units (one row per unit, :mod:`pipeline.infer.stages`) -> the same rows with
+        ``preds`` (per image the pickled :meth:`forward_uint8` output, or null) and ``model``
+        (this predictor's model id): :meth:`run_units` as a table that can cross processes."""
         import pyarrow as pa
 
         units = self.run_units(table, batch_size)
