@@ -1,6 +1,6 @@
 """The model on one device: :class:`Predictor` (plain loop and Ray Data model stage) and
-:func:`load_model` (:func:`read_model_config`: config and digest only). Imports neither Ray nor storage at module level (the GPU check script and
-unit tests use it without Ray).
+:func:`load_model` (:func:`read_model_config`: config and digest only). Imports neither Ray nor
+storage at module level (the GPU check script and unit tests use it without Ray).
 
 ``Predictor(checkpoint_uri=None, *, model=None, config=None, device=None, amp=None, score_threshold=0.0, threads=0)``
     ``predict(images)``: ``[3,H,W]`` images (uint8, or float in [0,1]) -> torchvision-style
