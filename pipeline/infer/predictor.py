@@ -358,9 +358,9 @@ def to_numpy(out: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in out.items()}
 
 
-def pack(out: dict[str, torch.Tensor] | dict[str, np.ndarray]) -> bytes:
-    """A :meth:`Predictor.forward_resized` output as bytes (numpy arrays, pickle 5)."""
-    return pickle.dumps({k: np.asarray(v) for k, v in out.items()}, protocol=5)
+def pack(out: dict[str, np.ndarray]) -> bytes:
+    """A :func:`to_numpy` output as bytes (pickle 5)."""
+    return pickle.dumps(out, protocol=5)
 
 
 def unpack(data: bytes) -> dict[str, np.ndarray]:
