@@ -423,7 +423,9 @@ def _watch(ds: Any, pending: list[Unit], summary: InferenceSummary, started: flo
     the pipeline fails."""
     left = {u.unit: u for u in pending}
     progress = Progress(sum(u.images for u in pending))
-    batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    # prefetch_batches=0: with prefetching, Ray Data hands over a block only once the next one is
+    # ready, so every commit would be reported one unit late (and the last until the end).
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
     try:
         while True:
             try:

@@ -213,6 +213,24 @@ class Interrupt(Exception):
     pass
 
 
+def gated_predictor(gate: str, delay: float = 3.0) -> type[Predictor]:
+    """Commits the first unit of the run; every later unit, while the gate file exists, fails after
+    ``delay`` seconds before anything is written (a worker stopped mid-unit with the job). The
+    delay lets the driver see the first commit before the failure ends the dataset."""
+
+    class Gated(Predictor):
+        def _after_batch(self, table):
+            try:  # the first unit anywhere creates the marker and passes
+                os.close(os.open(gate + ".first", os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                if os.path.exists(gate):
+                    time.sleep(delay)
+                    raise RuntimeError("stopped by the test's gate")
+            super()._after_batch(table)
+
+    return Gated
+
+
 def test_interrupted_run_resumes_without_recomputing(ray_local, tmp_path, capsys):
     data_uri, out_uri, ckpt = str(tmp_path / "data"), str(tmp_path / "out"), str(tmp_path / "ckpt.pt")
     tiny_checkpoint(ckpt)
@@ -223,26 +241,29 @@ def test_interrupted_run_resumes_without_recomputing(ray_local, tmp_path, capsys
         committed.append(uri)
         raise Interrupt(uri)
 
+    # The driver stops after the first commit. Ray Data lets a released actor finish the units it
+    # holds, so the gate (never removed) fails those before they write: what the first run leaves
+    # is exactly its committed unit.
+    gate = str(tmp_path / "gate")
+    open(gate, "w").close()
     with pytest.raises(Interrupt):
         run_inference(data_uri, out_uri, ckpt, batch_size=3, actors=1, score_threshold=1.0,
-                      on_unit_committed=stop_after_first)
+                      predictor_factory=gated_predictor(gate), on_unit_committed=stop_after_first)
     assert len(committed) == 1
     done = os.path.join(out_uri, committed[0])
     stamp = os.stat(done).st_mtime_ns
-    # Write tasks commit on their own: other units may be finished too, but every file there is whole.
     present = driver.existing_results(out_uri)
-    assert committed[0] in present
-    for name in present:
-        assert pq.read_table(os.path.join(out_uri, name)).num_rows == 3
-    stamps = {n: os.stat(os.path.join(out_uri, n)).st_mtime_ns for n in present}
+    assert present == [committed[0]] and pq.read_table(done).num_rows == 3
+    # nothing partial left by the stopped units: the results and the provenance record only
+    assert sorted(os.listdir(out_uri)) == sorted(present + ["provenance.json"])
 
     recommitted: list[str] = []
     summary = run_inference(data_uri, out_uri, ckpt, batch_size=3, actors=1, score_threshold=1.0,
                             on_unit_committed=recommitted.append)
 
-    assert summary.units_skipped == len(present) and summary.units_done == 3 - len(present)
-    assert summary.images == 3 * (3 - len(present)) and not set(present) & set(recommitted)
-    assert {n: os.stat(os.path.join(out_uri, n)).st_mtime_ns for n in present} == stamps  # not rewritten
+    assert summary.units_skipped == 1 and summary.units_done == 2
+    assert summary.images == 6 and committed[0] not in recommitted
+    assert os.stat(done).st_mtime_ns == stamp  # not rewritten
     ids = [r["image_id"] for r in results(out_uri, data_uri)]
     assert sorted(ids) == sorted(names) and len(set(ids)) == len(ids)
 
