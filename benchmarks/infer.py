@@ -352,7 +352,7 @@ def noop_loop(data_uri: str, ckpt: str) -> dict:
 
 
 def noop_pipeline(data_uri: str, out_uri: str, ckpt: str, *, actors: int, batch_size: int, images_per_unit: int,
-                  instances: int) -> dict:
+                  instances: int, threads: int | None = None) -> dict:
     from pipeline.infer.driver import run_inference
 
     marker = out_uri.rstrip("/") + ".first-batch"
@@ -360,6 +360,7 @@ def noop_pipeline(data_uri: str, out_uri: str, ckpt: str, *, actors: int, batch_
     start = time.time()
     summary = run_inference(data_uri, out_uri, ckpt, batch_size=batch_size, actors=actors, score_threshold=0.0,
                             predictor_factory=noop_predictor(instances, marker), images_per_unit=images_per_unit,
+                            threads=threads,
                             on_unit_committed=lambda name: commits.append(time.time()))
     wall = time.time() - start
     first_batch = float(open(marker).read())
@@ -491,7 +492,8 @@ def noop_benchmark(args: argparse.Namespace, work: str) -> dict:
     try:
         for k, per_unit in enumerate(args.images_per_unit):  # each a fresh results prefix, Ray kept up
             run = noop_pipeline(data_uri, os.path.join(work, f"noop-out-{k}-{per_unit}"), ckpt, actors=args.actors[0],
-                                batch_size=args.batch_size, images_per_unit=per_unit, instances=0)
+                                batch_size=args.batch_size, images_per_unit=per_unit, instances=0,
+                                threads=args.threads)
             run["images_per_unit"] = per_unit
             run["workers"] = "cold (first run after Ray started)" if k == 0 else "warm (idle workers of the runs before)"
             run["ray_start_s"] = ray_start

@@ -64,6 +64,11 @@ MAX_TASK_RETRIES = 2  # ... and a unit retried on a new actor at most this often
 PROGRESS_SECONDS = 10.0
 TASK_IMAGES = 1024  # images per read task (several units of small images share one Ray task)
 MAX_UNITS_PER_TASK = 16
+# Units queued on each model actor. Ray Data's default (2) left a CPU actor idle ~40 % of the time
+# on 2 cores with 100 64-px images per unit (~25 ms of work each): the driver's scheduling loop,
+# sharing the cores, did not hand over the next unit in time. Each queued unit pins its pixels in
+# the object store (8 x 12-MP = 288 MB at --images-per-unit 8). benchmarks/RESULTS.md, issue 13.
+UNITS_IN_FLIGHT_PER_ACTOR = 4
 
 
 def units_per_task(images_per_unit: int) -> int:
@@ -374,8 +379,9 @@ def run_inference(
                 [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")], max_actors)
         logger.info("model actors: %s x (%.2f CPU, %.2f GPU, %s torch threads), batch size %d, %d images per unit",
                     actors, cpus_per_actor, gpus_per_actor, threads or "default", batch_size, images_per_unit)
-        compute = (ActorPoolStrategy(min_size=actors[0], max_size=actors[1]) if isinstance(actors, tuple)
-                   else ActorPoolStrategy(size=int(actors)))
+        sizes = ({"min_size": actors[0], "max_size": actors[1]} if isinstance(actors, tuple)
+                 else {"size": int(actors)})
+        compute = ActorPoolStrategy(**sizes, max_tasks_in_flight_per_actor=UNITS_IN_FLIGHT_PER_ACTOR)
         per_task = units_per_task(images_per_unit)
         ds = ray.data.from_items([u.row() for u in pending], override_num_blocks=-(-len(pending) // per_task))
         # invariant: every output row (one unit) is its own block, so the model stage starts on a
