@@ -183,7 +183,7 @@ def read_units(batch: Any, *, max_pixels: int | None, exif: bool = True, intensi
                 try:
                     image = decode_pixels(datas[p], max_pixels=max_pixels, exif=exif, intensity=intensity)
                     h, w = int(image.shape[-2]), int(image.shape[-1])
-                    blob = image.tobytes()
+                    blob = memoryview(image).cast("B")  # C-contiguous: pyarrow copies it once
                 except Exception as exc:  # noqa: BLE001 - a bad image is an error row, never a crash
                     error = f"decode failed: {error_text(exc)}"
             heights.append(h)
