@@ -213,7 +213,7 @@ class Interrupt(Exception):
     pass
 
 
-def gated_predictor(gate: str, delay: float = 3.0) -> type[Predictor]:
+def gated_predictor(gate: str, delay: float = 5.0) -> type[Predictor]:
     """Commits the first unit of the run; every later unit, while the gate file exists, fails after
     ``delay`` seconds before anything is written (a worker stopped mid-unit with the job). The
     delay lets the driver see the first commit before the failure ends the dataset."""
