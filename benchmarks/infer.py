@@ -122,20 +122,25 @@ class GpuSampler:
         return sum(s) / (100.0 * len(s)) if s else 0.0
 
 
+def mark_once(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` unless it exists (the first writer wins, across processes)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, text.encode())
+    os.close(fd)
+
+
 def timed_predictor(marker: str):
-    """A Predictor that records (once, across actors) when the first model batch starts.
-    Defined in a function so Ray pickles it by value."""
+    """A Predictor that records (once, across actors) when the first model batch starts
+    (``run_units``: what the model actor calls). Defined in a function so Ray pickles it by value."""
     from pipeline.infer.predictor import Predictor
 
     class TimedPredictor(Predictor):
-        def process_units(self, table, batch_size=None):
-            try:
-                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, repr(time.time()).encode())
-                os.close(fd)
-            except FileExistsError:
-                pass
-            return super().process_units(table, batch_size)
+        def run_units(self, table, batch_size=None):
+            mark_once(marker, repr(time.time()))
+            return super().run_units(table, batch_size)
 
     return TimedPredictor
 
@@ -262,15 +267,6 @@ def noop_predictor(instances: int, marker: str | None = None):
     function so Ray pickles it by value."""
     from pipeline.infer.predictor import Predictor, read_model_config
 
-    def _mark(path: str, text: str) -> None:
-        """Write ``text`` to ``path`` unless it exists (the first writer wins, across processes)."""
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return
-        os.write(fd, text.encode())
-        os.close(fd)
-
     class NoopPredictor(Predictor):
         def __init__(self, checkpoint_uri: str | None = None, *, model=None, config=None, model_id=None,
                      score_threshold: float = 0.0, batch_size: int = 4, **_ignored) -> None:
@@ -284,14 +280,14 @@ def noop_predictor(instances: int, marker: str | None = None):
             self.sizes = (config.min_size, config.max_size)
             self.outputs: dict = {}
             if marker is not None:
-                _mark(marker + ".actor", f"{started!r} {time.time()!r}")
+                mark_once(marker + ".actor", f"{started!r} {time.time()!r}")
 
         min_size = property(lambda self: self.sizes[0])
         max_size = property(lambda self: self.sizes[1])
 
         def forward_resized(self, images, original_sizes, *, cpu=True):
             if marker is not None:
-                _mark(marker, repr(time.time()))
+                mark_once(marker, repr(time.time()))
             return [self.synthetic(*size) for size in original_sizes]
 
         def synthetic(self, h: int, w: int) -> dict:

@@ -156,6 +156,28 @@ def test_run_units_hands_the_writer_the_same_predictions_unpickled(tiny):
             np.testing.assert_array_equal(got[key], value)
 
 
+def test_the_benchmarks_timing_hook_runs_in_the_model_actors_path(tiny, tmp_path):
+    """benchmarks/infer.py times the first model batch by overriding the method the model actor
+    (``SegmentAndWrite``) calls; hooking a method it no longer calls crashed the benchmark."""
+    import importlib.util
+    import pathlib
+
+    from pipeline.infer.stages import SegmentAndWrite
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "infer.py"
+    spec = importlib.util.spec_from_file_location("bench_infer_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model, config = tiny
+    marker = str(tmp_path / "first-batch")
+    actor = SegmentAndWrite(output_uri=str(tmp_path / "out"), category_ids=config.category_ids(),
+                            predictor_factory=bench.timed_predictor(marker), model=model, config=config,
+                            model_id="m#sha256:3")
+    meta = actor(units_table(images(2, seed=5)))
+    assert meta.column("images").to_pylist() == [2] and (tmp_path / "out" / "u.parquet").exists()
+    assert float(open(marker).read()) > 0
+
+
 def test_read_model_config_builds_no_model(tiny, tmp_path, monkeypatch):
     """The driver reads sizes, categories and the digest without building the network."""
     import model.checkpoint as checkpoint
