@@ -3,11 +3,12 @@
 Stages (every one in Ray tasks/actors; the driver sees unit names and counts only)::
 
     units (one Ray Data row each; a few units per read task) -> read + decode (CPU task,
-      uint8 at the original size)
+      uint8 at the original size), yielded in groups of ~8 MB of pixels (one row and one block
+      per group: Ray Data's per-block cost is paid per group, not per unit)
       -> model + post-process + write (actor pool, :class:`~pipeline.infer.stages.SegmentAndWrite`:
-         resize/normalize on the model's device, boxes + 28x28 mask probabilities, per-instance
-         paste + RLE, one results file per unit written atomically)
-      -> metadata rows (counts) back to the driver
+         per unit of the group: resize/normalize on the model's device, boxes + 28x28 mask
+         probabilities, per-instance paste + RLE, one results file written atomically)
+      -> one metadata row (counts) per unit back to the driver, yielded as each unit is committed
 
 Why the write is in the model actor and not a third stage of CPU tasks (as it was): on a
 small node Ray Data's scheduler (it ranks operators by object-store use) kept giving the free
@@ -26,9 +27,9 @@ Results prefix layout::
                                   run of raw image files (``files-0000000-0000016.parquet``)
 
 Exactly-once invariant: ``<output>/<unit>`` exists <=> it holds exactly one row per image of the
-unit. Each unit is a single Ray Data row through every stage (never split or merged by Ray Data's
-bundling), and its file is written whole and atomically by the task that made it; a retried task
-(actor death) rewrites the same file. A rerun skips units whose file exists.
+unit. Each unit is a single Ray Data row, then a single entry of one group row (a row is never
+split by Ray Data's bundling), and its file is written whole and atomically by the task that made
+it; a retried task (actor death) rewrites the same files. A rerun skips units whose file exists.
 
 Why not Ray Data's own ``write_parquet`` + ``CheckpointConfig(id_column="image_id")``: its
 checkpoint is written after the data file, per block, so a crash between the two re-processes the
@@ -53,7 +54,7 @@ from typing import Any
 from model.errors import MaskrayError, error_text
 from pipeline.dataset import DEFAULT_MAX_PIXELS  # the one pixel limit; larger images become error rows
 from pipeline.infer.predictor import Predictor, read_model_config
-from pipeline.infer.stages import IMAGE_SUFFIXES, SegmentAndWrite, is_transient, read_units, write_units
+from pipeline.infer.stages import IMAGE_SUFFIXES, SegmentAndWrite, is_transient, read_groups, write_units
 
 logger = logging.getLogger(__name__)
 
@@ -64,22 +65,32 @@ MAX_TASK_RETRIES = 2  # ... and a unit retried on a new actor at most this often
 PROGRESS_SECONDS = 10.0
 TASK_IMAGES = 1024  # images per read task (several units of small images share one Ray task)
 MAX_UNITS_PER_TASK = 16
-# Units queued on each model actor. Ray Data's default (2) left a CPU actor idle ~40 % of the time
-# on 2 cores with 100 64-px images per unit (~25 ms of work each): the driver's scheduling loop,
-# sharing the cores, did not hand over the next unit in time. Each queued unit pins its pixels in
-# the object store (8 x 12-MP = 288 MB at --images-per-unit 8). benchmarks/RESULTS.md, issue 13.
-UNITS_IN_FLIGHT_PER_ACTOR = 4
+TASKS_PER_ACTOR = 2  # read tasks (so groups) per model actor at least, when there are enough units
+READ_GROUPS_UNCONSUMED = 2  # groups a read task may leave for the model stage before it waits
+# Groups queued on each model actor. Ray Data's default (2) left a CPU actor idle ~40 % of the
+# time on 2 cores with one 100-image unit of 64-px images per task (~25 ms of work each): the
+# driver's scheduling loop, sharing the cores, did not hand over the next one in time. Each queued
+# group pins its pixels in the object store: ~8 MB of small images, or one unit of large ones
+# (8 x 12-MP = 288 MB at --images-per-unit 8). benchmarks/RESULTS.md, issue 13.
+GROUPS_IN_FLIGHT_PER_ACTOR = 4
 
 
-def units_per_task(images_per_unit: int) -> int:
-    """Units per read task: ~:data:`TASK_IMAGES` images, at most :data:`MAX_UNITS_PER_TASK` units.
+def units_per_task(images_per_unit: int, units: int | None = None, actors: int = 1) -> int:
+    """Units per read task: ~:data:`TASK_IMAGES` images, at most :data:`MAX_UNITS_PER_TASK` units,
+    and, for a run of ``units`` units on ``actors`` model actors, few enough to make
+    :data:`TASKS_PER_ACTOR` tasks per actor (a read task's groups go to one actor at a time, so
+    4 units in one task would keep a second actor idle).
 
     A Ray Data task costs ~70-100 ms of scheduling on a busy 2-core node, a 100-image unit of
     64-px images ~30 ms of reading and decoding: one unit per task held the read stage at
-    ~700 images/s, ten per task at ~2,000 (benchmarks/RESULTS.md, issue 13 item 4). Outputs
-    still travel one unit per row, so a large unit (12-MP photos) never waits for the others.
+    ~700 images/s, ten per task at ~2,000 (benchmarks/RESULTS.md, issue 13 item 4). A task's
+    units travel in ~8 MB groups (:func:`~pipeline.infer.stages.read_groups`), so a large unit
+    (12-MP photos) never waits for the others.
     """
-    return max(1, min(MAX_UNITS_PER_TASK, TASK_IMAGES // max(1, images_per_unit)))
+    per_task = max(1, min(MAX_UNITS_PER_TASK, TASK_IMAGES // max(1, images_per_unit)))
+    if units is not None:
+        per_task = min(per_task, max(1, -(-units // (TASKS_PER_ACTOR * max(1, actors)))))
+    return per_task
 
 
 @dataclasses.dataclass
@@ -301,7 +312,8 @@ def run_inference(
     (``pipeline.dataset.INTENSITY_MODES``; None = its default). ``overwrite`` recomputes results made
     differently; ``retry_errors`` recomputes rows whose error may be transient.
     ``predictor_factory`` replaces :class:`Predictor` in the actor pool (same keyword arguments).
-    Units run :func:`units_per_task` to a read task.
+    Units run :func:`units_per_task` to a read task, and travel to the model stage in groups
+    (:func:`~pipeline.infer.stages.read_groups`).
     """
     import ray
     from ray.data import ActorPoolStrategy
@@ -381,18 +393,25 @@ def run_inference(
                     actors, cpus_per_actor, gpus_per_actor, threads or "default", batch_size, images_per_unit)
         sizes = ({"min_size": actors[0], "max_size": actors[1]} if isinstance(actors, tuple)
                  else {"size": int(actors)})
-        compute = ActorPoolStrategy(**sizes, max_tasks_in_flight_per_actor=UNITS_IN_FLIGHT_PER_ACTOR)
-        per_task = units_per_task(images_per_unit)
+        compute = ActorPoolStrategy(**sizes, max_tasks_in_flight_per_actor=GROUPS_IN_FLIGHT_PER_ACTOR)
+        per_task = units_per_task(images_per_unit, len(pending), max_actors)
         ds = ray.data.from_items([u.row() for u in pending], override_num_blocks=-(-len(pending) // per_task))
-        # invariant: every output row (one unit) is its own block, so the model stage starts on a
-        # unit as soon as it is read, and each unit's metadata reaches the driver when committed.
+        # invariant: every output row (a group of units, then one unit's metadata) is its own
+        # block, so the model stage starts on a group as soon as it is read, and each unit's
+        # metadata reaches the driver when committed.
         ds.context.target_max_block_size = 1
-        # batch_size=1 everywhere: a unit is one row, so every call sees one whole unit.
-        ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow",
-                            fn_kwargs={"max_pixels": max_pixels, "exif": exif, "intensity": intensity})
+        _unblock_model_outputs(ds.context)
+        # batch_size=None: a read call sees its task's units (to group them); batch_size=1 in the
+        # model stage: every call sees one whole group.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+            ds = ds.map_batches(read_groups, batch_size=None, batch_format="pyarrow",
+                                fn_kwargs={"max_pixels": max_pixels, "exif": exif, "intensity": intensity},
+                                # Ray Data's default: a read task waits once 2 of its groups are
+                                # unconsumed (large units: the object store's backpressure holds);
+                                # two objects per block (the block and its metadata)
+                                _generator_backpressure_num_objects=2 * READ_GROUPS_UNCONSUMED)
             ds = ds.map_batches(
                 SegmentAndWrite, batch_size=1, batch_format="pyarrow", compute=compute,
                 num_gpus=gpus_per_actor, num_cpus=cpus_per_actor,
@@ -411,6 +430,17 @@ def run_inference(
         write_coco_json(output_uri, [u.unit for u in units], coco_json)
         summary.coco_json = coco_json
     return summary
+
+
+def _unblock_model_outputs(context: Any) -> None:
+    """Let a model-stage task yield the metadata rows of all its units (<= :data:`MAX_UNITS_PER_TASK`,
+    a few bytes each) without waiting for the driver to take them. Ray Data's default (2
+    unconsumed blocks per task, then the task blocks until the driver's scheduling loop takes
+    one) left the model actor idle ~40 % of a run on 2 cores. The read stage sets its own bound."""
+    if not hasattr(context, "_max_num_blocks_in_streaming_gen_buffer"):
+        raise MaskrayError("this Ray Data has no DataContext._max_num_blocks_in_streaming_gen_buffer "
+                           "(maskray is pinned to Ray 2.60)")
+    context._max_num_blocks_in_streaming_gen_buffer = MAX_UNITS_PER_TASK
 
 
 def _empty_unit_table(unit: Unit) -> Any:

@@ -49,11 +49,14 @@ def model_sizes(model: torch.nn.Module) -> tuple[int, int]:
 
 def resize_for_model(image: torch.Tensor, min_size: int, max_size: int) -> torch.Tensor:
     """Resize a float ``[3,H,W]`` image exactly as torchvision's GeneralizedRCNNTransform does
-    in eval mode (shorter side to ``min_size``, longer side at most ``max_size``, bilinear)."""
-    from torchvision.models.detection.transform import _resize_image_and_masks
-
-    resized, _ = _resize_image_and_masks(image, float(min_size), float(max_size))
-    return resized
+    in eval mode (shorter side to ``min_size``, longer side at most ``max_size``, bilinear; the
+    same ``interpolate`` call as its ``_resize_image_and_masks``, bit for bit: unit-tested).
+    Written here so the model stage's pre-processing does not import torchvision (~1.8 s of one
+    core per process); the model itself does when it is built."""
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    scale = min(float(min_size) / min(h, w), float(max_size) / max(h, w))
+    return torch.nn.functional.interpolate(image[None], size=None, scale_factor=scale, mode="bilinear",
+                                           recompute_scale_factor=True, align_corners=False)[0]
 
 
 def _unwrap(model: Any) -> torch.nn.Module:

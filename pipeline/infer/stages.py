@@ -16,6 +16,14 @@ the unit), ``image_ids``, ``file_names``, ``heights``/``widths`` (original frame
 ``pixels`` (list<large_binary>: uint8 ``[3,H,W]``, C-contiguous, the original size: the model
 stage resizes and normalizes on its device), ``errors`` (list<string>, null = fine), ``merge``.
 
+Group (:func:`read_groups`, what travels from the read stage to the model stage): consecutive
+decoded units of one read task, about :data:`GROUP_BYTES` of pixels (a larger unit is a group
+alone), as ONE row whose every column is the list of its units' values (:func:`group` /
+:func:`ungroup`, zero-copy). Small units travel together (one Ray object, one model-stage task
+per group: Ray Data's per-block cost is paid per ~8 MB, not per unit), while the model stage still
+commits and reports every unit on its own (:class:`SegmentAndWrite` yields one metadata row per
+unit as soon as its file is written).
+
 Error rows: ``read failed``/``inference failed`` can be transient (``--retry-errors`` recomputes
 them); ``decode failed``/``post-processing failed`` are the image's own fault.
 """
@@ -27,7 +35,7 @@ import io
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -43,6 +51,10 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 TRANSIENT_ERRORS = ("read failed:", "inference failed:")
 STORAGE_ATTEMPTS = 4  # tries of one storage call on a transient error (backoff 0.5, 1, 2 s + jitter)
+# Pixels per group (bytes). One Ray Data block per 100-image unit of 64-px images cost the driver's
+# executor ~15 ms of CPU per unit, a third of a 2-core run's wall time; groups of ~8 MB cut the
+# run's wall time ~20 % (benchmarks/RESULTS.md, issue 13 item 4). A group ships as one object.
+GROUP_BYTES = 8 * 2**20
 _PERMANENT_HINTS = ("not found", "no such file", "does not exist", "nosuchkey", "nosuchbucket", "access denied",
                     "forbidden", "invalidaccesskeyid", "signaturedoesnotmatch")
 
@@ -210,6 +222,42 @@ def pixel_bytes(table: Any) -> int:
     return int(sum(len(b) for b in table.column("pixels").combine_chunks().flatten().to_pylist()))
 
 
+def group(units: Any) -> Any:
+    """Decoded units (one row each) -> ONE row whose every column is the list of the units' values."""
+    import pyarrow as pa
+
+    offsets = pa.array([0, units.num_rows], pa.int32())
+    return pa.table({name: pa.ListArray.from_arrays(offsets, units.column(name).combine_chunks())
+                     for name in units.column_names})
+
+
+def ungroup(groups: Any) -> Any:
+    """Group rows (:func:`group`) -> their decoded units, one row each, in order (zero-copy)."""
+    import pyarrow as pa
+
+    return pa.table({name: groups.column(name).combine_chunks().flatten() for name in groups.column_names})
+
+
+def read_groups(batch: Any, *, max_pixels: int | None, exif: bool = True, intensity: str | None = None,
+                group_bytes: int = GROUP_BYTES) -> Iterator[Any]:
+    """Ray Data stage (generator): a read task's unit rows -> :func:`read_units` one unit at a
+    time, yielded in groups (:func:`group`) of consecutive units holding >= ``group_bytes`` of
+    pixels (the last group may hold less); a unit of that size or more is a group alone, yielded
+    as soon as it is decoded."""
+    import pyarrow as pa
+
+    pending, size = [], 0
+    for k in range(batch.num_rows):
+        decoded = read_units(batch.slice(k, 1), max_pixels=max_pixels, exif=exif, intensity=intensity)
+        pending.append(decoded)
+        size += decoded.column("pixels").nbytes
+        if size >= group_bytes:
+            yield group(pa.concat_tables(pending))
+            pending, size = [], 0
+    if pending:
+        yield group(pa.concat_tables(pending))
+
+
 # --------------------------------------------------------------------------- post-process + write
 
 
@@ -291,12 +339,15 @@ def write_units(batch: Any, *, output_uri: str, category_ids: Sequence[int]) -> 
 
 
 class SegmentAndWrite:
-    """Ray Data model stage (actor): decoded units -> the model (a :class:`~pipeline.infer.predictor.Predictor`,
-    or ``predictor_factory``, built with ``predictor_kwargs``) -> :func:`write_units` (per-instance
-    paste + RLE, one results file per unit, written atomically here) -> metadata rows.
+    """Ray Data model stage (actor): groups of decoded units (:func:`read_groups`) -> per unit, the
+    model (a :class:`~pipeline.infer.predictor.Predictor`, or ``predictor_factory``, built with
+    ``predictor_kwargs``) -> :func:`write_units` (per-instance paste + RLE, one results file per
+    unit, written atomically here) -> its metadata row, yielded at once (one Ray Data block per
+    unit, so the driver hears of each commit when it happens).
 
-    A unit killed mid-way (the actor died) is retried whole on a new actor and rewrites the same
-    file, so the exactly-once invariant of :func:`write_units` holds. On a GPU actor the paste and
+    A group killed mid-way (the actor died) is retried whole on a new actor: its units rewrite the
+    same files, so the exactly-once invariant of :func:`write_units` holds (the driver ignores a
+    unit reported twice). On a GPU actor the paste and
     RLE run on the actor's CPU after the unit's last batch (milliseconds per image at 800 px,
     0.17 s for 100 instances on a 12-MP photo: benchmarks/RESULTS.md); the GPU waits that long."""
 
@@ -308,7 +359,9 @@ class SegmentAndWrite:
         self.output_uri = output_uri
         self.category_ids = list(category_ids)
 
-    def __call__(self, batch: Any) -> Any:
-        # the predictions stay numpy arrays in this process: never pickled between model and write
-        return write_units(self.predictor.run_units(batch), output_uri=self.output_uri,
-                           category_ids=self.category_ids)
+    def __call__(self, groups: Any) -> Iterator[Any]:
+        units = ungroup(groups)
+        for k in range(units.num_rows):
+            # the predictions stay numpy arrays in this process: never pickled between model and write
+            yield write_units(self.predictor.run_units(units.slice(k, 1)), output_uri=self.output_uri,
+                              category_ids=self.category_ids)

@@ -173,7 +173,9 @@ def test_the_benchmarks_timing_hook_runs_in_the_model_actors_path(tiny, tmp_path
     actor = SegmentAndWrite(output_uri=str(tmp_path / "out"), category_ids=config.category_ids(),
                             predictor_factory=bench.timed_predictor(marker), model=model, config=config,
                             model_id="m#sha256:3")
-    meta = actor(units_table(images(2, seed=5)))
+    from pipeline.infer.stages import group
+
+    meta = pa.concat_tables(actor(group(units_table(images(2, seed=5)))))
     assert meta.column("images").to_pylist() == [2] and (tmp_path / "out" / "u.parquet").exists()
     assert float(open(marker).read()) > 0
 
@@ -252,3 +254,22 @@ def test_tta_can_rescale_the_predictor(tiny):
         half = predictor.predict([image])[0]
     assert (predictor.min_size, predictor.max_size) == (SIZE, 96)
     assert half["masks"].shape[-2:] == image.shape[-2:]  # still in the input's frame
+
+
+@pytest.mark.parametrize("shape,sizes", [((3, 64, 64), (64, 96)), ((3, 40, 72), (64, 96)), ((3, 97, 31), (64, 96)),
+                                         ((3, 3000, 4000), (800, 1333)), ((3, 4000, 3000), (800, 1333)),
+                                         ((3, 480, 640), (800, 1333)), ((3, 10, 2000), (800, 1333))])
+def test_resize_for_model_is_torchvisions_eval_resize_bit_for_bit(shape, sizes):
+    """Our resize (no torchvision import in the model stage's pre-processing) equals the one inside
+    torchvision's GeneralizedRCNNTransform, which the detector applies in ``model(images)``."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform, _resize_image_and_masks
+
+    from pipeline.infer.predictor import resize_for_model
+
+    image = torch.rand(shape, generator=torch.Generator().manual_seed(shape[1] * shape[2]))
+    expected, _ = _resize_image_and_masks(image, float(sizes[0]), float(sizes[1]))
+    got = resize_for_model(image, *sizes)
+    assert got.shape == expected.shape and torch.equal(got, expected)
+    transform = GeneralizedRCNNTransform(sizes[0], sizes[1], [0.0] * 3, [1.0] * 3).eval()
+    batch, _ = transform([image])
+    assert tuple(batch.image_sizes[0]) == tuple(got.shape[-2:])

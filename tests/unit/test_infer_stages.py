@@ -92,6 +92,59 @@ def test_read_units_takes_exact_row_ranges_and_makes_bad_images_error_rows(tmp_p
         stages.read_units(pa.Table.from_pylist(wrong), max_pixels=None)
 
 
+def test_read_groups_bundle_small_units_and_ship_large_ones_alone(tmp_path, monkeypatch):
+    """A read task's units travel in groups of >= GROUP_BYTES of pixels (the last may hold less);
+    a unit of that size is a group alone; ungroup gives back exactly read_units' rows."""
+    rng = np.random.default_rng(1)
+    small = png(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8))  # 1,800 bytes of pixels
+    large = png(rng.integers(0, 255, (60, 60, 3), dtype=np.uint8))  # 10,800 bytes
+    data = write_dataset(tmp_path / "d", [[small] * 2, [small] * 2, [large], [small] * 2, [small]])
+    units, _ = driver.plan(data, images_per_unit=64)
+    rows = pa.Table.from_pylist([u.row() for u in units])
+    calls = []
+    real = stages.read_units
+    monkeypatch.setattr(stages, "read_units", lambda batch, **kw: calls.append(batch.num_rows) or real(batch, **kw))
+
+    groups = list(stages.read_groups(rows, max_pixels=None, group_bytes=6_000))
+
+    assert calls == [1] * 5  # one unit decoded at a time
+    assert [g.num_rows for g in groups] == [1, 1, 1]  # each group is ONE row (one Ray Data block)
+    per_group = [g.column("unit")[0].as_py() for g in groups]
+    # 2 x 3,600 bytes >= 6,000 -> a group; the 10,800-byte unit alone; the last two units (5,400) last
+    assert per_group == [[units[0].unit, units[1].unit], [units[2].unit], [units[3].unit, units[4].unit]]
+    assert pa.concat_tables(stages.ungroup(g) for g in groups).equals(real(rows, max_pixels=None))
+    assert stages.ungroup(groups[1]).column("pixels")[0].as_py()[0] == real(rows.slice(2, 1), max_pixels=None).column(
+        "pixels")[0].as_py()[0]
+
+
+def test_segment_and_write_commits_and_reports_each_unit_of_a_group_in_turn(tiny, tmp_path):
+    """The model stage yields a unit's metadata row right after writing its file (the driver
+    hears of every commit, not of every group), and writes nothing ahead."""
+    model, config, _ = tiny
+    rng = np.random.default_rng(2)
+    data = write_dataset(tmp_path / "d", [[png(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))] * n
+                                          for n in (2, 1, 3)])
+    units, _ = driver.plan(data, images_per_unit=64)
+    (g,) = list(stages.read_groups(pa.Table.from_pylist([u.row() for u in units]), max_pixels=None))
+    out = tmp_path / "out"
+    actor = stages.SegmentAndWrite(output_uri=str(out), category_ids=config.category_ids(), model=model,
+                                   config=config, model_id="m#sha256:1", score_threshold=1.0)
+    seen = []
+    for meta in actor(g):
+        seen.append(meta.to_pylist())
+        assert sorted(p.name for p in out.iterdir()) == sorted(u.unit for u in units[:len(seen)])
+    assert [[(r["unit"], r["images"]) for r in m] for m in seen] == [[(u.unit, u.images)] for u in units]
+    assert [pq.read_table(out / u.unit).num_rows for u in units] == [2, 1, 3]
+
+
+def test_units_per_task_leaves_work_for_every_actor():
+    assert driver.units_per_task(100) == 10 and driver.units_per_task(1) == driver.MAX_UNITS_PER_TASK
+    assert driver.units_per_task(100, units=200, actors=1) == 10  # enough units: ~1,024 images a task
+    assert driver.units_per_task(64, units=4, actors=2) == 1  # 4 tasks: 2 per actor, none idle
+    assert driver.units_per_task(64, units=5, actors=1) == 3
+    assert driver.units_per_task(8, units=1, actors=4) == 1
+
+
 def test_exif_orientation_6_is_applied_by_default(tmp_path):
     rng = np.random.default_rng(1)
     array = rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)
