@@ -153,12 +153,14 @@ def pipeline_run(data_uri: str, out_uri: str, ckpt: str, *, actors: int, batch_s
 
     marker = out_uri.rstrip("/") + ".first-batch"
     commits: list[float] = []
+    ticks = cpu_ticks()
     start = time.time()
     summary = run_inference(data_uri, out_uri, ckpt, batch_size=batch_size, actors=actors,
                             gpus_per_actor=gpus_per_actor, threads=threads, score_threshold=score_threshold,
                             predictor_factory=timed_predictor(marker),
                             on_unit_committed=lambda name: commits.append(time.time()))
     wall = time.time() - start
+    steal = steal_since(ticks)
     first_batch = float(open(marker).read())
     return {"actors": actors, "images": summary.images, "errors": summary.errors,
             "instances": summary.instances, "seconds": wall, "images_per_s": summary.images / wall,
@@ -328,6 +330,25 @@ def noop_dataset(root: str, images: int, shards: int, size: int) -> None:
     fmt.write_manifest(root, fmt.Manifest(categories=CATEGORIES, shards=infos, source="benchmark"))
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """``(steal, total)`` CPU ticks of this machine so far (``/proc/stat``; zeros elsewhere). Steal is
+    time the VM's vCPUs were runnable but the host ran something else: on a shared host it slows
+    every process here alike, so the loop and the pipeline are reported with their own share."""
+    try:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return 0, 0
+    return values[7], sum(values)
+
+
+def steal_since(before: tuple[int, int]) -> float:
+    """Fraction of CPU time stolen by the host since ``before`` (:func:`cpu_ticks`)."""
+    after = cpu_ticks()
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else 0.0
+
+
 def noop_loop(data_uri: str, ckpt: str) -> dict:
     """One process: read every shard, decode, make float and resize as the model would."""
     from pipeline.format import read_manifest, shard_uris
@@ -336,6 +357,7 @@ def noop_loop(data_uri: str, ckpt: str) -> dict:
 
     model, _, _ = load_model(ckpt)
     min_size, max_size = model_sizes(model)
+    ticks = cpu_ticks()
     start = time.perf_counter()
     n = 0
     for uri in shard_uris(data_uri, read_manifest(data_uri)):
@@ -344,7 +366,7 @@ def noop_loop(data_uri: str, ckpt: str) -> dict:
             resize_for_model(to_float(decode(data, max_pixels=None)), min_size, max_size)
             n += 1
     seconds = time.perf_counter() - start
-    return {"images": n, "seconds": seconds, "images_per_s": n / seconds}
+    return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "steal": steal_since(ticks)}
 
 
 def noop_pipeline(data_uri: str, out_uri: str, ckpt: str, *, actors: int, batch_size: int, images_per_unit: int,
@@ -353,19 +375,21 @@ def noop_pipeline(data_uri: str, out_uri: str, ckpt: str, *, actors: int, batch_
 
     marker = out_uri.rstrip("/") + ".first-batch"
     commits: list[float] = []
+    ticks = cpu_ticks()
     start = time.time()
     summary = run_inference(data_uri, out_uri, ckpt, batch_size=batch_size, actors=actors, score_threshold=0.0,
                             predictor_factory=noop_predictor(instances, marker), images_per_unit=images_per_unit,
                             threads=threads,
                             on_unit_committed=lambda name: commits.append(time.time()))
     wall = time.time() - start
+    steal = steal_since(ticks)
     first_batch = float(open(marker).read())
     actor_start, actor_ready = (float(v) for v in open(marker + ".actor").read().split())
     after_first = summary.images - images_per_unit
     return {"images": summary.images, "instances": summary.instances, "seconds": wall,
             "images_per_s": summary.images / wall, "first_model_call_s": first_batch - start,
             "actor_process_up_s": actor_start - start, "actor_ready_s": actor_ready - start,
-            "first_commit_s": commits[0] - start,
+            "first_commit_s": commits[0] - start, "steal": steal,
             "steady_images_per_s": after_first / (commits[-1] - commits[0]) if len(commits) > 1 else 0.0}
 
 
@@ -389,6 +413,11 @@ def stage_bytes(data_uri: str, ckpt: str, instances: int) -> dict:
 def driver_rss_child(data_uri: str, out_uri: str, ckpt: str, instances: int, queue) -> None:
     import resource
 
+    from ray import cloudpickle
+
+    # A spawned child imports this file as ``__mp_main__``, which cloudpickle would pickle by
+    # reference (the Ray workers cannot import it): the predictor and its helpers go by value.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start_ray(num_cpus=os.cpu_count())
     run = noop_pipeline(data_uri, out_uri, ckpt, actors=1, batch_size=16, images_per_unit=100, instances=instances)
@@ -397,6 +426,21 @@ def driver_rss_child(data_uri: str, out_uri: str, ckpt: str, instances: int, que
     ray.shutdown()
     queue.put({"images": run["images"], "instances": run["instances"], "driver_peak_rss": 
                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_before_ray": before})
+
+
+def _result_of(proc, queue, timeout: float) -> dict:
+    """What ``proc`` puts on ``queue``; raises at once if it dies first (its traceback is on stderr)."""
+    import queue as queues
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            return queue.get(timeout=2)
+        except queues.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"the driver-RSS child exited with code {proc.exitcode} before reporting")
+    proc.kill()
+    raise RuntimeError(f"the driver-RSS child reported nothing within {timeout:.0f} s")
 
 
 def driver_rss(args: argparse.Namespace, work: str, ckpt: str) -> list[dict]:
@@ -414,7 +458,7 @@ def driver_rss(args: argparse.Namespace, work: str, ckpt: str) -> list[dict]:
             proc = ctx.Process(target=driver_rss_child, args=(uri, os.path.join(work, f"rss-out-{n}"), ckpt,
                                                               args.noop_instances, queue))
             proc.start()
-            rss.append(queue.get(timeout=1200))
+            rss.append(_result_of(proc, queue, timeout=1200))
             proc.join()
             print(f"driver peak RSS at {n} images ({rss[-1]['instances']} instances): "
                   f"{rss[-1]['driver_peak_rss'] / 2**20:.0f} MiB", flush=True)
@@ -425,10 +469,11 @@ def driver_rss(args: argparse.Namespace, work: str, ckpt: str) -> list[dict]:
 
 
 class _FloorActor:
-    """The floor's model stage: the model actor's imports (torch, torchvision) and nothing else."""
+    """The floor's model stage: the no-op model actor's imports (torch; the resize and a no-op
+    model need no torchvision) and nothing else."""
 
     def __init__(self) -> None:
-        import torchvision  # noqa: F401
+        import torch  # noqa: F401
 
     def __call__(self, batch):
         return batch
@@ -440,7 +485,7 @@ def _floor_read(batch):
 
 def ray_data_floor(units: int = 200) -> dict:
     """Ray Data's own start-up on a freshly started local Ray: ``units`` one-row items through a
-    task stage and a 1-actor pool that only imports torch + torchvision (the shape of
+    task stage and a 1-actor pool that only imports torch (the shape of
     :func:`~pipeline.infer.driver.run_inference` with nothing of ours in it). Seconds to the first
     output and to the end; no pipeline can start faster than this on the same machine."""
     import ray
@@ -476,7 +521,8 @@ def noop_benchmark(args: argparse.Namespace, work: str) -> dict:
     noop_dataset(data_uri, args.images, args.shards, args.size)
     loop = noop_loop(data_uri, ckpt)
     print(f"one-process loop (read + decode + resize): {loop['images_per_s']:.0f} images/s "
-          f"({loop['images']} images, {loop['seconds']:.1f} s)", flush=True)
+          f"({loop['images']} images, {loop['seconds']:.1f} s; CPU stolen by the host: "
+          f"{100 * loop['steal']:.0f}%)", flush=True)
     sizes = stage_bytes(data_uri, ckpt, args.noop_instances)
     print("bytes per image between stages: decode -> model {decode_to_model_bytes_per_image:.0f} (uint8; "
           "float32 at this size would be {float32_resized_bytes_per_image_before:.0f}), model -> write "
@@ -502,11 +548,12 @@ def noop_benchmark(args: argparse.Namespace, work: str) -> dict:
                   f"{run['ratio_steady']:.2f} (target 0.8); start-up: Ray started in {ray_start:.1f} s (before the "
                   f"runs), model actor process up at {run['actor_process_up_s']:.1f} s, its checkpoint loaded at "
                   f"{run['actor_ready_s']:.1f} s, first model call at {run['first_model_call_s']:.1f} s, first results "
-                  f"committed at {run['first_commit_s']:.1f} s (target 15)", flush=True)
+                  f"committed at {run['first_commit_s']:.1f} s (target 15); CPU stolen by the host: "
+                  f"{100 * run['steal']:.0f}%", flush=True)
     finally:
         ray.shutdown()
     floor = ray_data_floor()
-    print(f"Ray Data's own start-up (fresh Ray, trivial task stage + 1 actor importing torch + torchvision, "
+    print(f"Ray Data's own start-up (fresh Ray, trivial task stage + 1 actor importing torch, "
           f"nothing of ours): first output at {floor['first_output_s']:.1f} s = "
           f"{floor['first_output_s'] / loop['seconds']:.2f}x the loop's whole run of {loop['images']} images; "
           f"end to end 0.5x needs every image done in {2 * loop['seconds']:.1f} s", flush=True)
