@@ -65,21 +65,25 @@ MAX_TASK_RETRIES = 2  # ... and a unit retried on a new actor at most this often
 PROGRESS_SECONDS = 10.0
 TASK_IMAGES = 1024  # images per read task (several units of small images share one Ray task)
 MAX_UNITS_PER_TASK = 16
-TASKS_PER_ACTOR = 2  # read tasks (so groups) per model actor at least, when there are enough units
 READ_GROUPS_UNCONSUMED = 2  # groups a read task may leave for the model stage before it waits
 # Groups queued on each model actor. Ray Data's default (2) left a CPU actor idle ~40 % of the
 # time on 2 cores with one 100-image unit of 64-px images per task (~25 ms of work each): the
-# driver's scheduling loop, sharing the cores, did not hand over the next one in time. Each queued
-# group pins its pixels in the object store: ~8 MB of small images, or one unit of large ones
-# (8 x 12-MP = 288 MB at --images-per-unit 8). benchmarks/RESULTS.md, issue 13.
+# driver's scheduling loop, sharing the cores, did not hand over the next one in time; with ~8 MB
+# groups 4 still beat 2 (10.3/9.3 s vs 13.3/10.0 s). Each queued group pins its pixels in the
+# object store: ~8 MB of small images, or one unit of large ones (8 x 12-MP = 288 MB at
+# --images-per-unit 8). benchmarks/RESULTS.md, issue 13.
 GROUPS_IN_FLIGHT_PER_ACTOR = 4
+# Read tasks (so groups) per model actor at least, when there are enough units: more than one
+# actor can hold queued, so the first actor up is never handed every group while the others start
+# (2 per actor left the second of 2 CPU actors idle: 0.52x the loop instead of 0.9x).
+TASKS_PER_ACTOR = GROUPS_IN_FLIGHT_PER_ACTOR + 1
 
 
 def units_per_task(images_per_unit: int, units: int | None = None, actors: int = 1) -> int:
     """Units per read task: ~:data:`TASK_IMAGES` images, at most :data:`MAX_UNITS_PER_TASK` units,
     and, for a run of ``units`` units on ``actors`` model actors, few enough to make
-    :data:`TASKS_PER_ACTOR` tasks per actor (a read task's groups go to one actor at a time, so
-    4 units in one task would keep a second actor idle).
+    :data:`TASKS_PER_ACTOR` tasks per actor (a group goes to one actor: 8 units in 4 groups were
+    all queued on the first actor up, and the second stayed idle).
 
     A Ray Data task costs ~70-100 ms of scheduling on a busy 2-core node, a 100-image unit of
     64-px images ~30 ms of reading and decoding: one unit per task held the read stage at

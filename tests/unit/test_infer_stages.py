@@ -140,8 +140,10 @@ def test_segment_and_write_commits_and_reports_each_unit_of_a_group_in_turn(tiny
 def test_units_per_task_leaves_work_for_every_actor():
     assert driver.units_per_task(100) == 10 and driver.units_per_task(1) == driver.MAX_UNITS_PER_TASK
     assert driver.units_per_task(100, units=200, actors=1) == 10  # enough units: ~1,024 images a task
-    assert driver.units_per_task(64, units=4, actors=2) == 1  # 4 tasks: 2 per actor, none idle
-    assert driver.units_per_task(64, units=5, actors=1) == 3
+    # more groups per actor than it holds queued: the first actor up never takes them all
+    assert driver.TASKS_PER_ACTOR > driver.GROUPS_IN_FLIGHT_PER_ACTOR
+    assert driver.units_per_task(64, units=8, actors=2) == 1  # 8 groups, 4 in flight per actor
+    assert driver.units_per_task(64, units=40, actors=2) == 4
     assert driver.units_per_task(8, units=1, actors=4) == 1
 
 
