@@ -165,7 +165,7 @@ def pipeline_run(data_uri: str, out_uri: str, ckpt: str, *, actors: int, batch_s
     return {"actors": actors, "images": summary.images, "errors": summary.errors,
             "instances": summary.instances, "seconds": wall, "images_per_s": summary.images / wall,
             "startup_s": first_batch - start, "steady_images_per_s": summary.images / (commits[-1] - first_batch),
-            "first_commit_s": commits[0] - start}
+            "first_commit_s": commits[0] - start, "steal": steal}
 
 
 def write_checkpoint(path: str, backbone: str, size: int, detections: int, proposals: int) -> None:
@@ -227,7 +227,8 @@ def cpu_benchmark(args: argparse.Namespace, work: str) -> dict:
             print(f"pipeline, {actors} actor(s): end to end {run['images_per_s']:.2f} images/s "
                   f"({run['seconds']:.1f} s; first model batch at {run['startup_s']:.1f} s, first commit at "
                   f"{run['first_commit_s']:.1f} s), steady {run['steady_images_per_s']:.2f} images/s; ratio to "
-                  f"plain loop: steady {run['ratio_steady']:.2f}, end to end {run['ratio_end_to_end']:.2f}", flush=True)
+                  f"plain loop: steady {run['ratio_steady']:.2f}, end to end {run['ratio_end_to_end']:.2f}; CPU stolen by "
+                  f"the host: {100 * run['steal']:.0f}%", flush=True)
     finally:
         ray.shutdown()
     return {"plain": plain, "plain_runs": plains, "pipeline": runs}
