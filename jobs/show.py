@@ -1,10 +1,18 @@
-"""``maskray show``: PNG overlays (masks, boxes, class names, scores) of predictions (``python -m jobs.show``).
+"""``maskray show``: overlays (masks, boxes, class names, scores) of predictions (``python -m jobs.show``).
 
-Either runs a checkpoint on the first ``--limit`` images of ``--data``, or draws stored
-predictions (``--results``: the Parquet files ``maskray infer`` wrote) on those images.
-One ``<image_id>.png`` per image is written under ``--out`` (local folder or ``s3://`` prefix), drawn
-at a readable size (``--long-side``, default 1280 px: small images upscaled, photos shrunk) with
-captions in a font scaled to it.
+Three ways:
+
+- ``--results PREFIX`` alone: a static gallery of a ``maskray infer`` output, no model and no
+  ``--data`` (:func:`pipeline.gallery.build_gallery`): ``--out``/index.html with per-category
+  counts and a score histogram over every row, overlays and thumbnails of the first ``--limit``
+  images (read from the input its provenance.json records), and the error rows.
+- ``--results PREFIX --data URI``: ``<image_id>.png`` overlays of the stored predictions on the
+  first ``--limit`` images of the dataset ``--data``.
+- ``--checkpoint URI --data URI``: runs the checkpoint on the first ``--limit`` images of ``--data``
+  and writes ``<image_id>.png`` overlays.
+
+Overlays are drawn at a readable size (``--long-side``, default 1280 px: small images upscaled,
+photos shrunk) with captions in a font scaled to it; ``--out`` is a local folder or ``s3://`` prefix.
 """
 
 from __future__ import annotations
@@ -21,10 +29,15 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", metavar="URI", help="run this maskray checkpoint on the images")
-    source.add_argument("--results", metavar="URI", help="draw stored predictions (maskray infer output prefix)")
-    parser.add_argument("--data", required=True, metavar="URI", help="dataset (maskray shards) holding the images")
-    parser.add_argument("--out", required=True, metavar="DIR", help="folder or s3:// prefix for the PNGs")
-    parser.add_argument("--limit", type=int, default=16, metavar="N", help="first N images (default 16)")
+    source.add_argument("--results", metavar="URI",
+                        help="a maskray infer output prefix: a browsable gallery (OUT/index.html) of it, "
+                             "or with --data PNG overlays of its stored predictions")
+    parser.add_argument("--data", metavar="URI",
+                        help="dataset (maskray shards) holding the images; needed with --checkpoint. "
+                             "Without it, --results writes a gallery of the images its run read")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder or s3:// prefix for the overlays")
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="first N images (default 16; 64 in a --results gallery)")
     parser.add_argument("--score-thresh", type=float, default=0.5, metavar="S",
                         help="draw instances scoring at least S (default 0.5)")
     parser.add_argument("--batch-size", type=int, default=2, metavar="N", help="images per forward pass (default 2)")
@@ -59,6 +72,14 @@ def _stored_results(results_uri: str, image_ids: set[int]) -> dict[int, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.results and not args.data:  # a gallery of a results prefix: no model, no --data
+        from pipeline.gallery import DEFAULT_LIMIT, build_gallery
+
+        summary = build_gallery(args.results, args.out, limit=DEFAULT_LIMIT if args.limit is None else args.limit,
+                                long_side=args.long_side, score_thresh=args.score_thresh)
+        print(summary.line())
+        return 0
+
     from itertools import islice
 
     from pipeline.evaluate import resolve_device
@@ -70,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.instances import Instances, from_result_instances
     from pipeline.visualize import render_overlay, to_png
 
+    if not args.data:
+        raise MaskrayError("--checkpoint needs --data (the dataset to run it on)")
+    args.limit = 16 if args.limit is None else args.limit
     if args.limit < 1:
         raise MaskrayError(f"--limit must be >= 1, got {args.limit}")
     if args.long_side < 16:
