@@ -104,6 +104,7 @@ def build_maskrcnn(
     mask_head_channels: Sequence[int] = (256, 256, 256, 256),
     image_mean: Sequence[float] | None = None,
     image_std: Sequence[float] | None = None,
+    pooler: str = "roialign",
     # anchors and RPN (torchvision's defaults)
     anchor_sizes: Sequence[Sequence[int]] = DEFAULT_ANCHOR_SIZES,
     aspect_ratios: Sequence[float] = DEFAULT_ASPECT_RATIOS,
@@ -150,12 +151,18 @@ def build_maskrcnn(
     ``box_head_dim`` the box head's hidden size, ``mask_head_channels`` one 3x3 conv per entry
     in the mask head. Narrower heads cut training cost several-fold on CPU-sized problems.
 
+    ``pooler`` picks the box and mask poolers' RoI pooling, the modes of Mask R-CNN's Table 2
+    (``model.ops.POOLER_MODES``): "roialign" (default; torchvision's ``aligned=False``, what its
+    weights were trained with), "roialign_v2" (``aligned=True``), "roiwarp", "roipool".
+
     Input: a list of float CHW images in [0, 1]; output: torchvision's target/prediction dicts.
     """
     if variant not in VARIANTS:
         raise MaskrayError(f"model variant {variant!r} is not one of {', '.join(VARIANTS)}")
     if num_classes < 2:
         raise MaskrayError(f"model num_classes={num_classes} must be >= 2 (background + at least one class)")
+    if pooler not in ops.POOLER_MODES:
+        raise MaskrayError(f"model pooler {pooler!r} is not one of {', '.join(ops.POOLER_MODES)}")
     if variant == "v2" and head_norm is None:
         head_norm = "bn"
     if variant == "v1" and head_norm is not None:
@@ -176,7 +183,7 @@ def build_maskrcnn(
             channels, rpn_anchor_generator.num_anchors_per_location()[0], conv_depth=2 if variant == "v2" else 1
         )
     if box_roi_pool is None:
-        box_roi_pool = ops.MultiScaleRoIAlign(FEATURE_MAPS, 7, 2)
+        box_roi_pool = ops.MultiScaleRoIAlign(FEATURE_MAPS, 7, 2, mode=pooler)
     if box_head is None:
         resolution = _output_size(box_roi_pool)
         if variant == "v1":
@@ -188,7 +195,7 @@ def build_maskrcnn(
     if box_predictor is None:
         box_predictor = FastRCNNPredictor(box_head_dim, num_classes)
     if mask_roi_pool is None:
-        mask_roi_pool = ops.MultiScaleRoIAlign(FEATURE_MAPS, 14, 2)
+        mask_roi_pool = ops.MultiScaleRoIAlign(FEATURE_MAPS, 14, 2, mode=pooler)
     if mask_head is None:
         if not mask_head_channels:
             raise MaskrayError("model mask_head_channels must name at least one conv layer")

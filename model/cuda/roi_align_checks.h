@@ -2,6 +2,7 @@
 // host functions: one definition of what the ops accept. Value errors raise ValueError.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -55,6 +56,47 @@ inline LevelMap make_level_map(
   return LevelMap{true, static_cast<int>(k_min), static_cast<int>(k_max), canonical_scale, canonical_level, eps};
 }
 
+// The `mode` argument of maskray::roi_align / multi_level_roi_align (and their backwards):
+// kModeAlign or kModeWarp; returns true for RoIWarp (quantized corners).
+inline bool quantize_arg(const char* op, int64_t mode) {
+  TORCH_CHECK_VALUE(
+      mode == kModeAlign || mode == kModeWarp, "maskray::", op, ": mode must be ", kModeAlign, " (RoIAlign) or ",
+      kModeWarp, " (RoIWarp), got ", mode, mode == kModePool ? " (RoIPool is maskray::roi_pool)" : "");
+  return mode == kModeWarp;
+}
+
 constexpr LevelMap kSingleLevel{false, 0, 0, 1.0, 0.0, 0.0};
+
+// Shapes of a RoIPool backward (maskray::roi_pool_backward); returns the offsets of the levels
+// in the flat index space of argmax, and the total size last.
+inline std::vector<int64_t> check_pool_backward(
+    const char* op,
+    const at::Tensor& grad,
+    const at::Tensor& argmax,
+    int64_t batch_size,
+    int64_t channels,
+    at::IntArrayRef heights,
+    at::IntArrayRef widths) {
+  TORCH_CHECK(
+      !heights.empty() && heights.size() <= size_t(kMaxLevels) && heights.size() == widths.size(), "maskray::", op,
+      ": need one height and width per level (1 to ", kMaxLevels, " levels)");
+  TORCH_CHECK(batch_size >= 0 && channels >= 0, "maskray::", op, ": negative batch size or channels");
+  TORCH_CHECK(grad.dim() == 4 && grad.size(1) == channels, "maskray::", op, ": grad has shape ", grad.sizes(),
+              ", expected [K, ", channels, ", PH, PW]");
+  TORCH_CHECK(argmax.sizes() == grad.sizes() && argmax.scalar_type() == at::kLong, "maskray::", op,
+              ": argmax must be int64 of grad's shape ", grad.sizes(), ", got ", argmax.scalar_type(), " ",
+              argmax.sizes());
+  TORCH_CHECK(argmax.device() == grad.device(), "maskray::", op, ": tensors on different devices (",
+              grad.device(), " vs ", argmax.device(), ")");
+  std::vector<int64_t> offset;
+  int64_t total = 0;
+  for (size_t l = 0; l < heights.size(); ++l) {
+    check_map_size(op, heights[l], widths[l]);
+    offset.push_back(total);
+    total += batch_size * channels * heights[l] * widths[l];
+  }
+  offset.push_back(total);
+  return offset;
+}
 
 }  // namespace maskray

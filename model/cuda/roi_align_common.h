@@ -1,4 +1,8 @@
-// Geometry shared by the CPU and CUDA RoIAlign kernels.
+// Geometry shared by the CPU and CUDA kernels of the pooling modes (Mask R-CNN, Table 2):
+//  * RoIAlign (mode 0; `aligned` false = torchvision's default, true = detectron2's ROIAlignV2);
+//  * RoIWarp  (mode 1): RoIAlign on the box quantized to the feature grid (see roi_geometry);
+//  * RoIPool  (mode 2, its own ops maskray::roi_pool / multi_level_roi_pool): quantized max
+//    pooling with torchvision.ops.roi_pool's semantics (see roi_pool_geometry / pool_bin).
 //
 // Every kernel computes sample positions with exactly these functions, in the same
 // floating-point order as torchvision's kernels, so all backends agree with each other
@@ -50,6 +54,14 @@ MASKRAY_HD float math_floor(float v) { return floorf(v); }
 MASKRAY_HD double math_floor(double v) { return floor(v); }
 MASKRAY_HD float math_ceil(float v) { return ceilf(v); }
 MASKRAY_HD double math_ceil(double v) { return ceil(v); }
+// round half away from zero, as C's round() (what torchvision's roi_pool uses)
+MASKRAY_HD float math_round(float v) { return roundf(v); }
+MASKRAY_HD double math_round(double v) { return round(v); }
+
+// The pooling modes of the `mode` argument of maskray::roi_align / multi_level_roi_align.
+constexpr int kModeAlign = 0;
+constexpr int kModeWarp = 1;
+constexpr int kModePool = 2;  // not a mode of roi_align: the ops maskray::roi_pool / multi_level_roi_pool
 
 // True for finite values (false for NaN and +-inf), without relying on <cmath> overloads.
 template <typename T>
@@ -116,6 +128,15 @@ MASKRAY_HD int adaptive_grid(T extent, int pooled) {
 }
 
 // `roi` points at (batch_index, x1, y1, x2, y2) in input-image coordinates.
+//
+// RoIAlign (quantize == false): the corners are x1 * spatial_scale - offset, ... with
+// offset = 0.5 when `aligned`, else 0 (then an extent below 1 is raised to 1, torchvision's
+// "legacy" rule).
+// RoIWarp (quantize == true): each corner is first rounded to the feature grid,
+// x1' = round(x1 * spatial_scale) (half away from zero, as RoIPool), and RoIAlign then runs
+// unchanged on the quantized box: start = x1' - offset, extent = x2' - x1' (at least 1 when
+// not `aligned`), bins of extent / pooled (not quantized), the adaptive grid
+// ceil(extent / pooled) capped at kMaxSamplingGrid, bilinear samples averaged per bin.
 template <typename T, typename R>
 MASKRAY_HD RoiGeometry<T> roi_geometry(
     const R* roi,
@@ -124,14 +145,23 @@ MASKRAY_HD RoiGeometry<T> roi_geometry(
     int pooled_height,
     int pooled_width,
     int sampling_ratio,
-    bool aligned) {
+    bool aligned,
+    bool quantize = false) {
   RoiGeometry<T> g;
   g.batch = roi_batch<T>(roi, batch_size);
   const T offset = aligned ? static_cast<T>(0.5) : static_cast<T>(0.0);
-  g.start_w = static_cast<T>(roi[1]) * spatial_scale - offset;
-  g.start_h = static_cast<T>(roi[2]) * spatial_scale - offset;
-  const T end_w = static_cast<T>(roi[3]) * spatial_scale - offset;
-  const T end_h = static_cast<T>(roi[4]) * spatial_scale - offset;
+  T end_w, end_h;
+  if (quantize) {
+    g.start_w = math_round(static_cast<T>(roi[1]) * spatial_scale) - offset;
+    g.start_h = math_round(static_cast<T>(roi[2]) * spatial_scale) - offset;
+    end_w = math_round(static_cast<T>(roi[3]) * spatial_scale) - offset;
+    end_h = math_round(static_cast<T>(roi[4]) * spatial_scale) - offset;
+  } else {
+    g.start_w = static_cast<T>(roi[1]) * spatial_scale - offset;
+    g.start_h = static_cast<T>(roi[2]) * spatial_scale - offset;
+    end_w = static_cast<T>(roi[3]) * spatial_scale - offset;
+    end_h = static_cast<T>(roi[4]) * spatial_scale - offset;
+  }
   T roi_w = end_w - g.start_w;
   T roi_h = end_h - g.start_h;
   if (!aligned) {  // legacy behaviour: force malformed RoIs to be 1x1
@@ -191,6 +221,60 @@ MASKRAY_HD Tap<T> linear_tap(T v, int size) {
   t.w_lo = static_cast<T>(1.) - l;
   t.w_hi = l;
   return t;
+}
+
+// ---------------------------------------------------------------------------------------
+// RoIPool: torchvision.ops.roi_pool's geometry
+// ---------------------------------------------------------------------------------------
+// corners rounded to the feature grid: start = round(x1 * scale), end = round(x2 * scale)
+// (half away from zero); extent = max(end - start + 1, 1); bin = extent / pooled (in T);
+// bin p spans [floor(p * bin) + start, ceil((p + 1) * bin) + start) clipped to [0, size);
+// an empty bin outputs 0 with no argmax; otherwise the first maximum in row-major order wins
+// (strict >, starting from -FLT_MAX, as torchvision). Rounded corners beyond
+// +-kMaxPoolCoord are clamped there (torchvision's int cast overflows, undefined behaviour):
+// every index stays exact in int64 and a box that large covers the whole map anyway.
+constexpr int64_t kMaxPoolCoord = int64_t(1) << 40;
+
+template <typename T>
+struct PoolGeometry {
+  int64_t batch;             // -1: invalid RoI (see roi_batch)
+  int64_t start_h, start_w;  // rounded top-left corner, feature-map pixels
+  T bin_h, bin_w;
+};
+
+template <typename T>
+MASKRAY_HD int64_t pool_coord(T v) {
+  const T r = math_round(v);
+  if (!(r > static_cast<T>(-kMaxPoolCoord))) return -kMaxPoolCoord;  // also NaN (never reached: invalid)
+  if (r > static_cast<T>(kMaxPoolCoord)) return kMaxPoolCoord;
+  return static_cast<int64_t>(r);
+}
+
+template <typename T, typename R>
+MASKRAY_HD PoolGeometry<T> roi_pool_geometry(
+    const R* roi, int64_t batch_size, T spatial_scale, int pooled_height, int pooled_width) {
+  PoolGeometry<T> g;
+  g.batch = roi_batch<T>(roi, batch_size);
+  g.start_w = pool_coord(static_cast<T>(roi[1]) * spatial_scale);
+  g.start_h = pool_coord(static_cast<T>(roi[2]) * spatial_scale);
+  const int64_t end_w = pool_coord(static_cast<T>(roi[3]) * spatial_scale);
+  const int64_t end_h = pool_coord(static_cast<T>(roi[4]) * spatial_scale);
+  const int64_t roi_w = end_w - g.start_w + 1 > 1 ? end_w - g.start_w + 1 : 1;
+  const int64_t roi_h = end_h - g.start_h + 1 > 1 ? end_h - g.start_h + 1 : 1;
+  g.bin_h = static_cast<T>(roi_h) / static_cast<T>(pooled_height);
+  g.bin_w = static_cast<T>(roi_w) / static_cast<T>(pooled_width);
+  return g;
+}
+
+// Pixels [lo, hi) of bin `p` along an axis of length `size` (lo >= hi: empty bin).
+template <typename T>
+MASKRAY_HD void pool_bin(int64_t start, T bin, int p, int size, int& lo, int& hi) {
+  int64_t a = static_cast<int64_t>(math_floor(static_cast<T>(p) * bin)) + start;
+  int64_t b = static_cast<int64_t>(math_ceil(static_cast<T>(p + 1) * bin)) + start;
+  a = a < 0 ? 0 : (a > size ? size : a);
+  b = b < 0 ? 0 : (b > size ? size : b);
+  lo = static_cast<int>(a);
+  hi = static_cast<int>(b);
 }
 
 }  // namespace maskray

@@ -1,5 +1,7 @@
-// maskray::roi_align and maskray::multi_level_roi_align — CUDA kernels (forward, atomic
-// backward, deterministic backward).
+// maskray::roi_align and maskray::multi_level_roi_align (modes RoIAlign and RoIWarp: the
+// same kernels, RoIWarp rounding the corners in roi_geometry) — CUDA kernels (forward, atomic
+// backward, deterministic backward); maskray::roi_pool, multi_level_roi_pool and
+// roi_pool_backward (RoIPool, at the end of the file).
 //
 // One set of kernels serves both ops: they read a table of up to kMaxLevels feature maps
 // and pick each RoI's level with roi_level() (torchvision's LevelMapper); the single-level
@@ -28,6 +30,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContextLight.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -35,7 +38,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "roi_align_checks.h"
@@ -96,11 +101,13 @@ __device__ __forceinline__ bool resolve_roi(
     int pooled_width,
     int sampling_ratio,
     bool aligned,
+    bool quantize,
     int& level,
     RoiGeometry<acc_t>& g) {
   level = roi_level<acc_t>(roi, L.map);
   if (level < 0 || level >= L.num_levels || L.height[level] == 0 || L.width[level] == 0) return false;
-  g = roi_geometry<acc_t>(roi, batch_size, L.scale[level], pooled_height, pooled_width, sampling_ratio, aligned);
+  g = roi_geometry<acc_t>(
+      roi, batch_size, L.scale[level], pooled_height, pooled_width, sampling_ratio, aligned, quantize);
   return g.batch >= 0;
 }
 
@@ -123,6 +130,7 @@ __global__ void __launch_bounds__(kThreads) roi_align_forward_kernel(
     int pooled_width,
     int sampling_ratio,
     bool aligned,
+    bool quantize,
     scalar_t* __restrict__ output) {
   for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < total;
        index += int64_t(blockDim.x) * gridDim.x) {
@@ -132,7 +140,8 @@ __global__ void __launch_bounds__(kThreads) roi_align_forward_kernel(
     const int64_t n = index / pooled_width / pooled_height / channels;
     int level;
     RoiGeometry<acc_t> g;
-    if (!resolve_roi(rois + n * 5, L, batch_size, pooled_height, pooled_width, sampling_ratio, aligned, level, g)) {
+    if (!resolve_roi(rois + n * 5, L, batch_size, pooled_height, pooled_width, sampling_ratio, aligned, quantize, level,
+                     g)) {
       output[index] = scalar_t(0);
       continue;
     }
@@ -174,7 +183,8 @@ __global__ void __launch_bounds__(kThreads) roi_align_backward_atomic_kernel(
     int pooled_height,
     int pooled_width,
     int sampling_ratio,
-    bool aligned) {
+    bool aligned,
+    bool quantize) {
   for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < total;
        index += int64_t(blockDim.x) * gridDim.x) {
     const int pw = static_cast<int>(index % pooled_width);
@@ -183,7 +193,8 @@ __global__ void __launch_bounds__(kThreads) roi_align_backward_atomic_kernel(
     const int64_t n = index / pooled_width / pooled_height / channels;
     int level;
     RoiGeometry<acc_t> g;
-    if (!resolve_roi(rois + n * 5, L, batch_size, pooled_height, pooled_width, sampling_ratio, aligned, level, g)) {
+    if (!resolve_roi(rois + n * 5, L, batch_size, pooled_height, pooled_width, sampling_ratio, aligned, quantize, level,
+                     g)) {
       continue;
     }
     const acc_t gv = static_cast<acc_t>(grad[n * sn + c * sc + ph * sh + pw * sw]) / g.count;
@@ -257,13 +268,15 @@ __global__ void roi_describe_kernel(
     int pooled_width,
     int sampling_ratio,
     bool aligned,
+    bool quantize,
     RoiDesc<acc_t>* __restrict__ out) {
   const int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (n >= num_rois) return;
   RoiDesc<acc_t> d;
   int level;
   RoiGeometry<acc_t> g;
-  if (!resolve_roi(rois + n * 5, L, batch_size, pooled_height, pooled_width, sampling_ratio, aligned, level, g)) {
+  if (!resolve_roi(rois + n * 5, L, batch_size, pooled_height, pooled_width, sampling_ratio, aligned, quantize, level,
+                     g)) {
     d.level = -1;
     d.batch = -1;
     d.r0 = d.q0 = 0;
@@ -403,6 +416,146 @@ __global__ void __launch_bounds__(kTile* kTile) roi_align_backward_gather_kernel
 }
 
 // ---------------------------------------------------------------------------------------
+// RoIPool (maskray::roi_pool, multi_level_roi_pool, roi_pool_backward)
+// ---------------------------------------------------------------------------------------
+// argmax: flat index into the call's feature maps taken as one vector, levels one after the
+// other (offset[l] = elements of the levels before l); -1 where nothing was pooled (also for
+// an invalid RoI, whose output is zeros). The backward adds each output gradient to its
+// argmax element: atomically, or (deterministic) after one stable sort of argmax, one thread
+// per run of equal targets summing the run in output order.
+
+// Level offsets of the flat argmax space: data[l] holds elements [offset[l], offset[l + 1]).
+template <typename P>
+struct FlatLevels {
+  P data[kMaxLevels];
+  int64_t offset[kMaxLevels + 1];
+  int num_levels;
+};
+
+template <typename P>
+__device__ __forceinline__ int flat_level(const FlatLevels<P>& F, int64_t idx) {
+  int l = 0;
+  while (l + 1 < F.num_levels && idx >= F.offset[l + 1]) ++l;
+  return l;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) roi_pool_forward_kernel(
+    int64_t total,
+    const Levels<const scalar_t*, acc_t> L,
+    const FlatLevels<const scalar_t*> F,
+    const scalar_t* __restrict__ rois,
+    int64_t batch_size,
+    int64_t channels,
+    int pooled_height,
+    int pooled_width,
+    scalar_t* __restrict__ output,
+    int64_t* __restrict__ argmax) {
+  // torchvision starts every non-empty bin from -FLT_MAX (also for double)
+  const acc_t lowest = static_cast<acc_t>(-FLT_MAX);
+  for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < total;
+       index += int64_t(blockDim.x) * gridDim.x) {
+    const int pw = static_cast<int>(index % pooled_width);
+    const int ph = static_cast<int>((index / pooled_width) % pooled_height);
+    const int64_t c = (index / pooled_width / pooled_height) % channels;
+    const int64_t n = index / pooled_width / pooled_height / channels;
+    const scalar_t* roi = rois + n * 5;
+    const int level = roi_level<acc_t>(roi, L.map);
+    const PoolGeometry<acc_t> g =
+        level < 0 || level >= L.num_levels
+            ? PoolGeometry<acc_t>{-1, 0, 0, acc_t(0), acc_t(0)}
+            : roi_pool_geometry<acc_t>(roi, batch_size, L.scale[level], pooled_height, pooled_width);
+    if (g.batch < 0 || L.height[level] == 0 || L.width[level] == 0) {
+      output[index] = scalar_t(0);
+      argmax[index] = -1;
+      continue;
+    }
+    const int height = L.height[level], width = L.width[level];
+    int h0, h1, w0, w1;
+    pool_bin(g.start_h, g.bin_h, ph, height, h0, h1);
+    pool_bin(g.start_w, g.bin_w, pw, width, w0, w1);
+    const int64_t plane_index = (g.batch * channels + c) * (int64_t(height) * width);
+    const scalar_t* plane = L.data[level] + plane_index;
+    const bool empty = h1 <= h0 || w1 <= w0;
+    acc_t best = empty ? acc_t(0) : lowest;
+    int64_t arg = -1;
+    for (int h = h0; h < h1; ++h) {
+      const scalar_t* row = plane + int64_t(h) * width;
+      for (int w = w0; w < w1; ++w) {
+        const acc_t v = static_cast<acc_t>(row[w]);
+        if (v > best) {
+          best = v;
+          arg = int64_t(h) * width + w;
+        }
+      }
+    }
+    output[index] = static_cast<scalar_t>(best);
+    argmax[index] = arg < 0 ? int64_t(-1) : F.offset[level] + plane_index + arg;
+  }
+}
+
+// Offset of output element `index` (contiguous [K, C, PH, PW] numbering) in a strided grad.
+__device__ __forceinline__ int64_t grad_offset(
+    int64_t index, int64_t channels, int PH, int PW, int64_t sn, int64_t sc, int64_t sh, int64_t sw) {
+  const int64_t pw = index % PW;
+  const int64_t ph = (index / PW) % PH;
+  const int64_t c = (index / PW / PH) % channels;
+  const int64_t n = index / PW / PH / channels;
+  return n * sn + c * sc + ph * sh + pw * sw;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) roi_pool_backward_atomic_kernel(
+    int64_t total,
+    const scalar_t* __restrict__ grad,
+    int64_t sn,
+    int64_t sc,
+    int64_t sh,
+    int64_t sw,
+    int64_t channels,
+    int PH,
+    int PW,
+    const int64_t* __restrict__ argmax,
+    const FlatLevels<acc_t*> F) {
+  const int64_t size = F.offset[F.num_levels];
+  for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < total;
+       index += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t idx = argmax[index];
+    if (idx < 0 || idx >= size) continue;  // nothing pooled (or a bad index from a direct call)
+    const int l = flat_level(F, idx);
+    atomicAdd(F.data[l] + (idx - F.offset[l]),
+              static_cast<acc_t>(grad[grad_offset(index, channels, PH, PW, sn, sc, sh, sw)]));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) roi_pool_backward_sorted_kernel(
+    int64_t total,
+    const int64_t* __restrict__ keys,  // argmax, sorted (stable)
+    const int64_t* __restrict__ perm,  // output element of each key
+    const scalar_t* __restrict__ grad,
+    int64_t sn,
+    int64_t sc,
+    int64_t sh,
+    int64_t sw,
+    int64_t channels,
+    int PH,
+    int PW,
+    const FlatLevels<scalar_t*> F) {
+  const int64_t size = F.offset[F.num_levels];
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t idx = keys[i];
+    if (idx < 0 || idx >= size || (i > 0 && keys[i - 1] == idx)) continue;  // not the start of a run
+    acc_t sum = 0;
+    for (int64_t j = i; j < total && keys[j] == idx; ++j) {
+      sum += static_cast<acc_t>(grad[grad_offset(perm[j], channels, PH, PW, sn, sc, sh, sw)]);
+    }
+    const int l = flat_level(F, idx);
+    F.data[l][idx - F.offset[l]] = static_cast<scalar_t>(sum);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // host functions
 // ---------------------------------------------------------------------------------------
 
@@ -427,7 +580,9 @@ at::Tensor forward_levels_cuda(
     int64_t pooled_width,
     int64_t sampling_ratio,
     bool aligned,
+    int64_t mode,
     const LevelMap& map) {
+  const bool quantize = quantize_arg(op, mode);
   TORCH_CHECK(!features.empty() && features.size() <= size_t(kMaxLevels), "maskray::", op, ": 1 to ", kMaxLevels,
               " feature maps, got ", features.size());
   TORCH_CHECK(scales.size() == features.size(), "maskray::", op, ": ", features.size(), " feature maps but ",
@@ -462,7 +617,8 @@ at::Tensor forward_levels_cuda(
     const auto L = make_levels<const scalar_t*, acc_t>(ptrs, heights, widths, scales, map);
     roi_align_forward_kernel<scalar_t, acc_t><<<grid_size(total), kThreads, 0, stream>>>(
         total, L, r.const_data_ptr<scalar_t>(), first.size(0), first.size(1), static_cast<int>(pooled_height),
-        static_cast<int>(pooled_width), sampling_arg(sampling_ratio), aligned, output.mutable_data_ptr<scalar_t>());
+        static_cast<int>(pooled_width), sampling_arg(sampling_ratio), aligned, quantize,
+        output.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return output;
@@ -482,7 +638,9 @@ std::vector<at::Tensor> backward_levels_cuda(
     int64_t sampling_ratio,
     bool aligned,
     bool deterministic,
+    int64_t mode,
     const LevelMap& map) {
+  const bool quantize = quantize_arg(op, mode);
   const size_t num_levels = scales.size();
   TORCH_CHECK(
       num_levels >= 1 && num_levels <= size_t(kMaxLevels) && heights_in.size() == num_levels &&
@@ -534,7 +692,7 @@ std::vector<at::Tensor> backward_levels_cuda(
           {static_cast<int64_t>(K * sizeof(RoiDesc<acc_t>))}, grad.options().dtype(at::kByte));
       auto* desc_ptr = reinterpret_cast<RoiDesc<acc_t>*>(desc.mutable_data_ptr());
       roi_describe_kernel<scalar_t, acc_t><<<ceil_div(K, kThreads), kThreads, 0, stream>>>(
-          K, r.const_data_ptr<scalar_t>(), L, batch_size, PH, PW, SR, aligned, desc_ptr);
+          K, r.const_data_ptr<scalar_t>(), L, batch_size, PH, PW, SR, aligned, quantize, desc_ptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const dim3 blocks(static_cast<unsigned>(tiles), static_cast<unsigned>(channel_groups));
       roi_align_backward_gather_kernel<scalar_t, acc_t><<<blocks, kTile * kTile, 0, stream>>>(
@@ -552,7 +710,7 @@ std::vector<at::Tensor> backward_levels_cuda(
       const int64_t total = grad.numel();
       roi_align_backward_atomic_kernel<scalar_t, acc_t><<<grid_size(total), kThreads, 0, stream>>>(
           total, grad.const_data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
-          r.const_data_ptr<scalar_t>(), L, batch_size, channels, PH, PW, SR, aligned);
+          r.const_data_ptr<scalar_t>(), L, batch_size, channels, PH, PW, SR, aligned, quantize);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       for (at::Tensor& t : acc) result.push_back(t.scalar_type() == grad.scalar_type() ? t : t.to(grad.scalar_type()));
     }
@@ -567,10 +725,12 @@ at::Tensor roi_align_forward_cuda(
     int64_t pooled_height,
     int64_t pooled_width,
     int64_t sampling_ratio,
-    bool aligned) {
+    bool aligned,
+    int64_t mode) {
   TORCH_CHECK(input.dim() == 4, "maskray::roi_align: input must be [N, C, H, W], got ", input.sizes());
   return forward_levels_cuda(
-      "roi_align", {input}, rois, {spatial_scale}, pooled_height, pooled_width, sampling_ratio, aligned, kSingleLevel);
+      "roi_align", {input}, rois, {spatial_scale}, pooled_height, pooled_width, sampling_ratio, aligned, mode,
+      kSingleLevel);
 }
 
 at::Tensor roi_align_backward_cuda(
@@ -585,10 +745,11 @@ at::Tensor roi_align_backward_cuda(
     int64_t width,
     int64_t sampling_ratio,
     bool aligned,
-    bool deterministic) {
+    bool deterministic,
+    int64_t mode) {
   return backward_levels_cuda(
       "roi_align_backward", grad, rois, {spatial_scale}, pooled_height, pooled_width, batch_size, channels, {height},
-      {width}, sampling_ratio, aligned, deterministic, kSingleLevel)[0];
+      {width}, sampling_ratio, aligned, deterministic, mode, kSingleLevel)[0];
 }
 
 at::Tensor multi_level_roi_align_cuda(
@@ -603,10 +764,12 @@ at::Tensor multi_level_roi_align_cuda(
     int64_t k_max,
     double canonical_scale,
     double canonical_level,
-    double eps) {
+    double eps,
+    int64_t mode) {
   const char* op = "multi_level_roi_align";
   const LevelMap map = make_level_map(op, features.size(), k_min, k_max, canonical_scale, canonical_level, eps);
-  return forward_levels_cuda(op, features, rois, scales.vec(), pooled_height, pooled_width, sampling_ratio, aligned, map);
+  return forward_levels_cuda(
+      op, features, rois, scales.vec(), pooled_height, pooled_width, sampling_ratio, aligned, mode, map);
 }
 
 std::vector<at::Tensor> multi_level_roi_align_backward_cuda(
@@ -626,12 +789,156 @@ std::vector<at::Tensor> multi_level_roi_align_backward_cuda(
     double canonical_scale,
     double canonical_level,
     double eps,
-    bool deterministic) {
+    bool deterministic,
+    int64_t mode) {
   const char* op = "multi_level_roi_align_backward";
   const LevelMap map = make_level_map(op, scales.size(), k_min, k_max, canonical_scale, canonical_level, eps);
   return backward_levels_cuda(
       op, grad, rois, scales.vec(), pooled_height, pooled_width, batch_size, channels, heights, widths,
-      sampling_ratio, aligned, deterministic, map);
+      sampling_ratio, aligned, deterministic, mode, map);
+}
+
+std::tuple<at::Tensor, at::Tensor> pool_forward_levels_cuda(
+    const char* op,
+    at::TensorList features,
+    const at::Tensor& rois,
+    const std::vector<double>& scales,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    const LevelMap& map) {
+  TORCH_CHECK(!features.empty() && features.size() <= size_t(kMaxLevels), "maskray::", op, ": 1 to ", kMaxLevels,
+              " feature maps, got ", features.size());
+  TORCH_CHECK(scales.size() == features.size(), "maskray::", op, ": ", features.size(), " feature maps but ",
+              scales.size(), " scales");
+  check_params(op, scales, pooled_height, pooled_width, 0);
+  const at::Tensor& first = features[0];
+  std::vector<at::Tensor> inputs;
+  std::vector<int64_t> heights, widths;
+  for (size_t l = 0; l < features.size(); ++l) {
+    const at::Tensor& f = features[l];
+    TORCH_CHECK(f.dim() == 4, "maskray::", op, ": feature map ", l, " must be [N, C, H, W], got ", f.sizes());
+    TORCH_CHECK(
+        f.size(0) == first.size(0) && f.size(1) == first.size(1) && f.scalar_type() == first.scalar_type() &&
+            f.device() == first.device(),
+        "maskray::", op, ": feature map ", l, " differs from map 0 in batch, channels, dtype or device");
+    check_map_size(op, f.size(2), f.size(3));
+    inputs.push_back(f.contiguous());
+    heights.push_back(f.size(2));
+    widths.push_back(f.size(3));
+  }
+  check_rois(op, rois, first);
+  const c10::cuda::CUDAGuard device_guard(first.device());
+  at::Tensor output = at::empty({rois.size(0), first.size(1), pooled_height, pooled_width}, first.options());
+  at::Tensor argmax = at::empty(output.sizes(), first.options().dtype(at::kLong));
+  if (output.numel() == 0) return {output, argmax};
+  const at::Tensor r = rois.contiguous();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t total = output.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "maskray_roi_pool_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<const scalar_t*> ptrs;
+    for (const at::Tensor& t : inputs) ptrs.push_back(t.const_data_ptr<scalar_t>());
+    const auto L = make_levels<const scalar_t*, acc_t>(ptrs, heights, widths, scales, map);
+    FlatLevels<const scalar_t*> F{};
+    F.num_levels = static_cast<int>(inputs.size());
+    for (size_t l = 0; l < inputs.size(); ++l) {
+      F.data[l] = ptrs[l];
+      F.offset[l + 1] = F.offset[l] + inputs[l].numel();
+    }
+    roi_pool_forward_kernel<scalar_t, acc_t><<<grid_size(total), kThreads, 0, stream>>>(
+        total, L, F, r.const_data_ptr<scalar_t>(), first.size(0), first.size(1), static_cast<int>(pooled_height),
+        static_cast<int>(pooled_width), output.mutable_data_ptr<scalar_t>(), argmax.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {output, argmax};
+}
+
+std::tuple<at::Tensor, at::Tensor> roi_pool_forward_cuda(
+    const at::Tensor& input,
+    const at::Tensor& rois,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width) {
+  TORCH_CHECK(input.dim() == 4, "maskray::roi_pool: input must be [N, C, H, W], got ", input.sizes());
+  return pool_forward_levels_cuda("roi_pool", {input}, rois, {spatial_scale}, pooled_height, pooled_width,
+                                  kSingleLevel);
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_level_roi_pool_cuda(
+    at::TensorList features,
+    const at::Tensor& rois,
+    at::ArrayRef<double> scales,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t k_min,
+    int64_t k_max,
+    double canonical_scale,
+    double canonical_level,
+    double eps) {
+  const char* op = "multi_level_roi_pool";
+  const LevelMap map = make_level_map(op, features.size(), k_min, k_max, canonical_scale, canonical_level, eps);
+  return pool_forward_levels_cuda(op, features, rois, scales.vec(), pooled_height, pooled_width, map);
+}
+
+std::vector<at::Tensor> roi_pool_backward_cuda(
+    const at::Tensor& grad,
+    const at::Tensor& argmax,
+    int64_t batch_size,
+    int64_t channels,
+    at::IntArrayRef heights,
+    at::IntArrayRef widths,
+    bool deterministic) {
+  const char* op = "roi_pool_backward";
+  const std::vector<int64_t> offset = check_pool_backward(op, grad, argmax, batch_size, channels, heights, widths);
+  TORCH_CHECK(grad.is_cuda(), "maskray::", op, ": CUDA kernel got a ", grad.device(), " tensor");
+  const size_t num_levels = heights.size();
+  const c10::cuda::CUDAGuard device_guard(grad.device());
+  const at::ScalarType acc_type = at::toOpMathType(grad.scalar_type());
+  std::vector<at::Tensor> result;
+  if (grad.numel() == 0) {
+    for (size_t l = 0; l < num_levels; ++l) {
+      result.push_back(at::zeros({batch_size, channels, heights[l], widths[l]}, grad.options()));
+    }
+    return result;
+  }
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor a = argmax.contiguous();
+  const int64_t total = grad.numel();
+  const int PH = static_cast<int>(grad.size(2)), PW = static_cast<int>(grad.size(3));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "maskray_roi_pool_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (deterministic) {
+      FlatLevels<scalar_t*> F{};
+      F.num_levels = static_cast<int>(num_levels);
+      for (size_t l = 0; l < num_levels; ++l) {
+        result.push_back(at::zeros({batch_size, channels, heights[l], widths[l]}, grad.options()));
+        F.data[l] = result.back().mutable_data_ptr<scalar_t>();
+        F.offset[l + 1] = offset[l + 1];
+      }
+      const auto sorted = at::sort(a.reshape({-1}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+      const at::Tensor& keys = std::get<0>(sorted);
+      const at::Tensor& perm = std::get<1>(sorted);
+      roi_pool_backward_sorted_kernel<scalar_t, acc_t><<<grid_size(total), kThreads, 0, stream>>>(
+          total, keys.const_data_ptr<int64_t>(), perm.const_data_ptr<int64_t>(), grad.const_data_ptr<scalar_t>(),
+          grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3), channels, PH, PW, F);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      std::vector<at::Tensor> acc;
+      FlatLevels<acc_t*> F{};
+      F.num_levels = static_cast<int>(num_levels);
+      for (size_t l = 0; l < num_levels; ++l) {
+        acc.push_back(at::zeros({batch_size, channels, heights[l], widths[l]}, grad.options().dtype(acc_type)));
+        F.data[l] = acc.back().mutable_data_ptr<acc_t>();
+        F.offset[l + 1] = offset[l + 1];
+      }
+      roi_pool_backward_atomic_kernel<scalar_t, acc_t><<<grid_size(total), kThreads, 0, stream>>>(
+          total, grad.const_data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
+          channels, PH, PW, a.const_data_ptr<int64_t>(), F);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      for (at::Tensor& t : acc) result.push_back(t.scalar_type() == grad.scalar_type() ? t : t.to(grad.scalar_type()));
+    }
+  });
+  return result;
 }
 
 }  // namespace
@@ -641,6 +948,9 @@ TORCH_LIBRARY_IMPL(maskray, CUDA, m) {
   m.impl("roi_align_backward", &roi_align_backward_cuda);
   m.impl("multi_level_roi_align", &multi_level_roi_align_cuda);
   m.impl("multi_level_roi_align_backward", &multi_level_roi_align_backward_cuda);
+  m.impl("roi_pool", &roi_pool_forward_cuda);
+  m.impl("multi_level_roi_pool", &multi_level_roi_pool_cuda);
+  m.impl("roi_pool_backward", &roi_pool_backward_cuda);
 }
 
 }  // namespace maskray
