@@ -23,8 +23,9 @@ Hostile input: non-finite boxes, batch indices that are not integers in [0, N), 
 scale that is not finite and positive, ``sampling_ratio`` above 64 → :class:`RoIAlignInputError`
 here (one device sync per call to check the boxes). The kernels define what happens when the
 raw ops are called directly: the CPU ops raise ValueError, the CUDA ops write zeros (and no
-gradient; RoIPool's argmax -1) for invalid RoIs. The same checks hold in every pooling mode. The adaptive sampling grid (``sampling_ratio <= 0``) is capped at
-64 samples per bin side (see ``model/cuda/roi_align_common.h``).
+gradient; RoIPool's argmax -1) for invalid RoIs. The same checks hold in every pooling mode.
+The adaptive sampling grid (``sampling_ratio <= 0``) is capped at 64 samples per bin side
+(see ``model/cuda/roi_align_common.h``).
 """
 
 from __future__ import annotations
