@@ -20,6 +20,8 @@ The three jobs:
   distill   self-training rounds: pseudo-label unlabeled images, train a better student
 
 Getting data in: convert (COCO json + images -> shards), pack (raw images -> shards).
+Pretrained models: every --checkpoint also takes torchvision:maskrcnn_resnet50_fpn_v2 (and
+friends) or a torchvision .pth file; import writes one as a maskray checkpoint.
 Looking at results: eval (COCO AP), show (overlay PNGs). On a cluster: submit, status,
 logs, stop. To see it all work on synthetic shapes: maskray demo.
 """
@@ -32,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("jobs.convert", "convert a COCO dataset (json + images) to maskray shards"),
     "pack": ("jobs.pack", "pack a folder or bucket prefix of raw images into unlabeled shards"),
     "eval": ("jobs.evaluate", "COCO bbox/segm AP of a checkpoint on labeled shards"),
+    "import": ("jobs.import_model", "write a maskray checkpoint from torchvision:NAME or a torchvision state dict"),
     "show": ("jobs.show", "write PNG overlays of a model's predictions"),
     "demo": ("jobs.demo", "run the whole product end to end on synthetic shapes"),
     "synth": ("jobs.synth", "write a synthetic COCO shapes dataset (PNG + annotations.json)"),

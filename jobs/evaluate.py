@@ -19,7 +19,9 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="URI", help="maskray checkpoint (local path or s3://)")
+    parser.add_argument("--checkpoint", required=True, metavar="URI",
+                        help="maskray checkpoint or torchvision state dict (local path or s3://), or a torchvision "
+                             "name: torchvision:maskrcnn_resnet50_fpn_v2, torchvision:maskrcnn_resnet50_fpn")
     parser.add_argument("--data", required=True, metavar="URI", help="labeled dataset (maskray shards prefix)")
     parser.add_argument("--out", metavar="URI", help="write metrics JSON here")
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N images")

@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="URI", help="maskray checkpoint (local path or s3://)")
+    parser.add_argument("--checkpoint", required=True, metavar="URI", help="maskray checkpoint or torchvision state dict (local path or s3://), or a torchvision "
+                             "name: torchvision:maskrcnn_resnet50_fpn_v2, torchvision:maskrcnn_resnet50_fpn")
     parser.add_argument("--input", required=True, metavar="URI", help="dataset prefix (maskray shards, labeled or not)")
     parser.add_argument("--output", required=True, metavar="URI",
                         help="results prefix: one Parquet file per input shard (rerun to resume)")

@@ -117,6 +117,11 @@ class ModelConfig:
             return [int(c["id"]) for c in self.categories]
         return list(range(1, self.num_classes))
 
+    def unused_labels(self) -> list[int]:
+        """Labels the model has but never reports: categories marked ``"unused": true`` (the "N/A"
+        slots of torchvision's 91 COCO labels, kept so that label i stays COCO id i)."""
+        return [i + 1 for i, c in enumerate(self.categories) if c.get("unused")]
+
 
 def build_from_config(config: ModelConfig) -> nn.Module:
     """A freshly initialised model for ``config``."""
@@ -212,7 +217,7 @@ def _torch_load(f: str | os.PathLike | BinaryIO | bytes, name: str, map_location
 def read_checkpoint(
     f: str | os.PathLike | BinaryIO | bytes, *, map_location: Any = "cpu"
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """``(config, state_dict, extra)`` of a checkpoint, checked and validated, no model built.
+    """``(config, state_dict, extra)`` of a maskray checkpoint, checked and validated, no model built.
 
     Objects other than tensors and plain data are refused (``weights_only=True``), as are
     files that are not maskray checkpoints, with a one-line :class:`MaskrayError`.
@@ -221,23 +226,54 @@ def read_checkpoint(
     data = _torch_load(f, name, map_location)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise MaskrayError(
-            f"checkpoint {name} is not a {FORMAT} file (found {found!r}); "
-            "a plain torchvision state dict loads with model.load_state_dict(..., strict=True)"
-        )
+        raise MaskrayError(f"checkpoint {name} is not a {FORMAT} file (found {found!r})")
+    return _parse_checkpoint(data, name)
+
+
+def _parse_checkpoint(data: dict, name: str) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
     for key in ("config", "model"):
         if key not in data:
             raise MaskrayError(f"checkpoint {name} lacks its {key!r} entry")
     return ModelConfig.from_dict(data["config"]), data["model"], dict(data.get("extra") or {})
 
 
-def load_checkpoint(
-    f: str | os.PathLike | BinaryIO | bytes, *, map_location: Any = "cpu"
-) -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
-    """Load ``(model, config, extra)``; the model is rebuilt from the config
-    (:func:`read_checkpoint`), in eval mode."""
+TORCHVISION_FORMAT = "torchvision-state-dict"  # extra["source_format"] of a plain state dict read as a model
+
+
+def read_model_file(
+    f: str | os.PathLike | BinaryIO | bytes, *, map_location: Any = "cpu", categories: list[dict] | None = None
+) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """``(config, state_dict, extra)`` of a maskray checkpoint or of a plain torchvision Mask R-CNN
+    state dict, no model built.
+
+    A plain state dict's config comes from its keys (:func:`model.pretrained.detect_layout`): the
+    torchvision builder it fits, with torchvision's default sizes and thresholds; its categories are
+    ``categories`` when given (e.g. a weights enum's ``meta["categories"]``), else torchvision's COCO
+    categories for a 91-class model, else unnamed. ``extra["source_format"]`` says which kind it was.
+    """
+    from model import pretrained
+
     name = _name(f)
-    config, state, extra = read_checkpoint(f, map_location=map_location)
+    data = _torch_load(f, name, map_location)
+    if isinstance(data, dict) and data.get("format") == FORMAT:
+        config, state, extra = _parse_checkpoint(data, name)
+        return config, state, dict(extra, source_format=FORMAT)
+    if isinstance(data, dict) and "format" in data and not isinstance(data.get("format"), torch.Tensor):
+        raise MaskrayError(f"checkpoint {name} is not a {FORMAT} file (found {data['format']!r})")
+    layout = pretrained.detect_layout(data, f"checkpoint {name}")
+    if categories is None:
+        categories = pretrained.coco_categories() if layout["num_classes"] == 91 else []
+    config = ModelConfig(categories=categories, **layout)
+    return config, data, {"source_format": TORCHVISION_FORMAT}
+
+
+def load_checkpoint(
+    f: str | os.PathLike | BinaryIO | bytes, *, map_location: Any = "cpu", categories: list[dict] | None = None
+) -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
+    """Load ``(model, config, extra)`` from a maskray checkpoint or a plain torchvision state dict
+    (:func:`read_model_file`); the model is rebuilt from the config, loaded strictly, in eval mode."""
+    name = _name(f)
+    config, state, extra = read_model_file(f, map_location=map_location, categories=categories)
     model = build_from_config(config)
     try:
         model.load_state_dict(state, strict=True)

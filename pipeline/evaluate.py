@@ -252,10 +252,9 @@ def metrics_to_json(metrics: dict[str, dict[str, float | None]]) -> dict[str, di
 
 
 def load_checkpoint_uri(uri: str, *, map_location: Any = "cpu"):
-    """``model.checkpoint.load_checkpoint`` of a local path or ``s3://`` URI: ``(model, config, extra)``."""
-    from model.checkpoint import load_checkpoint
-    from pipeline import storage
+    """``(model, config, extra)`` of any model source (:func:`pipeline.weights.load_model`: a maskray
+    checkpoint or a torchvision state dict at a local path or ``s3://`` URI, or a ``torchvision:`` name)."""
+    from pipeline.weights import load_model
 
-    buffer = io.BytesIO(storage.read_bytes(uri))
-    buffer.name = uri  # named in load errors
-    return load_checkpoint(buffer, map_location=map_location)
+    model, config, extra, _ = load_model(uri, map_location=map_location)
+    return model, config, extra

@@ -53,8 +53,9 @@ from typing import Any
 
 from model.errors import MaskrayError, error_text
 from pipeline.dataset import DEFAULT_MAX_PIXELS  # the one pixel limit; larger images become error rows
-from pipeline.infer.predictor import Predictor, read_model_config
+from pipeline.infer.predictor import Predictor
 from pipeline.infer.stages import IMAGE_SUFFIXES, SegmentAndWrite, is_transient, read_groups, write_units
+from pipeline.weights import read_model, reported_categories
 
 logger = logging.getLogger(__name__)
 
@@ -340,12 +341,17 @@ def run_inference(
         raise MaskrayError(str(exc)) from None
     started = time.perf_counter()
     units, identity = plan(dataset_uri, images_per_unit)
-    config, model_id = read_model_config(checkpoint_uri)  # sizes, categories, digest: no model built
+    # sizes, categories, digest: no model built
+    config, _, extra, source = read_model(checkpoint_uri)
     min_size, max_size = config.min_size, config.max_size  # the eval sizes of the model built from it
     category_ids = list(config.category_ids())
     record = {
         "format": RESULTS_FORMAT,
-        "model": model_digest(model_id),
+        "model": model_digest(source.model_id),
+        # informational (a rerun naming the same bytes another way is the same run): where the
+        # model came from, and the categories results name
+        "model_source": source.record(str(extra.get("source_format"))),
+        "categories": reported_categories(config),
         "input": identity,
         "options": {"score_threshold": float(score_threshold), "max_pixels": max_pixels, "min_size": min_size,
                     "max_size": max_size, "exif": bool(exif), "intensity": intensity, "tta": None,

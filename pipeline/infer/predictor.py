@@ -76,23 +76,21 @@ def model_id_of(checkpoint_uri: str, data: bytes) -> str:
 
 
 def load_model(checkpoint_uri: str) -> tuple[torch.nn.Module, Any, str]:
-    """``(model, config, model_id)`` from a checkpoint at any storage URI (:func:`model_id_of`)."""
-    from model.checkpoint import load_checkpoint
-    from pipeline import storage
+    """``(model, config, model_id)`` from any model source (:mod:`pipeline.weights`: a maskray
+    checkpoint or torchvision state dict at a storage URI, or a ``torchvision:`` name)."""
+    from pipeline.weights import load_model as load_any
 
-    data = storage.read_bytes(checkpoint_uri)
-    model, config, _ = load_checkpoint(data, map_location="cpu")
-    return model, config, model_id_of(checkpoint_uri, data)
+    model, config, _, source = load_any(checkpoint_uri)
+    return model, config, source.model_id
 
 
 def read_model_config(checkpoint_uri: str) -> tuple[Any, str]:
-    """``(config, model_id)`` of a checkpoint without building its model (what a driver needs:
+    """``(config, model_id)`` of a model source without building its model (what a driver needs:
     sizes, categories, digest)."""
-    from model.checkpoint import read_checkpoint
-    from pipeline import storage
+    from pipeline.weights import read_model
 
-    data = storage.read_bytes(checkpoint_uri)
-    return read_checkpoint(data, map_location="cpu")[0], model_id_of(checkpoint_uri, data)
+    config, _, _, source = read_model(checkpoint_uri)
+    return config, source.model_id
 
 
 # --------------------------------------------------------------------------- predictor
@@ -150,6 +148,8 @@ class Predictor:
         else:
             num_classes = self.model.roi_heads.box_predictor.cls_score.out_features
             self.category_ids = list(range(1, num_classes))
+        # Labels never reported (torchvision's COCO "N/A" slots): dropped with the score threshold.
+        self.unused_labels = list(config.unused_labels()) if hasattr(config, "unused_labels") else []
 
     @property
     def min_size(self) -> int:
@@ -181,11 +181,12 @@ class Predictor:
     def forward_resized(
         self, images: Sequence[torch.Tensor], original_sizes: Sequence[tuple[int, int]], *, cpu: bool = True
     ) -> list[dict[str, torch.Tensor]]:
-        """Detections for float ``[3,h,w]`` images already resized by :func:`resize_for_model`.
+        """Detections for float ``[3,h,w]`` images already normalized (the model's mean/std) and
+        then resized by :func:`resize_for_model`, torchvision's order (:meth:`prepare`).
 
         Returns per image ``boxes`` (xyxy in the ORIGINAL frame), ``labels``, ``scores`` and
         ``masks`` (``[N,1,M,M]`` mask probabilities, not yet pasted), keeping only scores >=
-        ``score_threshold``; float32 tensors on the CPU (``cpu=False``: on the model's device).
+        ``score_threshold`` and labels the config reports (not its ``unused_labels``); float32 tensors on the CPU (``cpu=False``: on the model's device).
         With ``threads`` > 1 the images run in lanes (see the class docstring); the outputs are in
         input order either way.
         """
@@ -229,7 +230,7 @@ class Predictor:
         model = self.model
         transform = model.transform
         with torch.inference_mode(), torch.autocast(self.device.type, enabled=self.amp):
-            tensors = [transform.normalize(img.to(self.device, non_blocking=True)) for img in images]
+            tensors = [img.to(self.device, non_blocking=True) for img in images]
             sizes = [tuple(t.shape[-2:]) for t in tensors]
             batched = transform.batch_images(tensors, size_divisible=transform.size_divisible)
             image_list = ImageList(batched, sizes)
@@ -239,8 +240,9 @@ class Predictor:
             proposals, _ = model.rpn(image_list, features)
             detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
         results = []
+        unused = torch.tensor(self.unused_labels, dtype=torch.int64, device=self.device)
         for det, size, orig in zip(detections, sizes, original_sizes):
-            keep = det["scores"] >= self.score_threshold
+            keep = (det["scores"] >= self.score_threshold) & ~torch.isin(det["labels"], unused)
             out = {
                 "boxes": resize_boxes(det["boxes"][keep].float(), size, tuple(orig)),
                 "labels": det["labels"][keep],
@@ -260,9 +262,7 @@ class Predictor:
 
         floats = [to_float(img) for img in images]
         sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in floats]
-        min_size, max_size = self.min_size, self.max_size  # read per call: TTA may rescale them
-        resized = [resize_for_model(f, min_size, max_size) for f in floats]
-        outputs = self.forward_resized(resized, sizes, cpu=False)
+        outputs = self.forward_resized([self.prepare(f) for f in floats], sizes, cpu=False)
         for out, size in zip(outputs, sizes):
             out["masks"] = paste_masks_in_image(out["masks"], out["boxes"], size)
         return outputs
@@ -274,13 +274,22 @@ class Predictor:
         images in [0,1] are taken too): each is moved to the model's device first, then made
         float, resized and normalized there."""
         sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-        min_size, max_size = self.min_size, self.max_size
         resized = []
         for im in images:
             if min(im.shape[-2:]) < 1:
                 raise MaskrayError(f"a {im.shape[-1]}x{im.shape[-2]} image is empty")
-            resized.append(resize_for_model(to_float(im.to(self.device, non_blocking=True)), min_size, max_size))
+            resized.append(self.prepare(to_float(im.to(self.device, non_blocking=True))))
         return self.forward_resized(resized, sizes)
+
+    def prepare(self, image: torch.Tensor) -> torch.Tensor:
+        """A float ``[3,H,W]`` image in [0,1] as the model's input: normalized by its mean/std, then
+        resized (:func:`resize_for_model` at the current ``min_size``/``max_size``, read per call:
+        TTA may rescale them), in torchvision's GeneralizedRCNNTransform order, so outputs match
+        ``model(images)`` to float rounding."""
+        transform = self.model.transform
+        mean = torch.as_tensor(transform.image_mean, dtype=image.dtype, device=image.device)
+        std = torch.as_tensor(transform.image_std, dtype=image.dtype, device=image.device)
+        return resize_for_model((image - mean[:, None, None]) / std[:, None, None], self.min_size, self.max_size)
 
     def segment(self, images: Sequence[torch.Tensor]) -> list[list[dict]]:
         """Per image, result instances (RESULT_SCHEMA ``instances``: COCO xywh ``bbox``,

@@ -100,7 +100,8 @@ class ModelSection(ModelConfig):
     ``maskrcnn_resnet50_fpn(weights_backbone=..., trainable_backbone_layers=3)`` does; pair it
     with ``norm: frozen_bn`` and ``trainable_layers: 3``. ``weights``: a whole detector
     (maskray checkpoint or torchvision Mask R-CNN state dict) to fine-tune from; loaded after
-    ``backbone_weights`` when both are set.
+    ``backbone_weights`` when both are set. Both take a storage URI or a torchvision name
+    (``torchvision:resnet50``, ``torchvision:maskrcnn_resnet50_fpn_v2``: :mod:`model.pretrained`).
     """
 
     weights: str = ""  # whole-detector init (fine-tuning); "" = none

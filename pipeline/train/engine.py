@@ -84,6 +84,7 @@ def check_model_options(options: dict[str, Any]) -> None:
 
 def plan_run(config: TrainConfig) -> RunPlan:
     """Read the manifests and size the run; every error here happens before any worker starts."""
+    from model import pretrained
     from pipeline import storage
     from pipeline.format import read_manifest
 
@@ -119,6 +120,9 @@ def plan_run(config: TrainConfig) -> RunPlan:
         if not uri:
             continue
         try:
+            if pretrained.is_name(uri):  # resolved, downloaded once and hash-checked before any worker starts
+                pretrained.fetch(pretrained.resolve(uri))
+                continue
             found = storage.exists(uri)
         except MaskrayError as exc:
             raise ConfigError(f"model.{key}={uri}: {exc}") from None

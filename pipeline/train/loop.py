@@ -171,14 +171,14 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def initial_weights(model: torch.nn.Module, config: TrainConfig) -> list[str]:
     """Load ``model.backbone_weights`` then ``model.weights`` (when set) into a new model; console lines."""
     from model.checkpoint import load_backbone_weights, load_weights
-    from pipeline import storage
+    from pipeline.weights import read_model_bytes
 
     lines = []
     if config.model.backbone_weights:
-        n = load_backbone_weights(model, storage.read_bytes(config.model.backbone_weights))
+        n = load_backbone_weights(model, read_model_bytes(config.model.backbone_weights, progress=False)[0])
         lines.append(f"backbone initialised from {config.model.backbone_weights} ({n} tensors)")
     if config.model.weights:
-        copied, skipped = load_weights(model, storage.read_bytes(config.model.weights))
+        copied, skipped = load_weights(model, read_model_bytes(config.model.weights, progress=False)[0])
         more = ", ..." if len(skipped) > 3 else ""
         lines.append(f"initialised {copied} tensors from {config.model.weights}"
                      + (f"; {len(skipped)} kept their init ({', '.join(skipped[:3])}{more})" if skipped else ""))

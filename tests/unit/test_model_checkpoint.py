@@ -66,8 +66,12 @@ def test_pickled_object_is_refused(tmp_path, capsys):
 def test_other_files_are_refused_clearly(tmp_path):
     plain = tmp_path / "tv.pt"
     torch.save({"conv.weight": torch.zeros(1)}, plain)
-    with pytest.raises(MaskrayError, match="not a maskray-checkpoint/1 file"):
+    with pytest.raises(MaskrayError, match="neither a maskray checkpoint nor a torchvision detector state dict"):
         load_checkpoint(plain)
+    other = tmp_path / "other.pt"
+    torch.save({"format": "someone-else/3", "model": {}}, other)
+    with pytest.raises(MaskrayError, match="not a maskray-checkpoint/1 file"):
+        load_checkpoint(other)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(MaskrayError, match="junk.pt"):

@@ -1,5 +1,6 @@
 """Mask R-CNN builder: torchvision checkpoint compatibility, our poolers, training, AMP, channels_last."""
 
+import pretrained_files as pf
 import pytest
 import torch
 import torchvision
@@ -19,24 +20,26 @@ def _images(seed=1):
 
 @pytest.mark.parametrize("variant,torchvision_builder", [("v1", maskrcnn_resnet50_fpn), ("v2", maskrcnn_resnet50_fpn_v2)])
 def test_torchvision_state_dict_loads_strict_and_outputs_match(variant, torchvision_builder):
+    """Same detections as torchvision from the same weights. The seeded random model is calibrated
+    (``pretrained_files.calibrate``): uncalibrated, its scores tie (v1) or saturate at 1.0 (v2), and
+    float noise from the thread count alone reorders ties and flips NMS (4 of 80 boxes moved 8.8 px
+    at 2 threads on a 2-core EPYC). Detections are then matched one to one, whatever their order."""
     torch.manual_seed(0)
     reference = torchvision_builder(weights=None, weights_backbone=None, num_classes=91, **SMALL).eval()
+    images = _images()
+    pf.calibrate(reference, images[0])
     ours = build_maskrcnn(variant=variant, **SMALL).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
 
     assert isinstance(ours.roi_heads.box_roi_pool, ops.MultiScaleRoIAlign)
     assert isinstance(ours.roi_heads.mask_roi_pool, ops.MultiScaleRoIAlign)
 
-    images = _images()
     with torch.inference_mode():
         expected = reference(images)
         got = ours(images)
     for e, g in zip(expected, got):
-        assert len(e["boxes"]) > 0
-        assert torch.equal(e["labels"], g["labels"])
-        torch.testing.assert_close(g["boxes"], e["boxes"], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(g["scores"], e["scores"], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(g["masks"], e["masks"], atol=1e-4, rtol=1e-4)
+        assert len(e["boxes"]) >= 10
+        pf.assert_same_detections(dict(e, rles=pf.rles_of(e["masks"])), dict(g, rles=pf.rles_of(g["masks"])))
 
 
 def test_our_pooler_matches_torchvision_multiscale_roialign():

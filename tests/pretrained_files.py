@@ -1,0 +1,155 @@
+"""Test support shared by the tiers: real photographs, torchvision weights files made locally, and
+a comparison of detections that is robust to float near-ties.
+
+* :func:`photos`: photographs shipped in scikit-image's wheel (nothing downloads).
+* :func:`torchvision_state_dict` / :func:`write_torchvision_file`: a torchvision Mask R-CNN built by
+  torchvision's own builder from a seed, in the key layout of the published COCO files (body
+  BatchNorm as FrozenBatchNorm: no ``num_batches_tracked``; optionally the legacy v1 key names),
+  saved under the published file name.
+* :func:`calibrate`: rescales a random model's logits and box deltas so that scores spread over
+  (0, 1), boxes stay inside images and few mask pixels sit at the 0.5 threshold. A seeded random detector otherwise gives near-equal scores
+  (v1: ~0.01 apart) or saturated ones (v2: 1.0000 for most detections) and boxes clipped onto the
+  image border, i.e. thousands of exact or 1e-6 ties in its score ranking and NMS, which float
+  noise (thread count, summation order) decides differently from run to run.
+* :func:`assert_same_detections`: same boxes, labels, scores and masks, one to one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "hubble_deep_field")
+TORCHVISION_FILES = {
+    "maskrcnn_resnet50_fpn": "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth",
+    "maskrcnn_resnet50_fpn_v2": "maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth",
+}
+
+
+def photo(name: str) -> np.ndarray:
+    """A uint8 ``[H, W, 3]`` photograph from scikit-image's data folder (in its wheel)."""
+    import skimage.data
+
+    if name == "motorcycle_left":
+        return skimage.data.stereo_motorcycle()[0]
+    return getattr(skimage.data, name)()
+
+
+def photos(names=PHOTOS) -> list[tuple[str, np.ndarray]]:
+    return [(n, photo(n)) for n in names]
+
+
+def as_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` -> float ``[3, H, W]`` in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255)
+
+
+def build_torchvision(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
+    """torchvision's own builder, random weights from ``seed``, eval mode."""
+    from torchvision.models import detection
+
+    torch.manual_seed(seed)
+    return getattr(detection, name)(weights=None, weights_backbone=None, num_classes=91, **kwargs).eval()
+
+
+def calibrate(model: torch.nn.Module, image: torch.Tensor, *, logit_std: float = 3.0, delta_std: float = 0.3) -> None:
+    """Rescale, in place, the RPN and box classifiers, box regressors and mask logits of a random
+    torchvision detector so that on ``image`` (float ``[3,H,W]``) their logits have std ``logit_std``
+    and their box deltas std ``delta_std`` (before torchvision's box coder weights)."""
+    seen: dict[str, torch.Tensor] = {}
+    layers = {"rpn_cls": model.rpn.head.cls_logits, "rpn_box": model.rpn.head.bbox_pred,
+              "cls": model.roi_heads.box_predictor.cls_score, "box": model.roi_heads.box_predictor.bbox_pred,
+              "mask": model.roi_heads.mask_predictor.mask_fcn_logits}
+    # Each layer is calibrated on the outputs it gives once the layers before it are calibrated.
+    for key, layer in layers.items():
+        hook = layer.register_forward_hook(lambda m, i, o, key=key: seen.__setitem__(key, o.detach()))
+        with torch.inference_mode():
+            model([image])
+        hook.remove()
+        out = seen[key] if key in ("cls", "box", "mask") else torch.cat([t.flatten() for t in seen[key]]) \
+            if isinstance(seen[key], list) else seen[key]
+        target = logit_std if key in ("rpn_cls", "cls", "mask") else delta_std * (10.0 if key == "box" else 1.0)
+        scale = target / float(out.float().std().clamp_min(1e-12))
+        with torch.no_grad():
+            layer.weight.mul_(scale)
+            layer.bias.mul_(scale)
+
+
+def torchvision_state_dict(model: torch.nn.Module, *, legacy: bool = False) -> dict[str, torch.Tensor]:
+    """``model``'s state dict in the published COCO files' layout: the ResNet body's BatchNorm is
+    FrozenBatchNorm there (no ``num_batches_tracked``); ``legacy`` renames to the v1 file's old
+    names (``rpn.head.conv.weight``, ``roi_heads.mask_head.mask_fcn1.weight``), which torchvision's
+    modules convert on load."""
+    state = {k: v.clone() for k, v in model.state_dict().items()
+             if not (k.startswith("backbone.body.") and k.endswith("num_batches_tracked"))}
+    if legacy:
+        renamed = {}
+        for k, v in state.items():
+            if k.startswith("rpn.head.conv.0.0."):
+                k = "rpn.head.conv." + k.rsplit(".", 1)[1]
+            elif k.startswith("roi_heads.mask_head.") and k.split(".")[3] == "0":
+                i = int(k.split(".")[2])
+                k = f"roi_heads.mask_head.mask_fcn{i + 1}.{k.rsplit('.', 1)[1]}"
+            renamed[k] = v
+        state = renamed
+    return state
+
+
+def write_torchvision_file(folder: str, name: str, seed: int = 0, *, legacy: bool = False,
+                           calibrate_on: torch.Tensor | None = None) -> tuple[str, torch.nn.Module]:
+    """``(path, model)``: a seeded torchvision ``name`` model saved as a plain state dict under the
+    published file name in ``folder`` (whose hash prefix it therefore does not match)."""
+    model = build_torchvision(name, seed)
+    if calibrate_on is not None:
+        calibrate(model, calibrate_on)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, TORCHVISION_FILES[name])
+    torch.save(torchvision_state_dict(model, legacy=legacy), path)
+    return path, model
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    from torchvision.ops import box_iou as iou
+
+    return iou(a.double(), b.double())
+
+
+def assert_same_detections(expected: dict, got: dict, *, box_atol: float = 0.01, score_atol: float = 1e-4,
+                           mask_iou: float = 0.99) -> None:
+    """Every detection of ``expected`` (torchvision output dict: ``boxes`` xyxy, ``labels``,
+    ``scores``, optional ``rles``) has exactly one in ``got`` with the same label, boxes within
+    ``box_atol`` px, score within ``score_atol`` and mask RLE IoU >= ``mask_iou``, and none is left
+    over. Matching is by label and box, not by position, so detections of equal score (sorted in
+    either order) still match. 0.01 px leaves room for the summation order of another pooler or
+    thread count (~3e-4 px seen on 1000-px photos), and none for a different computation."""
+    from pycocotools import mask as mask_utils
+
+    eb, gb = expected["boxes"].double(), got["boxes"].double()
+    assert len(eb) == len(gb), f"{len(eb)} detections expected, {len(gb)} got"
+    if not len(eb):
+        return
+    taken = set()
+    for i in range(len(eb)):
+        close = ((gb - eb[i]).abs().amax(dim=1) <= box_atol) & (got["labels"] == expected["labels"][i]) \
+            & ((got["scores"].double() - float(expected["scores"][i])).abs() <= score_atol)
+        candidates = [j for j in torch.nonzero(close).flatten().tolist() if j not in taken]
+        assert candidates, (f"detection {i} (label {int(expected['labels'][i])}, score "
+                            f"{float(expected['scores'][i]):.5f}, box {eb[i].tolist()}) has no match")
+        j = candidates[0]
+        taken.add(j)
+        if "rles" in expected:
+            areas = mask_utils.area([got["rles"][j], expected["rles"][i]])
+            if areas[0] == areas[1] == 0:
+                continue  # both empty (pycocotools gives IoU 0 for two empty masks)
+            iou = mask_utils.iou([got["rles"][j]], [expected["rles"][i]], [0])[0][0]
+            assert iou >= mask_iou, f"detection {i}: mask IoU {iou:.4f} < {mask_iou} (areas {areas.tolist()})"
+
+
+def rles_of(masks: torch.Tensor) -> list[dict]:
+    """COCO RLEs of pasted mask probabilities ``[N,1,H,W]`` binarized at > 0.5."""
+    from pycocotools import mask as mask_utils
+
+    binary = (masks[:, 0] > 0.5).numpy().astype(np.uint8)
+    return [mask_utils.encode(np.asfortranarray(m)) for m in binary]
