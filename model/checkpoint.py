@@ -249,15 +249,15 @@ def read_model_file(
     A plain state dict's config comes from its keys (:func:`model.pretrained.detect_layout`): the
     torchvision builder it fits, with torchvision's default sizes and thresholds; its categories are
     ``categories`` when given (e.g. a weights enum's ``meta["categories"]``), else torchvision's COCO
-    categories for a 91-class model, else unnamed. ``extra["source_format"]`` says which kind it was.
+    categories for a 91-class model, else unnamed. A plain state dict's ``extra`` is
+    ``{"source_format": TORCHVISION_FORMAT}``; a checkpoint's is its own.
     """
     from model import pretrained
 
     name = _name(f)
     data = _torch_load(f, name, map_location)
     if isinstance(data, dict) and data.get("format") == FORMAT:
-        config, state, extra = _parse_checkpoint(data, name)
-        return config, state, dict(extra, source_format=FORMAT)
+        return _parse_checkpoint(data, name)
     if isinstance(data, dict) and "format" in data and not isinstance(data.get("format"), torch.Tensor):
         raise MaskrayError(f"checkpoint {name} is not a {FORMAT} file (found {data['format']!r})")
     layout = pretrained.detect_layout(data, f"checkpoint {name}")

@@ -76,7 +76,7 @@ def _categories(source: ModelSource) -> list[dict] | None:
 
 def read_model(uri: str) -> tuple[Any, dict, dict, ModelSource]:
     """``(config, state_dict, extra, source)`` of any model file, no model built (what a driver
-    needs: sizes, categories, digest). ``extra["source_format"]`` says which kind of file it was."""
+    needs: sizes, categories, digest). :func:`source_format` of ``extra`` says which kind it was."""
     from model.checkpoint import read_model_file
 
     data, source = read_model_bytes(uri)
@@ -92,6 +92,13 @@ def load_model(uri: str, *, map_location: Any = "cpu") -> tuple[Any, Any, dict, 
     model, config, extra = load_checkpoint(_named(data, uri), map_location=map_location,
                                            categories=_categories(source))
     return model, config, extra, source
+
+
+def source_format(extra: dict) -> str:
+    """The kind of file a model came from: ``torchvision-state-dict`` or ``maskray-checkpoint/1``."""
+    from model.checkpoint import FORMAT
+
+    return str(extra.get("source_format", FORMAT))
 
 
 def reported_categories(config: Any) -> list[dict]:
@@ -125,7 +132,8 @@ def import_model(src: str, out: str) -> ImportSummary:
     from pipeline import storage
 
     model, config, extra, source = load_model(src)
-    if extra.get("source_format") == FORMAT and extra.get("source"):
+    kind = source_format(extra)
+    if kind == FORMAT and extra.get("source"):
         provenance = {k: extra[k] for k in ("source", "source_sha256", "torchvision_weights") if k in extra}
     else:
         provenance = {"source": source.uri, "source_sha256": source.sha256}
@@ -134,4 +142,4 @@ def import_model(src: str, out: str) -> ImportSummary:
     buffer = io.BytesIO()
     save_checkpoint(buffer, model, config, extra=dict(provenance, imported_from=source.uri))
     storage.write_bytes(out, buffer.getvalue())
-    return ImportSummary(out, source, str(extra.get("source_format")), config)
+    return ImportSummary(out, source, kind, config)

@@ -116,14 +116,16 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return iou(a.double(), b.double())
 
 
-def assert_same_detections(expected: dict, got: dict, *, box_atol: float = 0.01, score_atol: float = 1e-4,
+def assert_same_detections(expected: dict, got: dict, *, box_atol: float = 0.05, score_atol: float = 2e-4,
                            mask_iou: float = 0.99) -> None:
     """Every detection of ``expected`` (torchvision output dict: ``boxes`` xyxy, ``labels``,
     ``scores``, optional ``rles``) has exactly one in ``got`` with the same label, boxes within
     ``box_atol`` px, score within ``score_atol`` and mask RLE IoU >= ``mask_iou``, and none is left
-    over. Matching is by label and box, not by position, so detections of equal score (sorted in
-    either order) still match. 0.01 px leaves room for the summation order of another pooler or
-    thread count (~3e-4 px seen on 1000-px photos), and none for a different computation."""
+    over. A mask may differ only where the two boxes paste onto different pixel grids
+    (:func:`paste_grid`), for at most a tenth of the detections. Matching is by label and box, not by position, so detections of equal score (sorted in
+    either order) still match. 0.05 px leaves room for float rounding: another pooler's or thread
+    count's summation order (~3e-4 px on 1000-px photos), norms folded into convs (up to 0.016 px
+    and 4e-5 in score through the v2 model's 60 BatchNorm layers), and none for another computation."""
     from pycocotools import mask as mask_utils
 
     eb, gb = expected["boxes"].double(), got["boxes"].double()
@@ -131,6 +133,7 @@ def assert_same_detections(expected: dict, got: dict, *, box_atol: float = 0.01,
     if not len(eb):
         return
     taken = set()
+    excused = 0
     for i in range(len(eb)):
         close = ((gb - eb[i]).abs().amax(dim=1) <= box_atol) & (got["labels"] == expected["labels"][i]) \
             & ((got["scores"].double() - float(expected["scores"][i])).abs() <= score_atol)
@@ -144,7 +147,20 @@ def assert_same_detections(expected: dict, got: dict, *, box_atol: float = 0.01,
             if areas[0] == areas[1] == 0:
                 continue  # both empty (pycocotools gives IoU 0 for two empty masks)
             iou = mask_utils.iou([got["rles"][j]], [expected["rles"][i]], [0])[0][0]
+            if iou < mask_iou and not torch.equal(paste_grid(eb[i]), paste_grid(gb[j])):
+                excused += 1  # the boxes, equal within float noise, straddle a pixel edge of the paste
+                continue
             assert iou >= mask_iou, f"detection {i}: mask IoU {iou:.4f} < {mask_iou} (areas {areas.tolist()})"
+    assert excused <= max(1, len(eb) // 10), f"{excused} of {len(eb)} masks differ on boxes straddling pixel edges"
+
+
+def paste_grid(box: torch.Tensor, mask_size: int = 28) -> torch.Tensor:
+    """The integer box torchvision's ``paste_masks_in_image`` pastes a ``mask_size`` mask into (its
+    ``expand_boxes`` by (M+2)/M, then truncation): a box within 1e-3 px of another can land on
+    another pixel grid there, and a thin mask then moves by a pixel (IoU 0.5 on a 3-px-wide one)."""
+    from torchvision.models.detection.roi_heads import expand_boxes
+
+    return expand_boxes(box.float().reshape(1, 4), (mask_size + 2) / mask_size).to(torch.int64)[0]
 
 
 def rles_of(masks: torch.Tensor) -> list[dict]:

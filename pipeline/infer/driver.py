@@ -55,7 +55,7 @@ from model.errors import MaskrayError, error_text
 from pipeline.dataset import DEFAULT_MAX_PIXELS  # the one pixel limit; larger images become error rows
 from pipeline.infer.predictor import Predictor
 from pipeline.infer.stages import IMAGE_SUFFIXES, SegmentAndWrite, is_transient, read_groups, write_units
-from pipeline.weights import read_model, reported_categories
+from pipeline.weights import read_model, reported_categories, source_format
 
 logger = logging.getLogger(__name__)
 
@@ -350,7 +350,7 @@ def run_inference(
         "model": model_digest(source.model_id),
         # informational (a rerun naming the same bytes another way is the same run): where the
         # model came from, and the categories results name
-        "model_source": source.record(str(extra.get("source_format"))),
+        "model_source": source.record(source_format(extra)),
         "categories": reported_categories(config),
         "input": identity,
         "options": {"score_threshold": float(score_threshold), "max_pixels": max_pixels, "min_size": min_size,

@@ -5,6 +5,7 @@ resume without Ray, streamed COCO JSON, storage retries and the job's arguments.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 
@@ -19,7 +20,7 @@ from model.checkpoint import ModelConfig, build_from_config, save_checkpoint
 from model.errors import MaskrayError
 from pipeline import format as fmt
 from pipeline.infer import driver, stages
-from pipeline.infer.predictor import Predictor
+from pipeline.infer.predictor import Predictor, read_model_config
 
 CATEGORIES = [{"id": 3, "name": "a"}, {"id": 9, "name": "b"}]
 
@@ -301,7 +302,9 @@ def test_rerun_refuses_other_model_options_or_input_unless_overwrite(tiny, tmp_p
     redo = driver.run_inference(data, out, str(other), score_threshold=0.3, overwrite=True)
     assert (redo.units_done, redo.units_skipped) == (2, 0)
     record = json.loads((tmp_path / "out" / "provenance.json").read_text())
-    assert record["model"] == driver.model_digest(driver.read_model_config(str(other))[1])
+    assert record["model"] == driver.model_digest(read_model_config(str(other))[1])
+    assert record["model_source"] == {"uri": str(other), "format": "maskray-checkpoint/1",
+                                      "sha256": hashlib.sha256(other.read_bytes()).hexdigest()}
     (tmp_path / "stray").mkdir()
     (tmp_path / "stray" / "part-00000.parquet").write_bytes(b"x")
     with pytest.raises(MaskrayError, match="no provenance.json"):

@@ -242,7 +242,7 @@ def test_plain_state_dict_parity_on_real_photos(tmp_path, name, legacy):
     assert source.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert (config.backbone, config.variant, config.norm) == ("resnet50", "v1" if "v2" not in name else "v2", "frozen_bn")
     model.transform.min_size, model.transform.max_size = (320,), 512  # the reference's test-time sizes
-    predictor = Predictor(model=model, config=config, score_threshold=0.05)
+    predictor = Predictor(model=model, config=config, score_threshold=0.05, optimize=True)  # as in infer
     unused = torch.tensor(UNUSED_COCO_LABELS)
     for image in images:
         tensor = pf.as_tensor(image)
