@@ -109,9 +109,11 @@ def run(args: argparse.Namespace) -> int:
         for c in config.categories:
             names.setdefault(int(c["id"]), str(c["name"]))
         category_ids = config.category_ids()
+        unused = {category_ids[label - 1] for label in config.unused_labels()}  # torchvision's "N/A"
         device = resolve_device(args.device)
         for row, image, instances in predict_rows(model, rows, batch_size=args.batch_size, device=device):
-            drawn.append((row, image, instances.to_coco(int(row["image_id"]), category_ids)))
+            results = instances.to_coco(int(row["image_id"]), category_ids)
+            drawn.append((row, image, [r for r in results if r["category_id"] not in unused]))
     else:
         stored = _stored_results(args.results, {int(r["image_id"]) for r in rows})
         for row in rows:

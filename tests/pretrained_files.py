@@ -97,13 +97,20 @@ def torchvision_state_dict(model: torch.nn.Module, *, legacy: bool = False) -> d
     return state
 
 
+UNUSED_COCO_LABELS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)  # torchvision's "N/A" slots
+
+
 def write_torchvision_file(folder: str, name: str, seed: int = 0, *, legacy: bool = False,
-                           calibrate_on: torch.Tensor | None = None) -> tuple[str, torch.nn.Module]:
+                           calibrate_on: torch.Tensor | None = None, na_offset: float = 0.0) -> tuple[str, torch.nn.Module]:
     """``(path, model)``: a seeded torchvision ``name`` model saved as a plain state dict under the
-    published file name in ``folder`` (whose hash prefix it therefore does not match)."""
+    published file name in ``folder`` (whose hash prefix it therefore does not match).
+    ``na_offset`` lowers the "N/A" labels' logits (a trained COCO model never scores them high; a
+    random one may favour one of them for every box)."""
     model = build_torchvision(name, seed)
     if calibrate_on is not None:
         calibrate(model, calibrate_on)
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.bias[list(UNUSED_COCO_LABELS)] -= na_offset
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, TORCHVISION_FILES[name])
     torch.save(torchvision_state_dict(model, legacy=legacy), path)
