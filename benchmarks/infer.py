@@ -288,6 +288,13 @@ def noop_predictor(instances: int, marker: str | None = None):
         min_size = property(lambda self: self.sizes[0])
         max_size = property(lambda self: self.sizes[1])
 
+        def prepare(self, image):  # the real predictor's normalize then resize (torchvision's mean/std)
+            from pipeline.infer.predictor import resize_for_model
+
+            mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+            std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+            return resize_for_model((image - mean) / std, *self.sizes)
+
         def forward_resized(self, images, original_sizes, *, cpu=True):
             if marker is not None:
                 mark_once(marker, repr(time.time()))

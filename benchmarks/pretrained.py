@@ -17,7 +17,7 @@ Inputs, made here from the photographs in scikit-image's wheel (nothing download
   * COCO-size: ``--photos`` JPEGs with the long side 640 px (goal >= 1.3x);
   * 12-MP: ``--big`` 4000x3000 JPEGs, each with >= 50 instances (checked; goal >= 5x).
 
-    python benchmarks/pretrained.py [--photos 16] [--big 2] [--json out.json]
+    python benchmarks/pretrained.py [--photos 16] [--big 2] [--amp] [--json out.json]
 """
 
 from __future__ import annotations
@@ -92,9 +92,11 @@ def plain_loop(model: torch.nn.Module, paths: list[str]) -> dict:
     return {"seconds": times, "instances": instances}
 
 
-def maskray_infer(weights: str, folder: str, out: str) -> dict:
-    """``maskray infer`` at its defaults, as a command; wall time and its summary line."""
-    command = [sys.executable, "-m", "jobs.infer", "--checkpoint", weights, "--input", folder, "--output", out]
+def maskray_infer(weights: str, folder: str, out: str, *extra: str) -> dict:
+    """``maskray infer`` at its defaults (plus ``extra`` flags), as a command; wall time and its
+    summary line."""
+    command = [sys.executable, "-m", "jobs.infer", "--checkpoint", weights, "--input", folder, "--output", out,
+               *extra]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -120,6 +122,9 @@ def main() -> int:
     parser.add_argument("--photos", type=int, default=16, help="COCO-size photos (long side 640 px)")
     parser.add_argument("--big", type=int, default=2, help="12-MP photos (4000x3000)")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--amp", action="store_true",
+                        help="also time maskray infer --amp on (bfloat16 autocast on CPU: not the default, "
+                             "its results differ from float32's)")
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="maskray-pretrained-")
@@ -140,12 +145,18 @@ def main() -> int:
         s = loop["seconds"]
         print(f"{label}: {count} photos  torchvision loop {s['total']:.1f} s (decode {s['decode']:.1f}, model+paste "
               f"{s['model']:.1f}, RLE {s['encode']:.1f}; {count / s['total']:.3f} images/s)  maskray infer "
-              f"{ours['seconds']:.1f} s ({count / ours['seconds']:.3f} images/s)  ratio {ratio:.2f}x")
+              f"{ours['seconds']:.1f} s ({count / ours['seconds']:.3f} images/s)  ratio {ratio:.2f}x (defaults)")
         print(f"   instances per image: loop {loop['instances']}, maskray {ours['instances']}")
         print(f"   maskray: {ours['summary']}")
         if label == "12-MP" and min(ours["instances"]) < 50:
             print(f"   WARNING: a 12-MP photo has {min(ours['instances'])} < 50 instances")
         results[label] = {"photos": count, "loop": loop, "maskray": ours, "ratio": ratio}
+        if args.amp:
+            amp = maskray_infer(path, folder, os.path.join(work, f"out-{label}-amp"), "--amp", "on")
+            results[label]["maskray_amp"] = amp
+            results[label]["ratio_amp"] = loop["seconds"]["total"] / amp["seconds"]
+            print(f"   maskray infer --amp on (bfloat16 on CPU): {amp['seconds']:.1f} s, ratio "
+                  f"{results[label]['ratio_amp']:.2f}x; instances {amp['instances']}")
     print(f"load after: {load_average()}")
     if args.json:
         with open(args.json, "w") as f:

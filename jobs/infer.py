@@ -52,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the raw pixel frame (default: apply EXIF orientation, as image viewers do)")
     parser.add_argument("--intensity", default=None, metavar="MODE",
                         help="how 16/32-bit images map to 0..255: percentile (default), minmax or dtype")
+    parser.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                        help="autocast in the model: float16 on GPUs, bfloat16 on CPUs (about 3x faster on CPUs "
+                             "with AMX; results differ from float32's). auto (default): on for GPU actors, "
+                             "off for CPU actors, whose results then equal torchvision's")
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute results that --output holds from another checkpoint, input or options")
     parser.add_argument("--retry-errors", action="store_true",
@@ -102,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         intensity=args.intensity,
         overwrite=args.overwrite,
         retry_errors=args.retry_errors,
+        amp={"auto": None, "on": True, "off": False}[args.amp],
     )
     print(summary.line())
     if summary.coco_json:

@@ -305,6 +305,7 @@ def run_inference(
     overwrite: bool = False,
     retry_errors: bool = False,
     on_unit_committed: Callable[[str], None] | None = None,
+    amp: bool | None = None,
 ) -> InferenceSummary:
     """Segment every image under ``dataset_uri`` (maskray shards, or a prefix of image files)
     into results files under ``output_uri`` (see the module docstring).
@@ -316,6 +317,8 @@ def run_inference(
     photos = 576 MB). ``exif`` applies EXIF orientation; ``intensity`` maps 16/32-bit images
     (``pipeline.dataset.INTENSITY_MODES``; None = its default). ``overwrite`` recomputes results made
     differently; ``retry_errors`` recomputes rows whose error may be transient.
+    ``amp``: autocast in the model actors (float16 on a GPU, bfloat16 on a CPU: ~3x faster on CPUs
+    with AMX, results no longer equal to float32's); None = on for GPU actors, off for CPU actors.
     ``predictor_factory`` replaces :class:`Predictor` in the actor pool (same keyword arguments).
     Units run :func:`units_per_task` to a read task, and travel to the model stage in groups
     (:func:`~pipeline.infer.stages.read_groups`).
@@ -354,6 +357,7 @@ def run_inference(
         "categories": reported_categories(config),
         "input": identity,
         "options": {"score_threshold": float(score_threshold), "max_pixels": max_pixels, "min_size": min_size,
+                    "amp": amp,
                     "max_size": max_size, "exif": bool(exif), "intensity": intensity, "tta": None,
                     "images_per_unit": images_per_unit,
                     "category_ids": category_ids},
@@ -428,7 +432,7 @@ def run_inference(
                 fn_constructor_kwargs={"output_uri": output_uri, "category_ids": category_ids,
                                        "predictor_factory": predictor_factory,
                                        "checkpoint_uri": checkpoint_uri, "score_threshold": score_threshold,
-                                       "threads": threads, "batch_size": batch_size},
+                                       "threads": threads, "batch_size": batch_size, "amp": amp},
                 # Bounded: a unit that kills its actor every time stops the run after a few tries
                 # (never an endless restart loop); retried units rewrite the same file.
                 max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES,

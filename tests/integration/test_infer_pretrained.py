@@ -82,3 +82,25 @@ def test_torchvision_file_in_infer_matches_torchvisions_loop(ray_local, tmp_path
     assert html.count('<figure class="entry"><a href=') == 3  # three drawn overlays, none missing
     names = {c["name"] for c in record["categories"] if c["id"] in used}
     assert names and all(n in html for n in names)  # the page names the COCO categories found
+
+
+def test_torchvision_file_and_import_through_s3(s3, tmp_path):
+    """``--checkpoint s3://.../x.pth`` (a plain torchvision file) and ``maskray import`` to and from
+    object storage: one self-describing file that a cluster reads."""
+    from jobs import cli
+    from model.checkpoint import read_checkpoint
+    from pipeline import storage
+    from pipeline.weights import read_model
+
+    path, _ = pf.write_torchvision_file(str(tmp_path), "maskrcnn_resnet50_fpn_v2", seed=3)
+    uri = f"s3://{s3.bucket}/models/{pf.TORCHVISION_FILES['maskrcnn_resnet50_fpn_v2']}"
+    storage.write_bytes(uri, open(path, "rb").read())
+    config, _, extra, source = read_model(uri)
+    assert (config.variant, extra["source_format"]) == ("v2", "torchvision-state-dict")
+    assert source.sha256 == hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+    out = f"s3://{s3.bucket}/models/imported.pt"
+    assert cli.invoke(["import", uri, out]) == 0
+    imported_config, _, imported_extra = read_checkpoint(storage.read_bytes(out))
+    assert imported_extra["source"] == uri and imported_extra["source_sha256"] == source.sha256
+    assert imported_config.categories == config.categories
