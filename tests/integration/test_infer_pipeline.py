@@ -28,7 +28,7 @@ from pipeline import format as fmt
 from pipeline import storage
 from pipeline.infer import driver
 from pipeline.infer.driver import run_inference
-from pipeline.infer.predictor import Predictor
+from pipeline.infer.predictor import Predictor, read_model_config
 from pipeline.synth import categories_for, make_image
 
 SIZE = 64
@@ -289,7 +289,7 @@ def test_interrupted_run_resumes_without_recomputing(ray_local, tmp_path, capsys
     summary = run_inference(data_uri, out_uri, other, actors=1, score_threshold=1.0, overwrite=True)
     assert summary.units_done == 3 and summary.images == 9 and summary.units_skipped == 0
     rows = results(out_uri, data_uri)
-    assert {r["model"] for r in rows} == {driver.read_model_config(other)[1]}  # each row names the model that computed it
+    assert {r["model"] for r in rows} == {read_model_config(other)[1]}  # each row names the model that computed it
 
 
 def flaky_predictor(marker: str, bad_name: str) -> type[Predictor]:
