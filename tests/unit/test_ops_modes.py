@@ -11,6 +11,8 @@ from collections import OrderedDict
 import pytest
 import torch
 import torchvision
+from test_model_maskrcnn import _synthetic_batch  # images with rectangles and exact targets
+from test_ops import _bilinear  # the slow reference's bilinear sample (torchvision's rule)
 from torchvision.ops import poolers as tv_poolers
 
 from model import build_maskrcnn, ops
@@ -29,27 +31,6 @@ def _round_half_away(v: float) -> float:
     """C's round(): half away from zero (Python's round() is half to even)."""
     t = math.trunc(v)
     return t + math.copysign(1.0, v) if abs(v - t) >= 0.5 else float(t)
-
-
-def _bilinear(plane, height, width, y, x):
-    if y < -1.0 or y > height or x < -1.0 or x > width:
-        return 0.0
-    y, x = max(y, 0.0), max(x, 0.0)
-    y_low, x_low = int(y), int(x)
-    if y_low >= height - 1:
-        y_low = y_high = height - 1
-        y = float(y_low)
-    else:
-        y_high = y_low + 1
-    if x_low >= width - 1:
-        x_low = x_high = width - 1
-        x = float(x_low)
-    else:
-        x_high = x_low + 1
-    ly, lx = y - y_low, x - x_low
-    hy, hx = 1.0 - ly, 1.0 - lx
-    return (hy * hx * plane[y_low][x_low] + hy * lx * plane[y_low][x_high]
-            + ly * hx * plane[y_high][x_low] + ly * lx * plane[y_high][x_high])
 
 
 def reference_roi_warp(input, rois, output_size, spatial_scale, sampling_ratio, aligned):
@@ -529,27 +510,6 @@ def test_huge_and_overflowing_boxes_are_finite_and_bounded(mode):
 # ---------------------------------------------------------------------------------------
 # build_maskrcnn(pooler=...)
 # ---------------------------------------------------------------------------------------
-
-
-def _synthetic_batch(n_images=2, size=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    images, targets = [], []
-    for _ in range(n_images):
-        image = torch.rand(3, size, size, generator=g) * 0.2
-        boxes, masks, labels = [], [], []
-        for k in range(2):
-            x0, y0 = (int(v) for v in torch.randint(0, size // 2, (2,), generator=g))
-            w, h = (int(v) for v in torch.randint(12, size // 2, (2,), generator=g))
-            mask = torch.zeros(size, size, dtype=torch.uint8)
-            mask[y0:y0 + h, x0:x0 + w] = 1
-            image[k, y0:y0 + h, x0:x0 + w] = 0.9
-            boxes.append([x0, y0, x0 + w, y0 + h])
-            masks.append(mask)
-            labels.append(k + 1)
-        images.append(image)
-        targets.append({"boxes": torch.tensor(boxes, dtype=torch.float32),
-                        "labels": torch.tensor(labels), "masks": torch.stack(masks)})
-    return images, targets
 
 
 @pytest.mark.parametrize("pooler", MODES)
