@@ -9,7 +9,9 @@ the box and mask poolers: ``model.ops.MultiScaleRoIAlign``, which runs
 
 Every submodule can be passed in; those left ``None`` are built with torchvision's
 defaults. Masks are per-class binary masks, decoupled from classification (the mask of the
-predicted class is selected after classification), as in the Mask R-CNN paper.
+predicted class is selected after classification), as in the Mask R-CNN paper; the mask-branch
+ablations of the paper's Table 2 (softmax loss, class-agnostic masks, MLP head) are options,
+built from ``model.mask_heads``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
-from model import ops
+from model import mask_heads, ops
 from model.errors import MaskrayError
 
 BACKBONES: dict[str, Callable[..., resnet.ResNet]] = {
@@ -105,6 +107,10 @@ def build_maskrcnn(
     image_mean: Sequence[float] | None = None,
     image_std: Sequence[float] | None = None,
     pooler: str = "roialign",
+    # mask branch ablations (Mask R-CNN's Table 2; defaults = the paper's and torchvision's)
+    mask_loss: str = "sigmoid",
+    class_agnostic_mask: bool = False,
+    mask_head_type: str = "fcn",
     # anchors and RPN (torchvision's defaults)
     anchor_sizes: Sequence[Sequence[int]] = DEFAULT_ANCHOR_SIZES,
     aspect_ratios: Sequence[float] = DEFAULT_ASPECT_RATIOS,
@@ -155,6 +161,19 @@ def build_maskrcnn(
     (``model.ops.POOLER_MODES``): "roialign" (default; torchvision's ``aligned=False``, what its
     weights were trained with), "roialign_v2" (``aligned=True``), "roiwarp", "roipool".
 
+    The mask branch ablations of Table 2 (exact definitions in ``model.mask_heads``):
+    ``mask_loss`` "sigmoid" (default: per-class binary cross-entropy on the class's own mask,
+    torchvision's ``maskrcnn_loss``) or "softmax" (Table 2b: per pixel a softmax over a background
+    score pinned at 0 and the K class logits, cross-entropy against the RoI's class at its mask's
+    pixels and background elsewhere; inference takes the class's softmax probability);
+    ``class_agnostic_mask=True`` predicts one mask for every class (one output channel, used
+    whatever the label); ``mask_head_type`` "fcn" (default: ``mask_head_channels`` 3x3 convs, a
+    deconv to 28x28) or "mlp" (Table 2e: the flattened 14x14 RoI features through two fully
+    connected layers of ``box_head_dim`` (the paper's 1024) and one to ``28*28`` logits per mask;
+    ``mask_head_channels`` and ``head_norm`` do not apply to it). They shape the mask head and
+    predictor only where those are left ``None``. At the defaults the model is torchvision's
+    (its ``RoIHeads``); otherwise its RoI heads are ``model.mask_heads.MaskRoIHeads``.
+
     Input: a list of float CHW images in [0, 1]; output: torchvision's target/prediction dicts.
     """
     if variant not in VARIANTS:
@@ -163,6 +182,16 @@ def build_maskrcnn(
         raise MaskrayError(f"model num_classes={num_classes} must be >= 2 (background + at least one class)")
     if pooler not in ops.POOLER_MODES:
         raise MaskrayError(f"model pooler {pooler!r} is not one of {', '.join(ops.POOLER_MODES)}")
+    mask_heads.check_mask_loss(mask_loss)
+    if isinstance(mask_head, str):
+        raise MaskrayError(f"model mask_head takes a module; the kind of head ({mask_head!r}) is mask_head_type, "
+                           f"one of {', '.join(mask_heads.MASK_HEAD_TYPES)}")
+    if not isinstance(class_agnostic_mask, bool):
+        raise MaskrayError(f"model class_agnostic_mask must be true or false, got {class_agnostic_mask!r}")
+    if mask_head_type not in mask_heads.MASK_HEAD_TYPES:
+        raise MaskrayError(
+            f"model mask_head_type {mask_head_type!r} is not one of {', '.join(mask_heads.MASK_HEAD_TYPES)}"
+        )
     if variant == "v2" and head_norm is None:
         head_norm = "bn"
     if variant == "v1" and head_norm is not None:
@@ -196,13 +225,20 @@ def build_maskrcnn(
         box_predictor = FastRCNNPredictor(box_head_dim, num_classes)
     if mask_roi_pool is None:
         mask_roi_pool = ops.MultiScaleRoIAlign(FEATURE_MAPS, 14, 2, mode=pooler)
-    if mask_head is None:
-        if not mask_head_channels:
-            raise MaskrayError("model mask_head_channels must name at least one conv layer")
-        mask_head = MaskRCNNHeads(channels, list(mask_head_channels), 1, norm_layer=norm_layer(head_norm))
-    if mask_predictor is None:
-        width = mask_head_channels[-1]
-        mask_predictor = MaskRCNNPredictor(width, width, num_classes)
+    num_masks = 1 if class_agnostic_mask else num_classes
+    if mask_head_type == "mlp":
+        if mask_head is None:
+            mask_head = mask_heads.MaskMLPHead(channels * _output_size(mask_roi_pool) ** 2, [box_head_dim] * 2)
+        if mask_predictor is None:
+            mask_predictor = mask_heads.MaskMLPPredictor(box_head_dim, num_masks, 2 * _output_size(mask_roi_pool))
+    else:
+        if mask_head is None:
+            if not mask_head_channels:
+                raise MaskrayError("model mask_head_channels must name at least one conv layer")
+            mask_head = MaskRCNNHeads(channels, list(mask_head_channels), 1, norm_layer=norm_layer(head_norm))
+        if mask_predictor is None:
+            width = mask_head_channels[-1]
+            mask_predictor = MaskRCNNPredictor(width, width, num_masks)
 
     model = MaskRCNN(
         backbone_module,
@@ -236,6 +272,13 @@ def build_maskrcnn(
         mask_head=mask_head,
         mask_predictor=mask_predictor,
     )
+    if mask_loss != "sigmoid" or class_agnostic_mask:  # torchvision's RoIHeads at the defaults
+        model.roi_heads = mask_heads.MaskRoIHeads(
+            box_roi_pool, box_head, box_predictor,
+            box_fg_iou_thresh, box_bg_iou_thresh, box_batch_size_per_image, box_positive_fraction, bbox_reg_weights,
+            box_score_thresh, box_nms_thresh, box_detections_per_img,
+            mask_roi_pool=mask_roi_pool, mask_head=mask_head, mask_predictor=mask_predictor, mask_loss=mask_loss,
+        )
     # MaskRCNN's constructor type-checks poolers against torchvision's own class, so ours
     # are installed on the RoI heads after construction (poolers hold no parameters).
     model.roi_heads.box_roi_pool = box_roi_pool
