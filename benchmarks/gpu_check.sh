@@ -8,7 +8,9 @@
 #   4. ours vs torchvision R50-FPN, 800 px, batch 8, bf16 and fp16 autocast, inference and
 #      training images/s in the same run                                benchmarks/model.py;
 #   5. Predictor images/s                                                benchmarks/gpu_predictor.py;
-#   6. append a dated section with every step's status, time and output to benchmarks/RESULTS.md.
+#   6. torchvision's R50-FPN v2 file: maskray's Predictor vs torchvision's loop on the device, COCO-size
+#      and 12-MP photos, ratio in the same run                           benchmarks/pretrained.py;
+#   7. append a dated section with every step's status, time and output to benchmarks/RESULTS.md.
 #
 # Usage: bash benchmarks/gpu_check.sh [--device cuda|cpu] [--quick] [--results PATH]
 #   --device cpu --quick   tiny sizes, well under a minute: what CI runs so the script cannot rot.
@@ -75,11 +77,13 @@ if [ $QUICK -eq 1 ]; then
   MODEL_ARGS=(--device "$DEVICE" --height 64 --width 64 --batch 1 --rounds 1 --iters 1 --warmup 0)
   AMPS=(bf16)
   PRED_ARGS=(--device "$DEVICE" --size 64 --batch 2 --rounds 1 --backbone resnet18)
+  PRETRAINED_ARGS=(--device "$DEVICE" --in-process --photos 1 --big 0 --min-size 128)
 else
   ROI_ARGS=(--device "$DEVICE" --rois-per-image 1000 --repeat 10 --cases fpn single)
   MODEL_ARGS=(--device "$DEVICE" --height 800 --width 800 --batch 8 --rounds 3 --iters 2 --warmup 2)
   AMPS=(bf16 fp16)
   PRED_ARGS=(--device "$DEVICE" --size 800 --batch 8 --rounds 3)
+  PRETRAINED_ARGS=(--device "$DEVICE" --in-process --photos 16 --big 2)
 fi
 
 run_step environment 120 "$PY" -c '
@@ -101,6 +105,7 @@ for amp in "${AMPS[@]}"; do
   run_step "model_benchmark_$amp" 240 "$PY" benchmarks/model.py "${MODEL_ARGS[@]}" --amp "$amp"
 done
 run_step predictor 180 "$PY" benchmarks/gpu_predictor.py "${PRED_ARGS[@]}"
+run_step pretrained 300 "$PY" benchmarks/pretrained.py "${PRETRAINED_ARGS[@]}"
 
 DEVICE_NAME=$("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU visible")' 2>/dev/null || echo unknown)
 MODE="--device $DEVICE$([ $QUICK -eq 1 ] && echo ' --quick')"
