@@ -213,10 +213,12 @@ class Interrupt(Exception):
     pass
 
 
-def gated_predictor(gate: str, delay: float = 5.0) -> type[Predictor]:
-    """Commits the first unit of the run; every later unit, while the gate file exists, fails after
-    ``delay`` seconds before anything is written (a worker stopped mid-unit with the job). The
-    delay lets the driver see the first commit before the failure ends the dataset."""
+def gated_predictor(gate: str, timeout: float = 120.0) -> type[Predictor]:
+    """Commits the first unit of the run; every later unit, while the gate file exists, fails before
+    anything is written (a worker stopped mid-unit with the job), but only once the driver has seen
+    the first commit (``gate + ".seen"``, written by the test's commit callback; at most ``timeout``
+    seconds): a fixed delay was not always enough on a loaded CI box, and the failure then ended the
+    dataset before the driver heard of the first commit."""
 
     class Gated(Predictor):
         def _after_batch(self, table):
@@ -224,7 +226,9 @@ def gated_predictor(gate: str, delay: float = 5.0) -> type[Predictor]:
                 os.close(os.open(gate + ".first", os.O_CREAT | os.O_EXCL))
             except FileExistsError:
                 if os.path.exists(gate):
-                    time.sleep(delay)
+                    deadline = time.monotonic() + timeout
+                    while not os.path.exists(gate + ".seen") and time.monotonic() < deadline:
+                        time.sleep(0.05)
                     raise RuntimeError("stopped by the test's gate")
             super()._after_batch(table)
 
@@ -236,15 +240,16 @@ def test_interrupted_run_resumes_without_recomputing(ray_local, tmp_path, capsys
     tiny_checkpoint(ckpt)
     names = write_dataset(data_uri, [good_images(3), good_images(3, start=3), good_images(3, start=6)])
     committed: list[str] = []
+    gate = str(tmp_path / "gate")
 
     def stop_after_first(uri: str) -> None:
         committed.append(uri)
+        open(gate + ".seen", "w").close()  # the gated units may fail now
         raise Interrupt(uri)
 
     # The driver stops after the first commit. Ray Data lets a released actor finish the units it
     # holds, so the gate (never removed) fails those before they write: what the first run leaves
     # is exactly its committed unit.
-    gate = str(tmp_path / "gate")
     open(gate, "w").close()
     with pytest.raises(Interrupt):
         run_inference(data_uri, out_uri, ckpt, batch_size=3, actors=1, score_threshold=1.0,
