@@ -204,7 +204,8 @@ class Predictor:
 
         Returns per image ``boxes`` (xyxy in the ORIGINAL frame), ``labels``, ``scores`` and
         ``masks`` (``[N,1,M,M]`` mask probabilities, not yet pasted), keeping only scores >=
-        ``score_threshold`` and labels the config reports (not its ``unused_labels``); float32 tensors on the CPU (``cpu=False``: on the model's device).
+        ``score_threshold`` and labels the config reports (not its ``unused_labels``); float32
+        tensors on the CPU (``cpu=False``: on the model's device).
         With ``threads`` > 1 the images run in lanes (see the class docstring); the outputs are in
         input order either way.
         """
@@ -290,7 +291,7 @@ class Predictor:
     def forward_uint8(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """:meth:`forward_resized` for uint8 ``[3,H,W]`` images at their original size (float
         images in [0,1] are taken too): each is moved to the model's device first, then made
-        float, resized and normalized there."""
+        float, normalized and resized there (:meth:`prepare`)."""
         sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         resized = []
         for im in images:
