@@ -199,7 +199,7 @@ def plan(input_uri: str, images_per_unit: int) -> tuple[list[Unit], dict]:
 
 def model_digest(model_id: str) -> str:
     """The digest part of a model id (``<uri>#sha256:<hex>``,
-    :func:`~pipeline.infer.predictor.model_id_of`): same bytes, same model."""
+    :attr:`pipeline.weights.ModelSource.model_id`): same bytes, same model."""
     return model_id.rsplit("#", 1)[-1]
 
 

@@ -18,7 +18,6 @@ storage at module level (the GPU check script and unit tests use it without Ray)
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 from collections.abc import Callable, Sequence
@@ -67,12 +66,6 @@ def _unwrap(model: Any) -> torch.nn.Module:
         if not isinstance(inner, torch.nn.Module):
             return model
         model = inner
-
-
-def model_id_of(checkpoint_uri: str, data: bytes) -> str:
-    """``<uri>#sha256:<first 16 hex>``: names a checkpoint and a digest of its bytes (the
-    ``model`` column of results)."""
-    return f"{checkpoint_uri}#sha256:{hashlib.sha256(data).hexdigest()[:16]}"
 
 
 def load_model(checkpoint_uri: str) -> tuple[torch.nn.Module, Any, str]:
