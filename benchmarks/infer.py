@@ -42,9 +42,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.checkpoint import ModelConfig, build_from_config, save_checkpoint  # noqa: E402
-from pipeline import format as fmt  # noqa: E402
+from pipeline.data import format as fmt  # noqa: E402
 from pipeline import storage  # noqa: E402
-from pipeline.synth import categories_for, make_image  # noqa: E402
+from pipeline.data.synth import categories_for, make_image  # noqa: E402
 
 CATEGORIES = categories_for(4)
 
@@ -69,7 +69,7 @@ def make_dataset(root: str, images: int, shards: int, size: int) -> list[bytes]:
 
 
 def plain_loop(ckpt: str, data: list[bytes], batch_size: int, score_threshold: float, threads: int = 0) -> dict:
-    from pipeline.dataset import decode_image
+    from pipeline.data.decode import decode_image
     from pipeline.infer.predictor import Predictor
 
     predictor = Predictor(ckpt, score_threshold=score_threshold, threads=threads)
@@ -359,7 +359,7 @@ def steal_since(before: tuple[int, int]) -> float:
 
 def noop_loop(data_uri: str, ckpt: str) -> dict:
     """One process: read every shard, decode, make float and resize as the model would."""
-    from pipeline.format import read_manifest, shard_uris
+    from pipeline.data.format import read_manifest, shard_uris
     from pipeline.infer.predictor import load_model, model_sizes, resize_for_model, to_float
     from pipeline.infer.stages import decode
 

@@ -80,7 +80,7 @@ def _cluster(nodes: int, cpus: int, attempts: int = 3):
 
 
 def timed_pack(prefix: str, out: str, **kwargs) -> float:
-    from pipeline import convert
+    from pipeline.data import convert
 
     start = time.perf_counter()
     report = convert.pack_images(prefix, out, **kwargs)

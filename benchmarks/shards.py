@@ -1,11 +1,11 @@
 """Streaming read throughput of maskray shards from a SeaweedFS S3 server: Ray Data
-(:func:`pipeline.dataset.read_shards`) vs a plain pyarrow read of the same objects (the anchor,
+(:func:`pipeline.data.decode.read_shards`) vs a plain pyarrow read of the same objects (the anchor,
 measured in the same run). Prints MB/s for both and the ratio (target >= 0.8).
 
     .venv/bin/python benchmarks/shards.py [--rows 3200 --size 256 --images-per-shard 1000]
 
 The dataset is synthetic (``--unique`` rendered PNGs repeated under distinct ids, so the bytes
-are real PNG data) and written with :class:`pipeline.format.ShardWriter`. Both readers consume
+are real PNG data) and written with :class:`pipeline.data.format.ShardWriter`. Both readers consume
 every column of every row; runs alternate between the two readers; the median and the best run
 are reported (on a shared machine, best-of-N is the steadier estimate).
 """
@@ -27,8 +27,8 @@ from benchmarks.seaweed import seaweed_server_class  # noqa: E402
 
 
 def build_dataset(uri: str, rows: int, unique: int, size: int, images_per_shard: int) -> None:
-    from pipeline import format as fmt
-    from pipeline import synth
+    from pipeline.data import format as fmt
+    from pipeline.data import synth
 
     cats = synth.categories_for(4)
     samples = []
@@ -62,7 +62,7 @@ def read_pyarrow(uri: str) -> int:
     """Plain pyarrow: each shard object read whole, one after the other."""
     import pyarrow.parquet as pq
 
-    from pipeline import format as fmt
+    from pipeline.data import format as fmt
     from pipeline import storage
 
     n = 0
@@ -78,7 +78,7 @@ PLAN_TIMES: list[float] = []
 def read_ray(uri: str, read_num_cpus: float | None = None) -> int:
     """Ray Data: stream the same shards through read_shards into the driver (planning
     included: manifest read, Ray's Parquet metadata sampling)."""
-    from pipeline.dataset import read_shards
+    from pipeline.data.decode import read_shards
 
     t0 = time.perf_counter()
     ds = read_shards(uri, **({} if read_num_cpus is None else {"num_cpus": read_num_cpus}))
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from pipeline import format as fmt
+    from pipeline.data import format as fmt
 
     with seaweed_server_class()() as server:
         os.environ.update(server.env)

@@ -1,7 +1,7 @@
 """``maskray convert``: COCO json + images -> maskray shards + manifest.json.
 
 With ``--runner ray`` (or ``auto`` where ``RAY_ADDRESS`` is set) the plan runs in one task and
-each shard in its own Ray Data task on the cluster (:mod:`pipeline.ingest`); rerunning the same
+each shard in its own Ray Data task on the cluster (:mod:`pipeline.data.ingest`); rerunning the same
 command after an interruption completes it without redoing finished shards.
 """
 
@@ -12,7 +12,7 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipeline import ingest
+    from pipeline.data import ingest
 
     parser.add_argument("--coco", "--coco-json", dest="coco", required=True,
                         help="COCO annotations json (path or s3:// URI)")
@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline import ingest
-    from pipeline.convert import convert_coco
+    from pipeline.data import ingest
+    from pipeline.data.convert import convert_coco
 
     report = convert_coco(args.coco, args.images, args.out, **ingest.options_from_args(args))
     print(report.summary())

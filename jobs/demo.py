@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     # 5. one data-distillation round, the trained model as the round-0 teacher.
     distill_summary = None
     if not args.skip_distill:
-        from pipeline.distill import load_distill_config, run_distill
+        from pipeline.distill.run import load_distill_config, run_distill
 
         distill_config = load_distill_config(args.distill_config, [
             f"work_dir={paths['distill']}", f"data.labeled={paths['train']}", f"data.unlabeled={paths['pool']}",
@@ -186,8 +186,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _distill_rounds(work_dir: str) -> list:
-    """The distillation rounds' states (``pipeline.rounds.RoundState``), in order."""
-    from pipeline.rounds import load_states
+    """The distillation rounds' states (``pipeline.distill.rounds.RoundState``), in order."""
+    from pipeline.distill.rounds import load_states
 
     return load_states(work_dir)
 
@@ -216,7 +216,7 @@ def _report(paths: dict, final: dict, metrics: dict, rounds: list | None, timing
         _ap_row("trained (round-0 teacher)", metrics),
     ]
     if rounds:
-        from pipeline.rounds import format_summary
+        from pipeline.distill.rounds import format_summary
 
         lines += ["", "## Distillation round", "",
                   "Teacher and student on the same first val images (`data.val_max_images` of the distill "

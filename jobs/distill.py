@@ -8,7 +8,7 @@ mixed in every batch, and evaluates it. The state of every round is in
 ``<work_dir>/rounds/round-K/state.json``: re-running the same command continues where a killed
 run stopped and never redoes a finished round; an unfinished round refuses a changed config
 unless ``--resume-anyway``. Prints the per-round summary table at the end.
-See ``pipeline/distill.py`` for the config layout and ``configs/distill-shapes-cpu.yaml``.
+See ``pipeline/distill/run.py`` for the config layout and ``configs/distill-shapes-cpu.yaml``.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.distill import load_distill_config, run_distill
-    from pipeline.rounds import format_summary, load_states
+    from pipeline.distill.run import load_distill_config, run_distill
+    from pipeline.distill.rounds import format_summary, load_states
 
     start = time.perf_counter()
     config = load_distill_config(args.config, args.overrides)

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from model.errors import MaskrayError
     from pipeline import storage
     from pipeline.evaluate import evaluate_model, format_table, load_checkpoint_uri, metrics_to_json
-    from pipeline.format import read_manifest
+    from pipeline.data.format import read_manifest
 
     if args.limit is not None and args.limit < 1:
         raise MaskrayError(f"--limit must be >= 1, got {args.limit}")

@@ -1,7 +1,7 @@
 """``maskray pack``: a folder or bucket prefix of raw images -> unlabeled maskray shards.
 
 Listing, reading, header checks and shard writing run in Ray tasks with ``--runner ray`` (or
-``auto`` where ``RAY_ADDRESS`` is set); see :mod:`pipeline.ingest`. Rerun the same command to
+``auto`` where ``RAY_ADDRESS`` is set); see :mod:`pipeline.data.ingest`. Rerun the same command to
 complete an interrupted run.
 """
 
@@ -12,7 +12,7 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipeline import ingest
+    from pipeline.data import ingest
 
     parser.add_argument("--images", required=True, help="folder or s3:// prefix of images")
     parser.add_argument("--out", required=True, help="output dataset folder or s3:// prefix")
@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline import ingest
-    from pipeline.convert import categories_from, pack_images
+    from pipeline.data import ingest
+    from pipeline.data.convert import categories_from, pack_images
 
     categories = categories_from(args.categories_from) if args.categories_from else None
     report = pack_images(args.images, args.out, first_id=args.first_id, categories=categories,

@@ -3,7 +3,7 @@
 Three ways:
 
 - ``--results PREFIX`` alone: a static gallery of a ``maskray infer`` output, no model and no
-  ``--data`` (:func:`pipeline.gallery.build_gallery`): ``--out``/index.html with per-category
+  ``--data`` (:func:`pipeline.show.gallery.build_gallery`): ``--out``/index.html with per-category
   counts and a score histogram over every row, overlays and thumbnails of the first ``--limit``
   images (read from the input its provenance.json records), and the error rows.
 - ``--results PREFIX --data URI``: ``<image_id>.png`` overlays of the stored predictions on the
@@ -73,7 +73,7 @@ def _stored_results(results_uri: str, image_ids: set[int]) -> dict[int, dict]:
 
 def run(args: argparse.Namespace) -> int:
     if args.results and not args.data:  # a gallery of a results prefix: no model, no --data
-        from pipeline.gallery import DEFAULT_LIMIT, build_gallery
+        from pipeline.show.gallery import DEFAULT_LIMIT, build_gallery
 
         summary = build_gallery(args.results, args.out, limit=DEFAULT_LIMIT if args.limit is None else args.limit,
                                 long_side=args.long_side, score_thresh=args.score_thresh)
@@ -85,11 +85,11 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.evaluate import resolve_device
     from model.errors import MaskrayError
     from pipeline import storage
-    from pipeline.dataset import decode_image
+    from pipeline.data.decode import decode_image
     from pipeline.evaluate import load_checkpoint_uri, predict_rows
-    from pipeline.format import read_manifest, read_rows
+    from pipeline.data.format import read_manifest, read_rows
     from pipeline.instances import Instances, from_result_instances
-    from pipeline.visualize import render_overlay, to_png
+    from pipeline.show.draw import render_overlay, to_png
 
     if not args.data:
         raise MaskrayError("--checkpoint needs --data (the dataset to run it on)")

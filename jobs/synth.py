@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.synth import synthesize
+    from pipeline.data.synth import synthesize
 
     summary = synthesize(args.out, images=args.images, seed=args.seed, size=args.size,
                          num_categories=args.categories, max_objects=args.max_objects,

@@ -1,7 +1,8 @@
-"""The data and training machinery between ``model`` (pure torch) and ``jobs`` (entry points).
+"""Everything the jobs do, as library calls, between ``model`` (pure torch) and ``jobs`` (entry points).
 
-Storage URIs (:mod:`pipeline.storage`), the maskray-shards/1 dataset format
-(:mod:`pipeline.format`), converters (:mod:`pipeline.convert`, :mod:`pipeline.synth`), the Ray
-Data reader and decoding (:mod:`pipeline.dataset`), training, inference, evaluation and
-self-training. Submodules are imported explicitly; this package imports nothing heavy.
+Packages by job: :mod:`pipeline.data` (format, decode, conversion, ingest, synth),
+:mod:`pipeline.train`, :mod:`pipeline.infer`, :mod:`pipeline.distill`, :mod:`pipeline.show`;
+shared at the top: :mod:`pipeline.storage` (URIs), :mod:`pipeline.raysetup` (starting Ray),
+:mod:`pipeline.weights` (model sources), :mod:`pipeline.instances`, :mod:`pipeline.evaluate`.
+Submodules are imported explicitly; this package imports nothing heavy.
 """

@@ -120,7 +120,7 @@ def _decode_rows(rows: Iterable[dict[str, Any]], skipped: list | None = None
     """Decoded rows; with a ``skipped`` list, an undecodable row (``ImageDecodeError``: corrupt,
     unsupported, over the pixel limit) is logged, appended as ``(image_id, where, reason)`` and
     left out instead of raising."""
-    from pipeline.dataset import ImageDecodeError, decode_image
+    from pipeline.data.decode import ImageDecodeError, decode_image
 
     for row in rows:
         try:
@@ -188,7 +188,7 @@ def evaluate_model(model: torch.nn.Module, data: str | Iterable[dict[str, Any]],
     if skipped is None:
         skipped = []
     if isinstance(data, str):
-        from pipeline.format import read_manifest
+        from pipeline.data.format import read_manifest
 
         if categories is None:
             categories = read_manifest(data).categories
@@ -222,7 +222,7 @@ def evaluate_model(model: torch.nn.Module, data: str | Iterable[dict[str, Any]],
 
 def _rows_with_shard(dataset_uri: str) -> Iterator[dict[str, Any]]:
     """The dataset's rows (manifest order), each tagged with its shard's file name as ``_shard``."""
-    from pipeline.format import iter_shard_rows, shard_uris
+    from pipeline.data.format import iter_shard_rows, shard_uris
 
     for uri in shard_uris(dataset_uri):
         shard = uri.rstrip("/").rsplit("/", 1)[-1]

@@ -52,7 +52,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from model.errors import MaskrayError, error_text
-from pipeline.dataset import DEFAULT_MAX_PIXELS  # the one pixel limit; larger images become error rows
+from pipeline.data.decode import DEFAULT_MAX_PIXELS  # the one pixel limit; larger images become error rows
 from pipeline.infer.predictor import Predictor
 from pipeline.infer.stages import IMAGE_SUFFIXES, SegmentAndWrite, is_transient, read_groups, write_units
 from pipeline.weights import read_model, reported_categories, source_format
@@ -169,7 +169,7 @@ def plan(input_uri: str, images_per_unit: int) -> tuple[list[Unit], dict]:
     """``(units, input identity)`` of a dataset prefix (``manifest.json`` + shards) or of a raw
     prefix of image files (keyed by object path, sorted)."""
     from pipeline import storage
-    from pipeline.format import manifest_uri, read_manifest, shard_uris
+    from pipeline.data.format import manifest_uri, read_manifest, shard_uris
 
     if storage.exists(manifest_uri(input_uri)):
         raw = storage.read_bytes(manifest_uri(input_uri))
@@ -315,7 +315,7 @@ def run_inference(
     stays for the read tasks; ``threads`` per CPU actor (None: :func:`cpu_actor_threads`).
     ``images_per_unit`` bounds a unit (uint8 pixels of a unit travel as one object: 16 x 12-MP
     photos = 576 MB). ``exif`` applies EXIF orientation; ``intensity`` maps 16/32-bit images
-    (``pipeline.dataset.INTENSITY_MODES``; None = its default). ``overwrite`` recomputes results made
+    (``pipeline.data.decode.INTENSITY_MODES``; None = its default). ``overwrite`` recomputes results made
     differently; ``retry_errors`` recomputes rows whose error may be transient.
     ``amp``: autocast in the model actors (float16 on a GPU, bfloat16 on a CPU: ~3x faster on CPUs
     with AMX, results no longer equal to float32's); None = on for GPU actors, off for CPU actors.
@@ -336,7 +336,7 @@ def run_inference(
         raise MaskrayError(f"score threshold {score_threshold} must be in [0, 1]")
     if threads is not None and (not isinstance(threads, int) or threads < 0):
         raise MaskrayError(f"threads {threads!r} must be an integer >= 0 (0 = Ray's default)")
-    from pipeline.dataset import DEFAULT_INTENSITY, check_intensity
+    from pipeline.data.decode import DEFAULT_INTENSITY, check_intensity
 
     try:
         intensity = check_intensity(intensity or DEFAULT_INTENSITY)  # recorded as the effective mode

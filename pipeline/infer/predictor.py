@@ -165,7 +165,7 @@ class Predictor:
     @property
     def min_size(self) -> int:
         """The resize target of the shorter side (the detector's eval ``min_size``); settable, so
-        TTA can rescale it (``pipeline.pseudo``), and read by :meth:`predict` on every call."""
+        TTA can rescale it (``pipeline.distill.label``), and read by :meth:`predict` on every call."""
         return model_sizes(self.model)[0]
 
     @min_size.setter

@@ -110,10 +110,10 @@ def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
 
 def decode_pixels(data: bytes | None, *, max_pixels: int | None, exif: bool = True,
                   intensity: str | None = None) -> np.ndarray:
-    """Encoded bytes -> uint8 ``[3,H,W]`` numpy array, C-contiguous (``pipeline.dataset.decode_array``:
+    """Encoded bytes -> uint8 ``[3,H,W]`` numpy array, C-contiguous (``pipeline.data.decode.decode_array``:
     one-line errors for empty, corrupt, truncated or over-``max_pixels`` data; ``intensity`` maps
     16/32-bit images, None = its default), EXIF orientation applied unless ``exif`` is False."""
-    from pipeline.dataset import DEFAULT_INTENSITY, decode_array_oriented
+    from pipeline.data.decode import DEFAULT_INTENSITY, decode_array_oriented
 
     image, orientation = decode_array_oriented(data, max_pixels=max_pixels, intensity=intensity or DEFAULT_INTENSITY)
     return apply_orientation(image.transpose(2, 0, 1), orientation if exif else 1)
@@ -266,7 +266,7 @@ def unit_table(unit: dict, category_ids: Sequence[int]) -> Any:
     ``preds`` are packed (:func:`~pipeline.infer.predictor.pack`) or numpy dicts."""
     import pyarrow as pa
 
-    from pipeline.format import RESULT_SCHEMA
+    from pipeline.data.format import RESULT_SCHEMA
     from pipeline.infer.paste import to_result_instances
     from pipeline.infer.predictor import unpack
 

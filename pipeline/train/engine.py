@@ -31,7 +31,7 @@ import numpy as np
 from model.errors import MaskrayError
 from pipeline.train.config import NON_RESULT_KEYS, ConfigError, TrainConfig, config_diff
 from pipeline.train.loop import STOP_KEY, RunPlan, train_loop_per_worker
-from pipeline.transforms import TrainAugment, drop_crowd_and_degenerate
+from pipeline.train.transforms import TrainAugment, drop_crowd_and_degenerate
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
     """Read the manifests and size the run; every error here happens before any worker starts."""
     from model import pretrained
     from pipeline import storage
-    from pipeline.format import read_manifest
+    from pipeline.data.format import read_manifest
 
     def manifest(uri: str, key: str):
         try:
@@ -173,7 +173,7 @@ class DecodeAugment:
         self.bad_rows = bad_rows
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        from pipeline.dataset import ImageDecodeError, TargetError, decode_image, decode_target
+        from pipeline.data.decode import ImageDecodeError, TargetError, decode_image, decode_target
 
         try:
             image = decode_image(row["image"])
@@ -234,7 +234,7 @@ class RunChannel:
 def train_dataset(config: TrainConfig, plan: RunPlan, bad_rows: Any = None):
     """The Ray Data train stream: shards -> decode + augment (CPU tasks of ``data.decode_cpus``);
     undecodable rows dropped and reported to ``bad_rows`` (a :class:`RunChannel` actor)."""
-    from pipeline.dataset import read_shards
+    from pipeline.data.decode import read_shards
 
     fn = DecodeAugment([int(c["id"]) for c in plan.categories], config.augment.hflip_prob,
                        tuple(config.augment.scale_jitter), bad_rows=bad_rows)

@@ -1,4 +1,4 @@
-"""convert/pack on Ray (pipeline.ingest) against a real S3 server (SeaweedFS): the Ray path
+"""convert/pack on Ray (pipeline.data.ingest) against a real S3 server (SeaweedFS): the Ray path
 writes the same shards as the one-process path, a run whose driver is killed mid-pack is
 completed by a rerun without losing or duplicating an image, no key value leaks into what
 crosses process boundaries or lands in storage/logs, and a 100,000-object prefix is listed
@@ -21,8 +21,12 @@ import pyarrow.fs as pafs
 import pytest
 from PIL import Image
 
-from pipeline import convert, dataset, ingest, storage, synth
-from pipeline import format as fmt
+from pipeline import storage
+from pipeline.data import convert
+from pipeline.data import decode as dataset
+from pipeline.data import ingest
+from pipeline.data import synth
+from pipeline.data import format as fmt
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,7 +85,7 @@ def dataset_bomb() -> bytes:
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import ray
-    from pipeline import convert
+    from pipeline.data import convert
     # the test's cluster: killing this driver must not leave a Ray instance behind
     ray.init(address=sys.argv[3], log_to_driver=False)
     seen = []

@@ -14,8 +14,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from pipeline import convert, dataset, storage, synth
-from pipeline import format as fmt
+from pipeline import storage
+from pipeline.data import convert
+from pipeline.data import decode as dataset
+from pipeline.data import synth
+from pipeline.data import format as fmt
 
 
 def _coco_from(uri: str) -> COCO:

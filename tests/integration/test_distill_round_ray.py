@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from model.checkpoint import ModelConfig, build_from_config, save_checkpoint
-from pipeline import pseudo, rounds
-from pipeline.convert import convert_coco, pack_images
-from pipeline.format import read_manifest, read_rows
-from pipeline.synth import synthesize
+from pipeline.distill import label as pseudo
+from pipeline.distill import rounds
+from pipeline.data.convert import convert_coco, pack_images
+from pipeline.data.format import read_manifest, read_rows
+from pipeline.data.synth import synthesize
 
 
 @pytest.fixture(scope="module")

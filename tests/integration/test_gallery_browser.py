@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.format import RESULT_SCHEMA
-from pipeline.gallery import build_gallery
+from pipeline.data.format import RESULT_SCHEMA
+from pipeline.show.gallery import build_gallery
 from pipeline.instances import encode_masks
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

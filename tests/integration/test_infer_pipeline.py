@@ -24,12 +24,12 @@ import torch
 from PIL import Image
 
 from model.checkpoint import ModelConfig, build_from_config, save_checkpoint
-from pipeline import format as fmt
+from pipeline.data import format as fmt
 from pipeline import storage
 from pipeline.infer import driver
 from pipeline.infer.driver import run_inference
 from pipeline.infer.predictor import Predictor, read_model_config
-from pipeline.synth import categories_for, make_image
+from pipeline.data.synth import categories_for, make_image
 
 SIZE = 64
 CATEGORIES = categories_for(3)
@@ -148,7 +148,7 @@ def test_s3_roundtrip_bad_images_and_coco_json(s3, ray_local, tmp_path):
     # the pipeline gives what the plain loop gives on the same images
     predictor = Predictor(ckpt, score_threshold=0.0, device="cpu")
     by_name = {r["file_name"]: r for r in rows}
-    from pipeline.dataset import decode_image
+    from pipeline.data.decode import decode_image
 
     for name, data in good_images(2):
         out = predictor.predict([decode_image(data)])[0]
@@ -313,7 +313,7 @@ def flaky_predictor(marker: str, bad_name: str) -> type[Predictor]:
 
 
 def test_retry_errors_recomputes_only_transient_error_rows(ray_local, tmp_path):
-    from pipeline.dataset import decode_image
+    from pipeline.data.decode import decode_image
 
     data_uri, out_uri, ckpt = str(tmp_path / "data"), str(tmp_path / "out"), str(tmp_path / "ckpt.pt")
     tiny_checkpoint(ckpt)

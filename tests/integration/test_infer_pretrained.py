@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from pipeline.gallery import build_gallery
+from pipeline.show.gallery import build_gallery
 from pipeline.infer import driver
 from pipeline.infer.driver import run_inference
 

@@ -167,8 +167,8 @@ def test_failing_entry_point_exits_non_zero_and_shows_the_error(cluster, tmp_pat
 
 
 def _tiny_dataset(root: Path) -> Path:
-    from pipeline.convert import convert_coco
-    from pipeline.synth import synthesize
+    from pipeline.data.convert import convert_coco
+    from pipeline.data.synth import synthesize
 
     synthesize(str(root / "coco"), images=4, seed=0, size=64, num_categories=2, max_objects=2, workers=1)
     convert_coco(str(root / "coco" / "annotations.json"), str(root / "coco" / "images"), str(root / "shards"), workers=1)
@@ -192,7 +192,7 @@ def _tiny_config(root: Path, shards: Path, *, name: str, iters: int) -> Path:
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    for module in ("jobs.train", "pipeline.train.engine", "pipeline.synth", "pipeline.convert"):
+    for module in ("jobs.train", "pipeline.train.engine", "pipeline.data.synth", "pipeline.data.convert"):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} has not landed: the train job cannot run yet")
     from model import build

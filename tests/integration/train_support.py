@@ -1,6 +1,6 @@
 """Helpers for the train integration tests: tiny labeled shapes datasets and small configs.
 
-Datasets are written straight to maskray shards (``pipeline.synth`` images and annotations,
+Datasets are written straight to maskray shards (``pipeline.data.synth`` images and annotations,
 polygons turned into compressed RLE here), so these tests need neither ``maskray convert``
 nor files on disk outside the dataset URI.
 """
@@ -13,7 +13,7 @@ import threading
 
 from pipeline import storage
 
-from pipeline.format import Manifest, ShardWriter, make_annotation, make_row, write_manifest, manifest_uri
+from pipeline.data.format import Manifest, ShardWriter, make_annotation, make_row, write_manifest, manifest_uri
 
 
 # On a loaded shared machine the raylet gives up waiting for its agents after 30 s ("The current
@@ -39,7 +39,7 @@ def make_shapes_dataset(uri: str, *, images: int, seed: int = 0, size: int = 64,
                         corrupt: frozenset[int] = frozenset()) -> Manifest:
     """``images`` synthetic shapes images of ``size`` px as a maskray-shards/1 dataset at ``uri``;
     the images at the indices in ``corrupt`` are stored truncated (undecodable PNG)."""
-    from pipeline.synth import categories_for, make_image
+    from pipeline.data.synth import categories_for, make_image
 
     categories = categories_for(num_categories)
     ann_id = 1
@@ -59,7 +59,7 @@ def make_shapes_dataset(uri: str, *, images: int, seed: int = 0, size: int = 64,
             writer.add(make_row(image_id=image_id, file_name=f"{image_id:06d}.png", width=size, height=size,
                                 image=png, annotations=rows))
     manifest = Manifest(categories=[{"id": c["id"], "name": c["name"]} for c in categories],
-                        shards=writer.shards, source=f"pipeline.synth seed={seed}")
+                        shards=writer.shards, source=f"pipeline.data.synth seed={seed}")
     write_manifest(manifest_uri(uri), manifest)
     return manifest
 

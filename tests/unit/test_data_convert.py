@@ -1,4 +1,4 @@
-"""pipeline.convert: lossless COCO -> shards, every bad input, crash atomicity, pack."""
+"""pipeline.data.convert: lossless COCO -> shards, every bad input, crash atomicity, pack."""
 
 import io
 import json
@@ -15,8 +15,10 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from jobs import cli
-from pipeline import convert, storage, synth
-from pipeline import format as fmt
+from pipeline import storage
+from pipeline.data import convert
+from pipeline.data import synth
+from pipeline.data import format as fmt
 from png_bombs import png_header_only
 
 
@@ -201,7 +203,8 @@ def test_cli_convert_prints_counts(shapes, tmp_path, capsys):
 
 CRASH_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from pipeline import convert, storage
+    from pipeline import storage
+    from pipeline.data import convert
     real_replace, calls = os.replace, []
     def replace(src, dst):
         if os.path.basename(dst).startswith("part-"):
@@ -405,7 +408,7 @@ def test_rerun_with_other_options_starts_afresh_and_done_run_is_reused(tmp_path)
 
 
 def test_driver_keeps_a_bounded_problem_list_and_the_records_keep_all(tmp_path, monkeypatch):
-    from pipeline import ingest
+    from pipeline.data import ingest
 
     monkeypatch.setattr(ingest, "MAX_REPORT_PROBLEMS", 50)
     src = tmp_path / "raw"

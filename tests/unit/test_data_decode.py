@@ -1,4 +1,4 @@
-"""pipeline.dataset decode_image / decode_target (no Ray)."""
+"""pipeline.data.decode decode_image / decode_target (no Ray)."""
 
 import io
 import struct
@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import format as fmt
-from pipeline.dataset import (INTENSITY_MODES, ImageDecodeError, TargetError, decode_image,
+from pipeline.data import format as fmt
+from pipeline.data.decode import (INTENSITY_MODES, ImageDecodeError, TargetError, decode_image,
                               decode_target, image_size, load_image)
-from pipeline.synth import encode_rle
+from pipeline.data.synth import encode_rle
 from png_bombs import png_header_only
 
 

@@ -1,4 +1,4 @@
-"""pipeline.format: the schemas, manifest, bounded atomic shards, pyarrow row reader."""
+"""pipeline.data.format: the schemas, manifest, bounded atomic shards, pyarrow row reader."""
 
 import json
 import os
@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import format as fmt
+from pipeline.data import format as fmt
 from pipeline import storage
-from pipeline.synth import encode_rle
+from pipeline.data.synth import encode_rle
 
 CATS = [{"id": 3, "name": "circle"}, {"id": 7, "name": "star"}]
 

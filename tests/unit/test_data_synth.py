@@ -1,4 +1,4 @@
-"""pipeline.synth: deterministic shapes with exact masks; jobs.synth CLI."""
+"""pipeline.data.synth: deterministic shapes with exact masks; jobs.synth CLI."""
 
 import json
 import logging
@@ -10,7 +10,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from jobs import cli
-from pipeline import synth
+from pipeline.data import synth
 
 
 def _ann_mask(ann, h, w):

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from jobs import demo
-from pipeline.rounds import RoundState
+from pipeline.distill.rounds import RoundState
 
 
 def _metrics(box: float, mask: float) -> dict:

@@ -1,11 +1,11 @@
-"""Distill config loading/validation and the student's mixed dataset (pipeline.distill)."""
+"""Distill config loading/validation and the student's mixed dataset (pipeline.distill.run)."""
 
 import pytest
 import yaml
 
 from model.errors import MaskrayError
-from pipeline import distill
-from pipeline.format import Manifest, ShardWriter, read_manifest, read_rows, write_manifest
+from pipeline.distill import run as distill
+from pipeline.data.format import Manifest, ShardWriter, read_manifest, read_rows, write_manifest
 
 TRAIN = {"model": {"backbone": "resnet18", "min_size": 64, "max_size": 64},
          "schedule": {"max_iters": 10, "warmup_iters": 1}}

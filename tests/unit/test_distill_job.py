@@ -1,15 +1,15 @@
-"""pipeline.distill's training steps with pipeline.train.fit replaced by a recorder (no Ray)."""
+"""pipeline.distill.run's training steps with pipeline.train.fit replaced by a recorder (no Ray)."""
 
 import os
 
 import pytest
 
-from pipeline import distill as job
+from pipeline.distill import run as job
 from pipeline.train.engine import TrainResult
 from model.errors import MaskrayError
-from pipeline import rounds
-from pipeline.distill import distill_config_from_dict
-from pipeline.format import Manifest, ShardWriter, read_manifest, write_manifest
+from pipeline.distill import rounds
+from pipeline.distill.run import distill_config_from_dict
+from pipeline.data.format import Manifest, ShardWriter, read_manifest, write_manifest
 
 
 def _dataset(uri, n, first_id, extra=None):
@@ -74,7 +74,7 @@ def test_student_mixes_its_own_rounds_pseudo_labels_and_refuses_others(setup):
 
 
 def test_an_unfinished_round_refuses_a_changed_config_unless_told(setup, tmp_path):
-    from pipeline.distill import DistillConfigError, check_rounds_config
+    from pipeline.distill.run import DistillConfigError, check_rounds_config
 
     config, _, _ = setup
     assert check_rounds_config(config) == []  # first run: remembered

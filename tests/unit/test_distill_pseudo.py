@@ -1,12 +1,12 @@
-"""TTA mapping, ensembling and the density rule of pipeline.pseudo (no Ray, no storage)."""
+"""TTA mapping, ensembling and the density rule of pipeline.distill.label (no Ray, no storage)."""
 
 import numpy as np
 import pytest
 import torch
 
 from model.errors import MaskrayError
-from pipeline import pseudo
-from pipeline.pseudo import NEVER, Prediction, TTAConfig, Transform
+from pipeline.distill import label as pseudo
+from pipeline.distill.label import NEVER, Prediction, TTAConfig, Transform
 
 
 class BrightPixelModel:
@@ -210,7 +210,7 @@ def test_labeler_skips_an_undecodable_row_and_the_count_is_checked(caplog):
     Image.fromarray(np.full((40, 50, 3), 120, np.uint8)).save(buf, format="PNG")
     good = {"image_id": 1, "file_name": "a.png", "width": 50, "height": 40, "image": buf.getvalue()}
     bad = {**good, "image_id": 2, "file_name": "broken.png", "image": buf.getvalue()[:30]}
-    with caplog.at_level("WARNING", logger="pipeline.pseudo"):
+    with caplog.at_level("WARNING", logger="pipeline.distill.label"):
         out = labeler.label_rows([good, bad])
     assert [r["image_id"] for r in out] == [1]
     assert "image_id=2" in caplog.text and "broken.png" in caplog.text

@@ -1,4 +1,4 @@
-"""The round scheduler (pipeline.rounds) with injected step functions: resumable, never redoes
+"""The round scheduler (pipeline.distill.rounds) with injected step functions: resumable, never redoes
 a finished round, never mixes a pseudo-label set into the wrong round."""
 
 import json
@@ -8,8 +8,8 @@ import re
 import pytest
 
 from model.errors import MaskrayError
-from pipeline import rounds
-from pipeline.rounds import PseudoLabels, RoundScheduler, StepFunctions
+from pipeline.distill import rounds
+from pipeline.distill.rounds import PseudoLabels, RoundScheduler, StepFunctions
 
 
 class Killed(BaseException):

@@ -1,4 +1,4 @@
-"""``maskray show --results PREFIX``: the static gallery (pipeline.gallery), from hand-made results
+"""``maskray show --results PREFIX``: the static gallery (pipeline.show.gallery), from hand-made results
 prefixes over raw image files and over a maskray shards dataset. No model, no Ray."""
 
 import io
@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from jobs import cli
-from pipeline import gallery
-from pipeline.format import RESULT_SCHEMA, Manifest, ShardWriter, make_row, write_manifest
+from pipeline.show import gallery
+from pipeline.data.format import RESULT_SCHEMA, Manifest, ShardWriter, make_row, write_manifest
 from pipeline.instances import encode_masks
 
 CATEGORIES = [{"id": 3, "name": "square"}, {"id": 7, "name": "bar"}]

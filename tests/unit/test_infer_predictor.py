@@ -243,7 +243,7 @@ def test_lanes_split_a_batch_and_keep_its_order(tiny):
 
 
 def test_tta_can_rescale_the_predictor(tiny):
-    from pipeline.pseudo import _model_scale
+    from pipeline.distill.label import _model_scale
 
     model, config = tiny
     predictor = Predictor(model=model, config=config)

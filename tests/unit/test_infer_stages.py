@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 from model.checkpoint import ModelConfig, build_from_config, save_checkpoint
 from model.errors import MaskrayError
-from pipeline import format as fmt
+from pipeline.data import format as fmt
 from pipeline.infer import driver, stages
 from pipeline.infer.predictor import Predictor, read_model_config
 

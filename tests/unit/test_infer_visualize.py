@@ -1,11 +1,11 @@
-"""pipeline.visualize.render_overlay: small images upscaled, photos shrunk, captions legible."""
+"""pipeline.show.draw.render_overlay: small images upscaled, photos shrunk, captions legible."""
 
 from __future__ import annotations
 
 import torch
 
 from pipeline.instances import Instances
-from pipeline.visualize import label_colors, render_overlay
+from pipeline.show.draw import label_colors, render_overlay
 
 
 def one_square(h: int, w: int) -> Instances:

@@ -218,7 +218,7 @@ def test_working_dir_is_an_allowlist_and_never_ships_secrets(tmp_path):
     assert on_disk == shipped
     # the real project stages its code and nothing that looks like a secret
     real = submit.stage_working_dir(submit.PROJECT_ROOT, tmp_path / "real")
-    assert "pipeline/ingest.py" in real and "jobs/train.py" in real and "pyproject.toml" in real
+    assert "pipeline/data/ingest.py" in real and "jobs/train.py" in real and "pyproject.toml" in real
     assert not any(p.endswith((".pem", ".env", ".so")) or "credentials" in p for p in real)
 
 

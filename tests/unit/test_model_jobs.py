@@ -10,9 +10,9 @@ from torchvision.io import decode_png, encode_png
 from jobs import cli
 from model import ModelConfig, build_from_config, save_checkpoint
 from pipeline.evaluate import evaluate_model
-from pipeline.format import RESULT_SCHEMA, Manifest, ShardWriter, make_annotation, make_row, write_manifest
+from pipeline.data.format import RESULT_SCHEMA, Manifest, ShardWriter, make_annotation, make_row, write_manifest
 from pipeline.instances import Instances, encode_masks, from_result_instances, to_result_instances
-from pipeline.visualize import draw_instances
+from pipeline.show.draw import draw_instances
 
 CATEGORIES = [{"id": 4, "name": "square"}, {"id": 9, "name": "bar"}]
 SIZE = 64

@@ -7,7 +7,7 @@ import torch
 
 from model.errors import MaskrayError
 from pipeline.evaluate import evaluate_model
-from pipeline.synth import categories_for, make_image
+from pipeline.data.synth import categories_for, make_image
 from pipeline.train.config import TrainConfig
 from pipeline.train.engine import RunChannel, DecodeAugment
 from pipeline.train.loop import BadRowsHook, Due, RunPlan, Worker
@@ -96,7 +96,7 @@ class Oracle(torch.nn.Module):
 
 
 def test_evaluation_skips_undecodable_images_and_refuses_past_the_fraction(caplog):
-    from pipeline.dataset import decode_image, decode_target
+    from pipeline.data.decode import decode_image, decode_target
 
     rows = [_row(i) for i in range(4)] + [_row(4, corrupt=True)]
     truth = {}

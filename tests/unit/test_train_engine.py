@@ -94,7 +94,7 @@ def test_console_lines_are_one_readable_line():
 
 
 def write_dataset(root, categories, images):
-    from pipeline.format import Manifest, ShardInfo, manifest_uri, write_manifest
+    from pipeline.data.format import Manifest, ShardInfo, manifest_uri, write_manifest
 
     shards = [ShardInfo(path="part-00000.parquet", images=images, instances=images)]
     write_manifest(manifest_uri(str(root)), Manifest(categories=categories, shards=shards))

@@ -1,7 +1,7 @@
 """Train-time augmentation of decoded ``(image, target)`` pairs.
 
-``image`` is a uint8 ``Tensor[3, H, W]`` (``pipeline.dataset.decode_image``) and ``target`` the
-dict of ``pipeline.dataset.decode_target``: ``boxes`` float32 ``[N, 4]`` xyxy pixels, ``labels``
+``image`` is a uint8 ``Tensor[3, H, W]`` (``pipeline.data.decode.decode_image``) and ``target`` the
+dict of ``pipeline.data.decode.decode_target``: ``boxes`` float32 ``[N, 4]`` xyxy pixels, ``labels``
 int64 ``[N]``, ``masks`` uint8 ``[N, H, W]``, ``iscrowd`` bool ``[N]``, ``area`` float32 ``[N]``.
 Every transform keeps boxes, masks and the image aligned; instances that leave the image are
 dropped. The canvas size never changes (scale jitter zooms in/out and crops/pads back), so

@@ -1,9 +1,9 @@
 """Converters into maskray-shards/1: COCO json + images (:func:`convert_coco`) and a folder or
-bucket prefix of raw images (:func:`pack_images`), run by :mod:`pipeline.ingest` (plan, one
+bucket prefix of raw images (:func:`pack_images`), run by :mod:`pipeline.data.ingest` (plan, one
 Ray Data task per shard, manifest last; resumable).
 
 Images are stored as their original bytes, after the one pixel limit
-(:func:`pipeline.dataset.check_pixels`, on the header) and a full decode (truncated or corrupt
+(:func:`pipeline.data.decode.check_pixels`, on the header) and a full decode (truncated or corrupt
 files are caught here, not in training). Polygons and uncompressed RLE become compressed RLE
 once, here, with pycocotools; compressed RLE is kept as is. Per-item problems (an annotation
 whose image is missing, a missing, unreadable or access-denied object, an image over the pixel
@@ -32,12 +32,12 @@ import numpy as np
 
 from model.errors import MaskrayError
 from pipeline import storage
-from pipeline.dataset import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
-from pipeline.format import (DEFAULT_IMAGES_PER_SHARD, DEFAULT_MAX_SHARD_BYTES,
+from pipeline.data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+from pipeline.data.format import (DEFAULT_IMAGES_PER_SHARD, DEFAULT_MAX_SHARD_BYTES,
                              DEFAULT_ROW_GROUP_SIZE, make_annotation, make_row, read_manifest)
-from pipeline.ingest import (ConvertReport, IngestJob, IngestOptions, Problem,  # noqa: F401
+from pipeline.data.ingest import (ConvertReport, IngestJob, IngestOptions, Problem,  # noqa: F401
                              Reporter)
-from pipeline.ingest import run as run_ingest
+from pipeline.data.ingest import run as run_ingest
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +386,7 @@ def convert_coco(coco_uri: str, images_uri: str, out_uri: str, *,
     ``images_uri`` is where the COCO ``file_name``s are relative to (a name that leaves it is
     skipped). ``runner="ray"`` runs the plan and one task per shard on Ray (``maskray
     convert``); ``"local"`` in this process. A rerun after an interruption keeps the shards
-    already written (:mod:`pipeline.ingest`). Returns a :class:`ConvertReport` (print
+    already written (:mod:`pipeline.data.ingest`). Returns a :class:`ConvertReport` (print
     ``report.summary()``).
     """
     options = IngestOptions(images_per_shard=images_per_shard, max_shard_bytes=max_shard_bytes,

@@ -210,7 +210,7 @@ class ImageSource:
 
     def manifest_categories(self) -> list[dict]:
         """The dataset's categories (shards only; [] when it cannot be read)."""
-        from pipeline.format import read_manifest
+        from pipeline.data.format import read_manifest
 
         if self.kind != "shards":
             return []
@@ -227,7 +227,7 @@ class ImageSource:
         import pyarrow.dataset as pads
 
         from pipeline import storage
-        from pipeline.format import shard_uris
+        from pipeline.data.format import shard_uris
 
         wanted = {int(i) for i in image_ids}
         if self.kind != "shards" or not wanted or self._dataset_error:
@@ -288,13 +288,13 @@ def render(data: bytes, instances: Sequence[dict], label_of: dict[int, int], lab
     """A PIL RGB overlay of one image, longer side ``long_side`` px: the image is decoded as its
     inference run decoded it (``decode_options``: ``max_pixels``, ``exif``, ``intensity``), resized
     (area average when shrinking, nearest when enlarging), and the instances scoring >=
-    ``score_thresh`` drawn at that size (:func:`pipeline.visualize.render_overlay`)."""
+    ``score_thresh`` drawn at that size (:func:`pipeline.show.draw.render_overlay`)."""
     import torch
     from PIL import Image
 
     from pipeline.infer.stages import decode_pixels
     from pipeline.instances import Instances
-    from pipeline.visualize import render_overlay
+    from pipeline.show.draw import render_overlay
 
     pixels = decode_pixels(data, **decode_options)  # uint8 [3, H, W]
     height, width = int(pixels.shape[1]), int(pixels.shape[2])
@@ -452,7 +452,7 @@ def build_gallery(results_uri: str, out_uri: str, *, images_uri: str | None = No
         raise MaskrayError(f"--results {results_uri}: no {PROVENANCE} naming its input; pass --data with the images")
     kind = recorded.get("kind")
     if kind is None:
-        from pipeline.format import manifest_uri
+        from pipeline.data.format import manifest_uri
 
         kind = "shards" if storage.exists(manifest_uri(images_uri)) else "files"
     source = ImageSource(kind, str(recorded.get("uri") or images_uri), images_uri)

@@ -363,7 +363,7 @@ def read_rows(dataset_uri: str, columns: list[str] | None = None) -> Iterator[di
     """Every row of the dataset (manifest order) as dicts, via pyarrow (no Ray).
 
     For small sets (validation, evaluation, tests); use
-    :func:`pipeline.dataset.read_shards` for streaming at scale.
+    :func:`pipeline.data.decode.read_shards` for streaming at scale.
     """
     for uri in shard_uris(dataset_uri):
         yield from iter_shard_rows(uri, columns)

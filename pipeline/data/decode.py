@@ -7,7 +7,7 @@
   :data:`INTENSITY_MODES`), after the one pixel limit (:func:`check_pixels`) on the header;
   :func:`decode_target` turns
   the ``annotations`` list into torchvision detection targets.
-- :func:`read_rows` (re-exported from :mod:`pipeline.format`) iterates rows without Ray.
+- :func:`read_rows` (re-exported from :mod:`pipeline.data.format`) iterates rows without Ray.
 
 Ray and torch are imported inside the functions that need them.
 """
@@ -24,7 +24,7 @@ import numpy as np
 
 from model.errors import MaskrayError
 from pipeline import storage
-from pipeline.format import dataset_root, read_manifest, read_rows, shard_uris  # noqa: F401
+from pipeline.data.format import dataset_root, read_manifest, read_rows, shard_uris  # noqa: F401
 
 log = logging.getLogger(__name__)
 

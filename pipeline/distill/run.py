@@ -1,5 +1,5 @@
-"""Configuration and data plumbing of ``maskray distill`` (the rounds live in ``pipeline.rounds``,
-the pseudo-labels in ``pipeline.pseudo``).
+"""Configuration and data plumbing of ``maskray distill`` (the rounds live in ``pipeline.distill.rounds``,
+the pseudo-labels in ``pipeline.distill.label``).
 
 A distill config is a YAML mapping::
 
@@ -18,7 +18,7 @@ A distill config is a YAML mapping::
     inference: {batch_size: 8, actors: 1, cpus_per_actor: 1, threads: 2}
     eval_threads: 2
 
-``prepare.enabled`` writes the synthetic-shapes data once: ``pipeline.synth.synthesize`` (the
+``prepare.enabled`` writes the synthetic-shapes data once: ``pipeline.data.synth.synthesize`` (the
 code of ``maskray synth``) draws ``labeled`` annotated images plus an ``unlabeled`` pool, and
 ``val`` held-out annotated images from another seed; ``convert_coco`` (``maskray convert``)
 shards the labeled and val sets and ``pack_images`` (``maskray pack``) the unlabeled pool.
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model.errors import MaskrayError
-from pipeline.pseudo import ThresholdConfig, TTAConfig
+from pipeline.distill.label import ThresholdConfig, TTAConfig
 
 logger = logging.getLogger(__name__)
 
@@ -244,9 +244,9 @@ def prepare_data(config: DistillConfig) -> None:
     """Synthesize + convert + pack the shapes data of ``config.prepare`` (skipped when the
     datasets' manifests already exist)."""
     from pipeline import storage
-    from pipeline.convert import convert_coco, pack_images
-    from pipeline.format import manifest_uri, read_manifest
-    from pipeline.synth import synthesize
+    from pipeline.data.convert import convert_coco, pack_images
+    from pipeline.data.format import manifest_uri, read_manifest
+    from pipeline.data.synth import synthesize
 
     p = config.prepare
     if not p.enabled:
@@ -285,7 +285,7 @@ def write_mixed_dataset(labeled_uri: str, pseudo_uri: str | None, out_uri: str, 
     written, so a short schedule over a small set is one long epoch of the training stream
     rather than many short ones. Returns (rows, labeled rows).
     """
-    from pipeline.format import Manifest, ShardWriter, read_manifest, read_rows, write_manifest
+    from pipeline.data.format import Manifest, ShardWriter, read_manifest, read_rows, write_manifest
 
     labeled = list(read_rows(labeled_uri))
     pseudo_rows = list(read_rows(pseudo_uri)) if pseudo_uri else []
@@ -355,7 +355,7 @@ def check_rounds_config(config: DistillConfig, *, resume_anyway: bool = False) -
     Finished rounds are kept whatever the config (the scheduler logs it). Returns the differing keys.
     """
     from pipeline import storage
-    from pipeline.rounds import load_states
+    from pipeline.distill.rounds import load_states
     from pipeline.train.config import config_diff
 
     uri = storage.join(config.work_dir, "rounds", CONFIG_FILE)
@@ -380,8 +380,8 @@ def check_rounds_config(config: DistillConfig, *, resume_anyway: bool = False) -
 
 
 class DistillSteps:
-    """The real step functions of :class:`pipeline.rounds.RoundScheduler` for one config: training
-    through :func:`pipeline.train.engine.fit`, pseudo-labels through :func:`pipeline.pseudo.run_pseudo_labels`."""
+    """The real step functions of :class:`pipeline.distill.rounds.RoundScheduler` for one config: training
+    through :func:`pipeline.train.engine.fit`, pseudo-labels through :func:`pipeline.distill.label.run_pseudo_labels`."""
 
     def __init__(self, config: DistillConfig, *, resume_anyway: bool = False, verbose: bool = False) -> None:
         self.config = config
@@ -389,7 +389,7 @@ class DistillSteps:
         self.verbose = verbose
 
     def functions(self):
-        from pipeline.rounds import StepFunctions
+        from pipeline.distill.rounds import StepFunctions
 
         return StepFunctions(self.train_teacher, self.pseudo_label, self.train_student, self.evaluate)
 
@@ -421,7 +421,7 @@ class DistillSteps:
         return self._train(train_config)
 
     def pseudo_label(self, round_index: int, teacher: str, out: str):
-        from pipeline.pseudo import run_pseudo_labels
+        from pipeline.distill.label import run_pseudo_labels
 
         c = self.config
         return run_pseudo_labels(round_index, teacher, out, unlabeled=c.data.unlabeled, labeled=c.data.labeled,
@@ -431,8 +431,8 @@ class DistillSteps:
 
     def train_student(self, round_index: int, pseudo_dataset: str, out: str) -> str:
         from pipeline import storage
-        from pipeline.pseudo import check_pseudo_dataset
-        from pipeline.rounds import load_state
+        from pipeline.distill.label import check_pseudo_dataset
+        from pipeline.distill.rounds import load_state
 
         c = self.config
         state = load_state(c.work_dir, round_index)
@@ -469,7 +469,7 @@ def run_distill(config: DistillConfig, *, resume_anyway: bool = False, verbose: 
     rounds' config, start Ray by the one rule and run the scheduler. Returns the scheduler
     (``.stop_reason``); the per-round summary is written to ``<work_dir>/rounds/summary.txt``."""
     from pipeline import raysetup, storage
-    from pipeline.rounds import RoundScheduler, format_summary, load_states
+    from pipeline.distill.rounds import RoundScheduler, format_summary, load_states
 
     check_rounds_config(config, resume_anyway=resume_anyway)
     prepare_data(config)

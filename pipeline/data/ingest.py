@@ -11,9 +11,9 @@ A run is three steps, each a function of what is in storage, so any of them can 
    options reuses the plan (objects added to the source since are not picked up; write to a
    new prefix for them); other inputs or options discard the old state first.
 2. **chunks** (one Ray Data task each, in parallel on the cluster): read the chunk's objects
-   (``workers`` threads), check headers (the one pixel limit of :mod:`pipeline.dataset`) and
+   (``workers`` threads), check headers (the one pixel limit of :mod:`pipeline.data.decode`) and
    decode, build rows, write the shard atomically, then ``_ingest/done-NNNNN.json``: its
-   :class:`~pipeline.format.ShardInfo`, counts and every problem by key. A chunk that already
+   :class:`~pipeline.data.format.ShardInfo`, counts and every problem by key. A chunk that already
    has a done record is skipped, so an interrupted run completes without losing or
    duplicating an image. Per-object errors, AccessDenied included, are problems of the chunk;
    an unreachable endpoint or a missing bucket stops the run.
@@ -37,8 +37,8 @@ from typing import Any
 
 from model.errors import MaskrayError
 from pipeline import storage
-from pipeline.dataset import DEFAULT_MAX_PIXELS
-from pipeline.format import (DEFAULT_IMAGES_PER_SHARD, DEFAULT_MAX_SHARD_BYTES,
+from pipeline.data.decode import DEFAULT_MAX_PIXELS
+from pipeline.data.format import (DEFAULT_IMAGES_PER_SHARD, DEFAULT_MAX_SHARD_BYTES,
                              DEFAULT_ROW_GROUP_SIZE, Manifest, ShardInfo, ShardWriter,
                              manifest_uri, write_manifest)
 
@@ -106,7 +106,7 @@ def add_arguments(parser) -> None:
 
 
 def options_from_args(args) -> dict:
-    """Keyword arguments of :func:`pipeline.convert.convert_coco`/``pack_images`` from the
+    """Keyword arguments of :func:`pipeline.data.convert.convert_coco`/``pack_images`` from the
     flags of :func:`add_arguments`."""
     return {"images_per_shard": args.images_per_shard,
             "max_shard_bytes": int(args.max_shard_mb * 1024 * 1024),

@@ -496,7 +496,7 @@ class TTALabeler:
         """The rows whose image decodes, each with its ``annotations``. A row whose image cannot
         be decoded (corrupt, over the pixel limit) is logged by image id and file name and left
         out; :func:`label_candidates` counts what is missing against the source."""
-        from pipeline.dataset import ImageDecodeError, decode_image
+        from pipeline.data.decode import ImageDecodeError, decode_image
 
         images, good = [], []
         for row in rows:
@@ -516,13 +516,13 @@ class TTALabeler:
         return [{**{k: row[k] for k in INPUT_COLUMNS}, "annotations": anns} for row, anns in zip(rows, annotations)]
 
     def __call__(self, table):
-        from pipeline.format import rows_to_table
+        from pipeline.data.format import rows_to_table
 
         return rows_to_table(self.label_rows(table.to_pylist()))
 
 
 def _annotation_scores(dataset_uri: str) -> tuple[dict[int, list[float]], int]:
-    from pipeline.format import read_rows
+    from pipeline.data.format import read_rows
 
     scores: dict[int, list[float]] = {}
     images = 0
@@ -545,8 +545,8 @@ def label_candidates(unlabeled_uri: str, out_uri: str, teacher: str, tta: TTACon
     import ray.data
 
     from pipeline import storage
-    from pipeline.dataset import read_shards
-    from pipeline.format import Manifest, ShardWriter, read_manifest, write_manifest
+    from pipeline.data.decode import read_shards
+    from pipeline.data.format import Manifest, ShardWriter, read_manifest, write_manifest
 
     extra = json.loads(json.dumps({"round": round_index, "teacher": teacher, "stage": CANDIDATES,
                                    "tta": dataclasses.asdict(tta)}))
@@ -599,7 +599,7 @@ def choose_thresholds(candidates_uri: str, labeled_uri: str, config: ThresholdCo
     """Per-class thresholds from the candidates' scores (density rule) or the fixed value."""
     if config.mode == "fixed":
         return {int(c): float(config.value) for c in category_ids}
-    from pipeline.format import read_rows
+    from pipeline.data.format import read_rows
 
     density = labeled_density((r["annotations"] for r in read_rows(labeled_uri, columns=["annotations"])),
                               category_ids)
@@ -615,7 +615,7 @@ def write_pseudo_labels(candidates_uri: str, out_uri: str, thresholds: dict[int,
                         keep_empty: bool = False, images_per_shard: int = 1000) -> tuple[int, int]:
     """The thresholded copy of the candidates as a maskray dataset at ``out_uri``;
     returns (images, instances)."""
-    from pipeline.format import Manifest, ShardWriter, read_manifest, read_rows, write_manifest
+    from pipeline.data.format import Manifest, ShardWriter, read_manifest, read_rows, write_manifest
 
     source = read_manifest(candidates_uri)
     images = instances = 0
@@ -638,10 +638,10 @@ def run_pseudo_labels(round_index: int, teacher: str, out_uri: str, *, unlabeled
                       batch_size: int = 8, actors: int = 1, cpus_per_actor: float = 1.0, threads: int = 0):
     """The whole pseudo-labeling step of one round: candidates (``<out>/candidates``), thresholds,
     then the pseudo-label dataset at ``out_uri`` whose manifest ``extra`` names the round and
-    teacher. Returns a :class:`pipeline.rounds.PseudoLabels`."""
+    teacher. Returns a :class:`pipeline.distill.rounds.PseudoLabels`."""
     from pipeline import storage
-    from pipeline.format import read_manifest
-    from pipeline.rounds import PseudoLabels
+    from pipeline.data.format import read_manifest
+    from pipeline.distill.rounds import PseudoLabels
 
     start = time.perf_counter()
     candidates = label_candidates(unlabeled, storage.join(out_uri, CANDIDATES), teacher, tta,
@@ -662,7 +662,7 @@ def run_pseudo_labels(round_index: int, teacher: str, out_uri: str, *, unlabeled
 
 def check_pseudo_dataset(dataset_uri: str, *, round_index: int, teacher: str) -> None:
     """Refuse a pseudo-label dataset that is not the one of ``round_index`` by ``teacher``."""
-    from pipeline.format import read_manifest
+    from pipeline.data.format import read_manifest
 
     extra = read_manifest(dataset_uri).extra
     if extra.get("round") != round_index or extra.get("teacher") != teacher:

@@ -1,0 +1,1 @@
+"""Data distillation: TTA pseudo-labels from a teacher, per-class thresholds, rounds of student training."""

@@ -1,0 +1,1 @@
+"""Looking at results: overlays drawn on images and the HTML gallery."""
