@@ -294,13 +294,40 @@ def decode_masks(annotations: Sequence[dict], height: int, width: int) -> np.nda
     return np.ascontiguousarray(masks.transpose(2, 0, 1), dtype=np.uint8)
 
 
+def decode_keypoints(annotations: Sequence[dict], num_keypoints: int) -> np.ndarray:
+    """``float32 [N, K, 3]`` keypoints (x, y pixels; v in {0, 1, 2}) from COCO ``keypoints`` lists.
+
+    An annotation without keypoints (none stored, or a category that names none) gets K
+    points of zeros (v = 0: not labeled). A point with v = 0 is written (0, 0, 0), COCO's
+    convention, so that transforms never move a point that is not there.
+    """
+    k = int(num_keypoints)
+    out = np.zeros((len(annotations), k, 3), dtype=np.float32)
+    for i, ann in enumerate(annotations):
+        values = ann.get("keypoints")
+        if values is None or len(values) == 0:
+            continue
+        if len(values) != 3 * k:
+            raise TargetError(f"annotation {ann.get('id')}: {len(values)} keypoint values, expected "
+                              f"3 x {k} (x, y, v per keypoint of the model)")
+        points = np.asarray(values, dtype=np.float32).reshape(k, 3)
+        if not np.isin(points[:, 2], (0, 1, 2)).all() or not np.isfinite(points).all():
+            raise TargetError(f"annotation {ann.get('id')}: keypoint visibility outside {{0, 1, 2}} "
+                              f"or a non-finite coordinate")
+        points[points[:, 2] == 0] = 0.0
+        out[i] = points
+    return out
+
+
 def decode_target(annotations: Sequence[dict] | None, height: int, width: int,
-                  category_ids: Sequence[int]) -> dict:
+                  category_ids: Sequence[int], num_keypoints: int = 0) -> dict:
     """Annotations of one row -> a torchvision detection target.
 
     Returns ``{"boxes": float32 [N, 4] xyxy pixels, "labels": int64 [N] in 1..K,
     "masks": uint8 [N, H, W], "iscrowd": bool [N], "area": float32 [N]}`` where label ``i``
-    is ``category_ids[i - 1]`` (manifest category order).
+    is ``category_ids[i - 1]`` (manifest category order). With ``num_keypoints`` > 0 (a
+    keypoint model's K) it adds ``"keypoints": float32 [N, K, 3]`` (x, y in pixels, v kept;
+    zeros for an instance without keypoints: :func:`decode_keypoints`).
     """
     import torch
 
@@ -322,6 +349,9 @@ def decode_target(annotations: Sequence[dict] | None, height: int, width: int,
         iscrowd[i] = bool(ann.get("iscrowd"))
         area[i] = float(ann.get("area") or 0.0)
     masks = decode_masks(annotations, int(height), int(width))
-    return {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels),
-            "masks": torch.from_numpy(masks), "iscrowd": torch.from_numpy(iscrowd),
-            "area": torch.from_numpy(area)}
+    target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels),
+              "masks": torch.from_numpy(masks), "iscrowd": torch.from_numpy(iscrowd),
+              "area": torch.from_numpy(area)}
+    if num_keypoints:
+        target["keypoints"] = torch.from_numpy(decode_keypoints(annotations, num_keypoints))
+    return target

@@ -2,9 +2,10 @@
 
 ``image`` is a uint8 ``Tensor[3, H, W]`` (``pipeline.data.decode.decode_image``) and ``target`` the
 dict of ``pipeline.data.decode.decode_target``: ``boxes`` float32 ``[N, 4]`` xyxy pixels, ``labels``
-int64 ``[N]``, ``masks`` uint8 ``[N, H, W]``, ``iscrowd`` bool ``[N]``, ``area`` float32 ``[N]``.
-Every transform keeps boxes, masks and the image aligned; instances that leave the image are
-dropped. The canvas size never changes (scale jitter zooms in/out and crops/pads back), so
+int64 ``[N]``, ``masks`` uint8 ``[N, H, W]``, ``iscrowd`` bool ``[N]``, ``area`` float32 ``[N]``
+and, for a keypoint model, ``keypoints`` float32 ``[N, K, 3]`` (x, y pixels, v; v = 0 points are
+(0, 0, 0)). Every transform keeps boxes, masks, keypoints and the image aligned; instances that
+leave the image are dropped, and a keypoint that leaves it becomes (0, 0, 0) (not labeled). The canvas size never changes (scale jitter zooms in/out and crops/pads back), so
 the model's own resize (``min_size``/``max_size``) still decides the input resolution while
 objects appear at varied scales.
 """
@@ -12,6 +13,7 @@ objects appear at varied scales.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +23,20 @@ from torch import Tensor
 Target = dict[str, Tensor]
 
 
-def hflip(image: Tensor, target: Target) -> tuple[Tensor, Target]:
-    """Mirror left-right: image, masks and boxes (x1, x2 -> W - x2, W - x1)."""
+def flip_keypoints(keypoints: Tensor, width: int, flip_index: Sequence[int] | None = None) -> Tensor:
+    """Keypoints ``[N, K, 3]`` of an image mirrored left-right, as torchvision's detection
+    reference does (``_flip_coco_person_keypoints``): point ``i`` takes point ``flip_index[i]``
+    (left and right swapped; ``None`` = no swap), x -> ``width - x``, and a point with v = 0
+    stays (0, 0, 0)."""
+    out = keypoints[:, list(flip_index)] if flip_index is not None else keypoints.clone()
+    out[..., 0] = width - out[..., 0]
+    out[out[..., 2] == 0] = 0
+    return out
+
+
+def hflip(image: Tensor, target: Target, flip_index: Sequence[int] | None = None) -> tuple[Tensor, Target]:
+    """Mirror left-right: image, masks, boxes (x1, x2 -> W - x2, W - x1) and keypoints
+    (:func:`flip_keypoints` with ``flip_index``, the permutation that swaps left and right)."""
     width = image.shape[-1]
     out = dict(target)
     if "boxes" in target:
@@ -32,6 +46,8 @@ def hflip(image: Tensor, target: Target) -> tuple[Tensor, Target]:
         out["boxes"] = boxes
     if "masks" in target:
         out["masks"] = target["masks"].flip(-1)
+    if "keypoints" in target:
+        out["keypoints"] = flip_keypoints(target["keypoints"], width, flip_index)
     return image.flip(-1), out
 
 
@@ -40,6 +56,7 @@ def scale_jitter(image: Tensor, target: Target, scale: float, offset: tuple[floa
 
     ``offset`` in [0, 1]² chooses where the resized image sits: the fraction of the free
     (pad) or excess (crop) room left of / above it. Boxes are scaled, shifted and clipped;
+    keypoints are scaled and shifted, and those that leave the canvas become (0, 0, 0);
     instances with no mask pixel or a degenerate box left are dropped.
     """
     if scale == 1.0:
@@ -80,6 +97,13 @@ def scale_jitter(image: Tensor, target: Target, scale: float, offset: tuple[floa
         out["boxes"] = boxes
         ok = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
         keep = ok if keep is None else keep & ok
+    if "keypoints" in target:
+        kp = target["keypoints"].clone()
+        kp[..., 0] = kp[..., 0] * (new_w / width) + dx
+        kp[..., 1] = kp[..., 1] * (new_h / height) + dy
+        inside = (kp[..., 0] >= 0) & (kp[..., 0] <= width) & (kp[..., 1] >= 0) & (kp[..., 1] <= height)
+        kp[~inside | (kp[..., 2] == 0)] = 0
+        out["keypoints"] = kp
     if keep is not None and not bool(keep.all()):
         out = select(out, keep)
     return canvas, out
@@ -103,11 +127,17 @@ def drop_crowd_and_degenerate(target: Target) -> Target:
 
 @dataclass
 class TrainAugment:
-    """Random horizontal flip (probability ``hflip_prob``) and scale jitter (factor uniform in ``scale_range``)."""
+    """Random horizontal flip (probability ``hflip_prob``) and scale jitter (factor uniform in ``scale_range``).
+
+    ``keypoint_flip``: the permutation of the K keypoints that a mirror swaps (left <-> right;
+    ``pipeline.data`` derives it from the keypoint names or ``data.keypoint_flip_map``); ``None``
+    mirrors keypoints without swapping any.
+    """
 
     hflip_prob: float = 0.5
     scale_range: tuple[float, float] = (1.0, 1.0)
     seed: int | None = None
+    keypoint_flip: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -115,7 +145,7 @@ class TrainAugment:
     def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
         rng = self._rng
         if self.hflip_prob and rng.random() < self.hflip_prob:
-            image, target = hflip(image, target)
+            image, target = hflip(image, target, self.keypoint_flip)
         lo, hi = self.scale_range
         if hi > lo or lo != 1.0:
             scale = rng.uniform(lo, hi)

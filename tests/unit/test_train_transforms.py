@@ -91,3 +91,19 @@ def test_empty_target_passes_through():
               "area": torch.zeros((0,))}
     out, t = TrainAugment(hflip_prob=1.0, scale_range=(0.7, 1.3), seed=0)(image, target)
     assert out.shape == image.shape and t["boxes"].shape == (0, 4) and t["masks"].shape == (0, 16, 16)
+
+
+def test_dropping_instances_keeps_keypoints_aligned():
+    _, target = sample()
+    target["keypoints"] = torch.tensor([[[12.0, 6.0, 2.0]], [[41.0, 21.0, 1.0]]])
+    target["iscrowd"] = torch.tensor([True, False])
+    kept = drop_crowd_and_degenerate(target)
+    assert kept["labels"].tolist() == [2] and kept["keypoints"].tolist() == [[[41.0, 21.0, 1.0]]]
+
+
+def test_empty_keypoint_target_passes_through():
+    image = torch.zeros((3, 16, 16), dtype=torch.uint8)
+    target = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64),
+              "masks": torch.zeros((0, 16, 16), dtype=torch.uint8), "keypoints": torch.zeros((0, 5, 3))}
+    _, t = TrainAugment(hflip_prob=1.0, scale_range=(0.7, 1.3), seed=0, keypoint_flip=[0, 2, 1, 4, 3])(image, target)
+    assert t["keypoints"].shape == (0, 5, 3)
