@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from model.errors import MaskrayError
-from pipeline.instances import Instances, from_result_instances
+from pipeline.instances import Instances
+from pipeline.results import to_coco_results
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def coco_ground_truth(rows: Iterable[dict[str, Any]], categories: Sequence[dict]
         images.append({"id": image_id, "width": int(row["width"]), "height": int(row["height"]),
                        "file_name": row.get("file_name") or str(image_id)})
         for ann in row.get("annotations") or []:
-            gt = from_result_instances(image_id, [ann])[0]
+            gt = to_coco_results(image_id, [ann])[0]
             gt.pop("score")
             gt["id"] = len(annotations) + 1
             gt["iscrowd"] = int(bool(ann.get("iscrowd")))

@@ -1,22 +1,8 @@
-"""Configuration and data plumbing of ``maskray distill`` (the rounds live in ``pipeline.distill.rounds``,
-the pseudo-labels in ``pipeline.distill.label``).
-
-A distill config is a YAML mapping::
-
-    work_dir: out/distill-shapes     # rounds/ (and data/ when prepared) go here; local or s3://
-    rounds: 1                        # self-training rounds after round 0 (the labeled-only teacher)
-    min_gain: 0.0                    # stop after a round whose student gains < this many mask AP points
-    prepare: {enabled: true, size: 64, labeled: 40, unlabeled: 360, val: 100, seed: 0, ...}
-    data: {labeled: URI, unlabeled: URI, val: URI, val_max_images: 0}   # default: <work_dir>/data/*
-    teacher: URI                     # optional: an existing checkpoint as round 0's teacher (no training)
-    train: {...}                     # a `maskray train` config (pipeline.train.config.TrainConfig) without
-                                     # data.train/val, name, storage_path: the distill job fills them;
-                                     # or a train config file: `train: shapes-cpu.yaml` (those keys dropped)
-    student: {mix_ratio: 0.5, init: scratch, overrides: {schedule.max_iters: 800}}
-    tta: {scales: [0.75, 1.0], hflip: true, merge: wbv, score_mode: mean, iou_threshold: 0.55, ...}
-    thresholds: {mode: density, floor: 0.3}           # or {mode: fixed, value: 0.6}
-    inference: {batch_size: 8, actors: 1, cpus_per_actor: 1, threads: 2}
-    eval_threads: 2
+"""``run_distill``: the wiring of ``maskray distill`` (and of the demo's round): prepare the data,
+check the rounds' run record, and run :class:`pipeline.distill.rounds.RoundScheduler` with the real
+steps (:class:`DistillSteps`: training through ``pipeline.train.engine.fit``, pseudo-labels through
+:func:`pipeline.distill.label.run_pseudo_labels`, evaluation). The config is
+:class:`pipeline.distill.config.DistillConfig`.
 
 ``prepare.enabled`` writes the synthetic-shapes data once: ``pipeline.data.synth.synthesize`` (the
 code of ``maskray synth``) draws ``labeled`` annotated images plus an ``unlabeled`` pool, and
@@ -26,215 +12,21 @@ shards the labeled and val sets and ``pack_images`` (``maskray pack``) the unlab
 The student's batches mix labeled and pseudo-labeled images at ``student.mix_ratio`` (the
 fraction of labeled images): :func:`write_mixed_dataset` writes one training dataset per round
 in which every block of 64 rows holds exactly that share of labeled rows (the labeled set is
-cycled, reshuffled each pass; each pseudo-labeled image appears once), so ``maskray train``
+cycled, reshuffled each pass; each pseudo-labeled image appears once per pass), so ``maskray train``
 trains on it unchanged.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import hashlib
-import json
 import logging
 import random
-from dataclasses import dataclass, field
-from typing import Any
 
 from model.errors import MaskrayError
-from pipeline.distill.label import ThresholdConfig, TTAConfig
+from pipeline.distill.config import DistillConfig, non_result_keys, to_json
 
 logger = logging.getLogger(__name__)
 
 MIX_BLOCK = 64
-
-
-class DistillConfigError(MaskrayError):
-    """An invalid distill configuration (the message names the key at fault)."""
-
-
-@dataclass
-class PrepareConfig:
-    enabled: bool = False
-    size: int = 64
-    labeled: int = 40
-    unlabeled: int = 360
-    val: int = 100
-    seed: int = 0
-    categories: int = 3
-    max_objects: int = 3
-
-    def __post_init__(self) -> None:
-        if self.enabled and (self.labeled < 1 or self.unlabeled < 1 or self.val < 1):
-            raise DistillConfigError("prepare: labeled, unlabeled and val must be >= 1")
-
-
-@dataclass
-class DataSection:
-    labeled: str = ""
-    unlabeled: str = ""
-    val: str = ""
-    val_max_images: int = 0
-
-
-@dataclass
-class StudentConfig:
-    mix_ratio: float = 0.5  # fraction of labeled images in each batch
-    keep_empty: bool = False  # keep unlabeled images left without pseudo instances
-    # "scratch": the student starts from the model's init (the data-distillation recipe);
-    # "teacher": it fine-tunes the round's teacher (shorter schedules, e.g. the demo's)
-    init: str = "scratch"
-    overrides: dict[str, Any] = field(default_factory=dict)  # dotted train keys for the student only
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.mix_ratio < 1.0:
-            raise DistillConfigError(f"student.mix_ratio: expected a value in [0, 1), got {self.mix_ratio}")
-        if self.init not in ("scratch", "teacher"):
-            raise DistillConfigError(f"student.init: expected 'scratch' or 'teacher', got {self.init!r}")
-
-
-@dataclass
-class InferenceSection:
-    batch_size: int = 8
-    actors: int = 1
-    cpus_per_actor: float = 1.0
-    threads: int = 0
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.actors < 1 or self.cpus_per_actor <= 0 or self.threads < 0:
-            raise DistillConfigError("inference: batch_size and actors must be >= 1, cpus_per_actor > 0, threads >= 0")
-
-
-@dataclass
-class DistillConfig:
-    work_dir: str
-    train: dict[str, Any]
-    rounds: int = 1
-    min_gain: float = 0.0
-    prepare: PrepareConfig = field(default_factory=PrepareConfig)
-    data: DataSection = field(default_factory=DataSection)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    tta: TTAConfig = field(default_factory=TTAConfig)
-    thresholds: ThresholdConfig = field(default_factory=ThresholdConfig)
-    inference: InferenceSection = field(default_factory=InferenceSection)
-    eval_threads: int = 0
-    teacher: str = ""  # a checkpoint URI: round 0 evaluates it instead of training a teacher
-
-    def __post_init__(self) -> None:
-        from pipeline import storage
-
-        if not str(self.work_dir).strip():
-            raise DistillConfigError("work_dir: a local path or s3:// URI is required")
-        if self.rounds < 0:
-            raise DistillConfigError(f"rounds: expected >= 0, got {self.rounds}")
-        for name in ("labeled", "unlabeled", "val"):
-            if not getattr(self.data, name):
-                if not self.prepare.enabled:
-                    raise DistillConfigError(f"data.{name}: a dataset URI is required (or prepare.enabled: true)")
-                setattr(self.data, name, storage.join(self.work_dir, "data", name))
-        # the train section must be a valid training config once the job fills in the data
-        self.train_config(self.data.labeled, "check", self.work_dir)
-        self.train_config(self.data.labeled, "check", self.work_dir, self.student.overrides)
-
-    def train_config(self, train_uri: str, name: str, storage_path: str, overrides: dict | None = None):
-        """The :class:`pipeline.train.config.TrainConfig` of one training run of the rounds."""
-        from pipeline.train.config import ConfigError, TrainConfig, apply_overrides
-
-        data = copy.deepcopy(self.train)
-        data.setdefault("data", {})
-        for key in RUN_KEYS:
-            if key in data:
-                raise DistillConfigError(f"train.{key}: set by the distill job; remove it")
-        data["data"]["train"], data["data"]["val"] = train_uri, ""
-        data["name"], data["storage_path"] = name, storage_path
-        try:
-            data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in (overrides or {}).items()])
-            return TrainConfig.from_dict(data, source="train")
-        except ConfigError as exc:
-            raise DistillConfigError(str(exc)) from None
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(to_dict(self), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def to_dict(config: DistillConfig) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(config)))
-
-
-def _section(cls: type, value: Any, key: str) -> Any:
-    if value is None:
-        value = {}
-    if not isinstance(value, dict):
-        raise DistillConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise DistillConfigError(f"unknown key {key}.{unknown[0]} (known keys: {', '.join(sorted(known))})")
-    try:
-        return cls(**value)
-    except MaskrayError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise DistillConfigError(f"{key}: {exc}") from None
-
-
-def distill_config_from_dict(data: Any, *, source: str = "config") -> DistillConfig:
-    if not isinstance(data, dict):
-        raise DistillConfigError(f"{source}: expected a mapping at the top level")
-    sections = {"prepare": PrepareConfig, "data": DataSection, "student": StudentConfig, "tta": TTAConfig,
-                "thresholds": ThresholdConfig, "inference": InferenceSection}
-    top = {"work_dir", "train", "rounds", "min_gain", "eval_threads", "teacher", *sections}
-    unknown = sorted(set(data) - top)
-    if unknown:
-        raise DistillConfigError(f"{source}: unknown key {unknown[0]} (known keys: {', '.join(sorted(top))})")
-    if "work_dir" not in data or "train" not in data:
-        raise DistillConfigError(f"{source}: work_dir and train are required")
-    if not isinstance(data["train"], dict):
-        raise DistillConfigError(f"{source}: train must be a mapping (a maskray train config)")
-    kwargs = {name: _section(cls, data.get(name), name) for name, cls in sections.items()}
-    try:
-        return DistillConfig(work_dir=str(data["work_dir"]), train=data["train"], rounds=int(data.get("rounds", 1)),
-                             min_gain=float(data.get("min_gain", 0.0)), eval_threads=int(data.get("eval_threads", 0)),
-                             teacher=str(data.get("teacher") or ""), **kwargs)
-    except DistillConfigError as exc:
-        raise DistillConfigError(f"{source}: {exc}") from None
-
-
-RUN_KEYS = ("name", "storage_path")  # set per run by the distill job
-
-
-def load_distill_config(path: str, overrides: list[str] | None = None) -> DistillConfig:
-    """Read a YAML distill config (local path or URI) and apply ``--set a.b=value`` overrides.
-
-    ``train:`` is a mapping or the path of a ``maskray train`` config file (relative paths are
-    relative to the distill config's folder); from a file, the keys the distill job sets per
-    run (``name``, ``storage_path``, ``data.train``, ``data.val``) are dropped. Overrides
-    apply after the file is read, so ``--set train.schedule.max_iters=100`` works either way.
-    """
-    import os
-
-    from pipeline import storage
-    from pipeline.train.config import ConfigError, apply_overrides, read_yaml_config
-
-    try:
-        data = read_yaml_config(path)
-        if isinstance(data, dict) and isinstance(data.get("train"), str):
-            train_path = data["train"]
-            if "://" not in train_path and not os.path.isabs(train_path):
-                if storage.is_s3(path):
-                    train_path = storage.join(path.rsplit("/", 1)[0], train_path)
-                else:
-                    train_path = os.path.join(os.path.dirname(os.path.abspath(path)), train_path)
-            train = read_yaml_config(train_path)
-            for key in RUN_KEYS:
-                train.pop(key, None)
-            for key in ("train", "val"):
-                (train.get("data") or {}).pop(key, None)
-            data["train"] = train
-        data = apply_overrides(data, list(overrides or []))
-    except ConfigError as exc:
-        raise DistillConfigError(f"{path}: {exc}" if path not in str(exc) else str(exc)) from None
-    return distill_config_from_dict(data, source=path)
 
 
 # --------------------------------------------------------------------------- data
@@ -337,42 +129,31 @@ def write_mixed_dataset(labeled_uri: str, pseudo_uri: str | None, out_uri: str, 
     return rows, labeled_rows
 
 
-# --------------------------------------------------------------------------- the rounds' config
+# --------------------------------------------------------------------------- the rounds' run record
 
-# Keys (dotted) of a distill config that do not change what a round computes: they may differ
-# when an unfinished round is continued (``rounds`` may grow to add rounds).
-NON_RESULT_KEYS = ("rounds", "min_gain", "eval_threads", "inference", "data.val_max_images",
-                   "train.log_every", "train.eval", "train.checkpoint", "train.max_failures",
-                   "train.wait_for_resources", "train.placement_strategy", "train.cpus_per_worker",
-                   "train.threads_per_worker", "train.data.decode_cpus", "train.data.decode_tasks",
-                   "train.data.max_bad_fraction")
-CONFIG_FILE = "config.json"  # <work_dir>/rounds/config.json: the config the unfinished round runs under
+RECORD_FILE = "config.json"  # <work_dir>/rounds/config.json: the config the rounds run under
 
 
 def check_rounds_config(config: DistillConfig, *, resume_anyway: bool = False) -> list[str]:
-    """Refuse to continue an unfinished round under a config that differs in results; remember this one.
-
-    Finished rounds are kept whatever the config (the scheduler logs it). Returns the differing keys.
-    """
-    from pipeline import storage
+    """Refuse to continue an unfinished round under a config that differs in results (the one run
+    record rule, :mod:`pipeline.runrecord`, ignoring :func:`~pipeline.distill.config.non_result_keys`);
+    remember this one. Finished rounds are kept whatever the config (the scheduler logs it).
+    Returns the differing keys."""
+    from pipeline import runrecord, storage
     from pipeline.distill.rounds import load_states
-    from pipeline.train.config import config_diff
 
-    uri = storage.join(config.work_dir, "rounds", CONFIG_FILE)
-    new = to_dict(config)
+    uri = storage.join(config.work_dir, "rounds", RECORD_FILE)
+    new = to_json(config)
+    old = runrecord.read(uri)
     diff: list[str] = []
-    if storage.exists(uri):
-        old = json.loads(storage.read_bytes(uri))
-        unfinished = [s.round for s in load_states(config.work_dir) if not s.done]
-        diff = config_diff(old, new, NON_RESULT_KEYS)
-        if diff and unfinished:
-            shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
-            if not resume_anyway:
-                raise DistillConfigError(
-                    f"{config.work_dir}: round {unfinished[0]} is unfinished and was started with another config "
-                    f"({shown} differ); pass --resume-anyway to continue it under this config, or use a new work_dir")
-            logger.warning("round %d: continuing under a changed config (--resume-anyway): %s", unfinished[0], shown)
-    storage.write_bytes(uri, (json.dumps(new, indent=2) + "\n").encode())
+    unfinished = [s.round for s in load_states(config.work_dir) if not s.done] if old is not None else []
+    if unfinished:
+        diff = runrecord.compare(old, new, ignore=non_result_keys(),
+                                 what=f"round {unfinished[0]} of {config.work_dir} (unfinished)",
+                                 flag="--resume-anyway", alternative="use a new work_dir", override=resume_anyway)
+    elif old is not None:
+        diff = runrecord.differences(old, new, non_result_keys())
+    runrecord.write(uri, new)
     return diff
 
 

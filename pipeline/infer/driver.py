@@ -21,7 +21,7 @@ within its box (:mod:`pipeline.infer.paste`), milliseconds per image.
 Results prefix layout::
 
     <output>/provenance.json      what produced the results (model digest, options, input identity)
-    <output>/<unit>.parquet       RESULT_SCHEMA rows of one unit; a unit is a shard
+    <output>/<unit>.parquet       pipeline.results rows of one unit; a unit is a shard
                                   (``part-00003.parquet``: same name as the input shard) or a row
                                   range of one (``part-00003.rows-0000064-0000128.parquet``), or a
                                   run of raw image files (``files-0000000-0000016.parquet``)
@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import time
@@ -55,12 +54,12 @@ from model.errors import MaskrayError, error_text
 from pipeline.data.decode import DEFAULT_MAX_PIXELS  # the one pixel limit; larger images become error rows
 from pipeline.infer.predictor import Predictor
 from pipeline.infer.stages import IMAGE_SUFFIXES, SegmentAndWrite, is_transient, read_groups, write_units
+from pipeline.results import FORMAT as RESULTS_FORMAT
+from pipeline.results import PROVENANCE, read_table, unit_names, write_coco_json
 from pipeline.weights import read_model, reported_categories, source_format
 
 logger = logging.getLogger(__name__)
 
-PROVENANCE = "provenance.json"
-RESULTS_FORMAT = "maskray-results/2"
 MAX_RESTARTS = 2  # a dead model actor is restarted at most this often ...
 MAX_TASK_RETRIES = 2  # ... and a unit retried on a new actor at most this often; then the run stops
 PROGRESS_SECONDS = 10.0
@@ -235,21 +234,9 @@ def check_provenance(output_uri: str, record: dict, *, overwrite: bool, existing
         storage.write_bytes(uri, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
 
 
-def existing_results(output_uri: str) -> list[str]:
-    """Names of the results files (``*.parquet``) directly under ``output_uri``."""
-    from pipeline import storage
-
-    return sorted(storage.relative(u, output_uri) for u in storage.list_files(output_uri, suffixes=(".parquet",))
-                  if "/" not in storage.relative(u, output_uri))
-
-
 def transient_positions(uri: str) -> list[int]:
     """Positions of a results file's rows whose ``error`` may be transient."""
-    import pyarrow.parquet as pq
-
-    from pipeline import storage
-
-    errors = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["error"]).column("error").to_pylist()
+    errors = read_table(uri, columns=["error"]).column("error").to_pylist()
     return [i for i, e in enumerate(errors) if is_transient(e)]
 
 
@@ -362,7 +349,7 @@ def run_inference(
                     "images_per_unit": images_per_unit,
                     "category_ids": category_ids},
     }
-    existing = existing_results(output_uri)
+    existing = unit_names(output_uri)
     check_provenance(output_uri, record, overwrite=overwrite, existing=existing)
     done = set() if overwrite else set(existing)
     summary = InferenceSummary()
@@ -511,41 +498,3 @@ def _name_units(units: Any, limit: int = 5) -> str:
     text = ", ".join(u.describe() for u in units[:limit])
     return text + (f" and {len(units) - limit} more" if len(units) > limit else "")
 
-
-def write_coco_json(output_uri: str, unit_names: Sequence[str], json_uri: str) -> int:
-    """COCO results JSON (``pycocotools.COCO.loadRes`` layout) from the committed results files,
-    streamed: one results file in memory at a time, the JSON written as it goes (atomically:
-    a temporary name then a rename locally, one multipart upload on S3). Returns the instance count."""
-    import pyarrow.parquet as pq
-
-    from pipeline import storage
-
-    fs, path = storage.resolve(json_uri)
-    local = not storage.is_s3(json_uri)
-    target = f"{path}.tmp" if local else path
-    if local:
-        import os
-
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    count = 0
-    with fs.open_output_stream(target) as out:
-        out.write(b"[")
-        for name in unit_names:
-            uri = storage.join(output_uri, name)
-            table = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["image_id", "instances"])
-            for image_id, instances in zip(table.column("image_id").to_pylist(), table.column("instances").to_pylist()):
-                for inst in instances or []:
-                    seg = inst["segmentation"]
-                    item = json.dumps({
-                        "image_id": int(image_id), "category_id": int(inst["category_id"]),
-                        "bbox": [round(float(v), 3) for v in inst["bbox"]], "score": round(float(inst["score"]), 5),
-                        "segmentation": {"size": [int(v) for v in seg["size"]], "counts": seg["counts"].decode("ascii")},
-                    })
-                    out.write(((",\n" if count else "") + item).encode())
-                    count += 1
-        out.write(b"]\n")
-    if local:
-        fs.move(target, path)
-    if not count:
-        logger.warning("%s holds no instances (pycocotools COCO.loadRes cannot load an empty list)", json_uri)
-    return count

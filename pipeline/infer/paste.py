@@ -10,8 +10,6 @@ region at a time, and the result is bit-for-bit the RLE of torchvision's pasted 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -101,27 +99,3 @@ def encode_instance_masks(masks: torch.Tensor, boxes: torch.Tensor, image_size: 
         areas.append(int(crop.sum()))
     return counts_out, areas
 
-
-def to_result_instances(boxes: np.ndarray | torch.Tensor, labels: Sequence[int] | np.ndarray,
-                        scores: Sequence[float] | np.ndarray, masks: np.ndarray | torch.Tensor,
-                        height: int, width: int, category_ids: Sequence[int]) -> list[dict]:
-    """Low-resolution mask probabilities ``[N,1,M,M]`` + boxes (xyxy, original frame) -> result
-    instances (RESULT_SCHEMA: COCO xywh ``bbox``, ``category_id``, ``score``, compressed RLE
-    ``segmentation`` with bytes ``counts``); label ``i`` is ``category_ids[i - 1]``."""
-    boxes_t = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4)
-    if boxes_t.shape[0] == 0:
-        return []
-    masks_t = torch.as_tensor(np.asarray(masks, dtype=np.float32))
-    counts, _ = encode_instance_masks(masks_t, boxes_t, (height, width))
-    xywh = torch.cat([boxes_t[:, :2], boxes_t[:, 2:] - boxes_t[:, :2]], dim=1)  # float32, as Instances.to_coco
-    out = []
-    for box, label, score, c in zip(xywh.tolist(), np.asarray(labels).tolist(), np.asarray(scores).tolist(), counts):
-        if not 1 <= int(label) <= len(category_ids):
-            raise MaskrayError(f"label {label} has no category (model labels are 1..{len(category_ids)})")
-        out.append({
-            "category_id": int(category_ids[int(label) - 1]),
-            "score": float(score),
-            "bbox": [float(v) for v in box],
-            "segmentation": {"size": [int(height), int(width)], "counts": c},
-        })
-    return out

@@ -307,11 +307,12 @@ class Predictor:
         """Per image, result instances (RESULT_SCHEMA ``instances``: COCO xywh ``bbox``,
         ``category_id``, ``score``, RLE ``segmentation`` with bytes ``counts``), pasted one instance
         at a time within its box: memory O(one box), never O(N*H*W)."""
-        from pipeline.infer.paste import to_result_instances
+        from pipeline.results import to_result_instances
 
         outs = self.forward_uint8(images) if images else []
-        return [to_result_instances(o["boxes"], o["labels"].numpy(), o["scores"].numpy(), o["masks"],
-                                    int(im.shape[-2]), int(im.shape[-1]), self.category_ids)
+        return [to_result_instances(o["boxes"], o["labels"].numpy(), o["scores"].numpy(), o.get("masks"),
+                                    int(im.shape[-2]), int(im.shape[-1]), self.category_ids,
+                                    keypoints=o.get("keypoints"))
                 for o, im in zip(outs, images)]
 
     def __call__(self, batch: Any) -> Any:

@@ -31,7 +31,6 @@ them); ``decode failed``/``post-processing failed`` are the image's own fault.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import random
 import time
@@ -262,13 +261,12 @@ def read_groups(batch: Any, *, max_pixels: int | None, exif: bool = True, intens
 
 
 def unit_table(unit: dict, category_ids: Sequence[int]) -> Any:
-    """One model-stage output row -> a RESULT_SCHEMA table of its images (in unit order); its
-    ``preds`` are packed (:func:`~pipeline.infer.predictor.pack`) or numpy dicts."""
-    import pyarrow as pa
-
-    from pipeline.data.format import RESULT_SCHEMA
-    from pipeline.infer.paste import to_result_instances
+    """One model-stage output row -> a :data:`pipeline.results.RESULT_SCHEMA` table of its images
+    (in unit order); its ``preds`` are packed (:func:`~pipeline.infer.predictor.pack`) or numpy
+    dicts (``boxes``, ``labels``, ``scores``, and ``masks`` and/or ``keypoints`` [N, K, 3] when the
+    model has them: :func:`pipeline.results.to_result_instances`)."""
     from pipeline.infer.predictor import unpack
+    from pipeline.results import result_table, to_result_instances
 
     errors = list(unit["errors"])
     instances: list[list[dict]] = []
@@ -278,57 +276,31 @@ def unit_table(unit: dict, category_ids: Sequence[int]) -> Any:
             continue
         try:
             p = unpack(pred) if isinstance(pred, bytes) else pred
-            instances.append(to_result_instances(p["boxes"], p["labels"], p["scores"], p["masks"],
-                                                 unit["heights"][k], unit["widths"][k], category_ids))
+            instances.append(to_result_instances(p["boxes"], p["labels"], p["scores"], p.get("masks"),
+                                                 unit["heights"][k], unit["widths"][k], category_ids,
+                                                 keypoints=p.get("keypoints")))
         except Exception as exc:  # noqa: BLE001
             errors[k] = f"post-processing failed: {error_text(exc)}"
             instances.append([])
-    n = len(errors)
-    return pa.table({
-        "image_id": pa.array(unit["image_ids"], pa.int64()),
-        "file_name": pa.array(unit["file_names"], pa.string()),
-        "instances": pa.array(instances, RESULT_SCHEMA.field("instances").type),
-        "error": pa.array(errors, pa.string()),
-        "model": pa.array([unit["model"]] * n, pa.string()),
-    }, schema=RESULT_SCHEMA)
-
-
-def _merge(existing: Any, fresh: Any, positions: Sequence[int]) -> Any:
-    """``existing`` with the rows at ``positions`` replaced by ``fresh`` (same order)."""
-    import pyarrow as pa
-
-    index = np.arange(existing.num_rows)
-    source = np.zeros(existing.num_rows, dtype=bool)
-    index[list(positions)] = np.arange(len(positions))
-    source[list(positions)] = True
-    both = pa.concat_tables([existing.select(fresh.column_names).cast(fresh.schema), fresh])
-    take = np.where(source, existing.num_rows + index, np.arange(existing.num_rows))
-    return both.take(pa.array(take))
+    return result_table(unit["image_ids"], unit["file_names"], instances, errors, unit["model"])
 
 
 def write_units(batch: Any, *, output_uri: str, category_ids: Sequence[int]) -> Any:
     """Model-stage rows (a ``pyarrow.Table``, or the unit dicts of
     :meth:`~pipeline.infer.predictor.Predictor.run_units`) -> one results file per unit, each written atomically
-    (``storage.write_bytes``: tmp + rename locally, one PUT on S3, retried on transient errors);
+    by :func:`pipeline.results.write_unit` (storage calls retried on transient errors: :func:`with_retries`);
     returns small metadata rows only (``unit``, ``images``, ``errors``, ``transient``,
     ``instances``, ``pixel_bytes``). A retried task rewrites the same complete file, so a unit's
     file always holds exactly one row per image of the unit."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    from pipeline import storage
+    from pipeline.results import write_unit
 
     meta: dict[str, list] = {k: [] for k in ("unit", "images", "errors", "transient", "instances")}
     for unit in (batch if isinstance(batch, list) else batch.to_pylist()):
-        uri = storage.join(output_uri, unit["unit"])
-        table = unit_table(unit, category_ids)
-        if unit["merge"]:
-            existing = pq.read_table(io.BytesIO(with_retries(lambda: storage.read_bytes(uri), f"reading {uri}")))
-            table = _merge(existing, table, unit["positions"])
-        sink = io.BytesIO()
-        pq.write_table(table, sink)
-        with_retries(lambda: storage.write_bytes(uri, sink.getvalue()), f"writing {uri}")
+        table = write_unit(output_uri, unit["unit"], unit_table(unit, category_ids),
+                           positions=unit["positions"] if unit["merge"] else None, attempt=with_retries)
         errors = [e for e in table.column("error").to_pylist() if e is not None]
         meta["unit"].append(unit["unit"])
         meta["images"].append(len(unit["positions"]))

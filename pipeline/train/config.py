@@ -39,25 +39,18 @@ global batch of ``optim.reference_batch`` images, and training uses
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from model.checkpoint import ModelConfig, ModelConfigError
-from model.errors import MaskrayError
+from pipeline.config import RUN_ONLY, ConfigError, build, load, require, run_only_keys
+from pipeline.config import flatten  # noqa: F401  (re-exported: callers diff flattened configs)
 
 POLICIES = ("step", "cosine")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
-class ConfigError(MaskrayError):
-    """An invalid training configuration (the message names the key at fault)."""
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
+_require = require  # section checks name the dotted key from the config's root
 
 
 @dataclass
@@ -65,15 +58,19 @@ class DataConfig:
     """Where the labeled shards are (``maskray-shards/1`` dataset URIs) and how they stream."""
 
     train: str = ""  # required: train shards (local path or s3://)
-    val: str = ""  # val shards for periodic/final COCO eval; "" = no evaluation
-    val_max_images: int = 0  # evaluate on at most this many val images (0 = all)
+    val: str = field(default="", metadata=RUN_ONLY)  # val shards for periodic/final COCO eval; "" = no evaluation
+    val_max_images: int = field(default=0, metadata=RUN_ONLY)  # evaluate on at most this many val images (0 = all)
     shuffle_buffer: int = 64  # local shuffle buffer (rows) per worker; 0 = no shuffling
-    decode_cpus: float = 0.25  # logical CPUs reserved by each decode+augment task in the stream
-    decode_tasks: int = 0  # at most this many decode+augment tasks at once; 0 = Ray Data decides
+    decode_cpus: float = field(default=0.25, metadata=RUN_ONLY)  # logical CPUs reserved by each decode+augment task in the stream
+    decode_tasks: int = field(default=0, metadata=RUN_ONLY)  # at most this many decode+augment tasks at once; 0 = Ray Data decides
     # rows that cannot be decoded (corrupt, over the pixel limit, bad annotations) are skipped,
     # counted and logged; more than this fraction of the train set (or of the evaluated val
     # images) stops the run with one line
-    max_bad_fraction: float = 0.01
+    max_bad_fraction: float = field(default=0.01, metadata=RUN_ONLY)
+    # keypoint models: the left/right pairs a horizontal flip swaps, as [name, name] or [index,
+    # index] (0-based) pairs; None = derived from the keypoint names (left_X <-> right_X,
+    # pipeline.data.keypoints.flip_map); [] = swap none
+    keypoint_flip_map: list[list[str | int]] | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.train.strip()), "data.train", "a train dataset URI is required (--set data.train=URI)")
@@ -116,9 +113,12 @@ class ModelSection(ModelConfig):
                  "classes come from the train manifest (data.train); remove model.categories / model.num_classes")
 
     def model_config(self, categories: list[dict]) -> ModelConfig:
-        """The checkpoint's :class:`ModelConfig` for ``categories`` (model label ``i`` = ``categories[i - 1]``)."""
+        """The checkpoint's :class:`ModelConfig` for ``categories`` (model label ``i`` = ``categories[i - 1]``;
+        a keypoint model keeps each category's keypoint names and skeleton)."""
         fields = self.model_dict()
-        fields.update(categories=[{"id": int(c["id"]), "name": str(c["name"])} for c in categories],
+        kept = ("keypoints", "skeleton") if self.num_keypoints else ()
+        fields.update(categories=[{"id": int(c["id"]), "name": str(c["name"]),
+                                   **{k: c[k] for k in kept if c.get(k)}} for c in categories],
                       num_classes=len(categories) + 1)
         return ModelConfig(**fields)
 
@@ -182,9 +182,15 @@ class AugmentConfig:
 
     hflip_prob: float = 0.5
     scale_jitter: list[float] = field(default_factory=lambda: [1.0, 1.0])  # [min, max] resize factor
+    # multi-scale training: the model resizes each train image's shorter side to one of these,
+    # at random (torchvision's min_size tuple; detectron2's INPUT.MIN_SIZE_TRAIN); evaluation and
+    # checkpoints keep model.min_size. [] = model.min_size only
+    min_sizes: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require(0 <= self.hflip_prob <= 1, "augment.hflip_prob", f"{self.hflip_prob} is outside [0, 1]")
+        _require(all(s > 0 for s in self.min_sizes), "augment.min_sizes",
+                 f"every size must be > 0, got {self.min_sizes}")
         _require(len(self.scale_jitter) == 2 and 0 < self.scale_jitter[0] <= self.scale_jitter[1],
                  "augment.scale_jitter", f"must be [min, max] with 0 < min <= max, got {self.scale_jitter}")
 
@@ -207,34 +213,40 @@ class EvalConfig:
 
     every: int = 0
     at_end: bool = True
+    # keypoint models: COCOeval's OKS sigma per keypoint (K values); [] = COCO person's 17
+    kpt_oks_sigmas: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
+        _require(all(s > 0 for s in self.kpt_oks_sigmas), "eval.kpt_oks_sigmas",
+                 f"every sigma must be > 0, got {self.kpt_oks_sigmas}")
 
 
 @dataclass
 class TrainConfig:
     """A whole training run; see the module docstring for the YAML layout."""
 
+    CONFIG_ROOT: ClassVar[bool] = True  # a job's config (pipeline.config: embedded ones prefix their keys)
+
     data: DataConfig
-    name: str = "maskray-train"
-    storage_path: str = "runs"
+    name: str = field(default="maskray-train", metadata=RUN_ONLY)
+    storage_path: str = field(default="runs", metadata=RUN_ONLY)
     num_workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    threads_per_worker: int = 0  # torch intra-op threads per worker; 0 = max(1, int(cpus_per_worker))
+    cpus_per_worker: float = field(default=1.0, metadata=RUN_ONLY)
+    threads_per_worker: int = field(default=0, metadata=RUN_ONLY)  # torch intra-op threads per worker; 0 = max(1, int(cpus_per_worker))
     images_per_worker: int = 2
-    placement_strategy: str = "PACK"  # Ray placement of the workers: PACK, SPREAD (one per node), STRICT_*
-    wait_for_resources: bool = False  # autoscaling cluster: a group larger than the cluster waits for nodes
-    max_failures: int = 0  # worker-group restarts from the last checkpoint; -1 = unlimited
+    placement_strategy: str = field(default="PACK", metadata=RUN_ONLY)  # Ray placement of the workers: PACK, SPREAD (one per node), STRICT_*
+    wait_for_resources: bool = field(default=False, metadata=RUN_ONLY)  # autoscaling cluster: a group larger than the cluster waits for nodes
+    max_failures: int = field(default=0, metadata=RUN_ONLY)  # worker-group restarts from the last checkpoint; -1 = unlimited
     seed: int = 0
-    log_every: int = 20  # iterations between console/TensorBoard lines
+    log_every: int = field(default=20, metadata=RUN_ONLY)  # iterations between console/TensorBoard lines
     model: ModelSection = field(default_factory=ModelSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(max_iters=1000))
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection, metadata=RUN_ONLY)
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=RUN_ONLY)
 
     def __post_init__(self) -> None:
         name_ok = bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name) and self.name[0] != "."
@@ -274,192 +286,14 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "config") -> TrainConfig:
         """Build from a plain mapping; errors name ``source`` and the dotted key."""
-        try:
-            return _build(cls, data, "")
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+        return build(cls, data, source=source)
 
 
 # Keys (dotted; a section covers its keys) that do not change what a run computes: they may
-# differ when a run is resumed. Everything else must match the run folder's run_config.json.
-NON_RESULT_KEYS = ("name", "storage_path", "log_every", "eval", "checkpoint", "max_failures",
-                   "wait_for_resources", "placement_strategy", "cpus_per_worker", "threads_per_worker",
-                   "data.val", "data.val_max_images", "data.decode_cpus", "data.decode_tasks",
-                   "data.max_bad_fraction")
-
-
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (dicts flattened; lists and scalars are values)."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def config_diff(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
-    """Dotted keys whose values differ between two config dicts, except keys under ``ignore``."""
-    a, b = flatten(old), flatten(new)
-
-    def ignored(key: str) -> bool:
-        return any(key == i or key.startswith(i + ".") for i in ignore)
-
-    return sorted(k for k in set(a) | set(b) if not ignored(k) and a.get(k) != b.get(k))
-
-
-def _type_name(tp: Any) -> str:
-    if dataclasses.is_dataclass(tp):
-        return "mapping"
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is not None:
-        args = typing.get_args(tp)
-        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]" if args else origin.__name__
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(tp: Any, value: Any, key: str) -> Any:
-    """``value`` checked against the annotation ``tp`` (ints accepted for floats, never bools for numbers)."""
-    def wrong() -> ConfigError:
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-        return ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {shown}")
-
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".")
-    if tp is Any:
-        return value
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _convert(arg, value, key)
-            except ConfigError:
-                continue
-        raise wrong()
-    if origin is list:
-        if not isinstance(value, list):
-            raise wrong()
-        (item,) = typing.get_args(tp) or (Any,)
-        return [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise wrong()
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise wrong()
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong()
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise wrong()
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise wrong()
-        return value
-    if tp is type(None):
-        if value is not None:
-            raise wrong()
-        return None
-    raise ConfigError(f"{key}: unsupported annotation {tp!r}")  # a bug in this module, not in the file
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    section = prefix.rstrip(".") or "the config"
-    if data is None and prefix:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{section}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        raise ConfigError(
-            f"unknown key {prefix}{unknown[0]!s} (known keys{' in ' + section if prefix else ''}: {', '.join(fields)})"
-        )
-    kwargs = {name: _convert(hints[name], value, prefix + name) for name, value in data.items()}
-    missing = [n for n, f in fields.items() if n not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    for name in list(missing):
-        if dataclasses.is_dataclass(hints[name]):  # a missing section: its own checks name the key
-            kwargs[name] = _build(hints[name], {}, prefix + name + ".")
-            missing.remove(name)
-    if missing:
-        raise ConfigError(f"{prefix}{missing[0]}: required section/key is missing")
-    return cls(**kwargs)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"a.b=value"`` -> (["a", "b"], yaml.safe_load("value"))."""
-    import yaml
-
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. optim.base_lr=0.01")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {first}") from None
-    return key.split("."), value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """A copy of ``data`` with each ``a.b=value`` override set (sections created when absent)."""
-    import copy
-
-    data = copy.deepcopy(data)
-    for text in overrides:
-        path, value = parse_override(text)
-        node = data
-        for i, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[:i + 1])} is not a section")
-            node = child
-        node[path[-1]] = value
-    return data
-
-
-def read_yaml_config(path: str, overrides: list[str] | None = None) -> dict[str, Any]:
-    """A YAML config file (local path or URI) as a mapping, with ``--set`` overrides applied."""
-    import yaml
-
-    try:
-        if "://" in path:
-            from pipeline import storage
-
-            text = storage.read_bytes(path).decode("utf-8")
-        else:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        first = " ".join(str(exc).split())
-        raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(data).__name__}")
-    return apply_overrides(data, overrides) if overrides else data
+# differ when a run is resumed. Declared on the fields (``metadata=RUN_ONLY``), collected here.
+NON_RESULT_KEYS = run_only_keys(TrainConfig)
 
 
 def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config (local path or URI), apply ``--set`` overrides, validate."""
-    data = read_yaml_config(path, overrides)
-    return TrainConfig.from_dict(data, source=f"{path} (with --set)" if overrides else path)
+    return load(TrainConfig, path, overrides)

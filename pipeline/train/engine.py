@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from model.errors import MaskrayError
-from pipeline.train.config import NON_RESULT_KEYS, ConfigError, TrainConfig, config_diff
-from pipeline.train.loop import STOP_KEY, RunPlan, train_loop_per_worker
+from pipeline.train.config import NON_RESULT_KEYS, ConfigError, TrainConfig
+from pipeline.train.loop import EVAL_KINDS, STOP_KEY, RunPlan, train_loop_per_worker
 from pipeline.train.transforms import TrainAugment, drop_crowd_and_degenerate
 
 logger = logging.getLogger(__name__)
@@ -56,9 +56,10 @@ class TrainResult:
     timings: dict[str, float] = field(default_factory=dict)  # driver-side seconds (start-up breakdown)
 
     def eval_metrics(self) -> dict[str, dict[str, float | None]]:
-        """``{"bbox": {"AP": ..}, "segm": {..}}`` from the flat ``bbox_AP``... metrics (empty when not evaluated)."""
+        """``{"bbox": {"AP": ..}, "segm": {..}, "keypoints": {..}}`` from the flat ``bbox_AP``... metrics
+        (empty when not evaluated; ``keypoints`` only for a keypoint model)."""
         out = {kind: {k.split("_", 1)[1]: v for k, v in self.metrics.items() if k.startswith(kind + "_")}
-               for kind in ("bbox", "segm")}
+               for kind in EVAL_KINDS}
         return {k: v for k, v in out.items() if v}
 
 
@@ -129,13 +130,58 @@ def plan_run(config: TrainConfig) -> RunPlan:
         if not found:
             raise ConfigError(f"model.{key}={uri}: no such file")
     check_model_options(config.model.options)
+    keypoint_flip = plan_keypoints(config, categories)
+    too_big = [s for s in config.augment.min_sizes if s > config.model.max_size]
+    if too_big:
+        raise ConfigError(f"augment.min_sizes: {too_big[0]} is above model.max_size={config.model.max_size}")
     total = config.total_iters(train_images)
     for step in config.schedule.steps:
         if step >= total:
             raise ConfigError(f"schedule.steps: step {step} is not below the {total} iterations of the run")
     return RunPlan(categories=categories, train_images=train_images, val_images=val_images, total_iters=total,
                    lr=config.lr, global_batch=config.global_batch,
-                   run_uri=storage.join(config.storage_path, config.name))
+                   run_uri=storage.join(config.storage_path, config.name), keypoint_flip=keypoint_flip)
+
+
+def plan_keypoints(config: TrainConfig, categories: list[dict]) -> list[int]:
+    """Check a keypoint model (``model.num_keypoints`` K > 0) against the train manifest's
+    categories and ``eval.kpt_oks_sigmas``; returns the flip permutation of the K keypoints
+    (``pipeline.data.keypoints.flip_map`` of their names and ``data.keypoint_flip_map``), ``[]``
+    for a model without keypoints.
+
+    Every category that names keypoints must name K of them (a category naming none trains
+    boxes and masks only). The names give the default flip map, so categories naming different
+    keypoints need ``data.keypoint_flip_map``. OKS sigmas: K values, or none for COCO person's 17.
+    """
+    from pipeline.data.keypoints import KeypointError, flip_map, keypoint_names
+
+    k = config.model.num_keypoints
+    if not k:
+        return []
+    named = [c for c in categories if keypoint_names(c)]
+    if not named:
+        raise ConfigError(f"model.num_keypoints={k}: no category of data.train={config.data.train} names keypoints")
+    for c in named:
+        if len(keypoint_names(c)) != k:
+            raise ConfigError(f"model.num_keypoints={k}: category {c['id']} ({c.get('name')}) of data.train names "
+                              f"{len(keypoint_names(c))} keypoints")
+    names = keypoint_names(named[0])
+    given = config.data.keypoint_flip_map
+    if given is None and any(keypoint_names(c) != names for c in named):
+        raise ConfigError(f"data.keypoint_flip_map: categories of data.train name different keypoints "
+                          f"({named[0]['id']} and {next(c['id'] for c in named if keypoint_names(c) != names)}); "
+                          f"give the left/right pairs of the K keypoints")
+    try:
+        flip = flip_map(names, given)
+    except KeypointError as exc:
+        raise ConfigError(f"data.keypoint_flip_map: {exc}") from None
+    sigmas = config.eval.kpt_oks_sigmas
+    if sigmas and len(sigmas) != k:
+        raise ConfigError(f"eval.kpt_oks_sigmas: {len(sigmas)} sigmas for model.num_keypoints={k}")
+    if not sigmas and k != 17 and config.data.val:
+        raise ConfigError(f"eval.kpt_oks_sigmas: needed for model.num_keypoints={k} (the default is COCO "
+                          f"person's 17 sigmas)")
+    return flip
 
 
 def check_resources(config: TrainConfig, resources: dict[str, float], *, autoscaling: bool = False) -> None:
@@ -167,9 +213,11 @@ class DecodeAugment:
     """
 
     def __init__(self, category_ids: list[int], hflip_prob: float = 0.0,
-                 scale_range: tuple[float, float] = (1.0, 1.0), seed: int | None = None, bad_rows: Any = None):
+                 scale_range: tuple[float, float] = (1.0, 1.0), seed: int | None = None, bad_rows: Any = None,
+                 num_keypoints: int = 0, keypoint_flip: list[int] | None = None):
         self.category_ids = list(category_ids)
-        self.augment = TrainAugment(hflip_prob, tuple(scale_range), seed)
+        self.num_keypoints = int(num_keypoints)
+        self.augment = TrainAugment(hflip_prob, tuple(scale_range), seed, keypoint_flip or None)
         self.bad_rows = bad_rows
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -178,7 +226,7 @@ class DecodeAugment:
         try:
             image = decode_image(row["image"])
             target = decode_target(list(row["annotations"] or []), int(row["height"]), int(row["width"]),
-                                   self.category_ids)
+                                   self.category_ids, self.num_keypoints)
         except (ImageDecodeError, TargetError) as exc:
             shard = os.path.basename(str(row.get("path") or "?"))
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -189,7 +237,7 @@ class DecodeAugment:
         image, target = self.augment(image, target)
         target = drop_crowd_and_degenerate(target)
         masks = target["masks"].numpy().astype(bool)
-        return [{
+        out = {
             "image_id": int(row["image_id"]),
             "image": image.numpy(),
             "boxes": target["boxes"].numpy().astype(np.float32).reshape(-1, 4),
@@ -198,7 +246,10 @@ class DecodeAugment:
             # (at 800x1333 one instance is 1 MB as uint8); collate() unpacks them
             "masks": np.packbits(masks, axis=-1),
             "mask_width": masks.shape[-1],
-        }]
+        }
+        if self.num_keypoints:  # [N, K, 3] float32 (x, y, v); collate() hands it to the model
+            out["keypoints"] = target["keypoints"].numpy().astype(np.float32).reshape(-1, self.num_keypoints, 3)
+        return [out]
 
 
 class RunChannel:
@@ -237,7 +288,8 @@ def train_dataset(config: TrainConfig, plan: RunPlan, bad_rows: Any = None):
     from pipeline.data.decode import read_shards
 
     fn = DecodeAugment([int(c["id"]) for c in plan.categories], config.augment.hflip_prob,
-                       tuple(config.augment.scale_jitter), bad_rows=bad_rows)
+                       tuple(config.augment.scale_jitter), bad_rows=bad_rows,
+                       num_keypoints=config.model.num_keypoints, keypoint_flip=plan.keypoint_flip)
     # read tasks take the decode share too: Ray's default of 1 CPU per read task never fits
     # beside workers that hold all but a fraction of a small node's CPUs (the stream stalls)
     ds = read_shards(config.data.train, columns=TRAIN_COLUMNS, num_cpus=config.data.decode_cpus, include_paths=True)
@@ -257,43 +309,25 @@ def train_dataset(config: TrainConfig, plan: RunPlan, bad_rows: Any = None):
 def check_run_config(config: TrainConfig, run_uri: str, *, resume_anyway: bool = False) -> list[str]:
     """Refuse to continue a run folder started with a config that differs in results.
 
-    Keys in :data:`~pipeline.train.config.NON_RESULT_KEYS` (logging, eval cadence, retries,
-    placement) may differ. Any other differing key raises :class:`ConfigError` naming them,
-    unless ``resume_anyway``, which logs them. Returns the differing keys. The config is
-    recorded by :func:`remember_run_config` once the run starts (a run refused for another
-    reason records nothing).
+    The one rule of :mod:`pipeline.runrecord`: keys declared run-only on the config classes
+    (:data:`~pipeline.train.config.NON_RESULT_KEYS`: logging, eval cadence, retries, placement)
+    may differ; any other differing key raises naming them, unless ``resume_anyway``, which
+    logs them. Returns the differing keys. The config is recorded by
+    :func:`remember_run_config` once the run starts (a run refused for another reason records
+    nothing).
     """
-    from pipeline import storage
+    from pipeline import runrecord, storage
 
-    uri = storage.join(run_uri, RUN_CONFIG_FILE)
-    new = config.to_dict()
-    diff: list[str] = []
-    if storage.exists(uri):
-        try:
-            old = json.loads(storage.read_bytes(uri))
-        except ValueError as exc:
-            raise ConfigError(f"{uri}: not readable JSON ({exc}); move the run folder away or pick a new name") from None
-        diff = config_diff(old, new, NON_RESULT_KEYS)
-        if diff:
-            from pipeline.train.config import flatten
-
-            a, b = flatten(old), flatten(new)
-            shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in diff[:6])
-            more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
-            if not resume_anyway:
-                raise ConfigError(f"run {config.name} in {run_uri} was started with another config: {shown}{more}; "
-                                  f"pass --resume-anyway to continue it under this config, or pick a new name "
-                                  f"(--set name=...)")
-            logger.warning("run %s: continuing under a changed config (--resume-anyway): %s%s", config.name, shown, more)
-    return diff
+    return runrecord.check(storage.join(run_uri, RUN_CONFIG_FILE), config.to_dict(), ignore=NON_RESULT_KEYS,
+                           what=f"run {config.name} in {run_uri}", flag="--resume-anyway",
+                           alternative="pick a new name (--set name=...)", override=resume_anyway)
 
 
 def remember_run_config(config: TrainConfig, run_uri: str) -> None:
     """Write the config in force to ``<run>/run_config.json`` (what :func:`check_run_config` compares with)."""
-    from pipeline import storage
+    from pipeline import runrecord, storage
 
-    storage.write_bytes(storage.join(run_uri, RUN_CONFIG_FILE),
-                        (json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    runrecord.write(storage.join(run_uri, RUN_CONFIG_FILE), config.to_dict())
 
 
 # --------------------------------------------------------------------------- fit
@@ -431,7 +465,7 @@ def fit(config: TrainConfig, *, resume_anyway: bool = False, verbose: bool = Fal
         "dataset": config.data.val or None,
         "iteration": metrics.get("iteration"),
         "total_iters": plan.total_iters,
-        "train": {k: v for k, v in metrics.items() if not k.startswith(("bbox_", "segm_"))},
+        "train": {k: v for k, v in metrics.items() if not k.startswith(tuple(f"{kind}_" for kind in EVAL_KINDS))},
         "run": plan.run_uri,
     }
     storage.write_bytes(storage.join(plan.run_uri, FINAL_METRICS_FILE),

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.train.config import ConfigError, TrainConfig, apply_overrides, load_config, parse_override
+from pipeline.config import apply_overrides, parse_override
+from pipeline.train.config import ConfigError, TrainConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 

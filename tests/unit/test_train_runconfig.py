@@ -2,7 +2,8 @@
 
 import pytest
 
-from pipeline.train.config import ConfigError, TrainConfig, config_diff
+from pipeline.runrecord import differences as config_diff
+from pipeline.train.config import ConfigError, TrainConfig
 from pipeline.train.engine import RUN_CONFIG_FILE, check_run_config, remember_run_config
 
 
@@ -18,7 +19,7 @@ def test_a_changed_config_is_refused_naming_the_keys_and_the_override_continues(
     assert (tmp_path / "runs" / "r" / RUN_CONFIG_FILE).is_file()
 
     changed = config(optim={"base_lr": 0.01}, schedule={"max_iters": 200, "warmup_iters": 10})
-    with pytest.raises(ConfigError, match=r"run r in .* was started with another config: optim\.base_lr "
+    with pytest.raises(ConfigError, match=r"run r in .* was made with other settings: optim\.base_lr "
                                           r"\(0\.02 -> 0\.01\), schedule\.max_iters \(100 -> 200\); "
                                           r"pass --resume-anyway .* or pick a new name"):
         check_run_config(changed, run)
