@@ -132,7 +132,7 @@ def test_no_key_value_crosses_processes_or_lands_in_files(s3, ray_local, tmp_pat
     import ray.cloudpickle
     from ray.train import RunConfig
 
-    from jobs import submit
+    from pipeline import cluster as submit
 
     secrets = [s3.access_key.encode(), s3.secret_key.encode()]
     src = f"s3://{s3.bucket}/ingest-keys/raw"

@@ -76,7 +76,7 @@ def test_runtime_env_carries_no_secret_names():
 
 
 def test_submit_refuses_secret_env_vars(tmp_path):
-    from jobs import submit
+    from pipeline import cluster as submit
     from model.errors import MaskrayError
 
     env_file = tmp_path / "env.yaml"
