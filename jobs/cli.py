@@ -19,7 +19,8 @@ The three jobs:
   infer     segment images with a trained model (Ray Data); Parquet / COCO JSON results
   distill   self-training rounds: pseudo-label unlabeled images, train a better student
 
-Getting data in: convert (COCO json + images -> shards), pack (raw images -> shards).
+Getting data in: convert (COCO json + images -> shards), pack (raw images -> shards);
+export writes shards back as COCO JSON.
 Pretrained models: every --checkpoint also takes torchvision:maskrcnn_resnet50_fpn_v2 (and
 friends) or a torchvision .pth file; import writes one as a maskray checkpoint.
 Looking at results: eval (COCO AP), show (overlay PNGs). On a cluster: submit, status,
@@ -33,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("jobs.distill", "data-distillation rounds: pseudo-label unlabeled images, train a student"),
     "convert": ("jobs.convert", "convert a COCO dataset (json + images) to maskray shards"),
     "pack": ("jobs.pack", "pack a folder or bucket prefix of raw images into unlabeled shards"),
+    "export": ("jobs.export", "write labeled shards back as one COCO JSON file (the reverse of convert)"),
     "eval": ("jobs.evaluate", "COCO bbox/segm AP of a checkpoint on labeled shards"),
     "import": ("jobs.import_model", "write a maskray checkpoint from torchvision:NAME or a torchvision state dict"),
     "show": ("jobs.show", "write PNG overlays of a model's predictions"),
@@ -83,6 +85,54 @@ def build_parser(modules: dict[str, object] | None = None) -> argparse.ArgumentP
         adder(p)
         p.set_defaults(_module=module_name, _runner=getattr(module, f"run_{name}", None) and f"run_{name}")
     return parser
+
+
+def _flag_type(tp) -> type | None:
+    """The argparse type of a scalar config annotation (``int``, ``float``, ``str``, ``X | None``)."""
+    import types
+    import typing
+
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _flag_type(args[0]) if len(args) == 1 else None
+    return tp if tp in (int, float, str, bool) else None
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of the job config ``cls`` made with ``pipeline.config.option`` (scalar
+    fields: ``--images-per-shard N``, booleans ``--exif/--no-exif``), plus ``--set KEY=VALUE``
+    for any field. Flags default to None: the config's own default applies, and the config
+    validates every value (``config_from_args``)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        help_text = f.metadata.get("help")
+        tp = _flag_type(hints[f.name])
+        if help_text is None or tp is None:
+            continue
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=tp, default=None, metavar=f.name.upper(), help=help_text)
+    parser.add_argument("--set", dest="set", action="append", default=[], metavar="KEY=VALUE",
+                        help="set any config field (dotted key, YAML value), e.g. --set images_per_shard=500")
+
+
+def config_from_args(cls: type, args: argparse.Namespace, **values):
+    """The job config ``cls`` from the flags of :func:`add_config_arguments` (those given), then
+    ``values`` (set by the job itself), then ``--set`` overrides; one-line ConfigError naming the key."""
+    import dataclasses
+
+    from pipeline.config import load
+
+    base = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+            if f.metadata.get("help") is not None and getattr(args, f.name, None) is not None}
+    base.update(values)
+    return load(cls, None, getattr(args, "set", None) or [], base=base)
 
 
 def call(args: argparse.Namespace) -> int:

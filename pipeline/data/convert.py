@@ -8,11 +8,18 @@ files are caught here, not in training). Polygons and uncompressed RLE become co
 once, here, with pycocotools; compressed RLE is kept as is. Per-item problems (an annotation
 whose image is missing, a missing, unreadable or access-denied object, an image over the pixel
 limit, a ``file_name`` outside the images root, a box or area that is not finite in float32, a
-degenerate box, an unknown category, an empty segmentation, duplicates, malformed entries...)
+degenerate box, an unknown category, an empty segmentation, duplicates, malformed entries,
+keypoints that do not fit their category: see :func:`pipeline.data.keypoints.check_annotation`)
 are reported with the file/key and id and skipped; the rest is converted and the counts add up
 (in = written + skipped). Problems that make the whole input unusable (unreadable or malformed
-JSON, no ``categories``, an unreachable endpoint, a missing bucket) raise a one-line
-:class:`~model.errors.MaskrayError`.
+JSON, no ``categories``, a malformed keypoint skeleton, an unreachable endpoint, a missing
+bucket) raise a one-line :class:`~model.errors.MaskrayError`.
+
+Keypoints (COCO person_keypoints and any other skeleton) are kept as given: an annotation's
+``keypoints`` and ``num_keypoints`` (each null when absent) and a category's ``keypoints`` names
+and ``skeleton``. :func:`export_coco` writes shards back as COCO JSON; the round trip keeps
+every keypoint value (float32 holds COCO's integer pixel coordinates exactly; other numbers
+come back as the shortest decimal of their float32, e.g. 473.07 stays 473.07).
 """
 
 from __future__ import annotations
@@ -35,9 +42,10 @@ from pipeline import storage
 from pipeline.data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from pipeline.data.format import (DEFAULT_IMAGES_PER_SHARD, DEFAULT_MAX_SHARD_BYTES,
                              DEFAULT_ROW_GROUP_SIZE, make_annotation, make_row, read_manifest)
-from pipeline.data.ingest import (ConvertReport, IngestJob, IngestOptions, Problem,  # noqa: F401
+from pipeline.data.ingest import (ConvertReport, IngestConfig, IngestJob, Problem,  # noqa: F401
                              Reporter)
 from pipeline.data.ingest import run as run_ingest
+from pipeline.data.keypoints import KeypointError, check_annotation, check_category
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +233,13 @@ def _categories(coco_uri: str, cats: list) -> list[dict]:
             raise ConvertError(f"{coco_uri}: duplicate category id {cid}")
         seen.add(cid)
         entry = {"id": cid, "name": cat["name"]}
-        if "supercategory" in cat:
-            entry["supercategory"] = cat["supercategory"]
+        for key in ("supercategory", "keypoints", "skeleton"):
+            if key in cat:
+                entry[key] = cat[key]
+        try:
+            check_category(entry)
+        except KeypointError as exc:
+            raise ConvertError(f"{coco_uri}: categories[{i}]: {exc}") from None
         out.append(entry)
     if not out:
         raise ConvertError(f"{coco_uri}: 'categories' is empty")
@@ -245,6 +258,7 @@ def _plan_coco(job: IngestJob, add: Callable, rep: Reporter) -> dict:
     data = load_coco(coco_uri)
     categories = _categories(coco_uri, data["categories"])
     cat_ids = {c["id"] for c in categories}
+    num_kpts = {c["id"]: len(c.get("keypoints") or []) for c in categories}
     report = rep.report
     src = str(coco_uri)
 
@@ -305,6 +319,11 @@ def _plan_coco(job: IngestJob, add: Callable, rep: Reporter) -> dict:
         if seg is None or seg == [] or seg == {} or (isinstance(seg, list)
                                                      and all(p == [] for p in seg)):
             rep.skip_annotation(src, aid, "empty segmentation")
+            continue
+        reason, detail = check_annotation(ann.get("keypoints"), ann.get("num_keypoints"),
+                                          num_kpts[cid])
+        if reason:
+            rep.skip_annotation(src, aid, reason, f"image {iid}, category {cid}: {detail}")
             continue
         by_image[iid].append(ann)
     del data, seen_ann
@@ -370,7 +389,8 @@ def _coco_rows(job: IngestJob, items: list[dict], rep: Reporter) -> Iterator[dic
             rows_anns.append(make_annotation(
                 id=ann["id"], category_id=ann["category_id"], bbox=bbox, area=area,
                 iscrowd=bool(ann.get("iscrowd", 0)), size=rle["size"], counts=rle["counts"],
-                score=score if _finite32(score) else None))
+                score=score if _finite32(score) else None, keypoints=ann.get("keypoints"),
+                num_keypoints=ann.get("num_keypoints")))
         yield make_row(image_id=iid, file_name=item["file_name"], width=width, height=height,
                        image=raw, annotations=rows_anns)
 
@@ -389,13 +409,68 @@ def convert_coco(coco_uri: str, images_uri: str, out_uri: str, *,
     already written (:mod:`pipeline.data.ingest`). Returns a :class:`ConvertReport` (print
     ``report.summary()``).
     """
-    options = IngestOptions(images_per_shard=images_per_shard, max_shard_bytes=max_shard_bytes,
-                            row_group_size=row_group_size, workers=workers,
-                            max_pixels=max_pixels, runner=runner)
+    options = IngestConfig(images_per_shard=images_per_shard, max_shard_bytes=max_shard_bytes,
+                           row_group_size=row_group_size, workers=workers,
+                           max_pixels=max_pixels, runner=runner)
     job = IngestJob(kind="coco", source=str(coco_uri), images_uri=str(images_uri),
                     out_uri=str(out_uri), options=options, plan_items=_plan_coco,
                     chunk_rows=_coco_rows, digest=_coco_digest)
     return run_ingest(job, on_record=on_record)
+
+
+# ---------------------------------------------------------------------------------------------
+# Back to COCO
+
+
+def _f32(value: float) -> float:
+    """The shortest decimal that reads back as the same float32 (a stored 473.07 -> 473.07)."""
+    return float(str(np.float32(value)))
+
+
+def _num(value: float) -> int | float:
+    """A stored float32 as COCO writes it: an int when integral, else its shortest decimal."""
+    out = _f32(value)
+    return int(out) if out.is_integer() else out
+
+
+def coco_annotation(image_id: int, ann: dict) -> dict:
+    """One shard annotation as a COCO annotation dict (compressed RLE ``counts`` as str;
+    ``score``, ``keypoints`` and ``num_keypoints`` only where stored)."""
+    seg = ann["segmentation"]
+    counts = seg["counts"]
+    out = {"id": int(ann["id"]), "image_id": int(image_id), "category_id": int(ann["category_id"]),
+           "segmentation": {"size": [int(v) for v in seg["size"]],
+                            "counts": counts.decode() if isinstance(counts, bytes) else counts},
+           "area": _f32(ann["area"]), "bbox": [_f32(v) for v in ann["bbox"]],
+           "iscrowd": int(bool(ann["iscrowd"]))}
+    if ann.get("score") is not None:
+        out["score"] = _f32(ann["score"])
+    if ann.get("keypoints") is not None:
+        out["keypoints"] = [_num(v) for v in ann["keypoints"]]
+    if ann.get("num_keypoints") is not None:
+        out["num_keypoints"] = int(ann["num_keypoints"])
+    return out
+
+
+def export_coco(dataset_uri: str, out_uri: str) -> dict:
+    """Write the labeled dataset at ``dataset_uri`` (maskray shards) as one COCO JSON file at
+    ``out_uri``: ``images`` (id, file_name, width, height), ``annotations``
+    (:func:`coco_annotation`) and the manifest's ``categories`` (with ``keypoints`` and
+    ``skeleton`` where they have them). The reverse of :func:`convert_coco` for the
+    annotations; image bytes are not read. Returns ``{"out", "images", "annotations"}``."""
+    from pipeline.data.format import read_rows
+
+    manifest = read_manifest(dataset_uri)
+    images, annotations = [], []
+    for row in read_rows(dataset_uri, columns=["image_id", "file_name", "width", "height",
+                                                "annotations"]):
+        image_id = int(row["image_id"])
+        images.append({"id": image_id, "file_name": row["file_name"], "width": int(row["width"]),
+                       "height": int(row["height"])})
+        annotations.extend(coco_annotation(image_id, ann) for ann in row["annotations"] or ())
+    coco = {"images": images, "annotations": annotations, "categories": manifest.categories}
+    storage.write_bytes(out_uri, json.dumps(coco).encode())
+    return {"out": str(out_uri), "images": len(images), "annotations": len(annotations)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,9 +544,9 @@ def pack_images(images_uri: str, out_uri: str, *, suffixes: Iterable[str] = IMAG
     ``categories`` (e.g. from :func:`categories_from`) go into the manifest. ``runner`` and
     resuming as for :func:`convert_coco`.
     """
-    options = IngestOptions(images_per_shard=images_per_shard, max_shard_bytes=max_shard_bytes,
-                            row_group_size=row_group_size, workers=workers,
-                            max_pixels=max_pixels, runner=runner)
+    options = IngestConfig(images_per_shard=images_per_shard, max_shard_bytes=max_shard_bytes,
+                           row_group_size=row_group_size, workers=workers,
+                           max_pixels=max_pixels, runner=runner)
     job = IngestJob(kind="pack", source=str(images_uri), images_uri=str(images_uri),
                     out_uri=str(out_uri), options=options, plan_items=_plan_pack,
                     chunk_rows=_pack_rows,

@@ -1,4 +1,4 @@
-"""The maskray-shards/1 dataset format and the results format (see GUIDE.md).
+"""The maskray-shards/1 dataset format (see GUIDE.md; the results format is :mod:`pipeline.results`).
 
 A dataset is a prefix (local folder or ``s3://bucket/prefix``) holding ``manifest.json`` and
 ``part-NNNNN.parquet`` shards. Readers take exactly the shards the manifest lists, so shards
@@ -8,7 +8,13 @@ written by an interrupted run are never read. One Parquet row per image (:data:`
 - ``image`` binary: the original encoded file bytes, never re-encoded,
 - ``annotations`` list<struct<id int64, category_id int32, bbox 4×float32 (COCO xywh),
   area float32, iscrowd bool, segmentation struct<size 2×int32 [h, w], counts binary
-  (compressed COCO RLE)>, score float32 (null for human labels)>>; empty for unlabeled images.
+  (compressed COCO RLE)>, score float32 (null for human labels), keypoints list<float32>
+  (``x, y, v`` × K, null when the category has none), num_keypoints int32 (count of v > 0)>>;
+  empty for unlabeled images. Shards written before the keypoint columns existed read with
+  those keys absent: treat a missing key as null (``ann.get("keypoints")``).
+
+Categories with keypoints keep COCO's ``keypoints`` (names) and ``skeleton`` (1-based pairs) in
+the manifest (checked by :func:`pipeline.data.keypoints.check_category`).
 
 Python rows are plain dicts with those keys (``bbox``/``size`` as lists, ``counts`` as bytes).
 :class:`ShardWriter` bounds shards by images and bytes, writes each one atomically
@@ -30,6 +36,7 @@ import pyarrow.parquet as pq
 
 from model.errors import MaskrayError
 from pipeline import storage
+from pipeline.data.keypoints import KeypointError, check_category
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,8 @@ ANNOTATION_TYPE = pa.struct([
     pa.field("iscrowd", pa.bool_()),
     pa.field("segmentation", RLE_TYPE),
     pa.field("score", pa.float32()),  # null for human labels; confidence for pseudo-labels
+    pa.field("keypoints", pa.list_(pa.float32())),  # x, y, v x K; null when the category has none
+    pa.field("num_keypoints", pa.int32()),  # count of v > 0; null when keypoints are
 ])
 
 SHARD_SCHEMA = pa.schema([
@@ -64,22 +73,6 @@ SHARD_SCHEMA = pa.schema([
     pa.field("image", pa.binary()),
     pa.field("annotations", pa.list_(ANNOTATION_TYPE)),
 ], metadata={b"maskray.format": FORMAT.encode()})
-
-INSTANCE_TYPE = pa.struct([
-    pa.field("category_id", pa.int32()),
-    pa.field("score", pa.float32()),
-    pa.field("bbox", pa.list_(pa.float32(), 4)),  # COCO xywh, pixels
-    pa.field("segmentation", RLE_TYPE),
-])
-
-# One row per input image of an inference run (GUIDE "Results format").
-RESULT_SCHEMA = pa.schema([
-    pa.field("image_id", pa.int64()),
-    pa.field("file_name", pa.string()),
-    pa.field("instances", pa.list_(INSTANCE_TYPE)),
-    pa.field("error", pa.string()),  # null when the image was processed
-    pa.field("model", pa.string()),  # checkpoint id
-], metadata={b"maskray.format": b"maskray-results/1"})
 
 
 class FormatError(MaskrayError):
@@ -129,6 +122,10 @@ class Manifest:
             if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
                 raise FormatError(f"category {cat!r} needs 'id' and 'name'")
             ids.append(int(cat["id"]))
+            try:
+                check_category(cat)
+            except KeypointError as exc:
+                raise FormatError(str(exc)) from None
         if len(set(ids)) != len(ids):
             raise FormatError(f"duplicate category ids in {ids}")
         paths = [s.path for s in self.shards]
@@ -225,13 +222,17 @@ def shard_uris(dataset_uri: str, manifest: Manifest | None = None) -> list[str]:
 
 
 def make_annotation(*, id: int, category_id: int, bbox, area: float, iscrowd: bool,
-                    size, counts: bytes | str, score: float | None = None) -> dict:
-    """An annotation dict in shard layout (``counts`` must already be compressed RLE)."""
+                    size, counts: bytes | str, score: float | None = None,
+                    keypoints=None, num_keypoints: int | None = None) -> dict:
+    """An annotation dict in shard layout (``counts`` must already be compressed RLE;
+    ``keypoints`` ``x, y, v`` × K or None, checked by the caller)."""
     return {"id": int(id), "category_id": int(category_id),
             "bbox": [float(v) for v in bbox], "area": float(area), "iscrowd": bool(iscrowd),
             "segmentation": {"size": [int(size[0]), int(size[1])],
                              "counts": counts.encode() if isinstance(counts, str) else bytes(counts)},
-            "score": None if score is None else float(score)}
+            "score": None if score is None else float(score),
+            "keypoints": None if keypoints is None else [float(v) for v in keypoints],
+            "num_keypoints": None if num_keypoints is None else int(num_keypoints)}
 
 
 def make_row(*, image_id: int, file_name: str, width: int, height: int, image: bytes,

@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.data.format import RESULT_SCHEMA
-from pipeline.show.gallery import build_gallery
 from pipeline.instances import encode_masks
+from pipeline.results import RESULT_SCHEMA
+from pipeline.show.gallery import build_gallery
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 pytestmark = pytest.mark.skipif(BROWSER is None, reason="no chromium on PATH (apt-get install -y chromium)")

@@ -29,6 +29,7 @@ from pipeline import storage
 from pipeline.infer import driver
 from pipeline.infer.driver import run_inference
 from pipeline.infer.predictor import Predictor, read_model_config
+from pipeline.results import RESULT_SCHEMA, unit_names
 from pipeline.data.synth import categories_for, make_image
 
 SIZE = 64
@@ -102,10 +103,10 @@ def results(output_uri: str, dataset_uri: str, images_per_unit: int = 64):
     and that the prefix holds no other results file."""
     rows = []
     units, _ = driver.plan(dataset_uri, images_per_unit)
-    assert driver.existing_results(output_uri) == sorted(u.unit for u in units)
+    assert unit_names(output_uri) == sorted(u.unit for u in units)
     for unit in units:
         table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output_uri, unit.unit))))
-        assert table.schema.equals(fmt.RESULT_SCHEMA), table.schema
+        assert table.schema.equals(RESULT_SCHEMA), table.schema
         assert table.num_rows == unit.images
         rows.extend(table.to_pylist())
     return rows
@@ -205,7 +206,7 @@ def test_actor_killed_mid_run_gives_exactly_n_rows(ray_local, tmp_path):
     ids = [r["image_id"] for r in rows]
     assert sorted(ids) == sorted(names) and len(set(ids)) == len(ids)
     assert all(r["error"] is None and r["instances"] == [] for r in rows)
-    assert sorted(os.listdir(out_uri)) == sorted(driver.existing_results(out_uri) + ["provenance.json"])
+    assert sorted(os.listdir(out_uri)) == sorted(unit_names(out_uri) + ["provenance.json"])
     assert summary.images == 10 and summary.errors == 0
 
 
@@ -257,7 +258,7 @@ def test_interrupted_run_resumes_without_recomputing(ray_local, tmp_path, capsys
     assert len(committed) == 1
     done = os.path.join(out_uri, committed[0])
     stamp = os.stat(done).st_mtime_ns
-    present = driver.existing_results(out_uri)
+    present = unit_names(out_uri)
     assert present == [committed[0]] and pq.read_table(done).num_rows == 3
     # nothing partial left by the stopped units: the results and the provenance record only
     assert sorted(os.listdir(out_uri)) == sorted(present + ["provenance.json"])
@@ -328,7 +329,7 @@ def test_retry_errors_recomputes_only_transient_error_rows(ray_local, tmp_path):
     assert rows["img001.png"]["error"].startswith("inference failed:") and rows["img001.png"]["instances"] == []
     assert rows["junk.jpg"]["error"].startswith("decode failed:")
     assert summary.errors == 2
-    stamps = {n: os.stat(os.path.join(out_uri, n)).st_mtime_ns for n in driver.existing_results(out_uri)}
+    stamps = {n: os.stat(os.path.join(out_uri, n)).st_mtime_ns for n in unit_names(out_uri)}
     os.remove(marker)
 
     again = run_inference(data_uri, out_uri, ckpt, actors=1, score_threshold=0.0, retry_errors=True)
@@ -359,7 +360,7 @@ def test_a_model_stage_that_always_crashes_stops_in_bounded_time(ray_local, tmp_
         run_inference(data_uri, out_uri, ckpt, actors=1, score_threshold=1.0,
                       predictor_factory=always_dying_predictor())
     assert time.perf_counter() - start < 150
-    assert driver.existing_results(out_uri) == []
+    assert unit_names(out_uri) == []
 
 
 def raw_jpeg(seed: int, width: int, height: int, orientation: int = 1) -> bytes:
@@ -444,7 +445,7 @@ def test_12mp_photos_stay_within_the_memory_target(ray_local, tmp_path):
         sampler.join()
     assert summary.images == 2 and summary.errors == 0
     assert summary.instances >= 100, summary.instances  # up to 100 detections per image
-    for unit in driver.existing_results(out_uri):
+    for unit in unit_names(out_uri):
         for row in pq.read_table(f"{out_uri}/{unit}").to_pylist():
             assert all(i["segmentation"]["size"] == [3000, 4000] for i in row["instances"])
     assert peaks and max(peaks.values()) < 2 * 2**30, {p: v / 2**30 for p, v in peaks.items()}

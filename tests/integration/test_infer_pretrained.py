@@ -15,7 +15,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from pipeline.show.gallery import build_gallery
-from pipeline.infer import driver
+from pipeline import results
 from pipeline.infer.driver import run_inference
 
 PHOTOS = ("chelsea", "rocket", "astronaut")  # 451x300, 640x427, 512x512
@@ -38,7 +38,7 @@ def test_torchvision_file_in_infer_matches_torchvisions_loop(ray_local, tmp_path
     assert (summary.images, summary.errors) == (3, 0)
 
     rows = {}
-    for unit in driver.existing_results(out):
+    for unit in results.unit_names(out):
         for row in pq.read_table(f"{out}/{unit}").to_pylist():
             rows[row["file_name"].rsplit("/", 1)[-1]] = row
     assert sorted(rows) == sorted(f"{n}.png" for n in PHOTOS)

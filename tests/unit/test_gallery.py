@@ -14,7 +14,8 @@ from PIL import Image
 
 from jobs import cli
 from pipeline.show import gallery
-from pipeline.data.format import RESULT_SCHEMA, Manifest, ShardWriter, make_row, write_manifest
+from pipeline.data.format import Manifest, ShardWriter, make_row, write_manifest
+from pipeline.results import RESULT_SCHEMA, result_files
 from pipeline.instances import encode_masks
 
 CATEGORIES = [{"id": 3, "name": "square"}, {"id": 7, "name": "bar"}]
@@ -203,7 +204,7 @@ def test_counts_stream_over_many_rows_and_the_error_list_is_bounded(tmp_path):
              "error": "read failed: gone" if i % 10 == 0 else None} for i in range(1000)]
     results = tmp_path / "results"
     _write_results(results, files, {"input": {"uri": str(images), "kind": "files"}, "options": {}})
-    stats, sample = gallery.scan_results(gallery._results_files(str(results)), score_thresh=0.5, limit=3)
+    stats, sample = gallery.scan_results(result_files(str(results)), score_thresh=0.5, limit=3)
     assert (stats.images, stats.errors, stats.instances) == (10_000, 1000, 18_000)
     assert stats.per_category == {3: [9000, 9000], 7: [9000, 0]}
     assert stats.histogram.sum() == 18_000 and stats.histogram[19] == 9000 and stats.histogram[2] == 9000

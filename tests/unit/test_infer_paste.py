@@ -8,7 +8,8 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from pipeline.infer.paste import crop_rle_counts, encode_instance_masks, to_result_instances
+from pipeline.infer.paste import crop_rle_counts, encode_instance_masks
+from pipeline.results import to_result_instances
 
 
 def _reference(masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], inclusive: bool = False) -> list[bytes]:

@@ -77,7 +77,8 @@ def test_score_threshold_and_tta_hook(tiny):
 
 def test_segment_equals_predict_plus_torchvision_paste_and_rle(tiny):
     """The bounded path (per-instance paste + RLE) gives the RLEs of predict's full-size masks."""
-    from pipeline.instances import Instances, to_result_instances
+    from pipeline.instances import Instances
+    from pipeline.results import result_instances_from_coco
 
     model, config = tiny
     predictor = Predictor(model=model, config=config, score_threshold=0.0)
@@ -85,7 +86,7 @@ def test_segment_equals_predict_plus_torchvision_paste_and_rle(tiny):
     segmented = predictor.segment(ims)
     for im, got, plain in zip(ims, segmented, predictor.predict(ims)):
         size = tuple(im.shape[-2:])
-        expected = to_result_instances(Instances.from_output(plain, size).to_coco(0, config.category_ids()))
+        expected = result_instances_from_coco(Instances.from_output(plain, size).to_coco(0, config.category_ids()))
         assert len(got) == len(expected) > 0
         assert [g["segmentation"] for g in got] == [e["segmentation"] for e in expected]
         assert [g["category_id"] for g in got] == [e["category_id"] for e in expected]

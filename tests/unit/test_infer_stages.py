@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 from model.checkpoint import ModelConfig, build_from_config, save_checkpoint
 from model.errors import MaskrayError
 from pipeline.data import format as fmt
+from pipeline import results
 from pipeline.infer import driver, stages
 from pipeline.infer.predictor import Predictor, read_model_config
 
@@ -247,7 +248,7 @@ def test_write_units_commits_one_atomic_file_and_merges_retried_rows(tiny, tmp_p
     assert meta.to_pylist()[0]["images"] == 3 and meta.to_pylist()[0]["errors"] == 1
     assert meta.to_pylist()[0]["transient"] == 1
     table = pq.read_table(f"{out}/u.parquet")
-    assert table.schema.equals(fmt.RESULT_SCHEMA)
+    assert table.schema.equals(results.RESULT_SCHEMA)
     assert table.column("image_id").to_pylist() == [10, 11, 12]
     assert set(table.column("model").to_pylist()) == {"ckpt#sha256:abc"}
     assert driver.transient_positions(f"{out}/u.parquet") == [1]
@@ -268,7 +269,7 @@ def test_write_units_commits_one_atomic_file_and_merges_retried_rows(tiny, tmp_p
     assert after[0] == before[0] and after[2] == before[2] and len(after[1]) > 0
 
     json_path = str(tmp_path / "j" / "coco.json")
-    n = driver.write_coco_json(out, ["u.parquet"], json_path)
+    n = results.write_coco_json(out, ["u.parquet"], json_path)
     assert n == sum(len(x) for x in after) > 0
     gt = COCO()
     gt.dataset = {"images": [{"id": i, "width": 60, "height": 40} for i in (10, 11, 12)], "annotations": [],

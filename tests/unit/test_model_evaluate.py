@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pipeline.evaluate import coco_ground_truth, coco_metrics, format_table, metrics_to_json
-from pipeline.instances import encode_masks, from_result_instances
+from pipeline.instances import encode_masks
+from pipeline.results import to_coco_results
 
 CATEGORIES = [{"id": 3, "name": "square"}, {"id": 8, "name": "disc"}]
 
@@ -52,7 +53,7 @@ def test_ground_truth_as_predictions_scores_one():
     rows = _rows()
     gt = coco_ground_truth(rows, CATEGORIES)
     assert [a["id"] for a in gt["annotations"]] == list(range(1, 8))  # renumbered from the rows' 0s
-    predictions = [r for row in rows for r in from_result_instances(row["image_id"], row["annotations"])]
+    predictions = [r for row in rows for r in to_coco_results(row["image_id"], row["annotations"])]
     metrics = coco_metrics(gt, predictions)
     assert set(metrics) == {"bbox", "segm"}
     for iou_type in ("bbox", "segm"):
@@ -73,7 +74,7 @@ def test_no_or_wrong_predictions_score_zero_and_undefined_is_null():
     assert format_table(metrics).splitlines()[1].split()[-1] == "-"
 
     shifted = [dict(r, bbox=[r["bbox"][0] + 40, r["bbox"][1] + 40, *r["bbox"][2:]], segmentation=None)
-               for r in from_result_instances(11, rows[0]["annotations"])]
+               for r in to_coco_results(11, rows[0]["annotations"])]
     metrics = coco_metrics(gt, shifted)
     assert metrics["bbox"]["AP"] < 0.05
 
@@ -81,7 +82,7 @@ def test_no_or_wrong_predictions_score_zero_and_undefined_is_null():
 def test_half_the_objects_found():
     rows = _rows()
     gt = coco_ground_truth(rows, CATEGORIES)
-    predictions = [r for row in rows for r in from_result_instances(row["image_id"], row["annotations"][:1])]
+    predictions = [r for row in rows for r in to_coco_results(row["image_id"], row["annotations"][:1])]
     metrics = coco_metrics(gt, predictions)
     assert 0.2 < metrics["bbox"]["AP"] < 0.8
     assert metrics["bbox"]["AP"] == pytest.approx(metrics["segm"]["AP"], abs=0.05)

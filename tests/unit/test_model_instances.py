@@ -6,8 +6,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from model.errors import MaskrayError
-from pipeline.instances import (Instances, decode_mask, encode_masks, from_result_instances,
-                                to_result_instances)
+from pipeline.instances import Instances, decode_mask, encode_masks
 
 
 def _output(h=40, w=50):
@@ -47,11 +46,6 @@ def test_to_coco_and_back():
     torch.testing.assert_close(back.boxes, inst.boxes)
     torch.testing.assert_close(back.scores, inst.scores)
     assert torch.equal(back.masks, inst.masks)
-
-    # results-row layout (counts as bytes) round trip
-    rows = to_result_instances(coco)
-    assert isinstance(rows[0]["segmentation"]["counts"], bytes)
-    assert from_result_instances(17, rows) == coco
 
 
 def test_subset_filter_empty_and_errors():

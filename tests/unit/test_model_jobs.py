@@ -10,8 +10,9 @@ from torchvision.io import decode_png, encode_png
 from jobs import cli
 from model import ModelConfig, build_from_config, save_checkpoint
 from pipeline.evaluate import evaluate_model
-from pipeline.data.format import RESULT_SCHEMA, Manifest, ShardWriter, make_annotation, make_row, write_manifest
-from pipeline.instances import Instances, encode_masks, from_result_instances, to_result_instances
+from pipeline.data.format import Manifest, ShardWriter, make_annotation, make_row, write_manifest
+from pipeline.instances import Instances, encode_masks
+from pipeline.results import RESULT_SCHEMA, result_instances_from_coco, to_coco_results
 from pipeline.show.draw import draw_instances
 
 CATEGORIES = [{"id": 4, "name": "square"}, {"id": 9, "name": "bar"}]
@@ -132,7 +133,7 @@ def test_show_job_from_checkpoint_and_from_results(dataset, tmp_path):
     for image_id in (1, 2, 3):
         _, gt = _image_and_targets(image_id)
         rows.append({"image_id": image_id, "file_name": f"{image_id}.png", "error": None, "model": "t",
-                     "instances": to_result_instances(gt.to_coco(image_id, [4, 9]))})
+                     "instances": result_instances_from_coco(gt.to_coco(image_id, [4, 9]))})
     pq.write_table(__import__("pyarrow").Table.from_pylist(rows, schema=RESULT_SCHEMA), results / "part-00000.parquet")
     out2 = tmp_path / "png2"
     assert cli.module_main("show", ["--results", str(results), "--data", dataset, "--out", str(out2), "--limit", "3",
