@@ -46,31 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
 
 
-def _stored_results(results_uri: str, image_ids: set[int]) -> dict[int, dict]:
-    """``image_id -> results row`` for the wanted images, from every Parquet file under ``results_uri``."""
-    import pyarrow.dataset as pads
-
-    from model.errors import MaskrayError
-    from pipeline import storage
-
-    files = storage.list_files(results_uri, suffixes=(".parquet",))
-    if not files:
-        raise MaskrayError(f"--results {results_uri}: no .parquet result files there")
-    found: dict[int, dict] = {}
-    for uri in files:
-        fs, path = storage.resolve(uri)
-        try:
-            table = pads.dataset(path, filesystem=fs, format="parquet").to_table(
-                columns=["image_id", "instances", "error"], filter=pads.field("image_id").isin(list(image_ids)))
-        except Exception as exc:  # noqa: BLE001 - name the file at fault
-            raise MaskrayError(f"--results {uri}: not a results file: {exc}".splitlines()[0]) from exc
-        for row in table.to_pylist():
-            found[int(row["image_id"])] = row
-        if len(found) == len(image_ids):
-            break
-    return found
-
-
 def run(args: argparse.Namespace) -> int:
     if args.results and not args.data:  # a gallery of a results prefix: no model, no --data
         from pipeline.show.gallery import DEFAULT_LIMIT, build_gallery
@@ -88,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.data.decode import decode_image
     from pipeline.evaluate import load_checkpoint_uri, predict_rows
     from pipeline.data.format import read_manifest, read_rows
-    from pipeline.instances import Instances, from_result_instances
+    from pipeline.instances import Instances
+    from pipeline.results import iter_rows, to_coco_results
     from pipeline.show.draw import render_overlay, to_png
 
     if not args.data:
@@ -115,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
             results = instances.to_coco(int(row["image_id"]), category_ids)
             drawn.append((row, image, [r for r in results if r["category_id"] not in unused]))
     else:
-        stored = _stored_results(args.results, {int(r["image_id"]) for r in rows})
+        stored = {int(r["image_id"]): r for r in iter_rows(args.results, ["image_id", "instances", "error"],
+                                                           image_ids={int(r["image_id"]) for r in rows})}
         for row in rows:
             result = stored.get(int(row["image_id"]))
             if result is None:
@@ -124,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             if result.get("error"):
                 logger.warning("image %s: stored result has an error (%s), skipped", row["image_id"], result["error"])
                 continue
-            drawn.append((row, decode_image(row["image"]), from_result_instances(row["image_id"], result["instances"])))
+            drawn.append((row, decode_image(row["image"]), to_coco_results(row["image_id"], result["instances"])))
 
     ids = sorted(names.keys() | {r["category_id"] for _, _, results in drawn for r in results})
     label_names = [names.get(i, str(i)) for i in ids]

@@ -193,32 +193,3 @@ def decode_mask(rle: dict[str, Any], image_size: tuple[int, int] | None = None) 
         obj = {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else bytes(counts)}
     return mask_utils.decode(obj)
 
-
-def to_result_instances(coco_results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The ``instances`` list of a results row (RESULT_SCHEMA): RLE ``counts`` as bytes."""
-    rows = []
-    for r in coco_results:
-        item = {"category_id": int(r["category_id"]), "score": float(r["score"]), "bbox": list(r["bbox"])}
-        seg = r.get("segmentation")
-        item["segmentation"] = None if seg is None else {
-            "size": list(seg["size"]),
-            "counts": seg["counts"].encode("ascii") if isinstance(seg["counts"], str) else bytes(seg["counts"]),
-        }
-        rows.append(item)
-    return rows
-
-
-def from_result_instances(image_id: int, items: Iterable[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    """COCO result dicts from a results row's ``instances`` (or a shard row's ``annotations``)."""
-    out = []
-    for item in items or []:
-        r = {"image_id": int(image_id), "category_id": int(item["category_id"]),
-             "score": 1.0 if item.get("score") is None else float(item["score"]),
-             "bbox": [float(v) for v in item["bbox"]]}
-        seg = item.get("segmentation")
-        if seg is not None:
-            counts = seg["counts"]
-            r["segmentation"] = {"size": [int(v) for v in seg["size"]],
-                                 "counts": counts if isinstance(counts, (str, list)) else bytes(counts).decode("ascii")}
-        out.append(r)
-    return out

@@ -1,6 +1,6 @@
 """A static HTML gallery of a results prefix (``maskray show --results``): no model, no Ray, no server.
 
-:func:`build_gallery` reads ``<results>/provenance.json`` to find the images (``input.uri``,
+:func:`build_gallery` reads ``<results>/provenance.json`` (:func:`pipeline.results.read_provenance`) to find the images (``input.uri``,
 ``input.kind``: "shards" = a maskray dataset whose rows are keyed by ``image_id``, "files" = a
 prefix of raw images, each result row's ``file_name`` being the image's object path), and writes::
 
@@ -14,7 +14,8 @@ The page uses relative links only and no script, font or style from elsewhere, s
 from ``file://`` or copied anywhere (an ``s3://`` out prefix included).
 
 Bounded work whatever the size of the run: the counts and the histogram are computed over ALL
-rows by streaming the results files one at a time, one record batch at a time, reading only the
+rows by streaming the results files one at a time, one record batch at a time
+(:func:`pipeline.results.iter_batches`), reading only the
 columns they need (``error``, ``file_name``, and each instance's ``category_id`` and ``score``:
 never the masks); what is kept is a counter per category, :data:`SCORE_BINS` histogram bins and
 at most :data:`MAX_ERRORS_LISTED` error rows. Overlays are drawn for the first ``limit`` rows
@@ -28,45 +29,27 @@ from __future__ import annotations
 
 import html
 import io
-import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from model.errors import MaskrayError, error_text
+from pipeline.results import PROVENANCE, iter_batches, read_provenance, result_files
 
 logger = logging.getLogger(__name__)
 
 PAGE = "index.html"
-PROVENANCE = "provenance.json"  # as pipeline.infer.driver.PROVENANCE (not imported: it pulls in the model)
 DEFAULT_LIMIT = 64  # overlays drawn
 THUMB_SIDE = 256  # px, longer side of a thumbnail
 SCORE_BINS = 20  # histogram bins over [0, 1]
 MAX_ERRORS_LISTED = 500  # error rows named on the page (all are counted)
-BATCH_ROWS = 256  # rows per record batch when streaming a results file
 _STAT_COLUMNS = ["file_name", "error", "instances.list.element.category_id", "instances.list.element.score"]
 
 
-# --------------------------------------------------------------------------- provenance and names
-
-
-def read_provenance(results_uri: str) -> dict:
-    """``<results_uri>/provenance.json`` as a dict; {} when there is none."""
-    from pipeline import storage
-
-    uri = storage.join(results_uri, PROVENANCE)
-    if not storage.exists(uri):
-        return {}
-    try:
-        record = json.loads(storage.read_bytes(uri))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MaskrayError(f"{uri}: malformed JSON ({exc})") from None
-    if not isinstance(record, dict):
-        raise MaskrayError(f"{uri}: not a JSON object")
-    return record
+# --------------------------------------------------------------------------- names
 
 
 def category_names(provenance: dict, manifest_categories: Sequence[dict] = ()) -> dict[int, str]:
@@ -125,33 +108,6 @@ class ResultStats:
                 self.error_rows.append((str(names[i].as_py()), str(errors[i].as_py())))
 
 
-def _results_files(results_uri: str) -> list[str]:
-    """URIs of the results files (``*.parquet``) directly under ``results_uri``, sorted."""
-    from pipeline import storage
-
-    files = [u for u in storage.list_files(results_uri, suffixes=(".parquet",))
-             if "/" not in storage.relative(u, results_uri)]
-    if not files:
-        raise MaskrayError(f"--results {results_uri}: no .parquet results files there")
-    return files
-
-
-def _batches(uri: str, columns: list[str]) -> Iterator[Any]:
-    """Record batches (:data:`BATCH_ROWS` rows) of one results file, only ``columns``."""
-    import pyarrow.parquet as pq
-
-    from pipeline import storage
-
-    fs, path = storage.resolve(uri)
-    try:
-        with fs.open_input_file(path) as f:
-            yield from pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=columns)
-    except MaskrayError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - name the file at fault
-        raise MaskrayError(f"{uri}: not a results file ({error_text(exc)})") from exc
-
-
 def scan_results(files: Sequence[str], *, score_thresh: float,
                  limit: int) -> tuple[ResultStats, list[tuple[str, list[int]]]]:
     """``(stats over every row, sample)``: the sample is the first ``limit`` rows without an
@@ -161,7 +117,7 @@ def scan_results(files: Sequence[str], *, score_thresh: float,
     taken = 0
     for uri in files:
         offset, positions = 0, []
-        for batch in _batches(uri, _STAT_COLUMNS):
+        for batch in iter_batches(uri, _STAT_COLUMNS):
             stats.add(batch)
             if taken < limit:
                 ok = np.flatnonzero(batch.column("error").is_null().to_numpy(zero_copy_only=False))
@@ -179,7 +135,7 @@ def sample_rows(sample: Sequence[tuple[str, list[int]]]) -> list[dict]:
     rows: list[dict] = []
     for uri, positions in sample:
         last, offset = max(positions), 0
-        for batch in _batches(uri, ["image_id", "file_name", "instances"]):
+        for batch in iter_batches(uri, ["image_id", "file_name", "instances"]):
             picked = [p - offset for p in positions if offset <= p < offset + batch.num_rows]
             if picked:
                 rows.extend(batch.take(picked).to_pylist())
@@ -456,7 +412,7 @@ def build_gallery(results_uri: str, out_uri: str, *, images_uri: str | None = No
 
         kind = "shards" if storage.exists(manifest_uri(images_uri)) else "files"
     source = ImageSource(kind, str(recorded.get("uri") or images_uri), images_uri)
-    files = _results_files(results_uri)
+    files = result_files(results_uri)
     stats, sample = scan_results(files, score_thresh=score_thresh, limit=limit)
     rows = sample_rows(sample)
     source.prefetch([int(r["image_id"]) for r in rows])
