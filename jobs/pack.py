@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs import cli
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipeline.data import ingest
+    from pipeline.data.ingest import IngestConfig
 
     parser.add_argument("--images", required=True, help="folder or s3:// prefix of images")
     parser.add_argument("--out", required=True, help="output dataset folder or s3:// prefix")
@@ -21,21 +23,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--categories-from", default=None, metavar="URI",
                         help="copy categories into the manifest from a maskray dataset or a "
                              "COCO json (for pseudo-labelling)")
-    ingest.add_arguments(parser)
+    cli.add_config_arguments(parser, IngestConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.data import ingest
+    from pipeline.config import to_dict
     from pipeline.data.convert import categories_from, pack_images
+    from pipeline.data.ingest import IngestConfig
 
     categories = categories_from(args.categories_from) if args.categories_from else None
     report = pack_images(args.images, args.out, first_id=args.first_id, categories=categories,
-                         **ingest.options_from_args(args))
+                         **to_dict(cli.config_from_args(IngestConfig, args)))
     print(report.summary())
     return 0
 
 
 if __name__ == "__main__":
-    from jobs import cli
-
     sys.exit(cli.module_main("pack"))

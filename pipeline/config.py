@@ -34,6 +34,18 @@ from model.errors import MaskrayError
 RUN_ONLY = {"result": False}  # field metadata: this setting does not change what a run computes
 
 
+def option(default: Any, help: str, *, result: bool = True, flag: str | None = None) -> Any:
+    """A config field that is also a command-line flag (``jobs.cli.add_config_arguments``).
+
+    ``help`` is the flag's help text; ``flag`` its name when not ``--field-name``; ``result=False``
+    marks it run-only (:data:`RUN_ONLY`). Mutable defaults (lists, dicts) are copied per instance.
+    """
+    meta = {"help": help, "flag": flag, **({} if result else RUN_ONLY)}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
 class ConfigError(MaskrayError):
     """An invalid configuration; the one-line message names the source and the dotted key at fault."""
 

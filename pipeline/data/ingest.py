@@ -33,10 +33,11 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from model.errors import MaskrayError
 from pipeline import storage
+from pipeline.config import option, require, run_only_keys, to_dict
 from pipeline.data.decode import DEFAULT_MAX_PIXELS
 from pipeline.data.format import (DEFAULT_IMAGES_PER_SHARD, DEFAULT_MAX_SHARD_BYTES,
                              DEFAULT_ROW_GROUP_SIZE, Manifest, ShardInfo, ShardWriter,
@@ -53,65 +54,39 @@ MAX_PROBLEMS_LOGGED = 50
 
 
 @dataclass(frozen=True)
-class IngestOptions:
-    """How a convert/pack run cuts and reads (see the module docstring)."""
+class IngestConfig:
+    """How a convert/pack run cuts and reads (see the module docstring); ``maskray convert`` /
+    ``pack`` flags and ``--set`` map onto these fields (``jobs.cli.add_config_arguments``)."""
 
-    images_per_shard: int = DEFAULT_IMAGES_PER_SHARD
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
-    row_group_size: int = DEFAULT_ROW_GROUP_SIZE
-    workers: int = 8  # reading threads per chunk (objects in flight = 4 x workers)
-    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    CONFIG_ROOT: ClassVar[bool] = True
+
+    images_per_shard: int = option(DEFAULT_IMAGES_PER_SHARD, f"images per shard (default {DEFAULT_IMAGES_PER_SHARD})")
+    max_shard_bytes: int = option(DEFAULT_MAX_SHARD_BYTES, "approximate shard size limit in bytes (default 256 MiB)")
+    row_group_size: int = option(DEFAULT_ROW_GROUP_SIZE, f"rows per Parquet row group (default {DEFAULT_ROW_GROUP_SIZE})")
+    max_pixels: int | None = option(DEFAULT_MAX_PIXELS, "images with more pixels (read from the header) are "
+                                    f"skipped before decoding (default {DEFAULT_MAX_PIXELS:,})")
+    workers: int = option(8, "threads reading images in each shard's task (default 8)", result=False)
     # "ray": Ray Data tasks on the cluster; "local": this process (threads); "auto" (what
     # maskray convert/pack default to): Ray when RAY_ADDRESS is set (a cluster, or a
     # submitted job's driver) or Ray is already initialised here, else this process
-    runner: str = "local"
+    runner: str = option("auto", "ray: one Ray Data task per shard on the cluster (RAY_ADDRESS, else a local "
+                         "Ray); local: this process only; auto (default): ray when RAY_ADDRESS is set "
+                         "(e.g. a submitted job), else local", result=False)
 
     def __post_init__(self) -> None:
-        if self.images_per_shard < 1:
-            raise ValueError(f"images_per_shard must be >= 1, got {self.images_per_shard}")
-        if self.max_shard_bytes < 1 or self.row_group_size < 1:
-            raise ValueError("max_shard_bytes and row_group_size must be >= 1")
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
-        if self.max_pixels is not None and self.max_pixels < 1:
-            raise ValueError(f"max_pixels must be >= 1 or None, got {self.max_pixels}")
-        if self.runner not in RUNNERS:
-            raise ValueError(f"runner {self.runner!r} is not one of {', '.join(RUNNERS)}")
+        require(self.images_per_shard >= 1, "images_per_shard", f"must be >= 1, got {self.images_per_shard}")
+        require(self.max_shard_bytes >= 1, "max_shard_bytes", f"must be >= 1, got {self.max_shard_bytes}")
+        require(self.row_group_size >= 1, "row_group_size", f"must be >= 1, got {self.row_group_size}")
+        require(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
+        require(self.max_pixels is None or self.max_pixels >= 1, "max_pixels",
+                f"must be >= 1 or None, got {self.max_pixels}")
+        require(self.runner in RUNNERS, "runner", f"{self.runner!r} is not one of {', '.join(RUNNERS)}")
 
     def planning(self) -> dict:
-        """The options that decide the plan and the shards' contents (the plan's identity)."""
-        return {"images_per_shard": self.images_per_shard,
-                "max_shard_bytes": self.max_shard_bytes,
-                "row_group_size": self.row_group_size, "max_pixels": self.max_pixels}
-
-
-def add_arguments(parser) -> None:
-    """The flags ``maskray convert`` and ``maskray pack`` share (an ``argparse`` parser)."""
-    parser.add_argument("--images-per-shard", type=int, default=DEFAULT_IMAGES_PER_SHARD,
-                        help=f"images per shard (default {DEFAULT_IMAGES_PER_SHARD})")
-    parser.add_argument("--max-shard-mb", type=float,
-                        default=DEFAULT_MAX_SHARD_BYTES / (1024 * 1024),
-                        help="approximate shard size limit in MB (default 256)")
-    parser.add_argument("--row-group-size", type=int, default=DEFAULT_ROW_GROUP_SIZE,
-                        help=f"rows per Parquet row group (default {DEFAULT_ROW_GROUP_SIZE})")
-    parser.add_argument("--workers", type=int, default=8,
-                        help="threads reading images in each shard's task (default 8)")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help="images with more pixels (read from the header) are skipped "
-                             f"before decoding (default {DEFAULT_MAX_PIXELS:,})")
-    parser.add_argument("--runner", choices=RUNNERS, default="auto",
-                        help="ray: one Ray Data task per shard on the cluster (RAY_ADDRESS, else "
-                             "a local Ray); local: this process only; auto (default): ray when "
-                             "RAY_ADDRESS is set (e.g. a submitted job), else local")
-
-
-def options_from_args(args) -> dict:
-    """Keyword arguments of :func:`pipeline.data.convert.convert_coco`/``pack_images`` from the
-    flags of :func:`add_arguments`."""
-    return {"images_per_shard": args.images_per_shard,
-            "max_shard_bytes": int(args.max_shard_mb * 1024 * 1024),
-            "row_group_size": args.row_group_size, "workers": args.workers,
-            "max_pixels": args.max_pixels, "runner": args.runner}
+        """The settings that decide the plan and the shards' contents (the plan's identity): every
+        field but the run-only ones (:func:`pipeline.config.run_only_keys`)."""
+        skip = run_only_keys(IngestConfig)
+        return {k: v for k, v in to_dict(self).items() if k not in skip}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,18 +233,21 @@ class IngestJob:
     source: str  # the COCO json or the images prefix: the manifest's ``source``
     images_uri: str
     out_uri: str
-    options: IngestOptions
+    options: IngestConfig
     plan_items: Callable
     chunk_rows: Callable
     params: dict = field(default_factory=dict)  # kind-specific (first_id, suffixes...)
     manifest_extra: dict = field(default_factory=dict)
     digest: Callable | None = None  # digest(job) -> str: the source's content identity
 
+    def settings(self, source_digest: str) -> dict:
+        """What decides the plan and the shards (the run record kept in the plan)."""
+        return json.loads(json.dumps({"version": PLAN_VERSION, "kind": self.kind, "source": self.source,
+                                      "images": self.images_uri, "digest": source_digest,
+                                      "options": self.options.planning(), "params": self.params}, default=str))
+
     def identity(self, source_digest: str) -> str:
-        blob = json.dumps({"version": PLAN_VERSION, "kind": self.kind, "source": self.source,
-                           "images": self.images_uri, "digest": source_digest,
-                           "options": self.options.planning(), "params": self.params},
-                          sort_keys=True, default=str)
+        blob = json.dumps(self.settings(source_digest), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -337,15 +315,22 @@ def _clear_state(out_uri: str) -> None:
 
 def plan_task(job: IngestJob) -> dict:
     """Step 1: the plan record (reused when an earlier run made the same one)."""
-    identity = job.identity(job.digest(job) if job.digest else "")
+    digest = job.digest(job) if job.digest else ""
+    identity, settings = job.identity(digest), job.settings(digest)
     plan_uri = state_uri(job.out_uri, PLAN_NAME)
     existing = _read_json(plan_uri)
     if isinstance(existing, dict) and existing.get("identity") == identity:
         log.info("resuming %s: reusing its plan (%d chunks)", job.out_uri, existing["chunks"])
         return existing
     if existing is not None:
-        log.info("%s: an earlier run with other inputs or options; its state is discarded",
-                 job.out_uri)
+        # ingest's rule for a changed rerun: the shards are a function of these settings, so an
+        # earlier run's state is discarded (never refused: nothing downstream is lost)
+        from pipeline import runrecord
+
+        old = existing.get("settings") if isinstance(existing, dict) else None
+        changed = runrecord.describe(old, settings, runrecord.differences(old, settings)) if old else "unrecorded"
+        log.info("%s: an earlier run with other inputs or options (%s); its state is discarded",
+                 job.out_uri, changed)
     _clear_state(job.out_uri)
     rep = Reporter(job.out_uri)
     chunker = _Chunker(job.out_uri, job.options.images_per_shard, job.options.max_shard_bytes)
@@ -354,7 +339,7 @@ def plan_task(job: IngestJob) -> dict:
     record = rep.report.to_record()
     problems = record.pop("problems")
     _write_json(state_uri(job.out_uri, "plan-problems.json"), problems)
-    plan = {"version": PLAN_VERSION, "identity": identity, "chunks": chunker.count,
+    plan = {"version": PLAN_VERSION, "identity": identity, "settings": settings, "chunks": chunker.count,
             "record": record, "problems": problems[:MAX_REPORT_PROBLEMS],
             "problems_total": len(problems), "extra": extra}
     _write_json(plan_uri, plan)  # last: a plan is used only once all its chunks are written
@@ -446,7 +431,7 @@ def _run_ray(job: IngestJob) -> tuple[dict, Iterator[dict]]:
 
 
 def resolve_runner(runner: str) -> str:
-    """``"ray"`` or ``"local"`` for an :class:`IngestOptions` runner (``"auto"`` decided here)."""
+    """``"ray"`` or ``"local"`` for an :class:`IngestConfig` runner (``"auto"`` decided here)."""
     if runner != "auto":
         return runner
     import os

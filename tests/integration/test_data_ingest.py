@@ -144,7 +144,7 @@ def test_no_key_value_crosses_processes_or_lands_in_files(s3, ray_local, tmp_pat
     # what Ray ships: the ingest job (task argument), the filesystems, a Ray Data read plan
     fs, _ = storage.resolve(out)
     job = ingest.IngestJob(kind="pack", source=src, images_uri=src, out_uri=out,
-                           options=ingest.IngestOptions(runner="ray"),
+                           options=ingest.IngestConfig(runner="ray"),
                            plan_items=convert._plan_pack, chunk_rows=convert._pack_rows)
     ds = dataset.read_shards(out)
     for name, obj in (("the ingest job", job), ("the S3 filesystem", fs),

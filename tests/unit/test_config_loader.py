@@ -97,3 +97,18 @@ def test_an_unreadable_record_is_one_line_naming_it(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(runrecord.RunChangedError, match=r"r\.json: not readable JSON"):
         runrecord.check(str(bad), {}, ignore=(), what="x", flag="--resume-anyway", alternative="y", override=False)
+
+
+def test_job_flags_and_set_map_onto_the_config_fields():
+    from jobs import cli
+    from pipeline.data.ingest import IngestConfig
+
+    args = cli.build_parser().parse_args(["pack", "--images", "i", "--out", "o", "--images-per-shard", "50",
+                                          "--set", "row_group_size=16", "--set", "runner=local"])
+    cfg = cli.config_from_args(IngestConfig, args)
+    assert (cfg.images_per_shard, cfg.row_group_size, cfg.runner, cfg.workers) == (50, 16, "local", 8)
+    assert "images_per_shard" in cfg.planning() and "workers" not in cfg.planning()  # run-only
+    bad = cli.build_parser().parse_args(["convert", "--coco", "c", "--images", "i", "--out", "o",
+                                         "--set", "workers=0"])
+    with pytest.raises(ConfigError, match=r"^the command line: workers: must be >= 1, got 0$"):
+        cli.config_from_args(IngestConfig, bad)
