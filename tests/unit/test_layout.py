@@ -66,3 +66,51 @@ def test_dependencies_point_one_way():
     for path in (REPO / "pipeline").rglob("*.py"):
         bad = sorted(n for n in _imports(path) if n.split(".")[0] == "jobs")
         assert not bad, f"{path.relative_to(REPO)} imports {bad}"
+
+
+# The packages of pipeline/ by job, and what each may import besides the shared top-level
+# modules (storage, config, runrecord, raysetup, weights, instances, results, evaluate, cluster):
+# data knows no job; train and infer are independent of each other; distill builds on train and
+# infer; show reads results (and decodes pixels as infer does); nothing builds on distill or show.
+JOB_PACKAGES = ("data", "train", "infer", "distill", "show")
+MAY_IMPORT = {
+    "data": set(),
+    "train": {"data"},
+    "infer": {"data"},
+    "distill": {"data", "train", "infer"},
+    "show": {"data", "infer"},
+}
+SHARED_MAY_IMPORT = {"data", "infer"}  # shared modules read datasets (data) and paste RLE (infer.paste)
+
+
+def package_violations(root: Path) -> list[str]:
+    """``"<file> imports pipeline.<pkg>"`` for every import across pipeline's packages that the
+    table above does not allow."""
+    found = []
+    for path in sorted((root / "pipeline").rglob("*.py")):
+        rel = path.relative_to(root / "pipeline").parts
+        own = rel[0] if len(rel) > 1 else None  # None: a shared top-level module
+        allowed = MAY_IMPORT.get(own, set()) if own else SHARED_MAY_IMPORT
+        for name in sorted(_imports(path)):
+            parts = name.split(".")
+            if parts[0] != "pipeline" or len(parts) < 2 or parts[1] not in JOB_PACKAGES:
+                continue
+            if parts[1] != own and parts[1] not in allowed:
+                found.append(f"pipeline/{'/'.join(rel)} imports pipeline.{parts[1]}")
+    return sorted(set(found))
+
+
+def test_pipeline_packages_depend_as_the_architecture_says():
+    assert package_violations(REPO) == []
+
+
+def test_the_package_check_catches_a_wrong_way_import(tmp_path):
+    for pkg in ("data", "train", "infer"):
+        (tmp_path / "pipeline" / pkg).mkdir(parents=True)
+    (tmp_path / "pipeline" / "data" / "a.py").write_text("def f():\n    from pipeline.train import loop\n")
+    (tmp_path / "pipeline" / "infer" / "b.py").write_text("import pipeline.data.format\nfrom pipeline import storage\n")
+    (tmp_path / "pipeline" / "train" / "c.py").write_text("from pipeline.infer.driver import run_inference\n")
+    (tmp_path / "pipeline" / "results.py").write_text("from pipeline.distill import run\n")
+    assert package_violations(tmp_path) == ["pipeline/data/a.py imports pipeline.train",
+                                            "pipeline/results.py imports pipeline.distill",
+                                            "pipeline/train/c.py imports pipeline.infer"]
