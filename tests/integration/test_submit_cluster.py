@@ -7,7 +7,10 @@ processes it started (found through that temp dir), never with a global ``ray st
 - a tiny shapes training job: ``maskray submit --wait -- train --config <tiny>`` -> SUCCEEDED,
   a checkpoint in the storage path, ``maskray status`` / ``logs`` agree;
 - an entry point that fails -> ``maskray submit --wait`` exits non-zero and shows the error;
-- ``maskray stop`` ends a running job (STOPPED).
+- ``maskray stop`` ends a running job (STOPPED);
+- a head with token authentication (Ray 2.60's default for ``ray start --head``): ``maskray
+  status`` without the token fails with one line naming the fix, with the token in
+  ``~/.ray/auth_token`` it works without ``RAY_AUTH_MODE`` set, a wrong token is named.
 """
 
 from __future__ import annotations
@@ -94,8 +97,8 @@ class LocalCluster:
         return subprocess.run(argv, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
 
 
-def _start_cluster(env: dict[str, str]) -> tuple[str, str]:
-    """Head (2 CPUs, dashboard) + one worker node (1 CPU) in a fresh temp dir; (temp dir, dashboard URL)."""
+def _start_cluster(env: dict[str, str], *, workers: int = 1) -> tuple[str, str]:
+    """Head (2 CPUs, dashboard) + ``workers`` worker nodes (1 CPU) in a fresh temp dir; (temp dir, dashboard URL)."""
     # Short path: Ray's unix sockets live under the temp dir (108-byte limit).
     temp_dir = tempfile.mkdtemp(prefix="mr-infra-", dir="/tmp")
     gcs, dashboard, client, agent, metrics, agent_grpc, runtime_env_agent = free_ports(7)
@@ -108,11 +111,12 @@ def _start_cluster(env: dict[str, str]) -> tuple[str, str]:
                         "--metrics-export-port", str(metrics), "--dashboard-agent-grpc-port", str(agent_grpc),
                         "--runtime-env-agent-port", str(runtime_env_agent), *common],
                        env=env, check=True, capture_output=True, text=True, timeout=120)
-        w_agent, w_metrics, w_grpc, w_renv = free_ports(4)
-        subprocess.run([ray, "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "1",
-                        "--dashboard-agent-listen-port", str(w_agent), "--metrics-export-port", str(w_metrics),
-                        "--dashboard-agent-grpc-port", str(w_grpc), "--runtime-env-agent-port", str(w_renv),
-                        *common], env=env, check=True, capture_output=True, text=True, timeout=120)
+        for _ in range(workers):
+            w_agent, w_metrics, w_grpc, w_renv = free_ports(4)
+            subprocess.run([ray, "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "1",
+                            "--dashboard-agent-listen-port", str(w_agent), "--metrics-export-port", str(w_metrics),
+                            "--dashboard-agent-grpc-port", str(w_grpc), "--runtime-env-agent-port", str(w_renv),
+                            *common], env=env, check=True, capture_output=True, text=True, timeout=120)
     except BaseException:
         _stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -120,25 +124,33 @@ def _start_cluster(env: dict[str, str]) -> tuple[str, str]:
     return temp_dir, f"http://127.0.0.1:{dashboard}"
 
 
+def _cluster_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
+               RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1",
+               # a node has 30 s to register with the GCS by default: too short on an overloaded machine
+               RAY_raylet_start_wait_time_s="120")
+    return env
+
+
+def _started(env: dict[str, str], *, workers: int) -> tuple[str, str]:
+    """:func:`_start_cluster`, retried once from scratch when a start fails."""
+    for attempt in (1, 2):
+        try:
+            return _start_cluster(env, workers=workers)
+        except subprocess.CalledProcessError as exc:
+            if attempt == 2:
+                pytest.fail(f"ray start failed twice: {exc.stderr[-2000:]}")
+
+
 @pytest.fixture(scope="module")
 def cluster():
     if shutil.which("ray", path=str(BIN)) is None or shutil.which("maskray", path=str(BIN)) is None:
         pytest.skip("the ray / maskray console scripts are not in this environment")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     # RAY_AUTH_MODE pinned: Ray 2.60 turns token auth on when ~/.ray/auth_token exists (another
     # local Ray may have made one); this private cluster and its clients agree on "disabled".
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
-               RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1",
-               # a node has 30 s to register with the GCS by default: too short on an overloaded machine
-               RAY_raylet_start_wait_time_s="120")
-    # and a start that still fails is retried once from scratch
-    for attempt in (1, 2):
-        try:
-            temp_dir, address = _start_cluster(env)
-            break
-        except subprocess.CalledProcessError as exc:
-            if attempt == 2:
-                pytest.fail(f"ray start failed twice: {exc.stderr[-2000:]}")
+    env = {**_cluster_env(), "RAY_AUTH_MODE": "disabled"}
+    temp_dir, address = _started(env, workers=1)
     try:
         yield LocalCluster(temp_dir, address, env)
     finally:
@@ -236,3 +248,56 @@ def test_stop_ends_a_running_job(cluster, shapes):
     stop = cluster.maskray("stop", "--wait", submission)
     assert stop.returncode == 0 and "STOPPED" in stop.stdout, stop.stdout + stop.stderr
     assert "\tSTOPPED\t" in cluster.maskray("status", submission).stdout
+
+
+@pytest.fixture(scope="module")
+def token_cluster(tmp_path_factory):
+    """A head (no worker) with token authentication on, its token given by RAY_AUTH_TOKEN and a
+    HOME of its own, so no token of this machine's ~/.ray is read or written."""
+    if shutil.which("ray", path=str(BIN)) is None or shutil.which("maskray", path=str(BIN)) is None:
+        pytest.skip("the ray / maskray console scripts are not in this environment")
+    import secrets
+
+    token = secrets.token_hex(16)
+    env = {**_cluster_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "HOME": str(tmp_path_factory.mktemp("head-home"))}
+    temp_dir, address = _started(env, workers=0)
+    try:
+        yield temp_dir, address, token
+    finally:
+        _stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _client(token_cluster, home: Path, **extra: str) -> LocalCluster:
+    """maskray run as a user on another machine would: a HOME of its own, no RAY_* set but ``extra``."""
+    temp_dir, address, _ = token_cluster
+    home.mkdir(parents=True, exist_ok=True)
+    return LocalCluster(temp_dir, address, {**_cluster_env(), "HOME": str(home), **extra})
+
+
+def test_token_auth_cluster_without_the_token_names_the_fix(token_cluster, tmp_path):
+    _, address, _ = token_cluster
+    for extra in ({}, {"RAY_AUTH_MODE": "disabled"}):
+        result = _client(token_cluster, tmp_path / "home", **extra).maskray("status")
+        assert result.returncode == 1, result.stdout + result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith(f"maskray status: error: the Ray cluster at {address} requires token authentication")
+        assert "~/.ray/auth_token" in lines[0] and "RAY_AUTH_MODE=token" in lines[0], lines[0]
+    wrong = _client(token_cluster, tmp_path / "home", RAY_AUTH_TOKEN="0" * 32).maskray("status")
+    assert wrong.returncode == 1 and "refused the auth token sent from here" in wrong.stderr, wrong.stderr
+
+
+@pytest.mark.slow
+def test_token_auth_cluster_with_the_token_in_home_runs_a_job(token_cluster, tmp_path):
+    """The token in ~/.ray/auth_token is enough: RAY_AUTH_MODE need not be set."""
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(token_cluster[2])
+    client = _client(token_cluster, home)
+    assert client.maskray("status").returncode == 0
+    result = client.maskray("submit", "--wait", "--", "pack", "--help", timeout=240)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "SUCCEEDED" in result.stderr and "--images" in result.stdout
+    assert "\tSUCCEEDED\t" in client.maskray("status", _submission_id(result.stdout)).stdout
