@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("jobs.convert", "convert a COCO dataset (json + images) to maskray shards"),
     "pack": ("jobs.pack", "pack a folder or bucket prefix of raw images into unlabeled shards"),
     "export": ("jobs.export", "write labeled shards back as one COCO JSON file (the reverse of convert)"),
-    "eval": ("jobs.evaluate", "COCO bbox/segm AP of a checkpoint on labeled shards"),
+    "eval": ("jobs.evaluate", "COCO bbox/segm/keypoint AP of a checkpoint on labeled shards"),
     "import": ("jobs.import_model", "write a maskray checkpoint from torchvision:NAME or a torchvision state dict"),
     "show": ("jobs.show", "write PNG overlays of a model's predictions"),
     "demo": ("jobs.demo", "run the whole product end to end on synthetic shapes"),

@@ -1,10 +1,12 @@
-"""``maskray eval``: COCO bbox/segm AP of a checkpoint on labeled shards (``python -m jobs.evaluate`` is the same).
+"""``maskray eval``: COCO bbox/segm (and keypoint) AP of a checkpoint on labeled shards (``python -m jobs.evaluate`` is the same).
 
 Loads the checkpoint (our format: model state + config with categories), runs the model over
 every image of the dataset (or the first ``--limit``), evaluates with pycocotools ``COCOeval``
 against the shards' ground truth, prints the AP table and optionally writes ``metrics.json``
 (``{"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl"}, "segm": {...}}``, values in [0, 1],
-``null`` where COCOeval has no ground truth of that size).
+``null`` where COCOeval has no ground truth of that size). A keypoint model on a dataset whose
+categories name keypoints also gets ``"keypoints": {"AP", "AP50", "AP75", "APm", "APl"}`` (OKS;
+``--kpt-oks-sigmas`` for a skeleton other than COCO person's 17 keypoints).
 """
 
 from __future__ import annotations
@@ -29,6 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                         help="autocast dtype for inference (CUDA; default none)")
+    parser.add_argument("--kpt-oks-sigmas", type=sigma_list, metavar="S1,S2,...",
+                        help="OKS sigmas, one per keypoint, for keypoint AP (default: COCO person's 17, "
+                             "which fit only K=17)")
+
+
+def sigma_list(text: str) -> list[float]:
+    """``--kpt-oks-sigmas`` "0.05,0.1,..." -> floats."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
 
 
 def resolve_device(name: str):
@@ -79,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
                 config.variant, config.num_classes - 1, args.data, device)
     metrics = evaluate_model(model, args.data, manifest.categories, category_ids=config.category_ids(),
                              batch_size=args.batch_size, device=device, limit=args.limit,
-                             amp_dtype=amp_dtype(args.amp))
+                             amp_dtype=amp_dtype(args.amp), kpt_oks_sigmas=args.kpt_oks_sigmas)
     print(format_table(metrics))
     if args.out:
         storage.write_bytes(args.out, (json.dumps(metrics_to_json(metrics), indent=2) + "\n").encode())

@@ -1,11 +1,21 @@
-"""COCO bbox and segm evaluation (pycocotools ``COCOeval``) of predictions against shard ground truth.
+"""COCO bbox, segm and keypoint evaluation (pycocotools ``COCOeval``) of predictions against shard ground truth.
 
 Metrics layout, the same everywhere metrics are written::
 
-    {"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl"}, "segm": {...same keys}}
+    {"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl"}, "segm": {...same keys},
+     "keypoints": {"AP", "AP50", "AP75", "APm", "APl"}}
 
 Values are in [0, 1]. ``None`` (``null`` in JSON) stands for COCOeval's -1: no ground truth
-in that size range (or no ground truth at all), so the metric is undefined.
+in that size range (or no ground truth at all), so the metric is undefined. COCOeval has no
+small-object keypoint AP, so ``keypoints`` has no ``APs``.
+
+Keypoints (``iouType='keypoints'``, OKS) are evaluated on the categories whose ``keypoints``
+name K points, when the ground truth has such categories and the predictions carry keypoints
+(``x, y, v`` × K; OKS reads only x and y). OKS needs one sigma per keypoint: COCO person's 17
+(pycocotools' default) for K = 17, and ``kpt_oks_sigmas`` (``eval.kpt_oks_sigmas``) for any
+other K, checked against K: COCOeval would otherwise fail with "shapes (17,) (K,)". Ground
+truth of a keypoint category without keypoints counts as ``num_keypoints = 0`` (ignored by
+COCOeval, as COCO's crowd and unlabeled people are).
 """
 
 from __future__ import annotations
@@ -25,15 +35,51 @@ from pipeline.results import to_coco_results
 
 log = logging.getLogger(__name__)
 
-IOU_TYPES = ("bbox", "segm")
+IOU_TYPES = ("bbox", "segm", "keypoints")
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+KEYPOINT_METRIC_KEYS = ("AP", "AP50", "AP75", "APm", "APl")  # COCOeval stats[0:5] for keypoints
+
+
+def default_kpt_oks_sigmas() -> np.ndarray:
+    """COCO person's 17 OKS sigmas, as pycocotools sets them (``Params.setKpParams``)."""
+    from pycocotools.cocoeval import Params
+
+    return np.asarray(Params(iouType="keypoints").kpt_oks_sigmas, dtype=np.float64)
+
+
+def keypoint_categories(categories: Sequence[dict]) -> dict[int, int]:
+    """``{category id: K}`` of the categories that name keypoints."""
+    return {int(c["id"]): len(c["keypoints"]) for c in categories if c.get("keypoints")}
+
+
+def oks_sigmas(num_keypoints: int, kpt_oks_sigmas: Sequence[float] | None = None) -> np.ndarray:
+    """The OKS sigmas for K = ``num_keypoints``: ``kpt_oks_sigmas`` when given (one per keypoint,
+    each > 0), else COCO person's 17 when K = 17; a one-line :class:`MaskrayError` otherwise."""
+    if kpt_oks_sigmas is None or len(kpt_oks_sigmas) == 0:
+        default = default_kpt_oks_sigmas()
+        if num_keypoints != len(default):
+            raise MaskrayError(f"keypoint evaluation: K={num_keypoints} keypoints need eval.kpt_oks_sigmas "
+                               f"({num_keypoints} values, one per keypoint); COCO person's 17 sigmas fit "
+                               f"only K=17")
+        return default
+    sigmas = np.asarray([float(s) for s in kpt_oks_sigmas], dtype=np.float64)
+    if len(sigmas) != num_keypoints:
+        raise MaskrayError(f"keypoint evaluation: kpt_oks_sigmas has {len(sigmas)} values but the "
+                           f"keypoint categories have K={num_keypoints}")
+    if not np.all(np.isfinite(sigmas) & (sigmas > 0)):
+        raise MaskrayError(f"keypoint evaluation: every kpt_oks_sigmas value must be > 0, got {sigmas.tolist()}")
+    return sigmas
 
 
 def coco_ground_truth(rows: Iterable[dict[str, Any]], categories: Sequence[dict]) -> dict[str, Any]:
     """A COCO ground-truth dataset dict from shard rows (``image_id``, ``width``, ``height``, ``annotations``).
 
-    Annotation ids are renumbered 1..N: pycocotools treats id 0 as "unmatched".
+    Annotation ids are renumbered 1..N: pycocotools treats id 0 as "unmatched". Annotations of a
+    category with K keypoints carry ``keypoints`` (``x, y, v`` × K; zeros where the shard has
+    none) and ``num_keypoints`` (the count of ``v > 0``); categories keep ``keypoints`` and
+    ``skeleton``.
     """
+    kp_cats = keypoint_categories(categories)
     images, annotations = [], []
     for row in rows:
         image_id = int(row["image_id"])
@@ -42,12 +88,24 @@ def coco_ground_truth(rows: Iterable[dict[str, Any]], categories: Sequence[dict]
         for ann in row.get("annotations") or []:
             gt = to_coco_results(image_id, [ann])[0]
             gt.pop("score")
+            gt.pop("keypoints", None)
+            k = kp_cats.get(int(ann["category_id"]))
+            if k:
+                kp = ann.get("keypoints")
+                gt["keypoints"] = [float(v) for v in kp] if kp is not None and len(kp) == 3 * k else [0.0] * (3 * k)
+                gt["num_keypoints"] = sum(1 for v in gt["keypoints"][2::3] if v > 0)
             gt["id"] = len(annotations) + 1
             gt["iscrowd"] = int(bool(ann.get("iscrowd")))
             gt["area"] = float(ann["area"]) if ann.get("area") is not None else float(gt["bbox"][2] * gt["bbox"][3])
             annotations.append(gt)
-    cats = [{"id": int(c["id"]), "name": str(c.get("name", c["id"])),
-             "supercategory": str(c.get("supercategory", ""))} for c in categories]
+    cats = []
+    for c in categories:
+        cat = {"id": int(c["id"]), "name": str(c.get("name", c["id"])),
+               "supercategory": str(c.get("supercategory", ""))}
+        if c.get("keypoints"):
+            cat["keypoints"] = list(c["keypoints"])
+            cat["skeleton"] = [list(pair) for pair in c.get("skeleton") or []]
+        cats.append(cat)
     return {"images": images, "annotations": annotations, "categories": cats}
 
 
@@ -66,30 +124,78 @@ def _coco(dataset: dict[str, Any]):
     return coco
 
 
-def _results_for(results: list[dict[str, Any]], iou_type: str) -> list[dict[str, Any]]:
-    """Results laid out for ``loadRes``: bbox eval uses box areas; segm eval uses mask areas and boxes."""
+def _results_for(results: list[dict[str, Any]], iou_type: str,
+                 kp_cats: dict[int, int] | None = None) -> list[dict[str, Any]]:
+    """Results laid out for ``loadRes``: bbox eval uses box areas; segm eval uses mask areas and
+    boxes; keypoint eval (COCO's keypoint results: no box, no mask) the keypoints of the
+    keypoint categories, whose extent ``loadRes`` makes the box and area."""
     if iou_type == "bbox":
         return [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
+    if iou_type == "keypoints":
+        out = []
+        for r in results:
+            k = (kp_cats or {}).get(int(r["category_id"]))
+            if not k or r.get("keypoints") is None:
+                continue
+            if len(r["keypoints"]) != 3 * k:
+                raise MaskrayError(f"image {r['image_id']}: a prediction of category {r['category_id']} has "
+                                   f"{len(r['keypoints'])} keypoint values, expected 3*{k}")
+            out.append({"image_id": r["image_id"], "category_id": r["category_id"], "score": r["score"],
+                        "keypoints": [float(v) for v in r["keypoints"]]})
+        return out
     return [{k: v for k, v in r.items() if k != "bbox"} for r in results if r.get("segmentation") is not None]
 
 
+def default_iou_types(ground_truth: dict[str, Any], results: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+    """What the predictions can be scored on: ``bbox``; ``segm`` unless they carry keypoints and
+    no masks (a keypoint-only model); ``keypoints`` when they carry keypoints and the ground
+    truth has keypoint categories."""
+    with_kp = any(r.get("keypoints") is not None for r in results)
+    with_masks = any(r.get("segmentation") is not None for r in results)
+    types = ["bbox"]
+    if with_masks or not with_kp:
+        types.append("segm")
+    if with_kp and keypoint_categories(ground_truth["categories"]):
+        types.append("keypoints")
+    return tuple(types)
+
+
 def coco_metrics(ground_truth: dict[str, Any], results: list[dict[str, Any]],
-                 iou_types: Sequence[str] = IOU_TYPES) -> dict[str, dict[str, float | None]]:
-    """COCOeval's AP, AP50, AP75, APs, APm, APl per IoU type, from a GT dataset dict and COCO results."""
+                 iou_types: Sequence[str] | None = None, *,
+                 kpt_oks_sigmas: Sequence[float] | None = None) -> dict[str, dict[str, float | None]]:
+    """COCOeval's metrics per IoU type, from a GT dataset dict (:func:`coco_ground_truth`) and COCO results.
+
+    ``iou_types`` defaults to :func:`default_iou_types`. ``keypoints`` runs ``COCOeval(iouType=
+    'keypoints')`` on the keypoint categories (they must share one K) with :func:`oks_sigmas`
+    (``kpt_oks_sigmas``, or COCO person's 17 for K = 17) set as ``params.kpt_oks_sigmas``.
+    """
     from pycocotools.cocoeval import COCOeval
 
+    if iou_types is None:
+        iou_types = default_iou_types(ground_truth, results)
     gt = _coco(ground_truth)
     image_ids = {img["id"] for img in ground_truth["images"]}
     stray = {r["image_id"] for r in results} - image_ids
     if stray:
         raise MaskrayError(f"predictions name image ids absent from the ground truth: {sorted(stray)[:5]}")
+    kp_cats = keypoint_categories(ground_truth["categories"])
     metrics: dict[str, dict[str, float | None]] = {}
     for iou_type in iou_types:
         if iou_type not in IOU_TYPES:
             raise MaskrayError(f"unknown COCO IoU type {iou_type!r}; use one of {', '.join(IOU_TYPES)}")
-        dets = _results_for(results, iou_type)
+        keys = KEYPOINT_METRIC_KEYS if iou_type == "keypoints" else METRIC_KEYS
+        sigmas = None
+        if iou_type == "keypoints":
+            if not kp_cats:
+                raise MaskrayError("keypoint evaluation: no category of the ground truth names keypoints")
+            ks = sorted(set(kp_cats.values()))
+            if len(ks) > 1:
+                raise MaskrayError(f"keypoint evaluation: the keypoint categories have different K {ks}; "
+                                   f"OKS takes one set of sigmas")
+            sigmas = oks_sigmas(ks[0], kpt_oks_sigmas)
+        dets = _results_for(results, iou_type, kp_cats)
         if not ground_truth["annotations"]:
-            metrics[iou_type] = dict.fromkeys(METRIC_KEYS)
+            metrics[iou_type] = dict.fromkeys(keys)
             continue
         if dets:
             dt = _quiet(gt.loadRes, dets)
@@ -98,21 +204,25 @@ def coco_metrics(ground_truth: dict[str, Any], results: list[dict[str, Any]],
                         "categories": ground_truth["categories"]})
         evaluator = COCOeval(gt, dt, iouType=iou_type)
         evaluator.params.imgIds = sorted(image_ids)
+        if sigmas is not None:
+            evaluator.params.kpt_oks_sigmas = sigmas
+            evaluator.params.catIds = sorted(kp_cats)
         _quiet(evaluator.evaluate)
         _quiet(evaluator.accumulate)
         _quiet(evaluator.summarize)
-        metrics[iou_type] = {
-            key: (None if value < 0 else float(value)) for key, value in zip(METRIC_KEYS, evaluator.stats[:6])
-        }
+        metrics[iou_type] = {key: (None if value < 0 else float(value))
+                             for key, value in zip(keys, evaluator.stats[:len(keys)])}
     return metrics
 
 
 def format_table(metrics: dict[str, dict[str, float | None]]) -> str:
-    """A fixed-width table: one row per IoU type, AP columns in percent ("-" for undefined)."""
-    lines = [f"{'':6}" + "".join(f"{k:>8}" for k in METRIC_KEYS)]
+    """A fixed-width table: one row per IoU type, AP columns in percent ("-" for undefined or absent,
+    e.g. keypoints' APs)."""
+    width = max([6, *(len(t) + 1 for t in metrics)])
+    lines = [f"{'':{width}}" + "".join(f"{k:>8}" for k in METRIC_KEYS)]
     for iou_type, values in metrics.items():
         cells = "".join(f"{'-':>8}" if values.get(k) is None else f"{100 * values[k]:8.1f}" for k in METRIC_KEYS)
-        lines.append(f"{iou_type:6}{cells}")
+        lines.append(f"{iou_type:{width}}{cells}")
     return "\n".join(lines)
 
 
@@ -174,8 +284,14 @@ def evaluate_model(model: torch.nn.Module, data: str | Iterable[dict[str, Any]],
                    categories: Sequence[dict] | None = None, *, category_ids: Sequence[int] | None = None,
                    batch_size: int = 2, device: str | torch.device = "cpu", limit: int | None = None,
                    amp_dtype: torch.dtype | None = None, skipped: list | None = None,
-                   max_bad_fraction: float = 0.01) -> dict[str, dict[str, float | None]]:
-    """COCO bbox/segm metrics of ``model`` on a dataset URI or on shard rows.
+                   max_bad_fraction: float = 0.01,
+                   kpt_oks_sigmas: Sequence[float] | None = None) -> dict[str, dict[str, float | None]]:
+    """COCO bbox/segm (and keypoint) metrics of ``model`` on a dataset URI or on shard rows.
+
+    What is scored follows the model's branches (torchvision's ``roi_heads.has_mask()`` /
+    ``has_keypoint()``; for other models :func:`default_iou_types` of its predictions):
+    ``keypoints`` when it predicts keypoints and ``categories`` name some, with
+    ``kpt_oks_sigmas`` (``eval.kpt_oks_sigmas``; None: COCO person's 17, for K = 17 only).
 
     ``categories`` (COCO dicts) define the ground truth's categories; for a URI they default
     to the manifest's. ``category_ids`` maps model labels 1..K to category ids
@@ -218,7 +334,24 @@ def evaluate_model(model: torch.nn.Module, data: str | Iterable[dict[str, Any]],
         raise MaskrayError("evaluation got no images")
     log.info("evaluated %d images, %d detections%s", len(seen), len(results),
              f"; {len(skipped)} undecodable images skipped" if skipped else "")
-    return coco_metrics(coco_ground_truth(seen, categories), results)
+    ground_truth = coco_ground_truth(seen, categories)
+    return coco_metrics(ground_truth, results, model_iou_types(model, categories),
+                        kpt_oks_sigmas=kpt_oks_sigmas)
+
+
+def model_iou_types(model: torch.nn.Module, categories: Sequence[dict]) -> tuple[str, ...] | None:
+    """The IoU types a torchvision-style detector is scored on: ``bbox``, ``segm`` with a mask
+    branch, ``keypoints`` with a keypoint branch and keypoint categories; None for a model
+    without ``roi_heads.has_mask`` (decided from its predictions)."""
+    heads = getattr(model, "roi_heads", None)
+    if heads is None or not callable(getattr(heads, "has_mask", None)):
+        return None
+    types = ["bbox"]
+    if heads.has_mask():
+        types.append("segm")
+    if callable(getattr(heads, "has_keypoint", None)) and heads.has_keypoint() and keypoint_categories(categories):
+        types.append("keypoints")
+    return tuple(types)
 
 
 def _rows_with_shard(dataset_uri: str) -> Iterator[dict[str, Any]]:

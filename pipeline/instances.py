@@ -27,7 +27,9 @@ class Instances:
     """The detections of one image (all tensors on one device, N rows each).
 
     ``boxes`` float32 [N, 4] xyxy pixels, ``scores`` float32 [N], ``labels`` int64 [N]
-    (1..K), ``masks`` bool [N, H, W] binary masks at image size (or None: boxes only).
+    (1..K), ``masks`` bool [N, H, W] binary masks at image size (or None: boxes only),
+    ``keypoints`` float32 [N, K, 3] ``x, y, score`` pixels (or None: no keypoints; ground truth
+    puts COCO's ``v`` where a prediction has its score).
     """
 
     image_size: tuple[int, int]  # (height, width)
@@ -35,6 +37,7 @@ class Instances:
     scores: torch.Tensor
     labels: torch.Tensor
     masks: torch.Tensor | None = None
+    keypoints: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
@@ -55,6 +58,9 @@ class Instances:
                 )
             if self.masks.dtype != torch.bool:
                 self.masks = self.masks > MASK_THRESHOLD if self.masks.is_floating_point() else self.masks != 0
+        if self.keypoints is not None and (self.keypoints.dim() != 3 or self.keypoints.shape[0] != n
+                                           or self.keypoints.shape[2] != 3):
+            raise MaskrayError(f"Instances keypoints must be [{n}, K, 3], got {tuple(self.keypoints.shape)}")
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -66,12 +72,14 @@ class Instances:
         return Instances(
             self.image_size, self.boxes[index], self.scores[index], self.labels[index],
             None if self.masks is None else self.masks[index],
+            None if self.keypoints is None else self.keypoints[index],
         )
 
     def to(self, device: torch.device | str) -> Instances:
         return Instances(
             self.image_size, self.boxes.to(device), self.scores.to(device), self.labels.to(device),
             None if self.masks is None else self.masks.to(device),
+            None if self.keypoints is None else self.keypoints.to(device),
         )
 
     def filter(self, score_thresh: float) -> Instances:
@@ -92,12 +100,18 @@ class Instances:
         if masks is not None:
             masks = (masks[:, 0] if masks.dim() == 4 else masks)
             masks = masks > mask_threshold if masks.is_floating_point() else masks != 0
+        keypoints = output.get("keypoints")
+        if keypoints is not None:  # torchvision: keypoints [N, K, 3] (v always 1), keypoints_scores [N, K]
+            keypoints = keypoints.detach().float().clone()
+            if output.get("keypoints_scores") is not None:
+                keypoints[:, :, 2] = output["keypoints_scores"].detach().float()
         return cls(
             image_size,
             output["boxes"].detach().float(),
             output["scores"].detach().float(),
             output["labels"].detach().long(),
             masks,
+            keypoints,
         )
 
     def to_coco(self, image_id: int, category_ids: Sequence[int]) -> list[dict[str, Any]]:
@@ -110,8 +124,10 @@ class Instances:
                 f"(model labels are 1..{len(category_ids)})"
             )
         rles = encode_masks(inst.masks) if inst.masks is not None else [None] * len(inst)
+        kps = inst.keypoints.reshape(len(inst), -1).tolist() if inst.keypoints is not None else [None] * len(inst)
         results = []
-        for box, score, label, rle in zip(boxes_to_xywh(inst.boxes).tolist(), inst.scores.tolist(), labels, rles):
+        for box, score, label, rle, kp in zip(boxes_to_xywh(inst.boxes).tolist(), inst.scores.tolist(), labels,
+                                              rles, kps):
             result = {
                 "image_id": int(image_id),
                 "category_id": int(category_ids[label - 1]),
@@ -120,13 +136,18 @@ class Instances:
             }
             if rle is not None:
                 result["segmentation"] = rle
+            if kp is not None:
+                result["keypoints"] = kp  # x, y, score x K
             results.append(result)
         return results
 
     @classmethod
     def from_coco(cls, results: Iterable[dict[str, Any]], image_size: tuple[int, int],
                   category_ids: Sequence[int]) -> Instances:
-        """Back from COCO dicts (results or ground-truth annotations; ``score`` defaults to 1)."""
+        """Back from COCO dicts (results or ground-truth annotations; ``score`` defaults to 1).
+
+        ``keypoints`` (``x, y, score`` or ground truth's ``x, y, v`` × K) become [N, K, 3], zeros
+        for an instance without them (K the largest given); None when none has any."""
         results = list(results)
         index = {int(c): i + 1 for i, c in enumerate(category_ids)}
         h, w = image_size
@@ -141,6 +162,14 @@ class Instances:
             boxes.append([float(v) for v in r["bbox"]])
             segmentation = r.get("segmentation")
             masks.append(None if segmentation is None else torch.from_numpy(decode_mask(segmentation, image_size)))
+        kps = [r.get("keypoints") or [] for r in results]
+        keypoints = None
+        if any(kps):
+            k = max(len(kp) for kp in kps) // 3
+            keypoints = torch.zeros(len(results), k, 3)
+            for i, kp in enumerate(kps):
+                if kp:
+                    keypoints[i, : len(kp) // 3] = torch.tensor(kp[: len(kp) // 3 * 3], dtype=torch.float32).reshape(-1, 3)
         if not results:
             mask_tensor = torch.zeros(0, h, w, dtype=torch.bool)
         elif all(m is not None for m in masks):
@@ -153,6 +182,7 @@ class Instances:
             torch.tensor(scores, dtype=torch.float32),
             torch.tensor(labels, dtype=torch.int64),
             mask_tensor,
+            keypoints,
         )
 
 
