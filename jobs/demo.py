@@ -166,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
     # 5. one data-distillation round, the trained model as the round-0 teacher.
     distill_summary = None
     if not args.skip_distill:
-        from pipeline.distill.run import load_distill_config, run_distill
+        from pipeline.distill.config import load_distill_config
+        from pipeline.distill.run import run_distill
 
         distill_config = load_distill_config(args.distill_config, [
             f"work_dir={paths['distill']}", f"data.labeled={paths['train']}", f"data.unlabeled={paths['pool']}",

@@ -1,14 +1,15 @@
 """``maskray distill``: data-distillation self-training rounds (``python -m jobs.distill`` is the same).
 
 Round 0 trains a teacher on the labeled data alone (:func:`pipeline.train.fit`) and evaluates it
-on the val split; each round K >= 1 runs the previous round's model with test-time
-augmentation over the unlabeled images (Ray Data), keeps the ensembled detections above
-per-class thresholds as pseudo-labels, trains a student on labeled + pseudo-labeled images
-mixed in every batch, and evaluates it. The state of every round is in
-``<work_dir>/rounds/round-K/state.json``: re-running the same command continues where a killed
-run stopped and never redoes a finished round; an unfinished round refuses a changed config
-unless ``--resume-anyway``. Prints the per-round summary table at the end.
-See ``pipeline/distill/run.py`` for the config layout and ``configs/distill-shapes-cpu.yaml``.
+on the val split; each round K >= 1 runs the previous round's model with test-time augmentation
+over the unlabeled images (a predictor of the inference engine, ``run_inference``: resumable,
+exactly once per unit), keeps the ensembled detections above per-class thresholds as
+pseudo-labels, trains a student on labeled + pseudo-labeled images mixed in every batch, and
+evaluates it. The state of every round is in ``<work_dir>/rounds/round-K/state.json``: re-running
+the same command continues where a killed run stopped and never redoes a finished round; an
+unfinished round refuses a changed config unless ``--resume-anyway``. Prints the per-round summary
+table at the end. See ``pipeline/distill/config.py`` for the config layout and
+``configs/distill-shapes-cpu.yaml``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.distill.run import load_distill_config, run_distill
+    from pipeline.distill.config import load_distill_config
+    from pipeline.distill.run import run_distill
     from pipeline.distill.rounds import format_summary, load_states
 
     start = time.perf_counter()

@@ -293,6 +293,7 @@ def run_inference(
     retry_errors: bool = False,
     on_unit_committed: Callable[[str], None] | None = None,
     amp: bool | None = None,
+    tta: dict | None = None,
 ) -> InferenceSummary:
     """Segment every image under ``dataset_uri`` (maskray shards, or a prefix of image files)
     into results files under ``output_uri`` (see the module docstring).
@@ -307,6 +308,8 @@ def run_inference(
     ``amp``: autocast in the model actors (float16 on a GPU, bfloat16 on a CPU: ~3x faster on CPUs
     with AMX, results no longer equal to float32's); None = on for GPU actors, off for CPU actors.
     ``predictor_factory`` replaces :class:`Predictor` in the actor pool (same keyword arguments).
+    ``tta``: test-time-augmentation options, passed to ``predictor_factory(tta=...)`` and recorded in
+    the provenance (``pipeline.distill.tta.TTAPredictor``: the teacher's pseudo-labelling).
     Units run :func:`units_per_task` to a read task, and travel to the model stage in groups
     (:func:`~pipeline.infer.stages.read_groups`).
     """
@@ -345,7 +348,7 @@ def run_inference(
         "input": identity,
         "options": {"score_threshold": float(score_threshold), "max_pixels": max_pixels, "min_size": min_size,
                     "amp": amp,
-                    "max_size": max_size, "exif": bool(exif), "intensity": intensity, "tta": None,
+                    "max_size": max_size, "exif": bool(exif), "intensity": intensity, "tta": tta,
                     "images_per_unit": images_per_unit,
                     "category_ids": category_ids},
     }
@@ -419,7 +422,8 @@ def run_inference(
                 fn_constructor_kwargs={"output_uri": output_uri, "category_ids": category_ids,
                                        "predictor_factory": predictor_factory,
                                        "checkpoint_uri": checkpoint_uri, "score_threshold": score_threshold,
-                                       "threads": threads, "batch_size": batch_size, "amp": amp},
+                                       "threads": threads, "batch_size": batch_size, "amp": amp,
+                                       **({"tta": tta} if tta is not None else {})},
                 # Bounded: a unit that kills its actor every time stops the run after a few tries
                 # (never an endless restart loop); retried units rewrite the same file.
                 max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES,

@@ -5,7 +5,10 @@ storage at module level (the GPU check script and unit tests use it without Ray)
 ``Predictor(checkpoint_uri=None, *, model=None, config=None, device=None, amp=None, score_threshold=0.0, threads=0)``
     ``predict(images)``: ``[3,H,W]`` images (uint8, or float in [0,1]) -> torchvision-style
     output dicts in each input's frame (``masks`` pasted, float ``[N,1,H,W]``), like
-    ``model(images)``; fine for small images, O(N*H*W) memory.
+    ``model(images)``; fine for small images, O(N*H*W) memory. A keypoint model's outputs carry
+    ``keypoints`` float ``[N,K,3]``: ``(x, y, score)`` per keypoint in the image's frame, the
+    score being torchvision's ``keypoints_scores`` (the heatmap logit at the point, where
+    torchvision puts a constant v = 1; visibility follows from it: ``model.keypoint_heads``).
     ``segment(images)``: the bounded path: per image a list of result instances (RLE pasted one
     instance at a time within its box, :mod:`pipeline.infer.paste`).
     ``forward_uint8(images)``: uint8 ``[3,H,W]`` at the original size -> boxes in the original
@@ -165,7 +168,7 @@ class Predictor:
     @property
     def min_size(self) -> int:
         """The resize target of the shorter side (the detector's eval ``min_size``); settable, so
-        TTA can rescale it (``pipeline.distill.label``), and read by :meth:`predict` on every call."""
+        TTA can rescale it (``pipeline.distill.tta``), and read by :meth:`predict` on every call."""
         return model_sizes(self.model)[0]
 
     @min_size.setter
@@ -195,10 +198,12 @@ class Predictor:
         """Detections for float ``[3,h,w]`` images already normalized (the model's mean/std) and
         then resized by :func:`resize_for_model`, torchvision's order (:meth:`prepare`).
 
-        Returns per image ``boxes`` (xyxy in the ORIGINAL frame), ``labels``, ``scores`` and
-        ``masks`` (``[N,1,M,M]`` mask probabilities, not yet pasted), keeping only scores >=
-        ``score_threshold`` and labels the config reports (not its ``unused_labels``); float32
-        tensors on the CPU (``cpu=False``: on the model's device).
+        Returns per image ``boxes`` (xyxy in the ORIGINAL frame), ``labels``, ``scores``, for a
+        mask model ``masks`` (``[N,1,M,M]`` mask probabilities, not yet pasted) and for a keypoint
+        model ``keypoints`` (``[N,K,3]``: x, y in the ORIGINAL frame, as torchvision's
+        ``resize_keypoints``, and the keypoint's score), keeping only scores >= ``score_threshold``
+        and labels the config reports (not its ``unused_labels``); float32 tensors on the CPU
+        (``cpu=False``: on the model's device).
         With ``threads`` > 1 the images run in lanes (see the class docstring); the outputs are in
         input order either way.
         """
@@ -235,7 +240,7 @@ class Predictor:
         threads (0: as it is). Autocast, inference mode and, with OpenMP, the thread count are
         per thread, so they are set here."""
         from torchvision.models.detection.image_list import ImageList
-        from torchvision.models.detection.transform import resize_boxes
+        from torchvision.models.detection.transform import resize_boxes, resize_keypoints
 
         if intra and torch.get_num_threads() != intra:
             torch.set_num_threads(intra)
@@ -259,8 +264,12 @@ class Predictor:
                 "boxes": resize_boxes(det["boxes"][keep].float(), size, tuple(orig)),
                 "labels": det["labels"][keep],
                 "scores": det["scores"][keep].float(),
-                "masks": det["masks"][keep].float(),
             }
+            if "masks" in det:
+                out["masks"] = det["masks"][keep].float()
+            if "keypoints" in det:  # (x, y, 1) -> (x, y, score), x and y in the original frame
+                points = resize_keypoints(det["keypoints"][keep].float(), size, tuple(orig))
+                out["keypoints"] = torch.cat([points[..., :2], det["keypoints_scores"][keep].float()[..., None]], -1)
             results.append({k: v.cpu() for k, v in out.items()} if cpu else out)
         return results
 
@@ -269,14 +278,15 @@ class Predictor:
     def predict(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """torchvision-style outputs for ``[3,H,W]`` images (uint8 or float [0,1]), each in its
         input's frame, masks pasted (``[N,1,H,W]`` probabilities), on the model's device, like
-        ``model(images)`` in eval mode."""
+        ``model(images)`` in eval mode; keypoints as ``(x, y, score)`` (:meth:`forward_resized`)."""
         from torchvision.models.detection.roi_heads import paste_masks_in_image
 
         floats = [to_float(img) for img in images]
         sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in floats]
         outputs = self.forward_resized([self.prepare(f) for f in floats], sizes, cpu=False)
         for out, size in zip(outputs, sizes):
-            out["masks"] = paste_masks_in_image(out["masks"], out["boxes"], size)
+            if "masks" in out:
+                out["masks"] = paste_masks_in_image(out["masks"], out["boxes"], size)
         return outputs
 
     # ---- bounded outputs and the Ray Data model stage
@@ -354,14 +364,14 @@ class Predictor:
                 ims = [torch.frombuffer(pixels[i].as_buffer(), dtype=torch.uint8).view(3, heights[i], widths[i])
                        for i in chunk]
                 try:
-                    for i, out in zip(chunk, self.forward_uint8(ims)):
-                        preds[i] = to_numpy(out)
+                    for i, out in zip(chunk, self.unit_predictions(ims)):
+                        preds[i] = out
                 except Exception as exc:  # noqa: BLE001 - isolate the failing image(s)
                     logger.warning("batch of %d failed (%s); retrying image by image", len(chunk), error_text(exc))
                     self._release_memory()
                     for i, im in zip(chunk, ims):
                         try:
-                            preds[i] = to_numpy(self.forward_uint8([im])[0])
+                            preds[i] = self.unit_predictions([im])[0]
                         except Exception as exc_i:  # noqa: BLE001
                             errors[i] = f"inference failed: {error_text(exc_i)}"
                             self._release_memory()
@@ -369,6 +379,12 @@ class Predictor:
             units.append(dict(unit, errors=errors, preds=preds, model=self.model_id))
         self._after_batch(table)
         return units
+
+    def unit_predictions(self, images: Sequence[torch.Tensor]) -> list[dict]:
+        """What :meth:`run_units` keeps per image: the :meth:`forward_uint8` outputs as numpy arrays.
+        A subclass may return ``{"instances": [...]}`` instead, ready result instances the writer
+        stores as they are (``pipeline.distill.tta.TTAPredictor``)."""
+        return [to_numpy(out) for out in self.forward_uint8(images)]
 
     def _after_batch(self, table: Any) -> None:
         """Hook after a unit ran and before its rows are returned (tests inject faults here)."""

@@ -276,6 +276,9 @@ def unit_table(unit: dict, category_ids: Sequence[int]) -> Any:
             continue
         try:
             p = unpack(pred) if isinstance(pred, bytes) else pred
+            if "instances" in p:  # made by the predictor itself (pipeline.distill.tta.TTAPredictor)
+                instances.append(p["instances"])
+                continue
             instances.append(to_result_instances(p["boxes"], p["labels"], p["scores"], p.get("masks"),
                                                  unit["heights"][k], unit["widths"][k], category_ids,
                                                  keypoints=p.get("keypoints")))

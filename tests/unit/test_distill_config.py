@@ -1,10 +1,13 @@
-"""Distill config loading/validation and the student's mixed dataset (pipeline.distill.run)."""
+"""Distill config loading/validation (pipeline.distill.config) and the student's mixed dataset (pipeline.distill.run)."""
+
+import re
 
 import pytest
 import yaml
 
 from model.errors import MaskrayError
 from pipeline.distill import run as distill
+from pipeline.distill.config import load_distill_config
 from pipeline.data.format import Manifest, ShardWriter, read_manifest, read_rows, write_manifest
 
 TRAIN = {"model": {"backbone": "resnet18", "min_size": 64, "max_size": 64},
@@ -19,7 +22,7 @@ def _config(tmp_path, **extra):
 
 
 def test_shipped_config_loads_and_fills_the_data_uris():
-    c = distill.load_distill_config("configs/distill-shapes-cpu.yaml", ["work_dir=/tmp/x", "rounds=2"])
+    c = load_distill_config("configs/distill-shapes-cpu.yaml", ["work_dir=/tmp/x", "rounds=2"])
     assert c.rounds == 2 and c.data.labeled == "/tmp/x/data/labeled" and c.data.unlabeled == "/tmp/x/data/unlabeled"
     assert c.prepare.labeled * 9 == c.prepare.unlabeled  # 10% labeled
     teacher = c.train_config(c.data.labeled, "run", "/tmp/x/rounds/round-0/teacher")
@@ -27,10 +30,10 @@ def test_shipped_config_loads_and_fills_the_data_uris():
 
 
 def test_student_overrides_and_fingerprint(tmp_path):
-    c = distill.load_distill_config(_config(tmp_path, student={"overrides": {"schedule.max_iters": 20}}))
+    c = load_distill_config(_config(tmp_path, student={"overrides": {"schedule.max_iters": 20}}))
     student = c.train_config("/d/mixed", "run", "/out", c.student.overrides)
     assert student.schedule.max_iters == 20 and c.train_config("/d", "run", "/o").schedule.max_iters == 10
-    other = distill.load_distill_config(_config(tmp_path), ["min_gain=1"])
+    other = load_distill_config(_config(tmp_path), ["min_gain=1"])
     assert c.fingerprint() != other.fingerprint()
 
 
@@ -42,14 +45,14 @@ def test_train_section_from_a_train_config_file(tmp_path):
     path = tmp_path / "configs" / "distill.yaml"  # "train.yaml" resolves next to it, not in the CWD
     path.write_text(yaml.safe_dump({"work_dir": str(tmp_path / "w"), "train": "train.yaml",
                                     "prepare": {"enabled": True}}))
-    c = distill.load_distill_config(str(path), ["train.schedule.max_iters=7"])
+    c = load_distill_config(str(path), ["train.schedule.max_iters=7"])
     run = c.train_config("/d", "run", "/o")
     # the run keys of the file are the distill job's; everything else comes from the file
     assert (run.name, run.storage_path, run.data.train, run.data.val) == ("run", "/o", "/d", "")
     assert run.data.shuffle_buffer == 8 and run.model.min_size == 64 and run.schedule.max_iters == 7
     path.write_text(yaml.safe_dump({"work_dir": "w", "train": "missing.yaml", "prepare": {"enabled": True}}))
     with pytest.raises(MaskrayError, match="missing.yaml"):
-        distill.load_distill_config(str(path))
+        load_distill_config(str(path))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -60,10 +63,25 @@ def test_train_section_from_a_train_config_file(tmp_path):
     (["train.schedule.max_iters=-1"], "schedule.max_iters"),
     (["prepare.enabled=false"], "data.labeled"),
     (["colour=red"], "unknown key colour"),
+    (["tta.hflip='no'"], "tta.hflip: expected bool, got str 'no'"),
+    (["tta.scales=[0.5, -1]"], "tta.scales"),
+    (["thresholds.mode=auto"], "thresholds.mode"),
+    (["inference.batch_size=0"], "inference.batch_size"),
+    (["student.init=student"], "student.init"),
+    (["rounds=many"], "rounds: expected int"),
 ])
 def test_invalid_configs_name_the_key(tmp_path, overrides, message):
-    with pytest.raises(MaskrayError, match=message):
-        distill.load_distill_config(_config(tmp_path), overrides)
+    with pytest.raises(MaskrayError, match=re.escape(message) if "'" in message else message) as info:
+        load_distill_config(_config(tmp_path), overrides)
+    assert str(info.value).startswith(str(tmp_path))  # and the file
+
+
+def test_tta_hflip_no_in_the_file_is_refused_naming_the_key(tmp_path):
+    """YAML 1.1 reads an unquoted `no` as false, so the file says "no" in quotes: a string, refused."""
+    path = tmp_path / "d.yaml"
+    path.write_text(f'work_dir: {tmp_path}/w\ntrain: {{}}\nprepare: {{enabled: true}}\ntta: {{hflip: "no"}}\n')
+    with pytest.raises(MaskrayError, match=r"d.yaml: tta.hflip: expected bool, got str 'no'"):
+        load_distill_config(str(path))
 
 
 def _dataset(uri, n, first_id, score):

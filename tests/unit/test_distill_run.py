@@ -8,7 +8,7 @@ from pipeline.distill import run as job
 from pipeline.train.engine import TrainResult
 from model.errors import MaskrayError
 from pipeline.distill import rounds
-from pipeline.distill.run import distill_config_from_dict
+from pipeline.distill.config import distill_config_from_dict
 from pipeline.data.format import Manifest, ShardWriter, read_manifest, write_manifest
 
 
@@ -74,18 +74,30 @@ def test_student_mixes_its_own_rounds_pseudo_labels_and_refuses_others(setup):
 
 
 def test_an_unfinished_round_refuses_a_changed_config_unless_told(setup, tmp_path):
-    from pipeline.distill.run import DistillConfigError, check_rounds_config
+    from pipeline.distill.run import check_rounds_config
+    from pipeline.runrecord import RunChangedError
 
     config, _, _ = setup
     assert check_rounds_config(config) == []  # first run: remembered
     rounds.save_state(config.work_dir, rounds.RoundState.new(0))  # round 0 started, not finished
     config.rounds = 3  # adding rounds and changing inference do not change a round's results
     config.inference.actors = 2
+    config.train["log_every"] = 7  # nor do the train section's run-only keys (train's own list)
     assert check_rounds_config(config) == []
     config.student.mix_ratio = 0.25
     config.train["optim"] = {"base_lr": 0.5}
-    with pytest.raises(DistillConfigError, match=r"round 0 is unfinished.*student\.mix_ratio.*train\.optim\.base_lr"
-                                                 r".*--resume-anyway"):
+    with pytest.raises(RunChangedError, match=r"round 0 .*unfinished.*student\.mix_ratio.*train\.optim\.base_lr"
+                                              r".*--resume-anyway"):
         check_rounds_config(config)
     assert check_rounds_config(config, resume_anyway=True) == ["student.mix_ratio", "train.optim.base_lr"]
     assert check_rounds_config(config) == []  # the new config is now the remembered one
+
+
+def test_non_result_keys_come_from_the_config_classes():
+    from pipeline.distill.config import non_result_keys
+    from pipeline.train.config import NON_RESULT_KEYS
+
+    keys = non_result_keys()
+    assert {"rounds", "min_gain", "inference", "eval_threads", "data.val_max_images"} <= set(keys)
+    assert {f"train.{k}" for k in NON_RESULT_KEYS} <= set(keys)
+    assert not {"tta", "thresholds", "student", "train.optim", "train.schedule"} & set(keys)

@@ -1,19 +1,109 @@
-"""TTA mapping, ensembling and the density rule of pipeline.distill.label (no Ray, no storage)."""
+"""The teacher's TTA (pipeline.distill.tta): mapping back, ensembling, and the TTAPredictor that the
+inference engine runs, against a full-size reference implementation kept here (no Ray, no storage)."""
+
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 
-from model.errors import MaskrayError
-from pipeline.distill import label as pseudo
-from pipeline.distill.label import NEVER, Prediction, TTAConfig, Transform
+from pipeline.distill.config import TTAConfig
+from pipeline.distill.tta import Transform, TTAPredictor, clusters, model_scale, transforms
+
+# --------------------------------------------------------------------------- the full-size reference
+# The straightforward TTA: every transform's masks pasted at the image size, mapped back, and merged.
+# The production path (tta_instances) pastes one cluster's members at a time; it must give the same.
+
+
+@dataclass
+class Prediction:
+    """One image's detections: boxes float32[N,4] xyxy, scores float32[N], labels int64[N],
+    masks float32[N,H,W] soft masks in the frame of the image the prediction belongs to."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+    masks: torch.Tensor
+
+    def __len__(self):
+        return int(self.scores.shape[0])
+
+    @classmethod
+    def empty(cls, height, width):
+        return cls(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), torch.zeros(0, height, width))
+
+    @classmethod
+    def from_output(cls, output, height, width):
+        masks = output["masks"].detach().float()
+        if masks.dim() == 4:
+            masks = masks[:, 0]
+        if masks.shape[0] == 0:
+            masks = masks.new_zeros(0, height, width)
+        return cls(output["boxes"].detach().float().reshape(-1, 4), output["scores"].detach().float().reshape(-1),
+                   output["labels"].detach().to(torch.int64).reshape(-1), masks)
+
+
+def invert(t: Transform, pred: Prediction, height: int, width: int) -> Prediction:
+    return Prediction(t.invert_boxes(pred.boxes, height, width), pred.scores.clone(), pred.labels.clone(),
+                      t.invert_masks(pred.masks, height, width))
+
+
+def ensemble(preds, config):
+    height, width = preds[0].masks.shape[-2:]
+    boxes = torch.cat([p.boxes for p in preds])
+    scores = torch.cat([p.scores for p in preds])
+    labels = torch.cat([p.labels for p in preds])
+    masks = torch.cat([p.masks for p in preds])
+    tidx = torch.cat([torch.full((len(p),), i, dtype=torch.int64) for i, p in enumerate(preds)])
+    keep = scores >= config.min_score
+    out_boxes, out_scores, out_labels, members = clusters(boxes[keep], scores[keep], labels[keep], tidx[keep],
+                                                          len(preds), config)
+    if not out_scores:
+        return Prediction.empty(height, width)
+    masks = masks[keep]
+    result = Prediction(torch.stack(out_boxes), torch.stack(out_scores).float(),
+                        torch.tensor(out_labels, dtype=torch.int64), torch.stack([masks[m].mean(0) for m in members]))
+    order = torch.argsort(result.scores, descending=True, stable=True)[: config.max_detections]
+    return Prediction(result.boxes[order], result.scores[order], result.labels[order], result.masks[order])
+
+
+def predict_tta(model, images, config, *, scaler=None):
+    per_image = [[] for _ in images]
+    with torch.inference_mode():
+        for t in transforms(config):
+            if scaler is None:
+                outputs = model([t.apply(img) for img in images])
+            else:
+                with model_scale(scaler, t.scale):
+                    outputs = model([t.apply(img) for img in images])
+            for i, (img, out) in enumerate(zip(images, outputs)):
+                th, tw = t.size(*img.shape[-2:])
+                per_image[i].append(invert(t, Prediction.from_output(out, th, tw), *img.shape[-2:]))
+    return [ensemble(p, config) for p in per_image]
+
+
+def to_instances(pred, category_ids, mask_threshold):
+    from pycocotools import mask as mask_utils
+
+    out = []
+    for i in range(len(pred)):
+        binary = (pred.masks[i] >= mask_threshold).to(torch.uint8).numpy()
+        if not binary.any():
+            continue
+        rle = mask_utils.encode(np.asfortranarray(binary[:, :, None]))[0]
+        x1, y1, x2, y2 = (float(v) for v in pred.boxes[i].tolist())
+        out.append({"category_id": int(category_ids[int(pred.labels[i]) - 1]), "score": float(pred.scores[i]),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"]}})
+    return out
+
+
+# --------------------------------------------------------------------------- fakes
 
 
 class BrightPixelModel:
-    """A fake detector that knows one object: the pixels whose red channel is > 0.5.
-
-    It answers in the frame of the image it is given (like torchvision's Mask R-CNN): the soft
-    mask is the thresholded red channel, the box its pixel extent, label 1, score 0.9."""
+    """A fake detector that knows one object: the pixels whose red channel is > 0.5, answered in
+    the frame of the image it is given (like torchvision's Mask R-CNN): label 1, score 0.9."""
 
     def __init__(self):
         self.sizes = []
@@ -39,24 +129,36 @@ def _image():
     return img
 
 
+def _predictor(**options):
+    from model.checkpoint import ModelConfig, build_from_config
+
+    torch.manual_seed(0)
+    config = ModelConfig.for_categories([{"id": 3, "name": "a"}, {"id": 9, "name": "b"}], backbone="resnet18",
+                                        min_size=64, max_size=96, box_detections_per_img=8,
+                                        options={"rpn_pre_nms_top_n_test": 60, "rpn_post_nms_top_n_test": 30})
+    return TTAPredictor(model=build_from_config(config).eval(), config=config, score_threshold=0.05, **options)
+
+
+# --------------------------------------------------------------------------- tests
+
+
 def test_every_transform_maps_back_to_the_same_mask_and_box():
     img = _image()
-    truth = (img[0] > 0.5)
+    truth = img[0] > 0.5
     model = BrightPixelModel()
     config = TTAConfig(scales=(0.5, 1.0, 2.0), hflip=True)
-    transforms = config.transforms()
-    assert len(transforms) == 6 and {t.hflip for t in transforms} == {False, True}
-    for t in transforms:
+    ts = transforms(config)
+    assert len(ts) == 6 and {t.hflip for t in ts} == {False, True}
+    for t in ts:
         out = model([t.apply(img)])[0]
         h, w = t.size(40, 56)
         assert out["masks"].shape[-2:] == (h, w)
-        back = t.invert(Prediction.from_output(out, h, w), 40, 56)
+        back = invert(t, Prediction.from_output(out, h, w), 40, 56)
         assert torch.equal(back.masks[0] >= 0.5, truth), t
         assert back.boxes[0].tolist() == [10.0, 8.0, 44.0, 30.0], t
-    # the whole TTA predictor: one merged instance, same mask, same box, full score
-    [pred] = pseudo.predict_tta(model, [img], config)
-    assert len(pred) == 1
-    assert torch.equal(pred.masks[0] >= 0.5, truth)
+    # the whole TTA: one merged instance, same mask, same box, full score
+    [pred] = predict_tta(model, [img], config)
+    assert len(pred) == 1 and torch.equal(pred.masks[0] >= 0.5, truth)
     assert torch.allclose(pred.boxes[0], torch.tensor([10.0, 8.0, 44.0, 30.0]))
     assert pred.scores[0].item() == pytest.approx(0.9)
     assert sorted(set(model.sizes)) == [(20, 28), (40, 56), (80, 112)]
@@ -64,29 +166,25 @@ def test_every_transform_maps_back_to_the_same_mask_and_box():
 
 def test_flip_of_an_asymmetric_box_is_exact():
     t = Transform(scale=1.0, hflip=True)
-    pred = Prediction(torch.tensor([[2.0, 1.0, 5.0, 4.0]]), torch.tensor([0.5]), torch.tensor([1]),
-                      torch.zeros(1, 6, 10))
-    pred.masks[0, 1:4, 2:5] = 1
-    flipped = t.invert(pred, 6, 10)  # flip is its own inverse
-    assert flipped.boxes[0].tolist() == [5.0, 1.0, 8.0, 4.0]
-    assert torch.equal(flipped.masks[0].nonzero()[:, 1].unique(), torch.tensor([5, 6, 7]))
+    masks = torch.zeros(1, 6, 10)
+    masks[0, 1:4, 2:5] = 1
+    assert t.invert_boxes(torch.tensor([[2.0, 1.0, 5.0, 4.0]]), 6, 10)[0].tolist() == [5.0, 1.0, 8.0, 4.0]
+    assert torch.equal(t.invert_masks(masks, 6, 10)[0].nonzero()[:, 1].unique(), torch.tensor([5, 6, 7]))
 
 
 def test_model_scale_is_applied_and_restored():
-    class Resize:
-        min_size, max_size = (64,), 128
+    class Sizes:
+        min_size, max_size = 64, 128
 
-    class Model(BrightPixelModel):
-        transform = Resize()
-
-        def __call__(self, images):
-            self.seen = getattr(self, "seen", []) + [(self.transform.min_size, self.transform.max_size)]
-            return super().__call__(images)
-
-    model = Model()
-    pseudo.predict_tta(model, [_image()], TTAConfig(scales=(0.5, 2.0), hflip=False))
-    assert model.seen == [((32,), 64), ((128,), 256)]
-    assert (model.transform.min_size, model.transform.max_size) == ((64,), 128)
+    sizes = Sizes()
+    seen = []
+    for scale in (0.5, 2.0):
+        with model_scale(sizes, scale):
+            seen.append((sizes.min_size, sizes.max_size))
+    assert seen == [(32, 64), (128, 256)] and (sizes.min_size, sizes.max_size) == (64, 128)
+    with pytest.raises(KeyboardInterrupt), model_scale(sizes, 0.75):
+        raise KeyboardInterrupt
+    assert (sizes.min_size, sizes.max_size) == (64, 128)
 
 
 def _pred(boxes, scores, labels, size=(20, 20)):
@@ -97,10 +195,10 @@ def _pred(boxes, scores, labels, size=(20, 20)):
                       torch.tensor(labels, dtype=torch.int64), masks)
 
 
-def test_ensemble_weighted_box_voting_mean_score_and_mask_average():
+def test_clusters_weighted_box_voting_mean_score_and_mask_average():
     a = _pred([[0, 0, 10, 10], [12, 12, 18, 18]], [0.8, 0.6], [1, 2])
     b = _pred([[0, 0, 10, 12]], [0.4], [1])
-    merged = pseudo.ensemble([a, b], TTAConfig(merge="wbv", score_mode="mean", iou_threshold=0.5))
+    merged = ensemble([a, b], TTAConfig(merge="wbv", score_mode="mean", iou_threshold=0.5))
     assert merged.labels.tolist() == [1, 2]
     # class 1: both transforms voted: mean score (0.8+0.4)/2, box weighted 2:1
     assert merged.scores[0].item() == pytest.approx(0.6)
@@ -109,111 +207,58 @@ def test_ensemble_weighted_box_voting_mean_score_and_mask_average():
     assert merged.masks[0, 11, 5].item() == pytest.approx(0.2)     # only b covers row 11
     # class 2: one transform of two saw it: its score is halved
     assert merged.scores[1].item() == pytest.approx(0.3)
-    nms = pseudo.ensemble([a, b], TTAConfig(merge="nms", score_mode="max", iou_threshold=0.5))
+    nms = ensemble([a, b], TTAConfig(merge="nms", score_mode="max", iou_threshold=0.5))
     assert nms.boxes[0].tolist() == [0, 0, 10, 10] and nms.scores.tolist() == pytest.approx([0.8, 0.6])
 
 
-def test_ensemble_keeps_separate_objects_and_classes_apart():
+def test_clusters_keep_separate_objects_and_classes_apart():
     a = _pred([[0, 0, 8, 8], [10, 10, 18, 18], [0, 0, 8, 8]], [0.9, 0.7, 0.5], [1, 1, 2])
-    merged = pseudo.ensemble([a], TTAConfig(min_score=0.6))
+    merged = ensemble([a], TTAConfig(min_score=0.6))
     assert merged.labels.tolist() == [1, 1] and merged.scores.tolist() == pytest.approx([0.9, 0.7])
-    empty = pseudo.ensemble([Prediction.empty(20, 20)] * 2, TTAConfig())
-    assert len(empty) == 0 and empty.masks.shape == (0, 20, 20)
+    assert clusters(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64),
+                    torch.zeros(0, dtype=torch.int64), 2, TTAConfig()) == ([], [], [], [])
 
 
-def test_to_annotations_writes_rle_and_scores():
-    from pycocotools import mask as mask_utils
-
-    pred = _pred([[2, 3, 7, 9], [0, 0, 1, 1]], [0.9, 0.3], [2, 1])
-    pred.masks[1] = 0.0  # empty after binarization: dropped
-    anns = pseudo.to_annotations(pred, [5, 9], image_id=3, mask_threshold=0.5)
-    assert len(anns) == 1
-    ann = anns[0]
-    assert ann["category_id"] == 9 and ann["score"] == pytest.approx(0.9)
-    assert ann["bbox"] == [2.0, 3.0, 5.0, 6.0] and ann["area"] == 30.0
-    decoded = mask_utils.decode(ann["segmentation"])
-    assert decoded.sum() == 30 and decoded[3:9, 2:7].all()
-
-
-def test_density_rule_on_a_constructed_example():
-    labeled = [  # 4 labeled images: class 1 twice per image, class 2 once in two images, class 3 never
-        [{"category_id": 1}, {"category_id": 1}, {"category_id": 2}],
-        [{"category_id": 1}, {"category_id": 1}, {"category_id": 2, "iscrowd": True}],
-        [{"category_id": 1}, {"category_id": 1}, {"category_id": 2}],
-        [{"category_id": 1}, {"category_id": 1}],
-    ]
-    density = pseudo.labeled_density(labeled, [1, 2, 3, 4])
-    assert density == {1: 2.0, 2: 0.5, 3: 0.0, 4: 0.0}
-    rng = np.random.default_rng(0)
-    scores = {1: rng.uniform(0, 1, 50).tolist(), 2: rng.uniform(0, 1, 30).tolist(), 4: [0.9]}
-    scores[3] = [0.2, 0.3]
-    density[4] = 0.5  # wants 5 instances over 10 images but only one candidate exists
-    t = pseudo.density_thresholds(scores, 10, density, floor=0.1)
-    assert sum(s >= t[1] for s in scores[1]) == 20          # 2 per image x 10 images
-    assert sum(s >= t[2] for s in scores[2]) == 5           # 0.5 per image x 10 images
-    assert t[3] == NEVER and t[4] == 0.1                    # none wanted; fewer candidates than wanted
-    high = pseudo.density_thresholds({1: [0.05, 0.04]}, 1, {1: 2.0}, floor=0.1)
-    assert high == {1: 0.1}                                  # never below the floor
-    anns = [{"category_id": 1, "score": 0.5}, {"category_id": 3, "score": 0.99}, {"category_id": 1, "score": 0.01}]
-    assert pseudo.apply_thresholds(anns, {1: 0.3, 3: NEVER}) == anns[:1]
-
-
-def test_config_validation_names_the_field():
-    with pytest.raises(MaskrayError, match="tta.merge"):
-        TTAConfig(merge="vote")
-    with pytest.raises(MaskrayError, match="tta.scales"):
-        TTAConfig(scales=(0,))
-    with pytest.raises(MaskrayError, match="thresholds.mode"):
-        pseudo.ThresholdConfig(mode="auto")
-
-
-def test_bounded_tta_annotations_equal_the_full_size_path():
-    """tta_annotations (members pasted one cluster at a time) gives exactly what predict_tta's
-    full-size masks + to_annotations give, flips and rescales included."""
-    from model.checkpoint import ModelConfig, build_from_config
-    from pipeline.infer.predictor import Predictor
-
-    torch.manual_seed(0)
-    config = ModelConfig.for_categories([{"id": 3, "name": "a"}, {"id": 9, "name": "b"}], backbone="resnet18",
-                                        min_size=64, max_size=96, box_detections_per_img=8,
-                                        options={"rpn_pre_nms_top_n_test": 60, "rpn_post_nms_top_n_test": 30})
-    predictor = Predictor(model=build_from_config(config).eval(), config=config, score_threshold=0.05)
-    g = torch.Generator().manual_seed(4)
-    images = [torch.rand(3, 50, 70, generator=g), torch.rand(3, 61, 45, generator=g)]
+def test_tta_predictor_equals_the_full_size_reference():
+    """TTAPredictor (members pasted one cluster at a time, what run_inference's actors run) gives
+    exactly the reference's full-size masks + binarization, flips and rescales included."""
     tta = TTAConfig(scales=(1.0, 0.75), hflip=True, min_score=0.05, mask_threshold=0.4)
-    ids = config.category_ids()
-    full = [pseudo.to_annotations(p, ids, image_id=i + 1, mask_threshold=tta.mask_threshold)
-            for i, p in enumerate(pseudo.predict_tta(predictor.predict, images, tta, scaler=predictor))]
-    bounded = pseudo.tta_annotations(predictor, images, tta, ids, image_ids=[1, 2])
-    assert sum(len(a) for a in full) > 0
-    assert bounded == full
+    predictor = _predictor(tta=tta)
+    g = torch.Generator().manual_seed(4)
+    # pixel values k/255: the same images as uint8 (what the driver's read stage hands the model stage)
+    images = [(torch.rand(3, 50, 70, generator=g) * 255).round() / 255, (torch.rand(3, 61, 45, generator=g) * 255).round() / 255]
+    reference = [to_instances(p, predictor.category_ids, tta.mask_threshold)
+                 for p in predict_tta(predictor.predict, images, tta, scaler=predictor)]
+    ours = predictor.unit_predictions([(im * 255).round().to(torch.uint8) for im in images])
+    assert sum(len(r) for r in reference) > 0
+    assert [u["instances"] for u in ours] == reference
+    assert (predictor.min_size, predictor.max_size) == (64, 96)  # every scale restored
 
 
-def test_labeler_skips_an_undecodable_row_and_the_count_is_checked(caplog):
-    """A corrupt image among unlabeled rows is named and left out (the others are labeled), and
-    the candidates count check stops the round only above the allowed fraction."""
-    import io
+def test_tta_predictor_units_become_a_results_table():
+    """The model stage's path: decoded units -> run_units -> the results writer's table, with the
+    predictor's instances stored as they are (and a failed decode left an error row)."""
+    import pyarrow as pa
 
-    from PIL import Image
+    from pipeline.results import INSTANCE_TYPE
+    from pipeline.infer.stages import unit_table
 
-    from model.checkpoint import ModelConfig, build_from_config
-    from pipeline.infer.predictor import Predictor
-
-    torch.manual_seed(0)
-    config = ModelConfig.for_categories([{"id": 3, "name": "a"}], backbone="resnet18", min_size=64, max_size=96,
-                                        box_detections_per_img=4)
-    labeler = pseudo.TTALabeler.__new__(pseudo.TTALabeler)
-    labeler.config = TTAConfig(scales=(1.0,), hflip=False, min_score=0.0)
-    labeler.predictor = Predictor(model=build_from_config(config).eval(), config=config, score_threshold=0.0)
-    labeler.category_ids = config.category_ids()
-    buf = io.BytesIO()
-    Image.fromarray(np.full((40, 50, 3), 120, np.uint8)).save(buf, format="PNG")
-    good = {"image_id": 1, "file_name": "a.png", "width": 50, "height": 40, "image": buf.getvalue()}
-    bad = {**good, "image_id": 2, "file_name": "broken.png", "image": buf.getvalue()[:30]}
-    with caplog.at_level("WARNING", logger="pipeline.distill.label"):
-        out = labeler.label_rows([good, bad])
-    assert [r["image_id"] for r in out] == [1]
-    assert "image_id=2" in caplog.text and "broken.png" in caplog.text
-    assert pseudo._check_skipped(200, 198, "s3://b/pool", 0.01) == 2
-    with pytest.raises(MaskrayError, match="3 of 200 images of s3://b/pool could not be decoded"):
-        pseudo._check_skipped(200, 197, "s3://b/pool", 0.01)
+    tta = TTAConfig(scales=(1.0,), hflip=True, min_score=0.05)
+    predictor = _predictor(tta=tta, batch_size=2)
+    g = torch.Generator().manual_seed(1)
+    images = [(torch.rand(3, 48, 64, generator=g) * 255).to(torch.uint8) for _ in range(3)]
+    table = pa.table({
+        "unit": ["part-00000.parquet"], "positions": [[0, 1, 2, 3]], "image_ids": [[11, 12, 13, 14]],
+        "file_names": [["a", "b", "c", "d"]], "heights": [[48, 48, 48, 0]], "widths": [[64, 64, 64, 0]],
+        "pixels": pa.array([[memoryview(im.numpy()).cast("B").tobytes() for im in images] + [b""]],
+                           pa.list_(pa.large_binary())),
+        "errors": [[None, None, None, "decode failed: broken"]], "merge": [False]})
+    [unit] = predictor.run_units(table)
+    result = unit_table(unit, predictor.category_ids).to_pylist()
+    direct = predictor.unit_predictions(images[:2]) + predictor.unit_predictions(images[2:])  # its batches of 2
+    assert [r["image_id"] for r in result] == [11, 12, 13, 14]
+    assert [r["error"] for r in result] == [None, None, None, "decode failed: broken"] and result[3]["instances"] == []
+    stored = pa.Table.from_pylist([{"i": d["instances"]} for d in direct],
+                                  schema=pa.schema([pa.field("i", pa.list_(INSTANCE_TYPE))])).column("i").to_pylist()
+    assert [r["instances"] for r in result[:3]] == stored  # the writer's instances are the predictor's
+    assert sum(len(d["instances"]) for d in direct) > 0
