@@ -7,10 +7,11 @@ imports ``jobs``). Only what the jobs need travels as the job's ``working_dir``:
 secrets-looking files, merged with the runtime env in ``infra/runtime_env.yaml``. The address is
 ``--address``, else ``RAY_ADDRESS``, else the local dashboard ``http://127.0.0.1:8265``.
 
-Token authentication (on by default for ``ray start --head`` in Ray 2.60): :func:`connect`
-sends the token Ray's own loader finds (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, else
-``~/.ray/auth_token``) unless ``RAY_AUTH_MODE=disabled``: the rule ``ray.init`` applies when it
-joins an existing cluster. A cluster that refuses the request gives one line naming the fix.
+Token authentication (Ray 2.60's ``ray start --head`` turns it on once ``~/.ray/auth_token``
+exists): :func:`connect` sends the token Ray's own loader finds (``RAY_AUTH_TOKEN``,
+``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``) with ``RAY_AUTH_MODE=token``, and to a
+cluster on this machine when ``RAY_AUTH_MODE`` is unset (:func:`auth_headers`). A cluster that
+refuses the request gives one line naming the fix.
 
 Credentials never travel with a job: a runtime env is stored in the job's metadata and shown by
 the dashboard, so an env var that looks like a secret is refused. The cluster gets its
@@ -236,14 +237,30 @@ def load_runtime_env(path: str | Path, *, extra_env: list[str] | tuple[str, ...]
 
 # --------------------------------------------------------------------------- the client
 
-def auth_headers() -> dict[str, str]:
-    """``{"authorization": "Bearer <token>"}`` when Ray's token loader finds a token, else ``{}``.
+def is_local(url: str) -> bool:
+    """Whether the dashboard ``url`` is on this machine (a loopback host)."""
+    import ipaddress
+    from urllib.parse import urlsplit
 
-    Ray's loader reads ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``.
-    ``JobSubmissionClient`` sends it only when ``RAY_AUTH_MODE=token``; like ``ray.init`` joining
-    a running cluster, we send it whenever it exists, unless ``RAY_AUTH_MODE=disabled``.
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def auth_headers(url: str) -> dict[str, str]:
+    """``{"authorization": "Bearer <token>"}`` to send to the dashboard at ``url``, else ``{}``.
+
+    The token is what Ray's loader finds (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, else
+    ``~/.ray/auth_token``). It is sent with ``RAY_AUTH_MODE=token``, and, with ``RAY_AUTH_MODE``
+    unset, to a cluster on this machine only: Ray's own rule (``ray.init`` enables token auth
+    for a local cluster it finds, never for an explicit remote address). ``disabled``: never.
     """
-    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
+    mode = os.environ.get("RAY_AUTH_MODE", "").strip().lower()
+    if mode == "disabled" or (mode != "token" and not is_local(url)):
         return {}
     try:
         from ray._raylet import AuthenticationTokenLoader
@@ -264,10 +281,15 @@ def auth_error_message(url: str, exc: BaseException, *, sent_token: bool) -> str
     if "Authentication failed" in text or "Forbidden" in text or "status code 403" in text:
         return (f"the Ray cluster at {url} refused the auth token sent from here (Forbidden: Invalid "
                 f"authentication token): {AUTH_FIX}")
-    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
+    mode = os.environ.get("RAY_AUTH_MODE", "").strip().lower()
+    if sent_token:
+        why = "a token was sent but not received"
+    elif mode == "disabled":
         why = "RAY_AUTH_MODE=disabled here"
+    elif mode == "token" or is_local(url):
+        why = "no token found here"
     else:
-        why = "a token was sent but not received" if sent_token else "no token found here"
+        why = "RAY_AUTH_MODE is not token here, so no token goes to a remote cluster"
     return f"the Ray cluster at {url} requires token authentication ({why}): {AUTH_FIX}"
 
 
@@ -284,7 +306,7 @@ def connect(address: str | None):
         for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
             logging.getLogger(name).setLevel(logging.WARNING)
         logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
-    headers = auth_headers()
+    headers = auth_headers(url)
     try:
         return JobSubmissionClient(url, headers=headers or None)
     except Exception as exc:  # noqa: BLE001 - sorted below; anything else propagates unchanged

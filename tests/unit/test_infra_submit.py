@@ -299,36 +299,43 @@ def test_missing_token_names_the_fix_in_one_line(token_env):
     fake = _refusing_client(401, "Unauthorized: Missing authentication token")
     token_env.setattr(ray.job_submission, "JobSubmissionClient", fake)
     with pytest.raises(MaskrayError) as caught:
-        cluster.connect("http://head:8265")
+        cluster.connect("http://127.0.0.1:8265")
     message = str(caught.value)
     assert "\n" not in message and fake.seen["headers"] is None
-    assert message.startswith("the Ray cluster at http://head:8265 requires token authentication (no token found here)")
+    assert message.startswith("the Ray cluster at http://127.0.0.1:8265 requires token authentication (no token found here)")
     assert "~/.ray/auth_token" in message and "RAY_AUTH_MODE=token" in message and "ray get-auth-token" in message
+    with pytest.raises(MaskrayError, match=r"\(RAY_AUTH_MODE is not token here, so no token goes to a remote cluster\)"):
+        cluster.connect("http://head:8265")
     token_env.setenv("RAY_AUTH_MODE", "disabled")
     with pytest.raises(MaskrayError, match=r"\(RAY_AUTH_MODE=disabled here\).*RAY_AUTH_MODE=token"):
-        cluster.connect("http://head:8265")
+        cluster.connect("http://127.0.0.1:8265")
 
 
-def test_the_token_is_sent_when_it_exists_and_a_wrong_one_is_named(token_env, tmp_path):
+def test_the_token_goes_to_a_local_cluster_or_with_token_mode(token_env, tmp_path):
     import ray.job_submission
+    from ray._raylet import AuthenticationTokenLoader
 
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("a" * 32)
-    assert cluster.auth_headers() == {"authorization": "Bearer " + "a" * 32}
+    bearer_a = {"authorization": "Bearer " + "a" * 32}
+    assert cluster.auth_headers("http://127.0.0.1:8265") == bearer_a
+    assert cluster.auth_headers("http://localhost:8265") == bearer_a
+    # Ray's rule: no token to an explicit remote address unless RAY_AUTH_MODE=token
+    assert cluster.auth_headers("http://10.0.0.5:8265") == {}
+    token_env.setenv("RAY_AUTH_MODE", "token")
+    assert cluster.auth_headers("http://10.0.0.5:8265") == bearer_a
     fake = _refusing_client(403, "Forbidden: Invalid authentication token")
     token_env.setattr(ray.job_submission, "JobSubmissionClient", fake)
     with pytest.raises(MaskrayError, match=r"refused the auth token sent from here .*~/.ray/auth_token") as caught:
-        cluster.connect("http://head:8265")
-    assert "\n" not in str(caught.value) and fake.seen["headers"] == {"authorization": "Bearer " + "a" * 32}
-    # RAY_AUTH_MODE=disabled keeps the token here; RAY_AUTH_TOKEN wins over the file (Ray's order)
+        cluster.connect("http://10.0.0.5:8265")
+    assert "\n" not in str(caught.value) and fake.seen["headers"] == bearer_a
     token_env.setenv("RAY_AUTH_MODE", "disabled")
-    assert cluster.auth_headers() == {}
+    assert cluster.auth_headers("http://127.0.0.1:8265") == {}
+    # RAY_AUTH_TOKEN wins over the file (Ray's loader, not ours)
     token_env.delenv("RAY_AUTH_MODE")
     token_env.setenv("RAY_AUTH_TOKEN", "b" * 32)
-    from ray._raylet import AuthenticationTokenLoader
-
     AuthenticationTokenLoader.instance().reset_cache()
-    assert cluster.auth_headers() == {"authorization": "Bearer " + "b" * 32}
+    assert cluster.auth_headers("http://127.0.0.1:8265") == {"authorization": "Bearer " + "b" * 32}
 
 
 def test_other_client_errors_are_not_called_auth_errors():
