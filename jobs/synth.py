@@ -18,6 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unlabeled", type=int, default=0,
                         help="also write this many unlabeled images to OUT/unlabeled/")
     parser.add_argument("--first-id", type=int, default=1, help="first image id (default 1)")
+    parser.add_argument("--keypoints", action="store_true",
+                        help="add a 'figure' category with keypoints (stick figures: head, neck, hip, "
+                             "left/right hands and feet; its names and skeleton in the categories); "
+                             "half of the objects are then figures")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     summary = synthesize(args.out, images=args.images, seed=args.seed, size=args.size,
                          num_categories=args.categories, max_objects=args.max_objects,
-                         unlabeled=args.unlabeled, first_id=args.first_id)
+                         unlabeled=args.unlabeled, first_id=args.first_id, keypoints=args.keypoints)
     print(summary)
     print(f"annotations: {summary.annotations_uri}")
     return 0

@@ -15,6 +15,17 @@ the visible mask. Image ``i`` depends only on ``(seed, i)``.
 
 ``unlabeled=M`` also writes ``out/unlabeled/NNNNNN.png`` from an independent random stream (no
 annotations): a pool for ``maskray pack`` and self-training.
+
+``keypoints=True`` adds a category with keypoints, ``figure``: a stick figure (head disc, body,
+arms and legs as thick bars, round hands and feet) whose :data:`FIGURE_KEYPOINTS` are exact
+(``head`` the head's centre, ``neck``, ``hip``, ``left_hand``/``right_hand`` and
+``left_foot``/``right_foot`` the centres of its hand and foot discs; two decimals). ``left_*`` is
+on the image's left of the upright figure (it leans at most 25°), so a horizontal flip swaps
+left and right as the names' flip map says. The category carries ``keypoints`` and
+``skeleton``; each figure's annotation ``keypoints`` (``x, y, v`` × 7) with ``v = 2`` where the
+keypoint's pixel is painted with the figure, ``v = 1`` where a later instance covers it, and
+``0, 0, 0`` outside the image; ``num_keypoints`` counts ``v > 0``. Half of the objects are then
+figures (never crowds). Without ``keypoints`` the output is what it always was.
 """
 
 from __future__ import annotations
@@ -33,6 +44,10 @@ from pipeline import storage
 log = logging.getLogger(__name__)
 
 SHAPES = ("circle", "square", "triangle", "star", "ellipse")
+FIGURE = "figure"
+FIGURE_KEYPOINTS = ["head", "neck", "hip", "left_hand", "right_hand", "left_foot", "right_foot"]
+FIGURE_SKELETON = [[1, 2], [2, 3], [2, 4], [2, 5], [3, 6], [3, 7]]  # 1-based, COCO's convention
+FIGURE_FRACTION = 0.5  # of the objects, when keypoints are on
 MIN_VISIBLE_FRACTION = 0.5
 MIN_VISIBLE_PIXELS = 24
 
@@ -47,18 +62,26 @@ class SynthSummary:
     rles: int
     crowd: int
     unlabeled: int
+    figures: int = 0  # instances with keypoints
 
     def __str__(self) -> str:
+        figures = f", {self.figures} with keypoints" if self.figures else ""
         return (f"synth: {self.images} images, {self.instances} instances ({self.polygons} "
-                f"polygons, {self.rles} RLE, {self.crowd} crowd), {self.unlabeled} unlabeled "
+                f"polygons, {self.rles} RLE, {self.crowd} crowd{figures}), {self.unlabeled} unlabeled "
                 f"-> {self.out}")
 
 
-def categories_for(num_categories: int) -> list[dict]:
+def categories_for(num_categories: int, keypoints: bool = False) -> list[dict]:
+    """The shape categories (ids 1..N), then with ``keypoints`` the ``figure`` category (id N+1)
+    with its keypoint names and skeleton."""
     if not 1 <= num_categories <= len(SHAPES):
         raise ValueError(f"num_categories must be in 1..{len(SHAPES)}, got {num_categories}")
-    return [{"id": i + 1, "name": name, "supercategory": "shape"}
+    cats = [{"id": i + 1, "name": name, "supercategory": "shape"}
             for i, name in enumerate(SHAPES[:num_categories])]
+    if keypoints:
+        cats.append({"id": num_categories + 1, "name": FIGURE, "supercategory": "figure",
+                     "keypoints": list(FIGURE_KEYPOINTS), "skeleton": [list(p) for p in FIGURE_SKELETON]})
+    return cats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,6 +113,61 @@ def shape_polygon(kind: str, cx: float, cy: float, r: float, angle: float,
     rot = pts @ np.array([[c, s], [-s, c]])
     out = rot + np.array([cx, cy])
     return np.round(out, 2)
+
+
+def _disc(centre: np.ndarray, radius: float, points: int) -> np.ndarray:
+    t = np.linspace(0, 2 * np.pi, points, endpoint=False)
+    return centre + radius * np.stack([np.cos(t), np.sin(t)], 1)
+
+
+def _bar(a: np.ndarray, b: np.ndarray, half_width: float) -> np.ndarray:
+    """The quad ``[4, 2]`` of a bar from ``a`` to ``b``, ``2 * half_width`` thick."""
+    d = (b - a) / max(float(np.hypot(*(b - a))), 1e-6)
+    n = np.array([-d[1], d[0]]) * half_width
+    return np.stack([a + n, b + n, b - n, a - n])
+
+
+def figure_geometry(cx: float, cy: float, r: float, lean: float, arms: tuple[float, float],
+                    legs: tuple[float, float]) -> tuple[list[np.ndarray], np.ndarray]:
+    """A stick figure: its polygons (each ``[P, 2]`` x, y; their union is the figure) and its
+    keypoints ``[7, 2]`` (x, y) in :data:`FIGURE_KEYPOINTS` order, both rounded to 2 decimals.
+
+    ``r`` is about half its height (pixels), ``lean`` its rotation (radians, about its centre),
+    ``arms`` the left and right arm's angles below the horizontal, ``legs`` the legs' angles
+    from the vertical (radians). Image coordinates: x right, y down; the left hand and foot are
+    on the image's left of the upright figure.
+    """
+    neck, hip = np.array([0.0, -0.48 * r]), np.array([0.0, 0.18 * r])
+    head = np.array([0.0, -0.72 * r])
+    arm, leg = 0.62 * r, 0.78 * r
+    left_hand = neck + arm * np.array([-math.cos(arms[0]), math.sin(arms[0])])
+    right_hand = neck + arm * np.array([math.cos(arms[1]), math.sin(arms[1])])
+    left_foot = hip + leg * np.array([-math.sin(legs[0]), math.cos(legs[0])])
+    right_foot = hip + leg * np.array([math.sin(legs[1]), math.cos(legs[1])])
+    points = np.stack([head, neck, hip, left_hand, right_hand, left_foot, right_foot])
+    c, s = math.cos(lean), math.sin(lean)
+    rot = np.array([[c, s], [-s, c]])  # row vectors: p @ rot rotates by ``lean``
+    centre = np.array([cx, cy])
+
+    def place(pts: np.ndarray) -> np.ndarray:
+        return np.round(pts @ rot + centre, 2)
+
+    half = max(1.5, 0.07 * r)
+    end = max(2.0, 0.1 * r)
+    polys = [_disc(head, 0.22 * r, 24), _bar(neck, hip, half)]
+    polys += [_bar(neck, p, half) for p in (left_hand, right_hand)]
+    polys += [_bar(hip, p, half) for p in (left_foot, right_foot)]
+    polys += [_disc(p, end, 12) for p in (left_hand, right_hand, left_foot, right_foot)]
+    polys += [_disc(p, half * 1.2, 8) for p in (neck, hip)]  # joints: bars only touch them
+    return [place(p) for p in polys], place(points)
+
+
+def rasterize_union(polygons: list[np.ndarray], height: int, width: int) -> np.ndarray:
+    """``bool [H, W]`` union of polygons, as pycocotools decodes a COCO multi-polygon."""
+    from pycocotools import mask as mask_utils
+
+    rles = mask_utils.frPyObjects([p.reshape(-1).tolist() for p in polygons], height, width)
+    return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
 
 
 def rasterize(polygon: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -178,8 +256,12 @@ def _object_colour(rng: np.random.Generator, bg_mean: np.ndarray) -> np.ndarray:
 def render(rng: np.random.Generator, size: int, categories: list[dict], *,
            min_objects: int = 1, max_objects: int = 4, crowd_fraction: float = 0.05,
            labeled: bool = True) -> tuple[np.ndarray, list[dict]]:
-    """One image ``uint8 [H, W, 3]`` and its objects (``category_id``, ``polygon`` or None,
-    ``mask`` of visible pixels, ``iscrowd``), bottom layer first."""
+    """One image ``uint8 [H, W, 3]`` and its objects (``category_id``, ``polygon`` (a list of
+    polygons for a figure) or None, ``full`` and ``mask`` (visible) pixels, ``iscrowd``,
+    ``keypoints`` ``[K, 2]`` or None), bottom layer first. Categories with ``keypoints`` are
+    figures (:data:`FIGURE_FRACTION` of the objects); the others shapes."""
+    shapes = [c for c in categories if not c.get("keypoints")]
+    figures = [c for c in categories if c.get("keypoints")]
     img, bg_mean = _background(rng, size)
     objects: list[dict] = []  # each: category_id, polygon, full, mask(visible), iscrowd
 
@@ -195,7 +277,7 @@ def render(rng: np.random.Generator, size: int, categories: list[dict], *,
         return True
 
     if labeled and crowd_fraction > 0 and rng.random() < crowd_fraction:
-        cat = categories[int(rng.integers(len(categories)))]
+        cat = shapes[int(rng.integers(len(shapes)))]
         cx, cy = rng.uniform(0.25, 0.75, size=2) * size
         union = np.zeros((size, size), dtype=bool)
         colour = _object_colour(rng, bg_mean)
@@ -208,17 +290,29 @@ def render(rng: np.random.Generator, size: int, categories: list[dict], *,
         if union.sum() >= MIN_VISIBLE_PIXELS:
             img[union] = colour
             objects.append({"category_id": cat["id"], "polygon": None, "full": union,
-                            "mask": union.copy(), "iscrowd": True})
+                            "mask": union.copy(), "iscrowd": True, "keypoints": None})
 
     count = int(rng.integers(min_objects, max_objects + 1))
     for _ in range(count):
-        cat = categories[int(rng.integers(len(categories)))]
+        if figures and rng.random() < FIGURE_FRACTION:
+            cat = figures[int(rng.integers(len(figures)))]
+        else:
+            cat = shapes[int(rng.integers(len(shapes)))]
         for _attempt in range(25):
-            r = rng.uniform(0.12, 0.26) * size
-            cx, cy = rng.uniform(r * 0.6, size - r * 0.6, size=2)
-            poly = shape_polygon(cat["name"], cx, cy, r, rng.uniform(0, 2 * np.pi),
-                                 aspect=rng.uniform(0.45, 0.7))
-            mask = rasterize(poly, size, size)
+            points = None
+            if cat.get("keypoints"):
+                r = rng.uniform(0.2, 0.32) * size
+                cx, cy = rng.uniform(r * 0.6, size - r * 0.6, size=2)
+                poly, points = figure_geometry(cx, cy, r, rng.uniform(-0.35, 0.35),
+                                               tuple(rng.uniform(-0.7, 0.87, size=2)),
+                                               tuple(rng.uniform(0.17, 0.7, size=2)))
+                mask = rasterize_union(poly, size, size)
+            else:
+                r = rng.uniform(0.12, 0.26) * size
+                cx, cy = rng.uniform(r * 0.6, size - r * 0.6, size=2)
+                poly = shape_polygon(cat["name"], cx, cy, r, rng.uniform(0, 2 * np.pi),
+                                     aspect=rng.uniform(0.45, 0.7))
+                mask = rasterize(poly, size, size)
             if mask.sum() < MIN_VISIBLE_PIXELS * 2:
                 continue
             if place(mask):
@@ -226,7 +320,7 @@ def render(rng: np.random.Generator, size: int, categories: list[dict], *,
                 shade = colour[None, :] + rng.normal(0, 4, size=(int(mask.sum()), 3))
                 img[mask] = shade
                 objects.append({"category_id": cat["id"], "polygon": poly, "full": mask,
-                                "mask": mask.copy(), "iscrowd": False})
+                                "mask": mask.copy(), "iscrowd": False, "keypoints": points})
                 break
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), objects
 
@@ -253,28 +347,47 @@ def make_image(seed: int, index: int, size: int, categories: list[dict], *,
             seg = uncompressed_rle(mask)
         elif obj["polygon"] is not None and np.array_equal(mask, obj["full"]) \
                 and rng.random() >= rle_fraction:
-            seg = [obj["polygon"].reshape(-1).tolist()]
+            polys = obj["polygon"] if isinstance(obj["polygon"], list) else [obj["polygon"]]
+            seg = [p.reshape(-1).tolist() for p in polys]
         else:
             rle = encode_rle(mask)
             seg = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()}
-        anns.append({"category_id": obj["category_id"], "segmentation": seg,
-                     "area": float(mask.sum()), "bbox": mask_bbox(mask),
-                     "iscrowd": int(obj["iscrowd"])})
+        ann = {"category_id": obj["category_id"], "segmentation": seg,
+               "area": float(mask.sum()), "bbox": mask_bbox(mask), "iscrowd": int(obj["iscrowd"])}
+        if obj["keypoints"] is not None:
+            ann["keypoints"], ann["num_keypoints"] = keypoint_labels(obj["keypoints"], obj["full"], mask)
+        anns.append(ann)
     return encode_png(img), anns
+
+
+def keypoint_labels(points: np.ndarray, full: np.ndarray, visible: np.ndarray) -> tuple[list, int]:
+    """COCO ``keypoints`` (``x, y, v`` × K) and ``num_keypoints`` of ``points`` ``[K, 2]``: ``v = 1``
+    where a later instance covers the point's pixel of ``full`` (``visible`` lacks it), else 2;
+    ``0, 0, 0`` outside the image."""
+    h, w = full.shape
+    out: list = []
+    for x, y in points.tolist():
+        col, row = int(math.floor(x)), int(math.floor(y))
+        if not (0 <= col < w and 0 <= row < h):
+            out += [0, 0, 0]
+            continue
+        out += [float(x), float(y), 1 if full[row, col] and not visible[row, col] else 2]
+    return out, sum(1 for v in out[2::3] if v > 0)
 
 
 def synthesize(out: str, *, images: int, seed: int = 0, size: int = 128,
                num_categories: int = 4, min_objects: int = 1, max_objects: int = 4,
                rle_fraction: float = 0.1, crowd_fraction: float = 0.05, unlabeled: int = 0,
-               first_id: int = 1, workers: int = 4) -> SynthSummary:
-    """Write the dataset under ``out`` (local folder or ``s3://`` prefix); see module doc."""
+               first_id: int = 1, workers: int = 4, keypoints: bool = False) -> SynthSummary:
+    """Write the dataset under ``out`` (local folder or ``s3://`` prefix); see module doc
+    (``keypoints``: add the ``figure`` category with keypoints)."""
     if images < 0 or unlabeled < 0:
         raise ValueError("images and unlabeled must be >= 0")
     if size < 32:
         raise ValueError(f"size must be >= 32 pixels, got {size}")
     if not 1 <= min_objects <= max_objects:
         raise ValueError("need 1 <= min_objects <= max_objects")
-    categories = categories_for(num_categories)
+    categories = categories_for(num_categories, keypoints)
     storage.makedirs(out)
 
     def one(index: int, labeled: bool):
@@ -287,7 +400,7 @@ def synthesize(out: str, *, images: int, seed: int = 0, size: int = 128,
         return name, anns
 
     coco_images, coco_anns = [], []
-    counts = {"polygons": 0, "rles": 0, "crowd": 0}
+    counts = {"polygons": 0, "rles": 0, "crowd": 0, "figures": 0}
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for index, (name, anns) in enumerate(pool.map(lambda i: one(i, True), range(images))):
             image_id = first_id + index
@@ -296,6 +409,7 @@ def synthesize(out: str, *, images: int, seed: int = 0, size: int = 128,
             for ann in anns:
                 ann = {"id": len(coco_anns) + 1, "image_id": image_id, **ann}
                 coco_anns.append(ann)
+                counts["figures"] += "keypoints" in ann
                 if ann["iscrowd"]:
                     counts["crowd"] += 1
                 elif isinstance(ann["segmentation"], list):

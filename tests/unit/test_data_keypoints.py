@@ -14,6 +14,7 @@ from pycocotools import mask as mask_utils
 from jobs import cli
 from pipeline.data import convert
 from pipeline.data import format as fmt
+from pipeline.data import synth
 from pipeline.data.keypoints import (COCO_PERSON_KEYPOINTS, COCO_PERSON_SKELETON, KeypointError,
                                      flip_map)
 
@@ -218,3 +219,77 @@ def test_flip_map_errors_are_one_line(names, given, message):
     with pytest.raises(KeypointError) as info:
         flip_map(names, given)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# synth --keypoints
+
+
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory):
+    out = tmp_path_factory.mktemp("figures")
+    summary = synth.synthesize(str(out), images=30, seed=2, size=80, num_categories=2, keypoints=True)
+    return out, summary, json.loads((out / "annotations.json").read_text())
+
+
+def _mask(seg, h, w):
+    rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w)) if isinstance(seg, list) else \
+        {"size": seg["size"], "counts": seg["counts"].encode()}
+    return mask_utils.decode(rle).astype(bool)
+
+
+def test_synth_figures_carry_exact_keypoints(figures):
+    out, summary, coco = figures
+    cat = coco["categories"][-1]
+    assert [c["name"] for c in coco["categories"]] == ["circle", "square", "figure"]
+    assert cat["keypoints"] == synth.FIGURE_KEYPOINTS and cat["skeleton"] == synth.FIGURE_SKELETON
+    assert flip_map(cat["keypoints"]) == [0, 1, 2, 4, 3, 6, 5]
+    kp_anns = [a for a in coco["annotations"] if a["category_id"] == cat["id"]]
+    assert summary.figures == len(kp_anns) >= 10 and "with keypoints" in str(summary)
+    assert all("keypoints" not in a for a in coco["annotations"] if a["category_id"] != cat["id"])
+    seen = set()
+    for ann in kp_anns:
+        kp = ann["keypoints"]
+        assert len(kp) == 21 and ann["num_keypoints"] == sum(v > 0 for v in kp[2::3])
+        visible = _mask(ann["segmentation"], 80, 80)
+        for x, y, v in zip(kp[0::3], kp[1::3], kp[2::3]):
+            seen.add(v)
+            if v == 2:  # on the figure's own visible pixels
+                assert visible[int(y), int(x)]
+            elif v == 1:  # covered by a later instance
+                assert not visible[int(y), int(x)]
+            else:
+                assert (x, y) == (0, 0)
+    assert {1, 2} <= seen
+
+
+def test_figure_geometry_left_is_left_and_points_are_the_parts():
+    for lean in (-0.35, 0.0, 0.35):
+        for arms in ((-0.7, 0.87), (0.87, -0.7)):
+            polys, points = synth.figure_geometry(50, 50, 30, lean, arms, (0.17, 0.7))
+            names = dict(zip(synth.FIGURE_KEYPOINTS, points.tolist()))
+            assert names["left_hand"][0] < names["right_hand"][0]
+            assert names["left_foot"][0] < names["right_foot"][0]
+            assert names["head"][1] < names["neck"][1] < names["hip"][1]
+    # the head and the hand/foot discs are centred on their keypoints
+    centres = [polys[0].mean(0)] + [p.mean(0) for p in polys[-6:]]
+    assert np.allclose(centres, points[[0, 3, 4, 5, 6, 1, 2]], atol=0.02)
+
+
+def test_synth_keypoints_convert_and_export_unchanged(figures, tmp_path):
+    out, _, coco = figures
+    report = convert.convert_coco(str(out / "annotations.json"), str(out / "images"), str(tmp_path / "ds"))
+    assert report.problems == [] and report.instances_written == len(coco["annotations"])
+    convert.export_coco(str(tmp_path / "ds"), str(tmp_path / "back.json"))
+    back = {a["id"]: a for a in json.loads((tmp_path / "back.json").read_text())["annotations"]}
+    for ann in coco["annotations"]:
+        assert back[ann["id"]].get("keypoints") == ann.get("keypoints")
+        assert back[ann["id"]].get("num_keypoints") == ann.get("num_keypoints")
+
+
+def test_synth_cli_keypoints_flag(tmp_path):
+    assert cli.invoke(["synth", "--out", str(tmp_path), "--images", "2", "--size", "48", "--keypoints"]) == 0
+    coco = json.loads((tmp_path / "annotations.json").read_text())
+    assert coco["categories"][-1]["name"] == "figure"
+    plain = synth.categories_for(4)
+    assert all("keypoints" not in c for c in plain) and len(plain) == 4
