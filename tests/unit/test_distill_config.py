@@ -29,6 +29,15 @@ def test_shipped_config_loads_and_fills_the_data_uris():
     assert teacher.data.train == c.data.labeled and teacher.data.val == "" and teacher.name == "run"
 
 
+def test_demo_config_loads_with_the_demos_overrides():
+    c = load_distill_config("configs/distill-demo.yaml", ["work_dir=/tmp/d", "data.labeled=/l", "data.unlabeled=/u",
+                                                          "data.val=/v", "teacher=/t.pt", "train.seed=2"])
+    assert (c.data.labeled, c.data.unlabeled, c.data.val, c.teacher) == ("/l", "/u", "/v", "/t.pt")
+    student = c.train_config("/mixed", "run", "/o", c.student.overrides)
+    assert student.seed == 2 and student.model.min_size == 128  # the demo's training config (shapes-cpu.yaml)
+    assert 0 < c.student.mix_ratio < 1 and c.student.init == "teacher"
+
+
 def test_student_overrides_and_fingerprint(tmp_path):
     c = load_distill_config(_config(tmp_path, student={"overrides": {"schedule.max_iters": 20}}))
     student = c.train_config("/d/mixed", "run", "/out", c.student.overrides)
