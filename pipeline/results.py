@@ -130,7 +130,8 @@ def to_result_instances(boxes: Any, labels: Any, scores: Any, masks: Any, height
     if masks is None:
         counts: list[bytes | None] = [None] * n
     else:
-        counts, _ = encode_instance_masks(torch.as_tensor(np.asarray(masks, dtype=np.float32)), boxes_t, (height, width))
+        masks_t = torch.as_tensor(np.asarray(masks, dtype=np.float32))
+        counts, _ = encode_instance_masks(masks_t, boxes_t, (height, width))
     if keypoints is None:
         points: list[list[float] | None] = [None] * n
     else:

@@ -1,8 +1,9 @@
 """A static HTML gallery of a results prefix (``maskray show --results``): no model, no Ray, no server.
 
-:func:`build_gallery` reads ``<results>/provenance.json`` (:func:`pipeline.results.read_provenance`) to find the images (``input.uri``,
-``input.kind``: "shards" = a maskray dataset whose rows are keyed by ``image_id``, "files" = a
-prefix of raw images, each result row's ``file_name`` being the image's object path), and writes::
+:func:`build_gallery` reads ``<results>/provenance.json`` (:func:`pipeline.results.read_provenance`)
+to find the images (``input.uri``, ``input.kind``: "shards" = a maskray dataset whose rows are keyed
+by ``image_id``, "files" = a prefix of raw images, each result row's ``file_name`` being the image's
+object path), and writes::
 
     <out>/index.html              the page: "showing N of M images", per-category instance counts,
                                   a score histogram (inline SVG), thumbnails linking to the

@@ -12,7 +12,7 @@ from model import ModelConfig, build_from_config, save_checkpoint
 from pipeline.evaluate import evaluate_model
 from pipeline.data.format import Manifest, ShardWriter, make_annotation, make_row, write_manifest
 from pipeline.instances import Instances, encode_masks
-from pipeline.results import RESULT_SCHEMA, result_instances_from_coco, to_coco_results
+from pipeline.results import RESULT_SCHEMA, result_instances_from_coco
 from pipeline.show.draw import draw_instances
 
 CATEGORIES = [{"id": 4, "name": "square"}, {"id": 9, "name": "bar"}]
