@@ -8,6 +8,7 @@ processes it started (found through that temp dir), never with a global ``ray st
   a checkpoint in the storage path, ``maskray status`` / ``logs`` agree;
 - an entry point that fails -> ``maskray submit --wait`` exits non-zero and shows the error;
 - ``maskray stop`` ends a running job (STOPPED);
+- a job run by a ``python`` without maskray's dependencies says the cluster lacks our environment;
 - a head with token authentication (Ray 2.60's default for ``ray start --head``): ``maskray
   status`` without the token fails with one line naming the fix, with the token in
   ``~/.ray/auth_token`` it works without ``RAY_AUTH_MODE`` set, a wrong token is named.
@@ -176,6 +177,25 @@ def test_failing_entry_point_exits_non_zero_and_shows_the_error(cluster, tmp_pat
     assert expected in result.stdout and expected in error[0], result.stdout + result.stderr
     status = cluster.maskray("status", _submission_id(result.stdout))
     assert status.returncode == 0 and "\tFAILED\t" in status.stdout
+
+
+def test_a_cluster_python_without_our_environment_is_named(cluster, tmp_path):
+    """The head started from an un-activated venv: the job's `python` is the system's, which lacks
+    maskray's dependencies. Reproduced by putting a `python` -> system python3 first on the job's PATH."""
+    system = shutil.which("python3", path="/usr/bin:/bin")
+    if system is None or subprocess.run([system, "-c", "import pyarrow, torch"], capture_output=True).returncode == 0:
+        pytest.skip("no system python3 lacking maskray's dependencies on this machine")
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python").symlink_to(system)
+    result = cluster.maskray("submit", "--env", f"PATH={shim}:/usr/bin:/bin", "--wait", "--", "train", "--config",
+                             "configs/shapes-cpu.yaml")
+    assert result.returncode == 1, result.stdout + result.stderr
+    error = [line for line in result.stderr.splitlines() if "maskray submit: error:" in line]
+    assert len(error) == 1 and "FAILED: No module named '" in error[0], result.stderr
+    assert "on the cluster: its `python` lacks maskray's environment" in error[0], error[0]
+    status = cluster.maskray("status", _submission_id(result.stdout))
+    assert "lacks maskray's environment" in status.stdout, status.stdout
 
 
 def _tiny_dataset(root: Path) -> Path:
