@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         raise MaskrayError(f"--long-side must be >= 16, got {args.long_side}")
     manifest = read_manifest(args.data)
     names = {int(c["id"]): str(c["name"]) for c in manifest.categories}
+    skeletons = {int(c["id"]): c.get("skeleton") for c in manifest.categories}  # drawn with keypoints
     rows = list(islice(read_rows(args.data, columns=["image_id", "file_name", "width", "height", "image"]),
                        args.limit))
 
@@ -108,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     for row, image, results in drawn:
         size = (int(image.shape[1]), int(image.shape[2]))
         overlay = render_overlay(image, Instances.from_coco(results, size, ids), label_names,
-                                 score_thresh=args.score_thresh, long_side=args.long_side)
+                                 score_thresh=args.score_thresh, long_side=args.long_side,
+                                 skeletons=[skeletons.get(i) for i in ids])
         storage.write_bytes(storage.join(args.out, f"{int(row['image_id'])}.png"), to_png(overlay), fsync=False)
     logger.info("wrote %d overlays to %s", len(drawn), args.out)
     print(f"{len(drawn)} overlays in {args.out}")

@@ -1,4 +1,13 @@
-"""PNG overlays of instances (masks, boxes, class names, scores) with torchvision's drawing utilities."""
+"""PNG overlays of instances (masks, boxes, keypoints and skeletons, class names, scores) with
+torchvision's drawing utilities.
+
+Keypoints: an instance's ``keypoints`` ``[K, 3]`` (``x, y, score`` of a prediction, or ``x, y, v``
+of ground truth) are drawn where the third value is at least ``kp_thresh`` (default
+:data:`pipeline.results.KEYPOINT_VISIBLE_SCORE`, 2: the heatmap logit Detectron draws at, and
+ground truth's ``v = 2``, visible), as dots in the instance's colour ringed in black, joined by
+its category's ``skeleton`` (COCO's 1-based pairs) in that colour where both ends are drawn.
+Dot radius and line width grow with the size drawn at, so they stay readable on a 12-MP photo.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +19,7 @@ from torchvision.io import encode_png
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from pipeline.instances import Instances
+from pipeline.results import KEYPOINT_VISIBLE_SCORE
 
 
 def label_colors(num_labels: int) -> list[tuple[int, int, int]]:
@@ -21,11 +31,49 @@ def label_colors(num_labels: int) -> list[tuple[int, int, int]]:
     return colors
 
 
+def keypoint_sizes(long_side: int) -> tuple[int, int]:
+    """``(dot radius, skeleton line width)`` in pixels for a picture whose longer side is
+    ``long_side`` px: 5 and 3 at 1280, 16 and 10 at 4000."""
+    return max(2, round(long_side / 250)), max(1, round(long_side / 400))
+
+
+def draw_instance_keypoints(canvas: torch.Tensor, keypoints: torch.Tensor, colors: Sequence[tuple[int, int, int]],
+                            skeletons: Sequence[Sequence[Sequence[int]] | None], *, radius: int, width: int,
+                            kp_thresh: float = KEYPOINT_VISIBLE_SCORE) -> torch.Tensor:
+    """``canvas`` (uint8 [3, H, W]) with each instance's keypoints (``keypoints`` float [N, K, 3]
+    ``x, y, score|v`` in canvas pixels) whose third value is >= ``kp_thresh``: skeleton lines
+    (``skeletons[i]``: 1-based pairs, or None) in ``colors[i]``, then dots ringed in black.
+
+    Drawn with PIL in one pass (``torchvision.utils.draw_keypoints`` draws every skeleton line
+    white, whatever its ``colors``)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    picture = Image.fromarray(canvas.permute(1, 2, 0).contiguous().numpy())
+    draw = ImageDraw.Draw(picture)
+    ring = radius + max(1, width // 2)
+    for kp, color, skeleton in zip(keypoints.tolist(), colors, skeletons):
+        shown = [score >= kp_thresh for _, _, score in kp]
+        for a, b in skeleton or ():
+            i, j = int(a) - 1, int(b) - 1
+            if 0 <= i < len(kp) and 0 <= j < len(kp) and shown[i] and shown[j]:
+                draw.line([(kp[i][0], kp[i][1]), (kp[j][0], kp[j][1])], fill=tuple(color), width=width)
+        for (x, y, _), on in zip(kp, shown):
+            if on:
+                draw.ellipse([x - ring, y - ring, x + ring, y + ring], fill=(0, 0, 0))
+                draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=tuple(color))
+    return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1).contiguous()
+
+
 def draw_instances(image: torch.Tensor, instances: Instances, label_names: Sequence[str], *,
-                   score_thresh: float = 0.5, alpha: float = 0.45, box_width: int = 2) -> torch.Tensor:
+                   score_thresh: float = 0.5, alpha: float = 0.45, box_width: int = 2,
+                   skeletons: Sequence[Sequence[Sequence[int]] | None] | None = None,
+                   kp_thresh: float = KEYPOINT_VISIBLE_SCORE) -> torch.Tensor:
     """``image`` (uint8 [3, H, W]) with ``instances`` scoring >= ``score_thresh`` drawn on it.
 
-    ``label_names[i - 1]`` names label ``i``; boxes are captioned "name score".
+    ``label_names[i - 1]`` names label ``i``; boxes are captioned "name score". Keypoints (when
+    the instances have them) are drawn at the image's own size (:func:`keypoint_sizes`), joined by
+    ``skeletons[i - 1]``, label ``i``'s skeleton (COCO 1-based pairs; None: dots only).
     """
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"draw_instances needs a uint8 [3, H, W] image, got {image.dtype} {tuple(image.shape)}")
@@ -42,7 +90,19 @@ def draw_instances(image: torch.Tensor, instances: Instances, label_names: Seque
         f"{label_names[label - 1] if 0 < label <= len(label_names) else label} {score:.2f}"
         for label, score in zip(labels, kept.scores.tolist())
     ]
-    return draw_bounding_boxes(canvas, kept.boxes, labels=captions, colors=colors, width=box_width)
+    canvas = draw_bounding_boxes(canvas, kept.boxes, labels=captions, colors=colors, width=box_width)
+    if kept.keypoints is not None:
+        radius, width = keypoint_sizes(max(canvas.shape[1], canvas.shape[2]))
+        canvas = draw_instance_keypoints(canvas, kept.keypoints, colors, _skeletons_of(labels, skeletons),
+                                         radius=radius, width=width, kp_thresh=kp_thresh)
+    return canvas
+
+
+def _skeletons_of(labels: Sequence[int], skeletons: Sequence | None) -> list:
+    """Each instance's skeleton: ``skeletons[label - 1]`` (None where not given)."""
+    if skeletons is None:
+        return [None] * len(labels)
+    return [skeletons[label - 1] if 0 < label <= len(skeletons) else None for label in labels]
 
 
 def to_png(image: torch.Tensor) -> bytes:
@@ -54,12 +114,15 @@ DISPLAY_LONG_SIDE = 1280  # px: what an overlay is drawn at, whatever the photo'
 
 
 def render_overlay(image: torch.Tensor, instances: Instances, label_names: Sequence[str], *,
-                   score_thresh: float = 0.5, long_side: int = DISPLAY_LONG_SIDE, alpha: float = 0.45) -> torch.Tensor:
+                   score_thresh: float = 0.5, long_side: int = DISPLAY_LONG_SIDE, alpha: float = 0.45,
+                   skeletons: Sequence[Sequence[Sequence[int]] | None] | None = None,
+                   kp_thresh: float = KEYPOINT_VISIBLE_SCORE) -> torch.Tensor:
     """A readable overlay: ``image`` (uint8 ``[3,H,W]``) scaled so its longer side is
-    ``long_side`` px (a 64-px image is upscaled, a 12-MP photo shrunk), masks and boxes of the
-    instances scoring >= ``score_thresh`` drawn at that size, and captions ("name score") in a
-    scalable font ~2.2% of the longer side high, white on the instance's colour, kept inside the
-    frame. Returns uint8 ``[3, h, w]``."""
+    ``long_side`` px (a 64-px image is upscaled, a 12-MP photo shrunk), masks, boxes and keypoints
+    (with ``skeletons[label - 1]``, see :func:`draw_instances`) of the instances scoring >=
+    ``score_thresh`` drawn at that size, and captions ("name score") in a scalable font ~2.2% of
+    the longer side high, white on the instance's colour, kept inside the frame. Returns uint8
+    ``[3, h, w]``."""
     import numpy as np
     import torch.nn.functional as F
     from PIL import Image, ImageDraw, ImageFont
@@ -84,6 +147,12 @@ def render_overlay(image: torch.Tensor, instances: Instances, label_names: Seque
     boxes = kept.boxes * scale
     line = max(2, round(long_side / 400))
     canvas = draw_bounding_boxes(canvas, boxes, colors=colors, width=line)
+    if kept.keypoints is not None:
+        keypoints = kept.keypoints.clone()
+        keypoints[..., :2] *= scale
+        radius, width = keypoint_sizes(long_side)
+        canvas = draw_instance_keypoints(canvas, keypoints, colors, _skeletons_of(labels, skeletons),
+                                         radius=radius, width=width, kp_thresh=kp_thresh)
     picture = Image.fromarray(canvas.permute(1, 2, 0).numpy())
     draw = ImageDraw.Draw(picture)
     font = ImageFont.load_default(size=max(12, round(long_side * 0.022)))
