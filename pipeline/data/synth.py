@@ -48,6 +48,9 @@ FIGURE = "figure"
 FIGURE_KEYPOINTS = ["head", "neck", "hip", "left_hand", "right_hand", "left_foot", "right_foot"]
 FIGURE_SKELETON = [[1, 2], [2, 3], [2, 4], [2, 5], [3, 6], [3, 7]]  # 1-based, COCO's convention
 FIGURE_FRACTION = 0.5  # of the objects, when keypoints are on
+# OKS sigmas for evaluating figures (eval.kpt_oks_sigmas), in COCO's range (0.025 nose .. 0.107
+# hips): the head and hands/feet are disc centres, neck and hip bar joints
+FIGURE_OKS_SIGMAS = [0.05, 0.06, 0.08, 0.06, 0.06, 0.07, 0.07]
 MIN_VISIBLE_FRACTION = 0.5
 MIN_VISIBLE_PIXELS = 24
 

@@ -293,3 +293,19 @@ def test_synth_cli_keypoints_flag(tmp_path):
     assert coco["categories"][-1]["name"] == "figure"
     plain = synth.categories_for(4)
     assert all("keypoints" not in c for c in plain) and len(plain) == 4
+
+
+def test_synth_figures_evaluate_with_their_sigmas(figures, tmp_path):
+    """Ground truth as predictions scores keypoint AP 1 with synth.FIGURE_OKS_SIGMAS (K = 7)."""
+    from pipeline.evaluate import coco_ground_truth, coco_metrics
+    from pipeline.results import to_coco_results
+
+    out, _, coco = figures
+    convert.convert_coco(str(out / "annotations.json"), str(out / "images"), str(tmp_path / "ds"))
+    rows = list(fmt.read_rows(str(tmp_path / "ds"), columns=["image_id", "width", "height", "annotations"]))
+    cats = fmt.read_manifest(str(tmp_path / "ds")).categories
+    preds = [r for row in rows for r in to_coco_results(row["image_id"], row["annotations"])
+             if not r.get("iscrowd")]
+    metrics = coco_metrics(coco_ground_truth(rows, cats), preds, kpt_oks_sigmas=synth.FIGURE_OKS_SIGMAS)
+    assert metrics["keypoints"]["AP"] == pytest.approx(1.0)
+    assert len(synth.FIGURE_OKS_SIGMAS) == len(synth.FIGURE_KEYPOINTS)
