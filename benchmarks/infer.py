@@ -149,14 +149,16 @@ def pipeline_run(data_uri: str, out_uri: str, ckpt: str, *, actors: int, batch_s
                  score_threshold: float, gpus_per_actor: float | None = None, threads: int | None = None) -> dict:
     """End to end: images / wall of run_inference. Steady: images / (last commit - first model
     batch start), i.e. without starting Ray Data and the actors (checkpoint load, op load)."""
+    from pipeline.infer.config import InferConfig
     from pipeline.infer.driver import run_inference
 
     marker = out_uri.rstrip("/") + ".first-batch"
     commits: list[float] = []
     ticks = cpu_ticks()
     start = time.time()
-    summary = run_inference(data_uri, out_uri, ckpt, batch_size=batch_size, actors=actors,
-                            gpus_per_actor=gpus_per_actor, threads=threads, score_threshold=score_threshold,
+    summary = run_inference(InferConfig(input=data_uri, output=out_uri, checkpoint=ckpt, batch_size=batch_size,
+                                        actors=str(actors), gpus_per_actor=gpus_per_actor, threads=threads,
+                                        score_threshold=score_threshold),
                             predictor_factory=timed_predictor(marker),
                             on_unit_committed=lambda name: commits.append(time.time()))
     wall = time.time() - start
@@ -379,15 +381,17 @@ def noop_loop(data_uri: str, ckpt: str) -> dict:
 
 def noop_pipeline(data_uri: str, out_uri: str, ckpt: str, *, actors: int, batch_size: int, images_per_unit: int,
                   instances: int, threads: int | None = None) -> dict:
+    from pipeline.infer.config import InferConfig
     from pipeline.infer.driver import run_inference
 
     marker = out_uri.rstrip("/") + ".first-batch"
     commits: list[float] = []
     ticks = cpu_ticks()
     start = time.time()
-    summary = run_inference(data_uri, out_uri, ckpt, batch_size=batch_size, actors=actors, score_threshold=0.0,
-                            predictor_factory=noop_predictor(instances, marker), images_per_unit=images_per_unit,
-                            threads=threads,
+    summary = run_inference(InferConfig(input=data_uri, output=out_uri, checkpoint=ckpt, batch_size=batch_size,
+                                        actors=str(actors), score_threshold=0.0,
+                                        images_per_unit=images_per_unit, threads=threads),
+                            predictor_factory=noop_predictor(instances, marker),
                             on_unit_committed=lambda name: commits.append(time.time()))
     wall = time.time() - start
     steal = steal_since(ticks)

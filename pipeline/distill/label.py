@@ -44,12 +44,14 @@ def label_candidates(unlabeled_uri: str, out_uri: str, teacher: str, tta: TTACon
     """Teacher TTA inference over every unlabeled image -> results files under ``out_uri``
     (see the module docstring); returns the driver's ``InferenceSummary``."""
     from pipeline.distill.tta import TTAPredictor
+    from pipeline.infer.config import InferConfig
     from pipeline.infer.driver import run_inference
 
-    return run_inference(unlabeled_uri, out_uri, teacher, batch_size=batch_size, actors=actors,
-                         cpus_per_actor=cpus_per_actor, threads=threads or None, score_threshold=tta.min_score,
-                         predictor_factory=TTAPredictor, tta=json.loads(json.dumps(dataclasses.asdict(tta))),
-                         images_per_unit=images_per_unit)
+    return run_inference(InferConfig(input=unlabeled_uri, output=out_uri, checkpoint=teacher,
+                                     batch_size=batch_size, actors=str(actors), cpus_per_actor=cpus_per_actor,
+                                     threads=threads or None, score_threshold=tta.min_score,
+                                     tta=json.loads(json.dumps(dataclasses.asdict(tta))),
+                                     images_per_unit=images_per_unit), predictor_factory=TTAPredictor)
 
 
 def _units(unlabeled_uri: str, candidates_uri: str, images_per_unit: int) -> Iterator[tuple[list[dict], list[dict]]]:

@@ -222,8 +222,7 @@ def tta_instances(predictor: Any, images: Sequence[torch.Tensor], config: TTACon
 
 class TTAPredictor(Predictor):
     """A :class:`~pipeline.infer.predictor.Predictor` whose per-image output is the merged TTA
-    result instances (:func:`tta_instances`): what ``run_inference(..., predictor_factory=TTAPredictor,
-    tta=asdict(config))`` runs in its model actors. ``tta`` is a :class:`TTAConfig` or its
+    result instances (:func:`tta_instances`): what ``run_inference(InferConfig(input=..., tta=asdict(config)), predictor_factory=TTAPredictor)`` runs in its model actors. ``tta`` is a :class:`TTAConfig` or its
     ``asdict``; the other arguments are the Predictor's (``score_threshold`` should be
     ``tta.min_score``: weaker detections never reach the merge)."""
 

@@ -51,7 +51,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from model.errors import MaskrayError, error_text
-from pipeline.data.decode import DEFAULT_MAX_PIXELS  # the one pixel limit; larger images become error rows
+from pipeline.infer.config import InferConfig
 from pipeline.infer.predictor import Predictor
 from pipeline.infer.stages import IMAGE_SUFFIXES, SegmentAndWrite, is_transient, read_groups, write_units
 from pipeline.results import FORMAT as RESULTS_FORMAT
@@ -202,36 +202,32 @@ def model_digest(model_id: str) -> str:
     return model_id.rsplit("#", 1)[-1]
 
 
+# provenance keys that say where a model came from and what results name (a rerun naming the
+# same bytes another way is the same run): recorded, never compared
+INFORMATIONAL = ("model_source", "categories")
+
+
 def check_provenance(output_uri: str, record: dict, *, overwrite: bool, existing: Sequence[str]) -> None:
-    """Refuse (one line naming the first difference) when ``output_uri`` holds results made
-    differently, unless ``overwrite`` (then the old results files are deleted); then record."""
-    from pipeline import storage
+    """The run record's rule for an output prefix (:mod:`pipeline.runrecord`): refuse (one line
+    naming the first differences) when ``output_uri`` holds results made differently, unless
+    ``overwrite`` (then the old results files are deleted); then record."""
+    from pipeline import runrecord, storage
 
     uri = storage.join(output_uri, PROVENANCE)
-    old = json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+    old = runrecord.read(uri)
     if old is None and existing and not overwrite:
-        raise MaskrayError(f"--output {output_uri} holds {len(existing)} results files but no {PROVENANCE} "
-                           "(made by another version or by hand); pass --overwrite to recompute them")
-    if old is not None and old != record and not overwrite:
-        for key in ("format", "model", "input", "options"):
-            a, b = old.get(key), record.get(key)
-            if isinstance(a, dict) and isinstance(b, dict):
-                diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-                if diff:
-                    k = diff[0]
-                    raise MaskrayError(f"--output {output_uri} holds results made with {key} {k}={a.get(k)!r}, "
-                                       f"this run has {k}={b.get(k)!r}; pass --overwrite to recompute them "
-                                       "or choose another --output")
-            elif a != b:
-                raise MaskrayError(f"--output {output_uri} holds results made with {key} {a!r}, this run has "
-                                   f"{b!r}; pass --overwrite to recompute them or choose another --output")
-    if overwrite and (old != record or existing):
+        raise runrecord.RunChangedError(
+            f"--output {output_uri} holds {len(existing)} results files but no {PROVENANCE} (made by another "
+            "version or by hand); pass --overwrite to recompute them")
+    diff = runrecord.compare(old, record, ignore=INFORMATIONAL, what=f"--output {output_uri}", flag="--overwrite",
+                             alternative="choose another --output", override=overwrite)
+    if overwrite and (diff or existing):
         for name in existing:
             storage.delete(storage.join(output_uri, name))
         if existing:
             logger.info("--overwrite: deleted %d results files under %s", len(existing), output_uri)
     if old != record:
-        storage.write_bytes(uri, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+        runrecord.write(uri, record)
 
 
 def transient_positions(uri: str) -> list[int]:
@@ -272,96 +268,54 @@ class Progress:
                         f"{eta:.0f} s" if eta != float("inf") else "?")
 
 
-def run_inference(
-    dataset_uri: str,
-    output_uri: str,
-    checkpoint_uri: str,
-    *,
-    batch_size: int = 4,
-    actors: int | tuple[int, int] = 1,
-    gpus_per_actor: float | None = None,
-    cpus_per_actor: float | None = None,
-    threads: int | None = None,
-    score_threshold: float = 0.05,
-    coco_json: str | None = None,
-    predictor_factory: type[Predictor] | None = None,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    images_per_unit: int = 64,
-    exif: bool = True,
-    intensity: str | None = None,
-    overwrite: bool = False,
-    retry_errors: bool = False,
-    on_unit_committed: Callable[[str], None] | None = None,
-    amp: bool | None = None,
-    tta: dict | None = None,
-) -> InferenceSummary:
-    """Segment every image under ``dataset_uri`` (maskray shards, or a prefix of image files)
-    into results files under ``output_uri`` (see the module docstring).
+def run_inference(config: InferConfig, *, predictor_factory: type[Predictor] | None = None,
+                  on_unit_committed: Callable[[str], None] | None = None) -> InferenceSummary:
+    """Segment every image under ``config.input`` (maskray shards, or a prefix of image files)
+    into results files under ``config.output`` (see the module docstring and
+    :class:`~pipeline.infer.config.InferConfig` for every setting).
 
-    ``actors`` is a pool size or ``(min, max)``; ``gpus_per_actor`` None = 1 when the cluster has
-    GPUs, else CPU actors; ``cpus_per_actor`` None = 1, lowered on a CPU-only cluster so one CPU
-    stays for the read tasks; ``threads`` per CPU actor (None: :func:`cpu_actor_threads`).
-    ``images_per_unit`` bounds a unit (uint8 pixels of a unit travel as one object: 16 x 12-MP
-    photos = 576 MB). ``exif`` applies EXIF orientation; ``intensity`` maps 16/32-bit images
-    (``pipeline.data.decode.INTENSITY_MODES``; None = its default). ``overwrite`` recomputes results made
-    differently; ``retry_errors`` recomputes rows whose error may be transient.
-    ``amp``: autocast in the model actors (float16 on a GPU, bfloat16 on a CPU: ~3x faster on CPUs
-    with AMX, results no longer equal to float32's); None = on for GPU actors, off for CPU actors.
-    ``predictor_factory`` replaces :class:`Predictor` in the actor pool (same keyword arguments).
-    ``tta``: test-time-augmentation options, passed to ``predictor_factory(tta=...)`` and recorded in
-    the provenance (``pipeline.distill.tta.TTAPredictor``: the teacher's pseudo-labelling).
-    Units run :func:`units_per_task` to a read task, and travel to the model stage in groups
-    (:func:`~pipeline.infer.stages.read_groups`).
+    ``predictor_factory`` replaces :class:`Predictor` in the actor pool (same keyword arguments;
+    ``config.tta`` is passed to it as ``tta=`` when set: ``pipeline.distill.tta.TTAPredictor``,
+    the teacher's pseudo-labelling). ``on_unit_committed(name)`` is called in the driver as each
+    unit's results file is committed. Units run :func:`units_per_task` to a read task, and
+    travel to the model stage in groups (:func:`~pipeline.infer.stages.read_groups`).
     """
     import ray
     from ray.data import ActorPoolStrategy
 
     from pipeline import storage
 
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise MaskrayError(f"batch size {batch_size!r} must be a positive integer")
-    if not isinstance(images_per_unit, int) or images_per_unit < 1:
-        raise MaskrayError(f"images per unit {images_per_unit!r} must be a positive integer")
-    if not 0.0 <= score_threshold <= 1.0:
-        raise MaskrayError(f"score threshold {score_threshold} must be in [0, 1]")
-    if threads is not None and (not isinstance(threads, int) or threads < 0):
-        raise MaskrayError(f"threads {threads!r} must be an integer >= 0 (0 = Ray's default)")
-    from pipeline.data.decode import DEFAULT_INTENSITY, check_intensity
-
-    try:
-        intensity = check_intensity(intensity or DEFAULT_INTENSITY)  # recorded as the effective mode
-    except ValueError as exc:
-        raise MaskrayError(str(exc)) from None
+    dataset_uri, output_uri, checkpoint_uri = config.input, config.output, config.checkpoint
+    actors, max_actors = config.actor_range, config.actor_range[1]
+    gpus_per_actor, cpus_per_actor, threads = config.gpus_per_actor, config.cpus_per_actor, config.threads
+    amp, tta = config.autocast, config.tta
     started = time.perf_counter()
-    units, identity = plan(dataset_uri, images_per_unit)
+    units, identity = plan(dataset_uri, config.images_per_unit)
     # sizes, categories, digest: no model built
-    config, _, extra, source = read_model(checkpoint_uri)
-    min_size, max_size = config.min_size, config.max_size  # the eval sizes of the model built from it
-    category_ids = list(config.category_ids())
+    model_config, _, extra, source = read_model(checkpoint_uri)
+    category_ids = list(model_config.category_ids())
     record = {
         "format": RESULTS_FORMAT,
         "model": model_digest(source.model_id),
         # informational (a rerun naming the same bytes another way is the same run): where the
         # model came from, and the categories results name
         "model_source": source.record(source_format(extra)),
-        "categories": reported_categories(config),
+        "categories": reported_categories(model_config),
         "input": identity,
-        "options": {"score_threshold": float(score_threshold), "max_pixels": max_pixels, "min_size": min_size,
-                    "amp": amp,
-                    "max_size": max_size, "exif": bool(exif), "intensity": intensity, "tta": tta,
-                    "images_per_unit": images_per_unit,
-                    "category_ids": category_ids},
+        # the config's result-changing fields, and the eval sizes of the model built from the file
+        "options": {**config.result_settings(), "min_size": model_config.min_size,
+                    "max_size": model_config.max_size, "category_ids": category_ids},
     }
     existing = unit_names(output_uri)
-    check_provenance(output_uri, record, overwrite=overwrite, existing=existing)
-    done = set() if overwrite else set(existing)
+    check_provenance(output_uri, record, overwrite=config.overwrite, existing=existing)
+    done = set() if config.overwrite else set(existing)
     summary = InferenceSummary()
     pending: list[Unit] = []
     for unit in units:
         if unit.unit not in done:
             pending.append(unit)
             continue
-        if retry_errors:
+        if config.retry_errors:
             only = transient_positions(storage.join(output_uri, unit.unit))
             if only:
                 pending.append(dataclasses.replace(unit, only=tuple(only)))
@@ -382,7 +336,6 @@ def run_inference(
         resources = ray.cluster_resources()
         if gpus_per_actor is None:
             gpus_per_actor = 1.0 if resources.get("GPU", 0) > 0 else 0.0
-        max_actors = actors[1] if isinstance(actors, tuple) else int(actors)
         if cpus_per_actor is None:
             cpus_per_actor = 1.0
             spare = float(resources.get("CPU", 0)) - 1.0
@@ -394,11 +347,11 @@ def run_inference(
             threads = cpu_actor_threads(
                 [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")], max_actors)
         logger.info("model actors: %s x (%.2f CPU, %.2f GPU, %s torch threads), batch size %d, %d images per unit",
-                    actors, cpus_per_actor, gpus_per_actor, threads or "default", batch_size, images_per_unit)
-        sizes = ({"min_size": actors[0], "max_size": actors[1]} if isinstance(actors, tuple)
-                 else {"size": int(actors)})
+                    config.actors, cpus_per_actor, gpus_per_actor, threads or "default", config.batch_size,
+                    config.images_per_unit)
+        sizes = ({"min_size": actors[0], "max_size": actors[1]} if actors[0] != actors[1] else {"size": actors[0]})
         compute = ActorPoolStrategy(**sizes, max_tasks_in_flight_per_actor=GROUPS_IN_FLIGHT_PER_ACTOR)
-        per_task = units_per_task(images_per_unit, len(pending), max_actors)
+        per_task = units_per_task(config.images_per_unit, len(pending), max_actors)
         ds = ray.data.from_items([u.row() for u in pending], override_num_blocks=-(-len(pending) // per_task))
         # invariant: every output row (a group of units, then one unit's metadata) is its own
         # block, so the model stage starts on a group as soon as it is read, and each unit's
@@ -411,7 +364,8 @@ def run_inference(
             warnings.simplefilter("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
             ds = ds.map_batches(read_groups, batch_size=None, batch_format="pyarrow",
-                                fn_kwargs={"max_pixels": max_pixels, "exif": exif, "intensity": intensity},
+                                fn_kwargs={"max_pixels": config.pixel_limit, "exif": config.exif,
+                                           "intensity": config.intensity},
                                 # Ray Data's default: a read task waits once 2 of its groups are
                                 # unconsumed (large units: the object store's backpressure holds);
                                 # two objects per block (the block and its metadata)
@@ -421,8 +375,9 @@ def run_inference(
                 num_gpus=gpus_per_actor, num_cpus=cpus_per_actor,
                 fn_constructor_kwargs={"output_uri": output_uri, "category_ids": category_ids,
                                        "predictor_factory": predictor_factory,
-                                       "checkpoint_uri": checkpoint_uri, "score_threshold": score_threshold,
-                                       "threads": threads, "batch_size": batch_size, "amp": amp,
+                                       "checkpoint_uri": checkpoint_uri,
+                                       "score_threshold": config.score_threshold,
+                                       "threads": threads, "batch_size": config.batch_size, "amp": amp,
                                        **({"tta": tta} if tta is not None else {})},
                 # Bounded: a unit that kills its actor every time stops the run after a few tries
                 # (never an endless restart loop); retried units rewrite the same file.
@@ -431,9 +386,9 @@ def run_inference(
         _watch(ds, pending, summary, started, on_unit_committed)
 
     summary.seconds = time.perf_counter() - started
-    if coco_json is not None:
-        write_coco_json(output_uri, [u.unit for u in units], coco_json)
-        summary.coco_json = coco_json
+    if config.coco_json is not None:
+        write_coco_json(output_uri, [u.unit for u in units], config.coco_json)
+        summary.coco_json = config.coco_json
     return summary
 
 

@@ -27,6 +27,7 @@ from model.checkpoint import ModelConfig, build_from_config, save_checkpoint
 from pipeline.data import format as fmt
 from pipeline import storage
 from pipeline.infer import driver
+from pipeline.infer.config import InferConfig
 from pipeline.infer.driver import run_inference
 from pipeline.infer.predictor import Predictor, read_model_config
 from pipeline.results import RESULT_SCHEMA, unit_names
@@ -123,8 +124,9 @@ def test_s3_roundtrip_bad_images_and_coco_json(s3, ray_local, tmp_path):
     names = write_dataset(data_uri, [good_images(4), good_images(3, start=4), bad])
     coco_json = str(tmp_path / "results.json")
 
-    summary = run_inference(data_uri, out_uri, ckpt, batch_size=3, actors=1, score_threshold=0.0,
-                            coco_json=coco_json, images_per_unit=2)  # ranges cut across row groups
+    summary = run_inference(InferConfig(input=data_uri, output=out_uri, checkpoint=ckpt, batch_size=3,
+                                        actors="1", score_threshold=0.0, coco_json=coco_json,
+                                        images_per_unit=2))  # ranges cut across row groups
 
     rows = results(out_uri, data_uri, images_per_unit=2)
     assert sorted(r["image_id"] for r in rows) == sorted(names)  # exactly one row per image
@@ -195,8 +197,9 @@ def test_actor_killed_mid_run_gives_exactly_n_rows(ray_local, tmp_path):
     names = write_dataset(data_uri, [good_images(5), good_images(5, start=5)])
     marker = str(tmp_path / "died")
 
-    summary = run_inference(data_uri, out_uri, ckpt, batch_size=2, actors=1, score_threshold=1.0,
-                            predictor_factory=dying_predictor(marker), images_per_unit=4)
+    summary = run_inference(InferConfig(input=data_uri, output=out_uri, checkpoint=ckpt, batch_size=2,
+                                        actors="1", score_threshold=1.0, images_per_unit=4),
+                            predictor_factory=dying_predictor(marker))
 
     assert os.path.exists(marker), "the fault was not injected"
     pid, threads = (int(v) for v in open(marker).read().split())
@@ -253,8 +256,10 @@ def test_interrupted_run_resumes_without_recomputing(ray_local, tmp_path, capsys
     # is exactly its committed unit.
     open(gate, "w").close()
     with pytest.raises(Interrupt):
-        run_inference(data_uri, out_uri, ckpt, batch_size=3, actors=1, score_threshold=1.0,
-                      predictor_factory=gated_predictor(gate), on_unit_committed=stop_after_first)
+        run_inference(InferConfig(input=data_uri, output=out_uri, checkpoint=ckpt, batch_size=3, actors="1",
+                                  score_threshold=1.0),
+                      predictor_factory=gated_predictor(gate),
+                      on_unit_committed=stop_after_first)
     assert len(committed) == 1
     done = os.path.join(out_uri, committed[0])
     stamp = os.stat(done).st_mtime_ns
@@ -264,8 +269,8 @@ def test_interrupted_run_resumes_without_recomputing(ray_local, tmp_path, capsys
     assert sorted(os.listdir(out_uri)) == sorted(present + ["provenance.json"])
 
     recommitted: list[str] = []
-    summary = run_inference(data_uri, out_uri, ckpt, batch_size=3, actors=1, score_threshold=1.0,
-                            on_unit_committed=recommitted.append)
+    summary = run_inference(InferConfig(input=data_uri, output=out_uri, checkpoint=ckpt, batch_size=3,
+                                        actors="1", score_threshold=1.0), on_unit_committed=recommitted.append)
 
     assert summary.units_skipped == 1 and summary.units_done == 2
     assert summary.images == 6 and committed[0] not in recommitted
@@ -290,9 +295,10 @@ def test_interrupted_run_resumes_without_recomputing(ray_local, tmp_path, capsys
     assert cli.module_main("infer", ["--checkpoint", other, "--input", data_uri, "--output", out_uri,
                                      "--score-threshold", "1"]) != 0
     err = capsys.readouterr().err
-    assert "made with model 'sha256:" in err and "--overwrite" in err
+    assert "other settings: model ('sha256:" in err and "--overwrite" in err
     assert os.stat(done).st_mtime_ns == stamp
-    summary = run_inference(data_uri, out_uri, other, actors=1, score_threshold=1.0, overwrite=True)
+    summary = run_inference(InferConfig(input=data_uri, output=out_uri, checkpoint=other, actors="1",
+                                        score_threshold=1.0, overwrite=True))
     assert summary.units_done == 3 and summary.images == 9 and summary.units_skipped == 0
     rows = results(out_uri, data_uri)
     assert {r["model"] for r in rows} == {read_model_config(other)[1]}  # each row names the model that computed it
@@ -323,7 +329,8 @@ def test_retry_errors_recomputes_only_transient_error_rows(ray_local, tmp_path):
     marker = str(tmp_path / "flaky")
     with open(marker, "w") as f:
         f.write(str(int(decode_image(images[1][1])[0, 0, 0])))
-    summary = run_inference(data_uri, out_uri, ckpt, actors=1, score_threshold=0.0,
+    summary = run_inference(InferConfig(input=data_uri, output=out_uri, checkpoint=ckpt, actors="1",
+                                        score_threshold=0.0),
                             predictor_factory=flaky_predictor(marker, images[1][0]))
     rows = {r["file_name"]: r for r in results(out_uri, data_uri)}
     assert rows["img001.png"]["error"].startswith("inference failed:") and rows["img001.png"]["instances"] == []
@@ -332,7 +339,8 @@ def test_retry_errors_recomputes_only_transient_error_rows(ray_local, tmp_path):
     stamps = {n: os.stat(os.path.join(out_uri, n)).st_mtime_ns for n in unit_names(out_uri)}
     os.remove(marker)
 
-    again = run_inference(data_uri, out_uri, ckpt, actors=1, score_threshold=0.0, retry_errors=True)
+    again = run_inference(InferConfig(input=data_uri, output=out_uri, checkpoint=ckpt, actors="1",
+                                      score_threshold=0.0, retry_errors=True))
     assert again.images == 1 and again.units_done == 1 and again.units_skipped == 1  # the decode error stays
     fixed = {r["file_name"]: r for r in results(out_uri, data_uri)}
     assert fixed["img001.png"]["error"] is None and fixed["img001.png"]["instances"]
@@ -357,8 +365,8 @@ def test_a_model_stage_that_always_crashes_stops_in_bounded_time(ray_local, tmp_
     write_dataset(data_uri, [good_images(2), good_images(2, start=2)])
     start = time.perf_counter()
     with pytest.raises(Exception, match=r"inference stopped .*2 units not committed: .*part-0000\d\.parquet rows 0-1"):
-        run_inference(data_uri, out_uri, ckpt, actors=1, score_threshold=1.0,
-                      predictor_factory=always_dying_predictor())
+        run_inference(InferConfig(input=data_uri, output=out_uri, checkpoint=ckpt, actors="1",
+                                  score_threshold=1.0), predictor_factory=always_dying_predictor())
     assert time.perf_counter() - start < 150
     assert unit_names(out_uri) == []
 
@@ -383,7 +391,8 @@ def test_raw_image_prefix_on_s3_keyed_by_path(s3, ray_local):
     storage.write_bytes(f"{photos}/e.png", b"not a png")
     storage.write_bytes(f"{photos}/notes.txt", b"ignored")
 
-    summary = run_inference(photos, out_uri, ckpt, actors=1, score_threshold=0.0, images_per_unit=3)
+    summary = run_inference(InferConfig(input=photos, output=out_uri, checkpoint=ckpt, actors="1",
+                                        score_threshold=0.0, images_per_unit=3))
     assert summary.images == 4 and summary.units_done == 2 and summary.errors == 1
     rows = []
     for unit in ("files-0000000-0000003.parquet", "files-0000003-0000004.parquet"):
@@ -395,11 +404,13 @@ def test_raw_image_prefix_on_s3_keyed_by_path(s3, ray_local):
     for inst in by_name["a.jpg"]["instances"]:
         assert inst["segmentation"]["size"] == [48, 32]  # EXIF orientation 6 applied: portrait
     assert by_name["a.jpg"]["instances"] and by_name["c.jpg"]["instances"][0]["segmentation"]["size"] == [32, 48]
-    again = run_inference(photos, out_uri, ckpt, actors=1, score_threshold=0.0, images_per_unit=3)
+    again = run_inference(InferConfig(input=photos, output=out_uri, checkpoint=ckpt, actors="1",
+                                      score_threshold=0.0, images_per_unit=3))
     assert again.units_skipped == 2 and again.images == 0
     storage.write_bytes(f"{photos}/f.jpg", raw_jpeg(9, 48, 32))
     with pytest.raises(Exception, match="made with input files=4, this run has files=5"):
-        run_inference(photos, out_uri, ckpt, actors=1, score_threshold=0.0, images_per_unit=3)
+        run_inference(InferConfig(input=photos, output=out_uri, checkpoint=ckpt, actors="1",
+                                  score_threshold=0.0, images_per_unit=3))
 
 
 def _ray_worker_peaks(peaks: dict, stop: threading.Event) -> None:
@@ -439,7 +450,8 @@ def test_12mp_photos_stay_within_the_memory_target(ray_local, tmp_path):
     sampler = threading.Thread(target=_ray_worker_peaks, args=(peaks, stop), daemon=True)
     sampler.start()
     try:
-        summary = run_inference(photos, out_uri, ckpt, actors=1, score_threshold=0.0, images_per_unit=1)
+        summary = run_inference(InferConfig(input=photos, output=out_uri, checkpoint=ckpt, actors="1",
+                                            score_threshold=0.0, images_per_unit=1))
     finally:
         stop.set()
         sampler.join()

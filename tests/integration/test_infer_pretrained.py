@@ -17,6 +17,7 @@ from pycocotools.coco import COCO
 from pipeline.show.gallery import build_gallery
 from pipeline import results
 from pipeline.infer.driver import run_inference
+from pipeline.infer.config import InferConfig
 
 PHOTOS = ("chelsea", "rocket", "astronaut")  # 451x300, 640x427, 512x512
 UNUSED = torch.tensor([12, 26, 29, 30, 45, 66, 68, 69, 71, 83])
@@ -34,7 +35,8 @@ def test_torchvision_file_in_infer_matches_torchvisions_loop(ray_local, tmp_path
                                                 calibrate_on=pf.as_tensor(arrays["rocket"]), na_offset=3.0)
     out, coco_json = str(tmp_path / "out"), str(tmp_path / "pool.json")
 
-    summary = run_inference(str(photos), out, path, score_threshold=0.05, coco_json=coco_json)
+    summary = run_inference(InferConfig(input=str(photos), output=out, checkpoint=path, score_threshold=0.05,
+                                        coco_json=coco_json))
     assert (summary.images, summary.errors) == (3, 0)
 
     rows = {}

@@ -21,6 +21,7 @@ from model.errors import MaskrayError
 from pipeline.data import format as fmt
 from pipeline import results
 from pipeline.infer import driver, stages
+from pipeline.infer.config import InferConfig
 from pipeline.infer.predictor import Predictor, read_model_config
 
 CATEGORIES = [{"id": 3, "name": "a"}, {"id": 9, "name": "b"}]
@@ -286,21 +287,22 @@ def test_rerun_refuses_other_model_options_or_input_unless_overwrite(tiny, tmp_p
     data = write_dataset(tmp_path / "d", [[], []])  # two empty shards: no Ray needed
     out = str(tmp_path / "out")
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray must not start"))
-    first = driver.run_inference(data, out, ckpt, score_threshold=0.3)
+    first = driver.run_inference(InferConfig(input=data, output=out, checkpoint=ckpt, score_threshold=0.3))
     assert (first.units_done, first.units_skipped) == (2, 0)
-    again = driver.run_inference(data, out, ckpt, score_threshold=0.3)
+    again = driver.run_inference(InferConfig(input=data, output=out, checkpoint=ckpt, score_threshold=0.3))
     assert (again.units_done, again.units_skipped) == (0, 2)
-    with pytest.raises(MaskrayError, match=r"options score_threshold=0.3, this run has score_threshold=0.5.*--overwrite"):
-        driver.run_inference(data, out, ckpt, score_threshold=0.5)
+    with pytest.raises(MaskrayError, match=r"was made with other settings: options\.score_threshold \(0\.3 -> 0\.5\); pass --overwrite"):
+        driver.run_inference(InferConfig(input=data, output=out, checkpoint=ckpt, score_threshold=0.5))
     other = tmp_path / "b.pt"
     torch.manual_seed(1)
     save_checkpoint(str(other), build_from_config(config), config)
-    with pytest.raises(MaskrayError, match=r"made with model 'sha256:.*--overwrite"):
-        driver.run_inference(data, out, str(other), score_threshold=0.3)
+    with pytest.raises(MaskrayError, match=r"other settings: model \('sha256:.*--overwrite"):
+        driver.run_inference(InferConfig(input=data, output=out, checkpoint=str(other), score_threshold=0.3))
     data2 = write_dataset(tmp_path / "d2", [[], [], []])
     with pytest.raises(MaskrayError, match=r"input"):
-        driver.run_inference(data2, out, ckpt, score_threshold=0.3)
-    redo = driver.run_inference(data, out, str(other), score_threshold=0.3, overwrite=True)
+        driver.run_inference(InferConfig(input=data2, output=out, checkpoint=ckpt, score_threshold=0.3))
+    redo = driver.run_inference(InferConfig(input=data, output=out, checkpoint=str(other), score_threshold=0.3,
+                                            overwrite=True))
     assert (redo.units_done, redo.units_skipped) == (2, 0)
     record = json.loads((tmp_path / "out" / "provenance.json").read_text())
     assert record["model"] == driver.model_digest(read_model_config(str(other))[1])
@@ -309,7 +311,7 @@ def test_rerun_refuses_other_model_options_or_input_unless_overwrite(tiny, tmp_p
     (tmp_path / "stray").mkdir()
     (tmp_path / "stray" / "part-00000.parquet").write_bytes(b"x")
     with pytest.raises(MaskrayError, match="no provenance.json"):
-        driver.run_inference(data, str(tmp_path / "stray"), ckpt)
+        driver.run_inference(InferConfig(input=data, output=str(tmp_path / "stray"), checkpoint=ckpt))
 
 
 def test_raw_prefix_plan_is_keyed_by_path(tmp_path):
@@ -357,27 +359,27 @@ def test_storage_retries_back_off_on_transient_errors_only():
 
 
 def test_job_arguments():
-    from jobs import infer
+    from jobs import cli, infer
+    from pipeline.config import ConfigError
 
     parser = argparse.ArgumentParser()
     infer.add_arguments(parser)
     args = parser.parse_args(["--checkpoint", "c", "--input", "i", "--output", "o", "--actors", "1,3"])
-    assert infer.parse_actors(args.actors) == (1, 3) and args.batch_size == 4 and args.gpus_per_actor is None
-    assert args.threads is None and not args.no_exif and not args.overwrite and not args.retry_errors
-    assert args.images_per_unit == 64
-    assert infer.parse_actors("2") == 2
-    for bad in ("0", "3,1", "x"):
-        with pytest.raises(MaskrayError, match="--actors"):
-            infer.parse_actors(bad)
-    args.batch_size = 0
-    with pytest.raises(MaskrayError, match="--batch-size"):
-        infer.run(args)
-    args.batch_size, args.threads = 4, -1
-    with pytest.raises(MaskrayError, match="--threads"):
-        infer.run(args)
-    args.threads, args.images_per_unit = None, 0
-    with pytest.raises(MaskrayError, match="--images-per-unit"):
-        infer.run(args)
+    config = cli.config_from_args(InferConfig, args)
+    assert config.actor_range == (1, 3) and config.batch_size == 4 and config.gpus_per_actor is None
+    assert config.threads is None and config.exif and not config.overwrite and not config.retry_errors
+    assert config.images_per_unit == 64 and config.amp == "auto"
+    assert cli.config_from_args(InferConfig, parser.parse_args(
+        ["--checkpoint", "c", "--input", "i", "--output", "o", "--no-exif", "--set", "amp=on"])).autocast is True
+    for flags, key in ((["--actors", "0"], "actors"), (["--actors", "3,1"], "actors"), (["--actors", "x"], "actors"),
+                       (["--batch-size", "0"], "batch_size"), (["--threads", "-1"], "threads"),
+                       (["--images-per-unit", "0"], "images_per_unit"), (["--set", "amp=maybe"], "amp"),
+                       (["--score-threshold", "2"], "score_threshold")):
+        bad = parser.parse_args(["--checkpoint", "c", "--input", "i", "--output", "o", *flags])
+        with pytest.raises(ConfigError, match=rf"^the command line: {key}: "):
+            infer.run(bad)
+    with pytest.raises(ConfigError, match=r"input: required \(--input URI\)"):
+        infer.run(parser.parse_args(["--checkpoint", "c", "--output", "o"]))
 
 
 def test_cpu_actor_threads_share_the_cluster_cores():
@@ -402,9 +404,11 @@ def test_intensity_mode_reaches_the_decoder_and_the_provenance(tiny, tmp_path, m
     _, _, ckpt = tiny
     data = write_dataset(tmp_path / "d", [[]])
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray must not start"))
-    driver.run_inference(data, str(tmp_path / "o"), ckpt, intensity="minmax")
+    driver.run_inference(InferConfig(input=data, output=str(tmp_path / "o"), checkpoint=ckpt, intensity="minmax"))
     assert json.loads((tmp_path / "o" / "provenance.json").read_text())["options"]["intensity"] == "minmax"
     with pytest.raises(MaskrayError, match="intensity"):
-        driver.run_inference(data, str(tmp_path / "o"), ckpt, intensity="dtype")
+        driver.run_inference(InferConfig(input=data, output=str(tmp_path / "o"), checkpoint=ckpt,
+                                         intensity="dtype"))
     with pytest.raises(MaskrayError, match="not one of"):
-        driver.run_inference(data, str(tmp_path / "o2"), ckpt, intensity="gamma")
+        driver.run_inference(InferConfig(input=data, output=str(tmp_path / "o2"), checkpoint=ckpt,
+                                         intensity="gamma"))
