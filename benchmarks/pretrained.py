@@ -123,13 +123,9 @@ def maskray_infer(weights: str, folder: str, out: str, *extra: str) -> dict:
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"maskray infer failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    import pyarrow.parquet as pq
+    from pipeline.results import iter_rows
 
-    counts = []
-    for name in sorted(os.listdir(out)):
-        if name.endswith(".parquet"):
-            counts += [len(r) for r in pq.read_table(os.path.join(out, name), columns=["instances"])
-                       .column("instances").to_pylist()]
+    counts = [len(row["instances"]) for row in iter_rows(out, ["instances"])]
     return {"seconds": seconds, "summary": done.stdout.strip().splitlines()[-1], "instances": counts}
 
 
