@@ -241,11 +241,13 @@ def _decode_mask_at(seg: dict, frame: tuple[int, int], rows: np.ndarray, cols: n
 
 
 def render(data: bytes, instances: Sequence[dict], label_of: dict[int, int], label_names: Sequence[str], *,
-           long_side: int, score_thresh: float, decode_options: dict) -> Any:
+           long_side: int, score_thresh: float, decode_options: dict,
+           skeletons: Sequence[Sequence[Sequence[int]] | None] | None = None) -> Any:
     """A PIL RGB overlay of one image, longer side ``long_side`` px: the image is decoded as its
     inference run decoded it (``decode_options``: ``max_pixels``, ``exif``, ``intensity``), resized
     (area average when shrinking, nearest when enlarging), and the instances scoring >=
-    ``score_thresh`` drawn at that size (:func:`pipeline.show.draw.render_overlay`)."""
+    ``score_thresh`` drawn at that size (:func:`pipeline.show.draw.render_overlay`), keypoints
+    included (joined by ``skeletons[label - 1]``)."""
     import torch
     from PIL import Image
 
@@ -270,9 +272,30 @@ def render(data: bytes, instances: Sequence[dict], label_of: dict[int, int], lab
     boxes = torch.tensor([[float(v) for v in i["bbox"]] for i in kept], dtype=torch.float32).reshape(-1, 4)
     boxes = torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1) * torch.tensor([w / width, h / height] * 2)
     found = Instances((h, w), boxes, torch.tensor([float(i["score"]) for i in kept], dtype=torch.float32),
-                      torch.tensor([label_of[int(i["category_id"])] for i in kept], dtype=torch.int64), masks)
-    drawn = render_overlay(canvas, found, label_names, score_thresh=score_thresh, long_side=max(h, w))
+                      torch.tensor([label_of[int(i["category_id"])] for i in kept], dtype=torch.int64), masks,
+                      _keypoints_at(kept, (w / width, h / height)))
+    drawn = render_overlay(canvas, found, label_names, score_thresh=score_thresh, long_side=max(h, w),
+                           skeletons=skeletons)
     return Image.fromarray(drawn.permute(1, 2, 0).numpy())
+
+
+def _keypoints_at(instances: Sequence[dict], scale: tuple[float, float]) -> Any:
+    """float32 [N, K, 3] (x, y, score) of the instances' stored keypoints scaled by ``scale`` (sx, sy)
+    to the display size; an instance without them gets score -inf (never drawn); None when none has any."""
+    import torch
+
+    points = [i.get("keypoints") or [] for i in instances]
+    k = max((len(p) // 3 for p in points), default=0)
+    if k == 0:
+        return None
+    out = torch.zeros(len(points), k, 3)
+    out[:, :, 2] = float("-inf")
+    for n, p in enumerate(points):
+        if p:
+            out[n, :len(p) // 3] = torch.tensor(p, dtype=torch.float32).reshape(-1, 3)
+    out[:, :, 0] *= scale[0]
+    out[:, :, 1] *= scale[1]
+    return out
 
 
 def _jpeg(picture: Any, quality: int) -> bytes:
@@ -418,12 +441,16 @@ def build_gallery(results_uri: str, out_uri: str, *, images_uri: str | None = No
     rows = sample_rows(sample)
     source.prefetch([int(r["image_id"]) for r in rows])
 
-    names = category_names(provenance, source.manifest_categories())
+    manifest_categories = source.manifest_categories()
+    names = category_names(provenance, manifest_categories)
     options = provenance.get("options") or {}
     ids = sorted(names.keys() | {int(c) for c in options.get("category_ids") or []} | stats.per_category.keys()
                  | {int(i["category_id"]) for r in rows for i in r["instances"] or []})
     label_of = {cid: k + 1 for k, cid in enumerate(ids)}
     label_names = [names.get(cid, str(cid)) for cid in ids]
+    skeleton_of = {int(c["id"]): c.get("skeleton") for c in [*(provenance.get("categories") or []), *manifest_categories]
+                   if isinstance(c, dict) and "id" in c and c.get("skeleton")}
+    skeletons = [skeleton_of.get(cid) for cid in ids]
     decode_options = {"max_pixels": options.get("max_pixels"), "exif": bool(options.get("exif", True)),
                       "intensity": options.get("intensity")}
 
@@ -435,7 +462,7 @@ def build_gallery(results_uri: str, out_uri: str, *, images_uri: str | None = No
         if data is not None:
             try:
                 picture = render(data, row["instances"] or [], label_of, label_names, long_side=long_side,
-                                 score_thresh=score_thresh, decode_options=decode_options)
+                                 score_thresh=score_thresh, decode_options=decode_options, skeletons=skeletons)
                 stem = f"{k:05d}-{image_id}.jpg"
                 entry.overlay, entry.thumb = f"overlays/{stem}", f"thumbs/{stem}"
                 storage.write_bytes(storage.join(out_uri, entry.overlay), _jpeg(picture, 90), fsync=False)

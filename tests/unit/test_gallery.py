@@ -230,3 +230,31 @@ def test_errors_are_one_line_naming_what_is_at_fault(raw_run, tmp_path, capsys):
     (results / "files-0000004-0000007.parquet").write_bytes(b"junk")
     with pytest.raises(Exception, match="files-0000004-0000007.parquet"):
         gallery.build_gallery(str(results), str(tmp_path / "g"), images_uri=str(tmp_path / "images"))
+
+
+def test_overlays_draw_stored_keypoints_and_skeletons(tmp_path):
+    """A keypoint model's results: points scoring >= the visibility rule are drawn (joined by the
+    category's skeleton from the provenance), a low-scoring one is not."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "p.png").write_bytes(_png(200, 100))
+    points = [150.0, 75.0, 5.0, 170.0, 80.0, 5.0, 30.0, 80.0, 0.0]  # x, y, score: the third below the rule
+    instance = {"category_id": 3, "score": 0.9, "bbox": [10.0, 60.0, 180.0, 35.0], "segmentation": None,
+                "keypoints": points}
+    results = tmp_path / "results"
+    _write_results(results, {"files-0000000-0000001.parquet": [
+        {"image_id": 1, "file_name": str(images / "p.png"), "instances": [instance]}]},
+        {"format": "maskray-results/2", "model": "sha256:k", "input": {"uri": str(images), "kind": "files"},
+         "categories": [{"id": 3, "name": "figure", "keypoints": ["a", "b", "c"], "skeleton": [[1, 2]]}],
+         "options": {"category_ids": [3]}})
+    out = tmp_path / "gallery"
+    gallery.build_gallery(str(results), str(out), long_side=200, score_thresh=0.5)
+    overlay = np.asarray(Image.open(next((out / "overlays").iterdir())).convert("RGB")).astype(int)
+    background = overlay[90, 120]  # inside the box, away from every point and line
+
+    def differs(x, y):
+        return int(np.abs(overlay[y, x] - background).max())
+
+    assert differs(150, 75) > 40 and differs(170, 80) > 40  # the visible points
+    assert max(differs(160, y) for y in range(75, 81)) > 40  # the skeleton line between them
+    assert differs(30, 80) < 15  # the low-scoring point is not drawn
