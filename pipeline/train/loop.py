@@ -45,10 +45,12 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 STOP_KEY = "stopped"  # metrics key: why the workers stopped before the last iteration
+EVAL_KINDS = ("bbox", "segm", "keypoints")  # COCOeval IoU types in evaluation metrics (keypoints: kp models)
 LOSS_NAMES = {  # torchvision loss key -> short name on the console
     "loss_classifier": "cls",
     "loss_box_reg": "box",
     "loss_mask": "mask",
+    "loss_keypoint": "kp",
     "loss_objectness": "rpn",
     "loss_rpn_box_reg": "rpn_box",
 }
@@ -65,6 +67,7 @@ class RunPlan:
     lr: float
     global_batch: int
     run_uri: str = ""  # <storage_path>/<name>
+    keypoint_flip: list[int] = field(default_factory=list)  # the K keypoints' flip permutation; [] = no keypoints
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -77,7 +80,8 @@ class RunPlan:
 
 def collate(batch: dict[str, np.ndarray]) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
     """A Ray Data numpy batch of decoded rows -> (list of float CHW images in [0, 1],
-    list of target dicts with boxes [N, 4] float32, labels [N] int64, masks [N, H, W] uint8).
+    list of target dicts with boxes [N, 4] float32, labels [N] int64, masks [N, H, W] uint8,
+    and for a keypoint model keypoints [N, K, 3] float32: x, y pixels, v).
 
     ``masks`` arrive bit-packed along x ([N, H, ceil(W / 8)] uint8) with their ``mask_width``.
     """
@@ -91,6 +95,10 @@ def collate(batch: dict[str, np.ndarray]) -> tuple[list[Tensor], list[dict[str, 
             "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64).reshape(-1)),
             "masks": torch.from_numpy(masks),
         })
+    if "keypoints" in batch:
+        for target, keypoints in zip(targets, batch["keypoints"], strict=True):
+            kp = np.asarray(keypoints, dtype=np.float32)  # [N, K, 3] (Ray keeps each row's shape)
+            target["keypoints"] = torch.from_numpy(kp if kp.ndim == 3 else kp.reshape(len(target["boxes"]), -1, 3))
     return images, targets
 
 
@@ -232,6 +240,9 @@ def setup(config: TrainConfig, plan: RunPlan, rank: int, world: int, device: tor
     torch.manual_seed(config.seed)
     model_config = config.model.model_config(plan.categories)
     model = build_from_config(model_config).to(device)  # before the optimizer: its state follows the params
+    if config.augment.min_sizes:  # multi-scale training: torchvision picks one per image; eval uses the last
+        model.transform.min_size = tuple(s for s in config.augment.min_sizes if s != model_config.min_size) \
+            + (model_config.min_size,)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=plan.lr, momentum=config.optim.momentum,
                                 weight_decay=config.optim.weight_decay)
@@ -342,7 +353,8 @@ def format_eval_line(it: int, metrics: dict[str, dict[str, float]], images: int,
     def part(kind: str) -> str:
         m = {k: (float("nan") if v is None else v) for k, v in (metrics.get(kind) or {}).items()}
         return f"{kind} AP {m.get('AP', float('nan')):.3f} AP50 {m.get('AP50', float('nan')):.3f}"
-    return f"eval iter {it}: {part('bbox')} | {part('segm')}  ({images} images, {seconds:.1f} s)"
+    parts = " | ".join(part(kind) for kind in EVAL_KINDS if kind in metrics or kind != "keypoints")
+    return f"eval iter {it}: {parts}  ({images} images, {seconds:.1f} s)"
 
 
 class ConsoleHook(Hook):
@@ -374,7 +386,7 @@ class TensorBoardHook(Hook):
         for k, v in metrics.items():
             if k in ("iteration", "epoch") or not isinstance(v, (int, float)) or isinstance(v, bool):
                 continue
-            group = "eval" if k.startswith(("bbox_", "segm_")) else "train"
+            group = "eval" if k.startswith(tuple(f"{kind}_" for kind in EVAL_KINDS)) else "train"
             self.writer.add_scalar(f"{group}/{k}", v, w.iteration)
         if due.checkpoint:
             self.sync()
@@ -397,7 +409,7 @@ class TensorBoardHook(Hook):
 def flat_eval(metrics: dict) -> dict[str, float | None]:
     """``{"bbox": {"AP": ..}, ..}`` -> ``{"bbox_AP": .., ..}`` (None: undefined, as maskray eval)."""
     out = {}
-    for kind in ("bbox", "segm"):
+    for kind in EVAL_KINDS:
         for k, v in (metrics.get(kind) or {}).items():
             if v is None or isinstance(v, (int, float)):
                 out[f"{kind}_{k}"] = None if v is None else float(v)
@@ -418,10 +430,12 @@ class EvalHook(Hook):
         config, start = w.config, time.perf_counter()
         limit = config.data.val_max_images or None
         skipped: list = []
+        # a keypoint model is scored on OKS too, with the config's sigmas (none: COCO person's 17)
+        kp = {"kpt_oks_sigmas": config.eval.kpt_oks_sigmas or None} if w.model_config.num_keypoints else {}
         try:
             result = evaluate_model(_unwrap(w.model), config.data.val, w.plan.categories, limit=limit,
                                     device=w.device, batch_size=max(1, config.images_per_worker),
-                                    skipped=skipped, max_bad_fraction=config.data.max_bad_fraction)
+                                    skipped=skipped, max_bad_fraction=config.data.max_bad_fraction, **kp)
         except MaskrayError as exc:  # too many bad val images: a clean stop, not a crash Ray Train would retry
             w.stop_reason = f"data.val={config.data.val}: {exc}"
             return

@@ -163,3 +163,166 @@ def test_decode_target_keypoints():
     bad = [_ann(4, 3, mask, [1.0, 1.0, 3, 0, 0, 0, 0, 0, 0])]
     with pytest.raises(TargetError, match="annotation 4: keypoint visibility"):
         decode_target(bad, 8, 10, [3, 7], num_keypoints=3)
+
+
+# --------------------------------------------------------------------------- through the model
+
+
+def _row(image_id: int, instances: list[tuple[tuple[int, int, int, int], list[float] | None]], size: int = 64):
+    """A shard row: a gray image with one bright rectangle per instance ``((x0, y0, x1, y1), keypoints)``."""
+    from pipeline.data.synth import encode_png
+
+    img = np.full((size, size, 3), 40, dtype=np.uint8)
+    anns = []
+    for i, ((x0, y0, x1, y1), kps) in enumerate(instances):
+        mask = np.zeros((size, size), dtype=np.uint8)
+        mask[y0:y1, x0:x1] = 1
+        img[mask.astype(bool)] = 200
+        anns.append({**_ann(image_id * 10 + i, 1, mask, kps), "bbox": [x0, y0, x1 - x0, y1 - y0],
+                     "area": float(mask.sum())})
+    return {"image_id": image_id, "width": size, "height": size, "image": encode_png(img), "annotations": anns}
+
+
+def _batch(rows, k: int):
+    """Rows through the train stream's decode (``DecodeAugment``, no flip) and ``collate``, as
+    Ray Data hands them to a worker (one object array per column)."""
+    from pipeline.train.engine import DecodeAugment
+    from pipeline.train.loop import collate
+
+    fn = DecodeAugment([1], hflip_prob=0.0, num_keypoints=k, keypoint_flip=[1, 0, 2])
+    decoded = [out for row in rows for out in fn(row)]
+    batch = {}
+    for key in decoded[0]:
+        column = np.empty(len(decoded), dtype=object)
+        column[:] = [d[key] for d in decoded]
+        batch[key] = column
+    return collate(batch)
+
+
+def _keypoint_model(seed: int = 0):
+    """A small keypoint & mask model with frozen BN (one image's loss does not depend on the others')
+    and few proposals (every positive RoI is sampled: no randomness in the keypoint loss)."""
+    from model.checkpoint import ModelConfig, build_from_config
+
+    torch.manual_seed(seed)
+    config = ModelConfig.for_categories([{"id": 1, "name": "thing", "keypoints": ["left", "right", "top"]}],
+                                        backbone="resnet18", min_size=64, max_size=64, norm="frozen_bn",
+                                        num_keypoints=3, options={
+                                            "fpn_channels": 32, "box_head_dim": 64, "mask_head_channels": [16],
+                                            "keypoint_head_channels": [32, 32], "anchor_sizes": [[16], [32], [64], [128], [256]],
+                                            "rpn_post_nms_top_n_train": 30, "box_batch_size_per_image": 512})
+    return build_from_config(config).train()
+
+
+def test_no_visible_keypoint_gives_no_loss_and_no_nan():
+    seen = [1.5, 2.0, 2, 14.0, 2.0, 1, 8.0, 12.0, 2]  # left, right (labeled, not visible), top
+    unseen = [0.0, 0.0, 0, 0.0, 0.0, 0, 0.0, 0.0, 0]
+    a = _row(1, [((4, 4, 20, 20), [v + (4 if i % 3 < 2 else 0) for i, v in enumerate(seen)])])
+    b = _row(2, [((30, 30, 60, 60), unseen), ((5, 40, 25, 60), None)])  # instances, no labeled point
+    c = _row(3, [])  # no instance at all
+    model = _keypoint_model()
+
+    images, targets = _batch([b, c], k=3)
+    assert [t["keypoints"].shape for t in targets] == [(2, 3, 3), (0, 3, 3)]
+    losses = model(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_keypoint"].item() == 0.0
+    sum(losses.values()).backward()
+    for p in model.roi_heads.keypoint_predictor.parameters():
+        assert p.grad is None or (torch.isfinite(p.grad).all() and not p.grad.any())
+
+    torch.manual_seed(1)
+    alone = model(*_batch([a], k=3))["loss_keypoint"]
+    torch.manual_seed(1)
+    mixed = model(*_batch([a, b, c], k=3))["loss_keypoint"]
+    assert alone.item() > 0 and torch.isfinite(mixed)
+    # b and c add RoIs but no labeled keypoint: the mean over labeled (RoI, keypoint) pairs is a's alone
+    assert mixed.item() == pytest.approx(alone.item(), rel=1e-4)
+
+
+# --------------------------------------------------------------------------- config and plan
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+FIVE = ["nose", "left_eye", "right_eye", "left_ear", "right_ear"]
+
+
+def _dataset(root, categories, images=8):
+    from pipeline.data.format import Manifest, ShardInfo, manifest_uri, write_manifest
+
+    shards = [ShardInfo(path="part-00000.parquet", images=images, instances=images)]
+    write_manifest(manifest_uri(str(root)), Manifest(categories=categories, shards=shards))
+    return str(root)
+
+
+def _config(tmp_path, categories, *, model=None, data=None, eval=None, augment=None):
+    from pipeline.train.config import TrainConfig
+
+    train = _dataset(tmp_path / "train", categories)
+    val = _dataset(tmp_path / "val", categories)
+    return TrainConfig.from_dict({
+        "name": "kp", "storage_path": str(tmp_path / "runs"), "images_per_worker": 2,
+        "data": {"train": train, "val": val, **(data or {})}, "schedule": {"max_iters": 10, "warmup_iters": 1},
+        "model": {"backbone": "resnet18", "num_keypoints": 5, **(model or {})},
+        "eval": {"kpt_oks_sigmas": [0.05] * 5} if eval is None else eval, "augment": augment or {}})
+
+
+def test_the_coco_keypoint_recipe_loads():
+    from pipeline.train.config import load_config
+
+    cfg = load_config(str(REPO / "configs" / "coco-keypoints-r50-fpn.yaml"))
+    assert cfg.model.num_keypoints == 17 and cfg.model.masks is False
+    assert cfg.augment.min_sizes == [640, 672, 704, 736, 768, 800] and cfg.model.min_size == 800
+    assert cfg.schedule.max_iters == 90000 and cfg.schedule.steps == [60000, 80000]
+    assert cfg.lr == 0.02 and cfg.global_batch == cfg.optim.reference_batch == 16
+    assert cfg.model.options["box_nms_thresh"] == 0.5
+    assert cfg.data.keypoint_flip_map is None and cfg.eval.kpt_oks_sigmas == []
+    joint = load_config(str(REPO / "configs" / "coco-keypoints-r50-fpn.yaml"), ["model.masks=true"])
+    assert joint.model.masks is True
+
+
+def test_plan_derives_the_flip_map_from_names_or_takes_the_given_one(tmp_path):
+    from pipeline.train.engine import plan_run
+
+    cats = [{"id": 1, "name": "face", "keypoints": FIVE}, {"id": 2, "name": "ball"}]
+    plan = plan_run(_config(tmp_path, cats))
+    assert plan.keypoint_flip == [0, 2, 1, 4, 3]
+    given = plan_run(_config(tmp_path, cats, data={"keypoint_flip_map": [["left_eye", "right_eye"]]}))
+    assert given.keypoint_flip == [0, 2, 1, 3, 4]
+    assert plan_run(_config(tmp_path, cats, data={"keypoint_flip_map": []})).keypoint_flip == [0, 1, 2, 3, 4]
+    assert plan_run(_config(tmp_path, cats, model={"num_keypoints": 0})).keypoint_flip == []
+    # the checkpoint's model config keeps the names (show and COCO export read them)
+    mc = _config(tmp_path, cats).model.model_config(plan.categories)
+    assert mc.categories[0]["keypoints"] == FIVE and "keypoints" not in mc.categories[1]
+
+
+def test_plan_refuses_keypoint_settings_that_do_not_fit(tmp_path):
+    from pipeline.train.config import ConfigError
+    from pipeline.train.engine import plan_run
+
+    cats = [{"id": 1, "name": "face", "keypoints": FIVE}]
+    with pytest.raises(ConfigError, match=r"^eval\.kpt_oks_sigmas: 4 sigmas for model\.num_keypoints=5$"):
+        plan_run(_config(tmp_path, cats, eval={"kpt_oks_sigmas": [0.05] * 4}))
+    with pytest.raises(ConfigError, match=r"eval\.kpt_oks_sigmas: needed for model\.num_keypoints=5"):
+        plan_run(_config(tmp_path, cats, eval={}))
+    with pytest.raises(ConfigError, match=r"category 1 \(face\) of data\.train names 5 keypoints"):
+        plan_run(_config(tmp_path, cats, model={"num_keypoints": 4}, eval={"kpt_oks_sigmas": [0.05] * 4}))
+    with pytest.raises(ConfigError, match=r"model\.num_keypoints=5: no category of data\.train"):
+        plan_run(_config(tmp_path, [{"id": 1, "name": "ball"}]))
+    with pytest.raises(ConfigError, match=r"^data\.keypoint_flip_map: .*unknown keypoint 'left_toe'"):
+        plan_run(_config(tmp_path, cats, data={"keypoint_flip_map": [["left_toe", "nose"]]}))
+    with pytest.raises(ConfigError, match=r"augment\.min_sizes: 2000 is above model\.max_size=1333"):
+        plan_run(_config(tmp_path, cats, augment={"min_sizes": [640, 2000]}))
+
+
+def test_keypoint_metrics_reach_the_console_tensorboard_and_the_result():
+    from pipeline.train.engine import TrainResult
+    from pipeline.train.loop import flat_eval, format_eval_line
+
+    metrics = {"bbox": {"AP": 0.5, "AP50": 0.8}, "segm": {"AP": 0.4, "AP50": 0.7},
+               "keypoints": {"AP": 0.3, "AP50": 0.65, "APm": None}}
+    line = format_eval_line(400, metrics, 100, 2.0)
+    assert line == ("eval iter 400: bbox AP 0.500 AP50 0.800 | segm AP 0.400 AP50 0.700 | keypoints AP 0.300 "
+                    "AP50 0.650  (100 images, 2.0 s)")
+    flat = flat_eval(metrics)
+    assert flat["keypoints_AP50"] == 0.65 and flat["keypoints_APm"] is None
+    assert TrainResult(None, {**flat, "loss": 1.0}).eval_metrics() == metrics
