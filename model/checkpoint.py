@@ -29,6 +29,15 @@ FORMAT = "maskray-checkpoint/1"
 _BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 _VARIANTS = ("v1", "v2")
 _NORMS = ("bn", "frozen_bn", "gn")
+# = model.ops.POOLER_MODES, model.mask_heads.MASK_LOSSES / MASK_HEAD_TYPES (kept here so that reading a
+# config imports neither the op library nor torchvision's detection models; a unit test checks them)
+_POOLERS = ("roialign", "roialign_v2", "roiwarp", "roipool")
+_MASK_LOSSES = ("sigmoid", "softmax")
+_MASK_HEADS = ("fcn", "mlp")
+# build_maskrcnn keywords that older checkpoints kept in ``options`` and that are fields now
+# (option name -> field name); ModelConfig.from_dict moves them
+LEGACY_OPTIONS = {"pooler": "pooler", "mask_loss": "mask_loss", "class_agnostic_mask": "class_agnostic_mask",
+                  "mask_head_type": "mask_head"}
 
 
 class ModelConfigError(MaskrayError):
@@ -45,8 +54,16 @@ class ModelConfig:
 
     ``categories`` are COCO ``{"id", "name"}`` dicts for labels 1..K (so ``num_classes`` is
     ``len(categories) + 1``); an empty list means "unnamed": label ``i`` is category id ``i``
-    (the convention of torchvision's COCO models, whose 91 labels are COCO ids).
+    (the convention of torchvision's COCO models, whose 91 labels are COCO ids). A category may
+    keep COCO's ``keypoints`` (names, as many as ``num_keypoints``) and ``skeleton`` (1-based pairs).
+
+    Branches: ``masks`` (the mask branch, default on) and ``num_keypoints`` (K > 0 adds the keypoint
+    branch, ``model.keypoint_heads``); at least one. The switches of Mask R-CNN's Table 2:
+    ``pooler`` (roialign | roialign_v2 | roiwarp | roipool, every RoI pooler of the model),
+    ``mask_loss`` (sigmoid | softmax), ``class_agnostic_mask``, ``mask_head`` (fcn | mlp; the
+    ``mask_head_type`` of ``build_maskrcnn``); the mask ones keep their defaults without masks.
     ``options`` holds any further keyword arguments of ``build_maskrcnn`` (JSON-able values).
+    Older checkpoints kept the four switches in ``options``: :meth:`from_dict` moves them.
     """
 
     backbone: str = "resnet50"
@@ -59,6 +76,12 @@ class ModelConfig:
     trainable_layers: int = 5
     box_score_thresh: float = 0.05
     box_detections_per_img: int = 100
+    masks: bool = True
+    num_keypoints: int = 0
+    pooler: str = "roialign"
+    mask_loss: str = "sigmoid"
+    class_agnostic_mask: bool = False
+    mask_head: str = "fcn"
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -77,14 +100,37 @@ class ModelConfig:
         require(0 <= self.box_score_thresh < 1, "box_score_thresh", f"{self.box_score_thresh} is outside [0, 1)")
         require(self.box_detections_per_img > 0, "box_detections_per_img",
                 f"must be > 0, got {self.box_detections_per_img}")
+        require(isinstance(self.masks, bool), "masks", f"{self.masks!r} must be true or false")
+        require(isinstance(self.num_keypoints, int) and not isinstance(self.num_keypoints, bool)
+                and self.num_keypoints >= 0, "num_keypoints", f"{self.num_keypoints!r} must be an int >= 0 (0 = none)")
+        require(self.masks or self.num_keypoints > 0, "masks",
+                "false needs num_keypoints >= 1 (a model predicts masks, keypoints or both)")
+        require(self.pooler in _POOLERS, "pooler", f"{self.pooler!r} is not one of {', '.join(_POOLERS)}")
+        require(self.mask_loss in _MASK_LOSSES, "mask_loss",
+                f"{self.mask_loss!r} is not one of {', '.join(_MASK_LOSSES)}")
+        require(isinstance(self.class_agnostic_mask, bool), "class_agnostic_mask",
+                f"{self.class_agnostic_mask!r} must be true or false")
+        require(self.mask_head in _MASK_HEADS, "mask_head", f"{self.mask_head!r} is not one of {', '.join(_MASK_HEADS)}")
+        if not self.masks:
+            changed = [k for k, default in (("mask_loss", "sigmoid"), ("class_agnostic_mask", False),
+                                            ("mask_head", "fcn")) if getattr(self, k) != default]
+            require(not changed, changed[0] if changed else "masks",
+                    "applies to the mask branch, and masks=false has none")
         self.categories = [dict(c) for c in self.categories]
         for i, c in enumerate(self.categories):
             require("id" in c and "name" in c, f"categories[{i}]", f"{c!r} needs 'id' and 'name'")
+            names = c.get("keypoints")
+            require(names is None or not self.num_keypoints or (isinstance(names, list) and
+                                                                len(names) == self.num_keypoints),
+                    f"categories[{i}].keypoints", f"names {len(names) if isinstance(names, list) else names!r} "
+                    f"keypoints but num_keypoints={self.num_keypoints}")
         require(not self.categories or len(self.categories) == self.num_classes - 1, "num_classes",
                 f"{len(self.categories)} categories but num_classes={self.num_classes}; expected "
                 "num_classes = len(categories) + 1 (label 0 is background)")
         for key in self.options:
             require(isinstance(key, str), "options", f"option names must be strings, got {key!r}")
+        require("mask_head_type" not in self.options, "options",
+                "mask_head_type is the field mask_head (fcn | mlp) of the model config")
         reserved = {f.name for f in dataclasses.fields(ModelConfig)} | {"backbone_module"}
         clash = sorted(set(self.options) & reserved)
         require(not clash, "options", f"repeat top-level fields: {', '.join(clash)}")
@@ -109,7 +155,7 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise MaskrayError(f"model config has unknown fields: {', '.join(unknown)}")
-        return cls(**data)
+        return cls(**migrate_options(data))
 
     def category_ids(self) -> list[int]:
         """Category id of each label 1..K (``list[label - 1]``)."""
@@ -121,6 +167,24 @@ class ModelConfig:
         """Labels the model has but never reports: categories marked ``"unused": true`` (the "N/A"
         slots of torchvision's 91 COCO labels, kept so that label i stays COCO id i)."""
         return [i + 1 for i, c in enumerate(self.categories) if c.get("unused")]
+
+
+def migrate_options(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a stored config dict whose ``options`` no longer hold the Table 2 switches that are
+    fields now (:data:`LEGACY_OPTIONS`: ``options: {pooler: roiwarp}`` -> ``pooler: roiwarp``,
+    ``mask_head_type`` -> ``mask_head``). Both places naming different values is an error."""
+    options = data.get("options")
+    if not isinstance(options, dict) or not set(options) & set(LEGACY_OPTIONS):
+        return data
+    data, options = dict(data), dict(options)
+    for old, new in LEGACY_OPTIONS.items():
+        if old in options:
+            value = options.pop(old)
+            if new in data and data[new] != value:
+                raise ModelConfigError(new, f"{data[new]!r} but options.{old} says {value!r}")
+            data[new] = value
+    data["options"] = options
+    return data
 
 
 def build_from_config(config: ModelConfig) -> nn.Module:
@@ -137,6 +201,12 @@ def build_from_config(config: ModelConfig) -> nn.Module:
         trainable_layers=config.trainable_layers,
         box_score_thresh=config.box_score_thresh,
         box_detections_per_img=config.box_detections_per_img,
+        masks=config.masks,
+        num_keypoints=config.num_keypoints,
+        pooler=config.pooler,
+        mask_loss=config.mask_loss,
+        class_agnostic_mask=config.class_agnostic_mask,
+        mask_head_type=config.mask_head,
         **config.options,
     )
 
@@ -249,7 +319,8 @@ def read_model_file(
     A plain state dict's config comes from its keys (:func:`model.pretrained.detect_layout`): the
     torchvision builder it fits, with torchvision's default sizes and thresholds; its categories are
     ``categories`` when given (e.g. a weights enum's ``meta["categories"]``), else torchvision's COCO
-    categories for a 91-class model, else unnamed. A plain state dict's ``extra`` is
+    categories for a 91-class model, COCO's person with its 17 keypoints for a 2-class, 17-keypoint
+    model (``keypointrcnn_resnet50_fpn``), else unnamed. A plain state dict's ``extra`` is
     ``{"source_format": TORCHVISION_FORMAT}``; a checkpoint's is its own.
     """
     from model import pretrained
@@ -262,7 +333,12 @@ def read_model_file(
         raise MaskrayError(f"checkpoint {name} is not a {FORMAT} file (found {data['format']!r})")
     layout = pretrained.detect_layout(data, f"checkpoint {name}")
     if categories is None:
-        categories = pretrained.coco_categories() if layout["num_classes"] == 91 else []
+        if layout["num_classes"] == 91:
+            categories = pretrained.coco_categories()
+        elif layout["num_classes"] == 2 and layout["num_keypoints"] == 17:
+            categories = pretrained.coco_person_categories()
+        else:
+            categories = []
     config = ModelConfig(categories=categories, **layout)
     return config, data, {"source_format": TORCHVISION_FORMAT}
 
@@ -279,8 +355,10 @@ def load_checkpoint(
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
+        branches = ("masks" if config.masks else "") + (" and " if config.masks and config.num_keypoints else "") + (
+            f"{config.num_keypoints} keypoints" if config.num_keypoints else "")
         raise MaskrayError(f"checkpoint {name} weights do not fit its config ({config.backbone}, "
-                           f"{config.variant}, {config.num_classes} classes): {first}") from exc
+                           f"{config.variant}, {config.num_classes} classes, {branches}): {first}") from exc
     if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
         model.to(map_location)
     model.eval()

@@ -35,7 +35,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, project_masks_on_boxes
+from torchvision.models.detection.roi_heads import (
+    RoIHeads,
+    fastrcnn_loss,
+    keypointrcnn_inference,
+    keypointrcnn_loss,
+    project_masks_on_boxes,
+)
 
 from model.errors import MaskrayError
 
@@ -111,7 +117,9 @@ def mask_inference(
 class MaskRoIHeads(RoIHeads):
     """torchvision's ``RoIHeads`` (same arguments, submodules and state dict keys) whose mask
     branch uses :func:`mask_loss` / :func:`mask_inference` of kind ``mask_loss``: class-agnostic
-    when the mask predictor outputs one channel. No keypoint branch.
+    when the mask predictor outputs one channel. A keypoint branch set on it (``keypoint_roi_pool``,
+    ``keypoint_head``, ``keypoint_predictor``, as ``build_maskrcnn`` installs it) runs as in
+    torchvision's ``RoIHeads``.
 
     ``forward`` is torchvision 0.28's ``RoIHeads.forward`` with those two calls changed."""
 
@@ -120,8 +128,6 @@ class MaskRoIHeads(RoIHeads):
         check_mask_loss(mask_loss)
         if self.mask_roi_pool is None or self.mask_head is None or self.mask_predictor is None:
             raise MaskrayError("MaskRoIHeads needs mask_roi_pool, mask_head and mask_predictor")
-        if self.keypoint_predictor is not None:
-            raise MaskrayError("MaskRoIHeads has no keypoint branch")
         self.mask_loss = mask_loss
 
     def extra_repr(self) -> str:
@@ -140,6 +146,8 @@ class MaskRoIHeads(RoIHeads):
                     raise TypeError(f"target boxes must of float type, instead got {t['boxes'].dtype}")
                 if t["labels"].dtype != torch.int64:
                     raise TypeError(f"target labels must of int64 type, instead got {t['labels'].dtype}")
+                if self.has_keypoint() and t["keypoints"].dtype != torch.float32:
+                    raise TypeError(f"target keypoints must of float type, instead got {t['keypoints'].dtype}")
         if self.training:
             if targets is None:
                 raise ValueError("targets should not be None when training")
@@ -172,6 +180,16 @@ class MaskRoIHeads(RoIHeads):
             probs = mask_inference(mask_logits, [r["labels"] for r in result], kind=self.mask_loss)
             for prob, r in zip(probs, result):
                 r["masks"] = prob
+        if self.has_keypoint():  # torchvision's keypoint branch, on the same positive RoIs as the masks
+            keypoint_logits = self.keypoint_predictor(
+                self.keypoint_head(self.keypoint_roi_pool(features, mask_proposals, image_shapes)))
+            if self.training:
+                losses["loss_keypoint"] = keypointrcnn_loss(
+                    keypoint_logits, mask_proposals, [t["keypoints"] for t in targets], pos_matched_idxs)
+            else:
+                points, scores = keypointrcnn_inference(keypoint_logits, mask_proposals)
+                for p, sc, r in zip(points, scores, result):
+                    r["keypoints"], r["keypoints_scores"] = p, sc
         return result, losses
 
 

@@ -4,8 +4,11 @@
 mask head/predictor exactly as torchvision's ``maskrcnn_resnet50_fpn`` (``variant="v1"``)
 and ``maskrcnn_resnet50_fpn_v2`` (``variant="v2"``) do, so a torchvision state dict of
 those models loads with ``strict=True`` and gives the same outputs. The only difference is
-the box and mask poolers: ``model.ops.MultiScaleRoIAlign``, which runs
-``torch.ops.maskray.roi_align``.
+the box, mask and keypoint poolers: ``model.ops.MultiScaleRoIAlign``, which runs
+``torch.ops.maskray.roi_align``. ``num_keypoints=K`` adds the keypoint branch of the paper's
+§5 (``model.keypoint_heads``); with ``masks=False`` the model is torchvision's
+``keypointrcnn_resnet50_fpn`` (whose state dicts then load strictly), with both it is the paper's
+keypoint & mask model.
 
 Every submodule can be passed in; those left ``None`` are built with torchvision's
 defaults. Masks are per-class binary masks, decoupled from classification (the mask of the
@@ -23,13 +26,14 @@ from torch import nn
 from torchvision.models import resnet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
-from model import mask_heads, ops
+from model import keypoint_heads, mask_heads, ops
 from model.errors import MaskrayError
 
 BACKBONES: dict[str, Callable[..., resnet.ResNet]] = {
@@ -111,6 +115,10 @@ def build_maskrcnn(
     mask_loss: str = "sigmoid",
     class_agnostic_mask: bool = False,
     mask_head_type: str = "fcn",
+    # branches: masks (default) and keypoints (0 = none; the paper's §5)
+    masks: bool = True,
+    num_keypoints: int = 0,
+    keypoint_head_channels: Sequence[int] = keypoint_heads.HEAD_CHANNELS,
     # anchors and RPN (torchvision's defaults)
     anchor_sizes: Sequence[Sequence[int]] = DEFAULT_ANCHOR_SIZES,
     aspect_ratios: Sequence[float] = DEFAULT_ASPECT_RATIOS,
@@ -143,7 +151,10 @@ def build_maskrcnn(
     mask_roi_pool: nn.Module | None = None,
     mask_head: nn.Module | None = None,
     mask_predictor: nn.Module | None = None,
-) -> MaskRCNN:
+    keypoint_roi_pool: nn.Module | None = None,
+    keypoint_head: nn.Module | None = None,
+    keypoint_predictor: nn.Module | None = None,
+) -> FasterRCNN:
     """A torchvision ``MaskRCNN`` whose box and mask poolers are ``model.ops.MultiScaleRoIAlign``.
 
     ``variant="v1"`` is ``maskrcnn_resnet50_fpn`` (TwoMLPHead box head, plain FPN and mask
@@ -174,7 +185,21 @@ def build_maskrcnn(
     predictor only where those are left ``None``. At the defaults the model is torchvision's
     (its ``RoIHeads``); otherwise its RoI heads are ``model.mask_heads.MaskRoIHeads``.
 
+    Branches: ``masks`` (default True) keeps the mask branch; ``num_keypoints=K`` (default 0: none)
+    adds the keypoint branch of ``model.keypoint_heads``: a 14x14 pooler (mode ``pooler``), one 3x3
+    conv per entry of ``keypoint_head_channels`` (default eight of 512, torchvision's), a deconv and
+    x2 upsampling to ``[R, K, 56, 56]`` heatmaps, trained with torchvision's ``keypointrcnn_loss``
+    (a softmax over the 56x56 heatmap per labelled keypoint). ``masks=False, num_keypoints=K`` is
+    torchvision's ``keypointrcnn_resnet50_fpn`` (the paper's keypoint-only model); the mask switches
+    above then must stay at their defaults. At least one of the two branches is required.
+
     Input: a list of float CHW images in [0, 1]; output: torchvision's target/prediction dicts.
+    Training targets: ``boxes`` float ``[N, 4]`` xyxy, ``labels`` int64 ``[N]``, with masks ``masks``
+    uint8 ``[N, H, W]``, with keypoints ``keypoints`` float32 ``[N, K, 3]`` (x, y, v; v = 0 not
+    labelled) in EVERY target, ``[0, K, 3]`` for an image without instances
+    (``model.keypoint_heads.empty_keypoints``). Predictions add ``masks`` ``[N, 1, H, W]``
+    probabilities and/or torchvision's ``keypoints`` ``[N, K, 3]`` (x, y, 1) and
+    ``keypoints_scores`` ``[N, K]`` (heatmap logits).
     """
     if variant not in VARIANTS:
         raise MaskrayError(f"model variant {variant!r} is not one of {', '.join(VARIANTS)}")
@@ -192,6 +217,20 @@ def build_maskrcnn(
         raise MaskrayError(
             f"model mask_head_type {mask_head_type!r} is not one of {', '.join(mask_heads.MASK_HEAD_TYPES)}"
         )
+    if not isinstance(masks, bool):
+        raise MaskrayError(f"model masks must be true or false, got {masks!r}")
+    keypoint_heads.check_num_keypoints(num_keypoints)
+    if not masks and not num_keypoints:
+        raise MaskrayError("model masks=false needs num_keypoints >= 1 (a model predicts masks, keypoints or both)")
+    if not masks:
+        changed = [name for name, value, default in (
+            ("mask_loss", mask_loss, "sigmoid"), ("class_agnostic_mask", class_agnostic_mask, False),
+            ("mask_head_type", mask_head_type, "fcn"), ("mask_roi_pool", mask_roi_pool, None),
+            ("mask_head", mask_head, None), ("mask_predictor", mask_predictor, None)) if value != default]
+        if changed:
+            raise MaskrayError(f"model {', '.join(changed)} apply to the mask branch, and masks=false has none")
+    if not num_keypoints and any(m is not None for m in (keypoint_roi_pool, keypoint_head, keypoint_predictor)):
+        raise MaskrayError("model keypoint_roi_pool/keypoint_head/keypoint_predictor need num_keypoints >= 1")
     if variant == "v2" and head_norm is None:
         head_norm = "bn"
     if variant == "v1" and head_norm is not None:
@@ -223,24 +262,28 @@ def build_maskrcnn(
             )
     if box_predictor is None:
         box_predictor = FastRCNNPredictor(box_head_dim, num_classes)
-    if mask_roi_pool is None:
-        mask_roi_pool = ops.MultiScaleRoIAlign(FEATURE_MAPS, 14, 2, mode=pooler)
-    num_masks = 1 if class_agnostic_mask else num_classes
-    if mask_head_type == "mlp":
-        if mask_head is None:
-            mask_head = mask_heads.MaskMLPHead(channels * _output_size(mask_roi_pool) ** 2, [box_head_dim] * 2)
-        if mask_predictor is None:
-            mask_predictor = mask_heads.MaskMLPPredictor(box_head_dim, num_masks, 2 * _output_size(mask_roi_pool))
-    else:
-        if mask_head is None:
-            if not mask_head_channels:
-                raise MaskrayError("model mask_head_channels must name at least one conv layer")
-            mask_head = MaskRCNNHeads(channels, list(mask_head_channels), 1, norm_layer=norm_layer(head_norm))
-        if mask_predictor is None:
-            width = mask_head_channels[-1]
-            mask_predictor = MaskRCNNPredictor(width, width, num_masks)
+    if masks:
+        if mask_roi_pool is None:
+            mask_roi_pool = ops.MultiScaleRoIAlign(FEATURE_MAPS, 14, 2, mode=pooler)
+        mask_head, mask_predictor = _mask_branch(
+            mask_head, mask_predictor, mask_head_type=mask_head_type, channels=channels,
+            resolution=_output_size(mask_roi_pool), num_masks=1 if class_agnostic_mask else num_classes,
+            box_head_dim=box_head_dim, mask_head_channels=mask_head_channels, head_norm=head_norm)
 
-    model = MaskRCNN(
+    if num_keypoints:
+        if keypoint_roi_pool is None:
+            keypoint_roi_pool = ops.MultiScaleRoIAlign(FEATURE_MAPS, keypoint_heads.POOL_SIZE, 2, mode=pooler)
+        if (keypoint_head is None or keypoint_predictor is None) and (
+                not keypoint_head_channels or any(int(c) < 1 for c in keypoint_head_channels)):
+            raise MaskrayError(f"model keypoint_head_channels {list(keypoint_head_channels)!r} must name at least "
+                               "one conv layer, each of >= 1 channel")
+        if keypoint_head is None:
+            keypoint_head = KeypointRCNNHeads(channels, [int(c) for c in keypoint_head_channels])
+        if keypoint_predictor is None:
+            keypoint_predictor = KeypointRCNNPredictor(int(keypoint_head_channels[-1]), num_keypoints)
+
+    mask_kwargs = dict(mask_head=mask_head, mask_predictor=mask_predictor) if masks else {}
+    model = (MaskRCNN if masks else FasterRCNN)(
         backbone_module,
         num_classes=None,
         min_size=min_size,
@@ -269,8 +312,7 @@ def build_maskrcnn(
         box_batch_size_per_image=box_batch_size_per_image,
         box_positive_fraction=box_positive_fraction,
         bbox_reg_weights=bbox_reg_weights,
-        mask_head=mask_head,
-        mask_predictor=mask_predictor,
+        **mask_kwargs,
     )
     if mask_loss != "sigmoid" or class_agnostic_mask:  # torchvision's RoIHeads at the defaults
         model.roi_heads = mask_heads.MaskRoIHeads(
@@ -282,8 +324,34 @@ def build_maskrcnn(
     # MaskRCNN's constructor type-checks poolers against torchvision's own class, so ours
     # are installed on the RoI heads after construction (poolers hold no parameters).
     model.roi_heads.box_roi_pool = box_roi_pool
-    model.roi_heads.mask_roi_pool = mask_roi_pool
+    if masks:
+        model.roi_heads.mask_roi_pool = mask_roi_pool
+    if num_keypoints:  # as torchvision's KeypointRCNN installs its branch (RoIHeads runs it when all three are set)
+        model.roi_heads.keypoint_roi_pool = keypoint_roi_pool
+        model.roi_heads.keypoint_head = keypoint_head
+        model.roi_heads.keypoint_predictor = keypoint_predictor
     return model
+
+
+def _mask_branch(
+    mask_head: nn.Module | None, mask_predictor: nn.Module | None, *, mask_head_type: str, channels: int,
+    resolution: int, num_masks: int, box_head_dim: int, mask_head_channels: Sequence[int], head_norm: str | None,
+) -> tuple[nn.Module, nn.Module]:
+    """The mask head and predictor, each built where left ``None`` (see :func:`build_maskrcnn`)."""
+    if mask_head_type == "mlp":
+        if mask_head is None:
+            mask_head = mask_heads.MaskMLPHead(channels * resolution**2, [box_head_dim] * 2)
+        if mask_predictor is None:
+            mask_predictor = mask_heads.MaskMLPPredictor(box_head_dim, num_masks, 2 * resolution)
+        return mask_head, mask_predictor
+    if mask_head is None:
+        if not mask_head_channels:
+            raise MaskrayError("model mask_head_channels must name at least one conv layer")
+        mask_head = MaskRCNNHeads(channels, list(mask_head_channels), 1, norm_layer=norm_layer(head_norm))
+    if mask_predictor is None:
+        width = mask_head_channels[-1]
+        mask_predictor = MaskRCNNPredictor(width, width, num_masks)
+    return mask_head, mask_predictor
 
 
 def _output_size(pool: nn.Module) -> int:

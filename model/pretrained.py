@@ -16,10 +16,11 @@ where the file should be put.
 
 A plain state dict (the file a ``*_Weights`` URL serves, or ``model.state_dict()`` of a torchvision
 detector) is recognised by its keys (:func:`detect_layout`): ``maskrcnn_resnet50_fpn`` (v1, legacy
-key names included) and ``maskrcnn_resnet50_fpn_v2`` layouts (``keypointrcnn_resnet50_fpn``: named
-and refused until maskray has a keypoint head), with the
-backbone depth, body norm (BatchNorm or FrozenBatchNorm), widths and number of classes read from it.
-Knows nothing of Ray or object storage: callers hand it bytes or local paths.
+key names included), ``maskrcnn_resnet50_fpn_v2`` and ``keypointrcnn_resnet50_fpn`` (legacy and v1
+files) layouts, with the backbone depth, body norm (BatchNorm or FrozenBatchNorm), widths, number of
+classes and of keypoints read from it. A keypoint model's categories carry COCO's ``keypoints``
+(names, from the weights' ``meta["keypoint_names"]``) and, for COCO's 17 person keypoints, COCO's
+``skeleton``. Knows nothing of Ray or object storage: callers hand it bytes or local paths.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ from model.errors import MaskrayError
 PREFIX = "torchvision:"
 SUPPORTED_DETECTORS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "keypointrcnn_resnet50_fpn")
 UNUSED = "N/A"  # torchvision's name for the COCO label slots that have no category (12, 26, 29, ...)
+# COCO person_keypoints' "skeleton" (1-based pairs of its 17 keypoints, as in person_keypoints_*.json)
+COCO_PERSON_SKELETON = ((16, 14), (14, 12), (17, 15), (15, 13), (12, 13), (6, 12), (7, 13), (6, 7), (6, 8), (7, 9),
+                        (8, 10), (9, 11), (2, 3), (1, 2), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7))
 
 
 def is_name(uri: str) -> bool:
@@ -50,6 +54,7 @@ class PretrainedFile:
     ``hash_prefix``: the hex digits torch.hub reads from the file name (``-73cbd019.pth``);
     the file's sha256 must start with them. ``categories``: ``meta["categories"]`` (label i's
     name at index i, "__background__" at 0), empty for classification weights' 1,000 classes.
+    ``keypoint_names``: ``meta["keypoint_names"]`` of a keypoint model, else empty.
     """
 
     name: str  # as the user wrote it
@@ -58,6 +63,7 @@ class PretrainedFile:
     path: str  # in torch.hub's cache
     hash_prefix: str
     categories: tuple[str, ...] = ()
+    keypoint_names: tuple[str, ...] = ()
 
 
 def cache_dir() -> str:
@@ -92,7 +98,8 @@ def resolve(name: str) -> PretrainedFile:
         raise MaskrayError(f"{name}: torchvision's file name {filename} carries no hash prefix to check")
     categories = tuple(weights.meta.get("categories") or ())
     return PretrainedFile(name=name, weights=str(weights), url=weights.url, path=os.path.join(cache_dir(), filename),
-                          hash_prefix=found.group(1), categories=categories if len(categories) < 1000 else ())
+                          hash_prefix=found.group(1), categories=categories if len(categories) < 1000 else (),
+                          keypoint_names=tuple(weights.meta.get("keypoint_names") or ()))
 
 
 def sha256_of(path: str) -> str:
@@ -144,8 +151,22 @@ def coco_categories() -> list[dict]:
     return categories_from_names(names)
 
 
-def categories_from_names(names: tuple[str, ...] | list[str]) -> list[dict]:
-    """``meta["categories"]`` (index = label, 0 = background) -> categories for labels 1..K."""
+def coco_person_categories() -> list[dict]:
+    """torchvision's Keypoint R-CNN categories (label 1 "person", COCO id 1) with COCO's 17 keypoint
+    names and skeleton: what a plain ``keypointrcnn_resnet50_fpn`` state dict is taken to predict."""
+    from torchvision.models.detection import KeypointRCNN_ResNet50_FPN_Weights
+
+    meta = KeypointRCNN_ResNet50_FPN_Weights.COCO_V1.meta
+    return categories_from_names(meta["categories"], meta["keypoint_names"])
+
+
+def categories_from_names(names: tuple[str, ...] | list[str],
+                          keypoint_names: tuple[str, ...] | list[str] = ()) -> list[dict]:
+    """``meta["categories"]`` (index = label, 0 = background) -> categories for labels 1..K; with
+    ``keypoint_names`` (``meta["keypoint_names"]``) every used category gets them as COCO's
+    ``keypoints``, and COCO's person ``skeleton`` where they are COCO's 17 person keypoints."""
+    from torchvision.models._meta import _COCO_PERSON_KEYPOINT_NAMES
+
     out = []
     for label, name in enumerate(names):
         if label == 0:
@@ -153,6 +174,10 @@ def categories_from_names(names: tuple[str, ...] | list[str]) -> list[dict]:
         category: dict = {"id": label, "name": str(name)}
         if name == UNUSED:
             category["unused"] = True
+        elif keypoint_names:
+            category["keypoints"] = [str(k) for k in keypoint_names]
+            if list(keypoint_names) == list(_COCO_PERSON_KEYPOINT_NAMES):
+                category["skeleton"] = [list(pair) for pair in COCO_PERSON_SKELETON]
         out.append(category)
     return out
 
@@ -167,9 +192,11 @@ def detect_layout(state: dict[str, torch.Tensor], name: str = "<state dict>") ->
 
     Recognises ``maskrcnn_resnet50_fpn`` (box head ``fc6``/``fc7``; ``rpn.head.conv.weight`` and
     ``mask_head.mask_fcn1`` legacy names or the current ones), ``maskrcnn_resnet50_fpn_v2``
-    (conv box head ``box_head.0.0``), on a ResNet-18/34/50/101 body; ``keypointrcnn_resnet50_fpn``
-    (``keypoint_predictor``) is recognised and refused until maskray builds Keypoint R-CNN. The body's norm is "frozen_bn" when its BatchNorm layers keep no
-    ``num_batches_tracked`` (the published COCO files), "bn" otherwise. Anything else raises
+    (conv box head ``box_head.0.0``) and ``keypointrcnn_resnet50_fpn`` (``keypoint_predictor``:
+    ``masks=False``, ``num_keypoints`` from its deconv, keypoint head widths from its convs; a mask
+    head beside it gives the keypoint & mask model), on a ResNet-18/34/50/101 body. The body's norm
+    is "frozen_bn" when its BatchNorm layers keep no ``num_batches_tracked`` (the published COCO
+    files), "bn" otherwise. Anything else (e.g. a Faster R-CNN without either branch) raises
     :class:`MaskrayError` naming the first key that does not fit.
     """
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -178,11 +205,11 @@ def detect_layout(state: dict[str, torch.Tensor], name: str = "<state dict>") ->
         if key not in state:
             raise MaskrayError(f"{name} is neither a maskray checkpoint nor a torchvision detector state dict "
                                f"(no {key})")
-    if "roi_heads.keypoint_predictor.kps_score_lowres.weight" in state:
-        raise MaskrayError(f"{name} is a torchvision keypointrcnn state dict; maskray does not build Keypoint "
-                           "R-CNN yet (only Mask R-CNN: maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2)")
-    if "roi_heads.mask_predictor.mask_fcn_logits.weight" not in state:
-        raise MaskrayError(f"{name} is a Faster R-CNN state dict (no mask head); maskray runs Mask R-CNN")
+    masks = "roi_heads.mask_predictor.mask_fcn_logits.weight" in state
+    deconv = state.get("roi_heads.keypoint_predictor.kps_score_lowres.weight")
+    if not masks and deconv is None:
+        raise MaskrayError(f"{name} is a Faster R-CNN state dict (neither a mask nor a keypoint head); maskray runs "
+                           "Mask R-CNN and Keypoint R-CNN")
     if "roi_heads.box_head.fc6.weight" in state:
         variant = "v1"
     elif "roi_heads.box_head.0.0.weight" in state:
@@ -205,5 +232,20 @@ def detect_layout(state: dict[str, torch.Tensor], name: str = "<state dict>") ->
         options["fpn_channels"] = fpn_channels
     if int(cls.shape[1]) != 1024:
         options["box_head_dim"] = int(cls.shape[1])
+    num_keypoints = 0
+    if deconv is not None:
+        if deconv.dim() != 4:
+            raise MaskrayError(f"{name}: roi_heads.keypoint_predictor.kps_score_lowres.weight has shape "
+                               f"{tuple(deconv.shape)}, not a transposed conv's [in, K, 4, 4]")
+        num_keypoints = int(deconv.shape[1])
+        convs = sorted(int(k.split(".")[2]) for k in state
+                       if k.startswith("roi_heads.keypoint_head.") and k.endswith(".weight"))
+        widths = [int(state[f"roi_heads.keypoint_head.{i}.weight"].shape[0]) for i in convs]
+        if not widths or widths[-1] != int(deconv.shape[0]):
+            raise MaskrayError(f"{name}: its keypoint head ({len(widths)} convs) does not feed its keypoint "
+                               f"predictor ({int(deconv.shape[0])} input channels)")
+        if widths != [512] * 8:
+            options["keypoint_head_channels"] = widths
     return {"backbone": depth, "variant": variant, "norm": norm, "num_classes": int(cls.shape[0]),
-            "trainable_layers": 3 if norm == "frozen_bn" else 5, "options": options}
+            "trainable_layers": 3 if norm == "frozen_bn" else 5, "masks": masks, "num_keypoints": num_keypoints,
+            "options": options}

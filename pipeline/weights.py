@@ -29,12 +29,14 @@ logger = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
     """Where a model file came from: ``uri`` as given, the sha256 of its bytes, and for a
-    torchvision name the weights enum member and its ``meta["categories"]``."""
+    torchvision name the weights enum member, its ``meta["categories"]`` and (keypoint models)
+    ``meta["keypoint_names"]``."""
 
     uri: str
     sha256: str
     weights: str = ""
     categories: tuple[str, ...] = ()
+    keypoint_names: tuple[str, ...] = ()
 
     @property
     def model_id(self) -> str:
@@ -59,7 +61,7 @@ def read_model_bytes(uri: str, *, progress: bool = True) -> tuple[bytes, ModelSo
         path, digest = pretrained.fetch(file, progress=progress)
         with open(path, "rb") as f:
             data = f.read()
-        return data, ModelSource(uri, digest, file.weights, file.categories)
+        return data, ModelSource(uri, digest, file.weights, file.categories, file.keypoint_names)
     data = storage.read_bytes(uri)
     return data, ModelSource(uri, hashlib.sha256(data).hexdigest())
 
@@ -71,7 +73,9 @@ def _named(data: bytes, uri: str) -> io.BytesIO:
 
 
 def _categories(source: ModelSource) -> list[dict] | None:
-    return pretrained.categories_from_names(source.categories) if source.categories else None
+    if not source.categories:
+        return None
+    return pretrained.categories_from_names(source.categories, source.keypoint_names)
 
 
 def read_model(uri: str) -> tuple[Any, dict, dict, ModelSource]:
@@ -120,7 +124,8 @@ class ImportSummary:
     def line(self) -> str:
         c = self.config
         return (f"imported {self.source.uri} ({self.source_format}, sha256 {self.source.sha256[:16]}) -> {self.out}: "
-                f"{c.backbone} {c.variant}, {c.num_classes - 1 - len(c.unused_labels())} categories")
+                f"{c.backbone} {c.variant}, {c.num_classes - 1 - len(c.unused_labels())} categories"
+                + (f", {c.num_keypoints} keypoints" if c.num_keypoints else "") + ("" if c.masks else ", no masks"))
 
 
 def import_model(src: str, out: str) -> ImportSummary:

@@ -2,16 +2,17 @@
 a comparison of detections that is robust to float near-ties.
 
 * :func:`photos`: photographs shipped in scikit-image's wheel (nothing downloads).
-* :func:`torchvision_state_dict` / :func:`write_torchvision_file`: a torchvision Mask R-CNN built by
-  torchvision's own builder from a seed, in the key layout of the published COCO files (body
-  BatchNorm as FrozenBatchNorm: no ``num_batches_tracked``; optionally the legacy v1 key names),
-  saved under the published file name.
+* :func:`torchvision_state_dict` / :func:`write_torchvision_file`: a torchvision Mask R-CNN or
+  Keypoint R-CNN built by torchvision's own builder from a seed, in the key layout of the published
+  COCO files (body BatchNorm as FrozenBatchNorm: no ``num_batches_tracked``; optionally the legacy
+  v1 key names), saved under the published file name.
 * :func:`calibrate`: rescales a random model's logits and box deltas so that scores spread over
-  (0, 1), boxes stay inside images and few mask pixels sit at the 0.5 threshold. A seeded random detector otherwise gives near-equal scores
+  (0, 1), boxes stay inside images, few mask pixels sit at the 0.5 threshold and keypoint heatmaps
+  have one clear maximum. A seeded random detector otherwise gives near-equal scores
   (v1: ~0.01 apart) or saturated ones (v2: 1.0000 for most detections) and boxes clipped onto the
   image border, i.e. thousands of exact or 1e-6 ties in its score ranking and NMS, which float
   noise (thread count, summation order) decides differently from run to run.
-* :func:`assert_same_detections`: same boxes, labels, scores and masks, one to one.
+* :func:`assert_same_detections`: same boxes, labels, scores, masks and keypoints, one to one.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "hubble
 TORCHVISION_FILES = {
     "maskrcnn_resnet50_fpn": "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth",
     "maskrcnn_resnet50_fpn_v2": "maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth",
+    "keypointrcnn_resnet50_fpn": "keypointrcnn_resnet50_fpn_coco-fc266e95.pth",  # COCO_V1
+    "keypointrcnn_resnet50_fpn_legacy": "keypointrcnn_resnet50_fpn_coco-9f466800.pth",  # COCO_LEGACY
 }
 
 
@@ -47,30 +50,38 @@ def as_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 def build_torchvision(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
-    """torchvision's own builder, random weights from ``seed``, eval mode."""
+    """torchvision's own builder (``name`` with an ``_legacy`` suffix: the same model), random
+    weights from ``seed``, eval mode; its COCO models' classes (91, Keypoint R-CNN's 2)."""
     from torchvision.models import detection
 
+    name = name.removesuffix("_legacy")
+    kwargs.setdefault("num_classes", 2 if name.startswith("keypointrcnn") else 91)
     torch.manual_seed(seed)
-    return getattr(detection, name)(weights=None, weights_backbone=None, num_classes=91, **kwargs).eval()
+    return getattr(detection, name)(weights=None, weights_backbone=None, **kwargs).eval()
 
 
 def calibrate(model: torch.nn.Module, image: torch.Tensor, *, logit_std: float = 3.0, delta_std: float = 0.3) -> None:
-    """Rescale, in place, the RPN and box classifiers, box regressors and mask logits of a random
-    torchvision detector so that on ``image`` (float ``[3,H,W]``) their logits have std ``logit_std``
-    and their box deltas std ``delta_std`` (before torchvision's box coder weights)."""
+    """Rescale, in place, the RPN and box classifiers, box regressors, mask logits and keypoint
+    heatmap logits of a random torchvision detector so that on ``image`` (float ``[3,H,W]``) their
+    logits have std ``logit_std`` (keypoint heatmaps: ``3 * logit_std``, so each has one clear
+    maximum) and their box deltas std ``delta_std`` (before torchvision's box coder weights)."""
     seen: dict[str, torch.Tensor] = {}
     layers = {"rpn_cls": model.rpn.head.cls_logits, "rpn_box": model.rpn.head.bbox_pred,
-              "cls": model.roi_heads.box_predictor.cls_score, "box": model.roi_heads.box_predictor.bbox_pred,
-              "mask": model.roi_heads.mask_predictor.mask_fcn_logits}
+              "cls": model.roi_heads.box_predictor.cls_score, "box": model.roi_heads.box_predictor.bbox_pred}
+    if model.roi_heads.mask_predictor is not None:
+        layers["mask"] = model.roi_heads.mask_predictor.mask_fcn_logits
+    if model.roi_heads.keypoint_predictor is not None:
+        layers["keypoint"] = model.roi_heads.keypoint_predictor.kps_score_lowres
     # Each layer is calibrated on the outputs it gives once the layers before it are calibrated.
     for key, layer in layers.items():
         hook = layer.register_forward_hook(lambda m, i, o, key=key: seen.__setitem__(key, o.detach()))
         with torch.inference_mode():
             model([image])
         hook.remove()
-        out = seen[key] if key in ("cls", "box", "mask") else torch.cat([t.flatten() for t in seen[key]]) \
+        out = seen[key] if key in ("cls", "box", "mask", "keypoint") else torch.cat([t.flatten() for t in seen[key]]) \
             if isinstance(seen[key], list) else seen[key]
-        target = logit_std if key in ("rpn_cls", "cls", "mask") else delta_std * (10.0 if key == "box" else 1.0)
+        target = {"rpn_cls": logit_std, "cls": logit_std, "mask": logit_std, "keypoint": 3 * logit_std,
+                  "box": 10 * delta_std}.get(key, delta_std)
         scale = target / float(out.float().std().clamp_min(1e-12))
         with torch.no_grad():
             layer.weight.mul_(scale)
@@ -109,8 +120,9 @@ def write_torchvision_file(folder: str, name: str, seed: int = 0, *, legacy: boo
     model = build_torchvision(name, seed)
     if calibrate_on is not None:
         calibrate(model, calibrate_on)
-    with torch.no_grad():
-        model.roi_heads.box_predictor.cls_score.bias[list(UNUSED_COCO_LABELS)] -= na_offset
+    if na_offset:
+        with torch.no_grad():
+            model.roi_heads.box_predictor.cls_score.bias[list(UNUSED_COCO_LABELS)] -= na_offset
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, TORCHVISION_FILES[name])
     torch.save(torchvision_state_dict(model, legacy=legacy), path)
@@ -124,12 +136,16 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def assert_same_detections(expected: dict, got: dict, *, box_atol: float = 0.05, score_atol: float = 2e-4,
-                           mask_iou: float = 0.99) -> None:
+                           mask_iou: float = 0.99, keypoint_score_atol: float = 2e-3) -> None:
     """Every detection of ``expected`` (torchvision output dict: ``boxes`` xyxy, ``labels``,
-    ``scores``, optional ``rles``) has exactly one in ``got`` with the same label, boxes within
-    ``box_atol`` px, score within ``score_atol`` and mask RLE IoU >= ``mask_iou``, and none is left
-    over. A mask may differ only where the two boxes paste onto different pixel grids
-    (:func:`paste_grid`), for at most a tenth of the detections. Matching is by label and box, not by position, so detections of equal score (sorted in
+    ``scores``, optional ``rles``, optional ``keypoints`` ``[N,K,2+]`` with ``keypoints_scores``
+    ``[N,K]``) has exactly one in ``got`` with the same label, boxes within ``box_atol`` px, score
+    within ``score_atol``, mask RLE IoU >= ``mask_iou`` and keypoints within ``box_atol`` px with
+    scores within ``keypoint_score_atol``, and none is left over. A mask may differ only where the
+    two boxes paste onto different pixel grids (:func:`paste_grid`), for at most a tenth of the
+    detections; a keypoint may sit elsewhere only where its heatmap has two maxima within
+    ``keypoint_score_atol`` (its score then still matches), for at most 1 % of the keypoints.
+    Matching is by label and box, not by position, so detections of equal score (sorted in
     either order) still match. 0.05 px leaves room for float rounding: another pooler's or thread
     count's summation order (~3e-4 px on 1000-px photos), norms folded into convs (up to 0.016 px
     and 4e-5 in score through the v2 model's 60 BatchNorm layers), and none for another computation."""
@@ -140,7 +156,7 @@ def assert_same_detections(expected: dict, got: dict, *, box_atol: float = 0.05,
     if not len(eb):
         return
     taken = set()
-    excused = 0
+    excused = moved = 0
     for i in range(len(eb)):
         close = ((gb - eb[i]).abs().amax(dim=1) <= box_atol) & (got["labels"] == expected["labels"][i]) \
             & ((got["scores"].double() - float(expected["scores"][i])).abs() <= score_atol)
@@ -149,6 +165,12 @@ def assert_same_detections(expected: dict, got: dict, *, box_atol: float = 0.05,
                             f"{float(expected['scores'][i]):.5f}, box {eb[i].tolist()}) has no match")
         j = candidates[0]
         taken.add(j)
+        if "keypoints" in expected:
+            ek, gk = expected["keypoints"][i, :, :2].double(), got["keypoints"][j, :, :2].double()
+            es, gs = expected["keypoints_scores"][i].double(), got["keypoints_scores"][j].double()
+            assert ((gs - es).abs() <= keypoint_score_atol).all(), \
+                f"detection {i}: keypoint scores differ by up to {float((gs - es).abs().max()):.2e}"
+            moved += int(((gk - ek).abs().amax(dim=1) > box_atol).sum())
         if "rles" in expected:
             areas = mask_utils.area([got["rles"][j], expected["rles"][i]])
             if areas[0] == areas[1] == 0:
@@ -159,6 +181,9 @@ def assert_same_detections(expected: dict, got: dict, *, box_atol: float = 0.05,
                 continue
             assert iou >= mask_iou, f"detection {i}: mask IoU {iou:.4f} < {mask_iou} (areas {areas.tolist()})"
     assert excused <= max(1, len(eb) // 10), f"{excused} of {len(eb)} masks differ on boxes straddling pixel edges"
+    if "keypoints" in expected:
+        points = int(expected["keypoints"].shape[0] * expected["keypoints"].shape[1])
+        assert moved <= max(1, points // 100), f"{moved} of {points} keypoints moved by more than {box_atol} px"
 
 
 def paste_grid(box: torch.Tensor, mask_size: int = 28) -> torch.Tensor:

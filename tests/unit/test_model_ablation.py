@@ -14,7 +14,7 @@ from torchvision.models.detection.roi_heads import (
 )
 
 from model import build_maskrcnn, mask_heads
-from model.checkpoint import ModelConfig, build_from_config, load_checkpoint, save_checkpoint
+from model.checkpoint import ModelConfig, ModelConfigError, build_from_config, load_checkpoint, save_checkpoint
 from model.errors import MaskrayError
 
 NARROW = dict(fpn_channels=64, box_head_dim=256, mask_head_channels=[64, 64])  # keeps the MLP head small
@@ -259,24 +259,34 @@ def test_bad_values_are_refused_naming_the_argument(kwargs, name):
         assert "sigmoid, softmax" in str(info.value)
     if name == "mask_head_type":
         assert "fcn, mlp" in str(info.value)
-    config = ModelConfig(backbone="resnet18", num_classes=3, options=kwargs)
-    with pytest.raises(MaskrayError, match=name):
-        build_from_config(config)
+    (key, value), = kwargs.items()
+    key = "mask_head" if key.startswith("mask_head") else key  # the config's field for build_maskrcnn's mask_head_type
+    if (key, value) != ("mask_head", "mlp"):  # a valid field value (the builder's mask_head takes a module)
+        with pytest.raises(ModelConfigError, match=f"model config {key}: "):
+            ModelConfig(backbone="resnet18", num_classes=3, **{key: value})
 
 
-def test_new_keywords_are_config_options_of_a_training_run():
-    from pipeline.train.engine import check_model_options
+def test_switches_are_fields_of_the_model_config():
+    config = ModelConfig(backbone="resnet18", num_classes=3, min_size=64, max_size=64, pooler="roiwarp",
+                         mask_loss="softmax", class_agnostic_mask=True, mask_head="mlp", options=NARROW)
+    model = build_from_config(config)
+    assert model.roi_heads.mask_loss == "softmax"
+    assert isinstance(model.roi_heads.mask_head, mask_heads.MaskMLPHead)
+    assert model.roi_heads.mask_predictor.num_masks == 1
+    assert model.roi_heads.box_roi_pool.mode == model.roi_heads.mask_roi_pool.mode == "roiwarp"
+    with pytest.raises(ModelConfigError, match="options: repeat top-level fields: mask_loss"):
+        ModelConfig(options={"mask_loss": "softmax"})
+    with pytest.raises(ModelConfigError, match="mask_head_type is the field mask_head"):
+        ModelConfig(options={"mask_head_type": "mlp"})
 
-    check_model_options({"mask_loss": "softmax", "class_agnostic_mask": True, "mask_head_type": "mlp"})
 
-
-@pytest.mark.parametrize("options", [
+@pytest.mark.parametrize("switches", [
     dict(mask_loss="softmax"),
-    dict(class_agnostic_mask=True, mask_head_type="mlp"),
+    dict(class_agnostic_mask=True, mask_head="mlp"),
 ])
-def test_checkpoint_round_trip_keeps_the_switches(tmp_path, options):
+def test_checkpoint_round_trip_keeps_the_switches(tmp_path, switches):
     config = ModelConfig(backbone="resnet18", num_classes=3, min_size=64, max_size=64, box_score_thresh=0.0,
-                         options=dict(NARROW, **options))
+                         options=NARROW, **switches)
     torch.manual_seed(0)
     model = build_from_config(config)
     images, targets = _synthetic_batch(seed=2)
@@ -287,9 +297,9 @@ def test_checkpoint_round_trip_keeps_the_switches(tmp_path, options):
     save_checkpoint(tmp_path / "ckpt.pt", model, config)
 
     loaded, loaded_config, _ = load_checkpoint(tmp_path / "ckpt.pt")
-    assert loaded_config.options == config.options
+    assert loaded_config == config
     assert type(loaded.roi_heads) is type(model.roi_heads)
-    if "mask_loss" in options:
+    if "mask_loss" in switches:
         assert loaded.roi_heads.mask_loss == "softmax"
     _same_state(model, loaded)
     with torch.inference_mode():

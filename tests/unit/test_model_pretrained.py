@@ -163,7 +163,7 @@ def test_torchvision_layouts_are_recognised_and_load_strictly(name, legacy, vari
     assert ("rpn.head.conv.weight" in state) == legacy
     layout = pretrained.detect_layout(state)
     assert layout == {"backbone": "resnet50", "variant": variant, "norm": "frozen_bn", "num_classes": 91,
-                      "trainable_layers": 3, "options": {}}
+                      "trainable_layers": 3, "masks": True, "num_keypoints": 0, "options": {}}
     model = build_from_config(ModelConfig(**layout))
     model.load_state_dict(dict(state), strict=True)  # strict: every key in place, none left over
     for key, value in reference.state_dict().items():
@@ -172,14 +172,12 @@ def test_torchvision_layouts_are_recognised_and_load_strictly(name, legacy, vari
 
 
 def test_other_state_dicts_are_refused_naming_what_they_are():
-    from torchvision.models.detection import fasterrcnn_resnet50_fpn, keypointrcnn_resnet50_fpn
+    """(Keypoint R-CNN state dicts load: tests/unit/test_model_keypoints.py.)"""
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
     torch.manual_seed(0)
-    keypoints = keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
-    with pytest.raises(MaskrayError, match="keypointrcnn state dict; maskray does not build Keypoint R-CNN yet"):
-        pretrained.detect_layout(keypoints, "kp.pth")
     boxes = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
-    with pytest.raises(MaskrayError, match="Faster R-CNN state dict"):
+    with pytest.raises(MaskrayError, match=r"frcnn.pth is a Faster R-CNN state dict \(neither a mask nor a keypoint"):
         pretrained.detect_layout(boxes, "frcnn.pth")
     with pytest.raises(MaskrayError, match="no backbone.body.conv1.weight"):
         pretrained.detect_layout({"conv.weight": torch.zeros(1)}, "x.pth")
