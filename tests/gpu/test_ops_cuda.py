@@ -4,6 +4,8 @@ import pytest
 import torch
 import torchvision
 
+import roi_reference
+
 from model import ops
 
 pytestmark = pytest.mark.gpu
@@ -12,25 +14,12 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
-def _rois(batch, height, width, scale, count, generator):
-    x1 = torch.rand(count, generator=generator) * 1.2 * width - 0.2 * width
-    y1 = torch.rand(count, generator=generator) * 1.2 * height - 0.2 * height
-    w = torch.rand(count, generator=generator) * 0.7 * width
-    h = torch.rand(count, generator=generator) * 0.7 * height
-    boxes = torch.stack([x1, y1, x1 + w, y1 + h], 1)
-    special = torch.tensor([[2.0, 3.0, 2.0, 3.0], [-6.0, -6.0, -2.0, -2.0],
-                            [-2.0, -2.0, width + 2.0, height + 2.0], [width - 1.5, height - 2.0, width + 0.5, height + 0.7]])
-    boxes = torch.cat([boxes, special]) / scale
-    ids = torch.randint(0, batch, (boxes.shape[0], 1), generator=generator).float()
-    return torch.cat([ids, boxes], 1)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("aligned,sampling_ratio", [(True, 2), (False, -1), (True, -1)])
 def test_cuda_forward_backward_match_torchvision(dtype, aligned, sampling_ratio):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 8, 40, 56, generator=g)
-    rois = _rois(2, 40, 56, 0.25, 80, g)
+    rois = roi_reference.hostile_rois(2, 40, 56, 0.25, 80, g)
     grad = torch.randn(rois.shape[0], 8, 7, 7, generator=g)
     # reference: torchvision in float32/float64 on the same (rounded) inputs
     ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -55,7 +44,7 @@ def test_cuda_forward_backward_match_torchvision(dtype, aligned, sampling_ratio)
 def test_deterministic_backward_equals_atomic_backward(dtype):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 37, 50, 70, generator=g).to(dtype).cuda()  # 37 channels: a partial channel group
-    rois = _rois(2, 50, 70, 0.5, 300, g).to(dtype).cuda()
+    rois = roi_reference.hostile_rois(2, 50, 70, 0.5, 300, g).to(dtype).cuda()
     grad = torch.randn(rois.shape[0], 37, 14, 14, generator=g).to(dtype).cuda()
     for aligned, sr in ((True, 2), (False, -1), (True, 3)):
         args = (grad, rois, 0.5, 14, 14, 2, 37, 50, 70, sr, aligned)
@@ -70,7 +59,7 @@ def test_deterministic_backward_equals_atomic_backward(dtype):
 def test_deterministic_mode_uses_deterministic_kernel():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(1, 16, 30, 30, generator=g).cuda().requires_grad_(True)
-    rois = _rois(1, 30, 30, 1.0, 200, g).cuda()
+    rois = roi_reference.hostile_rois(1, 30, 30, 1.0, 200, g).cuda()
     torch.use_deterministic_algorithms(True)
     try:
         grads = [torch.autograd.grad(ops.roi_align(x, rois, 7, 1.0, 2, True).sum(), x)[0] for _ in range(3)]
@@ -94,7 +83,7 @@ def test_cuda_empty_and_noncontiguous():
 def test_cuda_gradcheck_and_opcheck():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 2, 7, 8, dtype=torch.float64, generator=g).cuda().requires_grad_(True)
-    rois = _rois(2, 7, 8, 0.5, 3, g).double().cuda()
+    rois = roi_reference.hostile_rois(2, 7, 8, 0.5, 3, g).double().cuda()
     # the atomic backward may sum in a different order run to run: allow rounding-level differences
     assert torch.autograd.gradcheck(lambda t: ops.roi_align(t, rois, (3, 2), 0.5, 2, True), (x,), nondet_tol=1e-10)
     torch.library.opcheck(torch.ops.maskray.roi_align.default, (x, rois, 0.5, 3, 2, 2, True))

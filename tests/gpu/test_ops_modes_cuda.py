@@ -8,6 +8,8 @@ import pytest
 import torch
 import torchvision
 
+import roi_reference
+
 from model import ops
 
 pytestmark = pytest.mark.gpu
@@ -15,19 +17,6 @@ pytestmark = pytest.mark.gpu
 MODES = list(ops.POOLER_MODES)
 DTYPES = [torch.float32, torch.float16]
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
-
-
-def _rois(batch, height, width, scale, count, generator):
-    x1 = torch.rand(count, generator=generator) * 1.2 * width - 0.2 * width
-    y1 = torch.rand(count, generator=generator) * 1.2 * height - 0.2 * height
-    w = torch.rand(count, generator=generator) * 0.7 * width
-    h = torch.rand(count, generator=generator) * 0.7 * height
-    boxes = torch.stack([x1, y1, x1 + w, y1 + h], 1)
-    special = torch.tensor([[2.0, 3.0, 2.0, 3.0], [-6.0, -6.0, -2.0, -2.0], [0.5, 1.5, 6.5, 9.5],
-                            [-2.0, -2.0, width + 2.0, height + 2.0], [width - 1.5, height - 2.0, width + 0.5, height + 0.7]])
-    boxes = torch.cat([boxes, special]) / scale
-    ids = torch.randint(0, batch, (boxes.shape[0], 1), generator=generator).float()
-    return torch.cat([ids, boxes], 1)
 
 
 def _pool(mode, x, rois, output_size, scale, sampling_ratio):
@@ -43,7 +32,7 @@ def _pool(mode, x, rois, output_size, scale, sampling_ratio):
 def test_cuda_equals_cpu_single_level(mode, dtype):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 8, 40, 56, generator=g).to(dtype)
-    rois = _rois(2, 40, 56, 0.25, 80, g).to(dtype)
+    rois = roi_reference.hostile_rois(2, 40, 56, 0.25, 80, g).to(dtype)
     grad = torch.randn(rois.shape[0], 8, 7, 7, generator=g).to(dtype)
     outs, grads = [], []
     for device in ("cpu", "cuda"):
@@ -68,7 +57,7 @@ def test_cuda_equals_cpu_single_level(mode, dtype):
 def test_cuda_equals_cpu_multi_level(mode, dtype):
     g = torch.Generator().manual_seed(1)
     features = OrderedDict((f"p{i}", torch.randn(2, 5, 200 >> i, 272 >> i, generator=g).to(dtype)) for i in range(4))
-    boxes = [_rois(1, 800, 1088, 1.0, 60, g)[:, 1:].to(dtype), _rois(1, 800, 1088, 1.0, 40, g)[:, 1:].to(dtype)]
+    boxes = [roi_reference.hostile_rois(1, 800, 1088, 1.0, 60, g)[:, 1:].to(dtype), roi_reference.hostile_rois(1, 800, 1088, 1.0, 40, g)[:, 1:].to(dtype)]
     shapes = [(800, 1088)] * 2
     outs, grads = [], []
     grad = None
@@ -91,7 +80,7 @@ def test_cuda_equals_cpu_multi_level(mode, dtype):
 def test_roi_pool_deterministic_backward_equals_atomic(dtype):
     g = torch.Generator().manual_seed(2)
     features = [torch.randn(2, 37, 50 >> i, 70 >> i, generator=g).to(dtype).cuda() for i in range(3)]
-    rois = _rois(2, 200, 280, 1.0, 300, g).to(dtype).cuda()
+    rois = roi_reference.hostile_rois(2, 200, 280, 1.0, 300, g).to(dtype).cuda()
     _, argmax = torch.ops.maskray.multi_level_roi_pool(features, rois, [0.25, 0.125, 0.0625], 7, 7, 2, 4, 224.0,
                                                       4.0, 1e-6)
     grad = torch.randn(rois.shape[0], 37, 7, 7, generator=g).to(dtype).cuda()
@@ -134,7 +123,7 @@ def test_cuda_gradcheck_and_opcheck_every_mode():
     g = torch.Generator().manual_seed(3)
     n = 2 * 2 * 7 * 8
     x = (torch.randperm(n, generator=g).double() / n).reshape(2, 2, 7, 8).cuda().requires_grad_(True)
-    rois = _rois(2, 7, 8, 0.5, 3, g).double().cuda()
+    rois = roi_reference.hostile_rois(2, 7, 8, 0.5, 3, g).double().cuda()
     for mode in MODES:
         assert torch.autograd.gradcheck(lambda t: _pool(mode, t, rois, (3, 2), 0.5, 2), (x,), nondet_tol=1e-10)
     torch.library.opcheck(torch.ops.maskray.roi_align.default, (x, rois, 0.5, 3, 2, 2, False, ops.MODE_WARP))

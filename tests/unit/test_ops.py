@@ -8,65 +8,12 @@ import pytest
 import torch
 import torchvision
 
+import roi_reference
+
 from model import ops
 from model.errors import MaskrayError
 
 SCALES = [1.0, 0.25, 1 / 32]
-
-
-# ---------------------------------------------------------------------------------------
-# slow reference, transcribed from the definition (float64, plain Python)
-# ---------------------------------------------------------------------------------------
-
-
-def _bilinear(plane, height, width, y, x):
-    if y < -1.0 or y > height or x < -1.0 or x > width:
-        return 0.0
-    y, x = max(y, 0.0), max(x, 0.0)
-    y_low, x_low = int(y), int(x)
-    if y_low >= height - 1:
-        y_low = y_high = height - 1
-        y = float(y_low)
-    else:
-        y_high = y_low + 1
-    if x_low >= width - 1:
-        x_low = x_high = width - 1
-        x = float(x_low)
-    else:
-        x_high = x_low + 1
-    ly, lx = y - y_low, x - x_low
-    hy, hx = 1.0 - ly, 1.0 - lx
-    return (hy * hx * plane[y_low][x_low] + hy * lx * plane[y_low][x_high]
-            + ly * hx * plane[y_high][x_low] + ly * lx * plane[y_high][x_high])
-
-
-def reference_roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned):
-    pooled_h, pooled_w = output_size
-    _, channels, height, width = input.shape
-    data = input.double().tolist()
-    out = torch.zeros(rois.shape[0], channels, pooled_h, pooled_w, dtype=torch.float64)
-    for n, (b, x1, y1, x2, y2) in enumerate(rois.double().tolist()):
-        offset = 0.5 if aligned else 0.0
-        start_w, start_h = x1 * spatial_scale - offset, y1 * spatial_scale - offset
-        roi_w, roi_h = x2 * spatial_scale - offset - start_w, y2 * spatial_scale - offset - start_h
-        if not aligned:
-            roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
-        bin_h, bin_w = roi_h / pooled_h, roi_w / pooled_w
-        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / pooled_h)
-        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / pooled_w)
-        count = max(grid_h * grid_w, 1)
-        for c in range(channels):
-            plane = data[int(b)][c]
-            for ph in range(pooled_h):
-                for pw in range(pooled_w):
-                    total = 0.0
-                    for iy in range(grid_h):
-                        y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
-                        for ix in range(grid_w):
-                            x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
-                            total += _bilinear(plane, height, width, y, x)
-                    out[n, c, ph, pw] = total / count
-    return out
 
 
 def make_rois(batch, height, width, spatial_scale, count, generator, dtype=torch.float32):
@@ -106,7 +53,7 @@ def test_forward_matches_reference_and_torchvision(aligned, sampling_ratio, spat
     x = torch.randn(2, 2, 9, 11, generator=gen)
     rois = make_rois(2, 9, 11, spatial_scale, 4, gen)
     out = ops.roi_align(x, rois, (3, 4), spatial_scale, sampling_ratio, aligned)
-    ref = reference_roi_align(x, rois, (3, 4), spatial_scale, sampling_ratio, aligned)
+    ref = roi_reference.roi_align(x, rois, (3, 4), spatial_scale, sampling_ratio, aligned)
     torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
     tv = torchvision.ops.roi_align(x, rois, (3, 4), spatial_scale, sampling_ratio, aligned)
     torch.testing.assert_close(out, tv, rtol=1e-5, atol=1e-5)
@@ -132,7 +79,7 @@ def test_non_contiguous_input(gen):
     assert not x.is_contiguous()
     rois = make_rois(2, 9, 11, 1.0, 5, gen)
     out = ops.roi_align(x, rois, 2, 1.0, 2, True)
-    torch.testing.assert_close(out, reference_roi_align(x, rois, (2, 2), 1.0, 2, True).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, roi_reference.roi_align(x, rois, (2, 2), 1.0, 2, True).float(), rtol=1e-5, atol=1e-5)
     # non-contiguous output gradient too
     xg = x.detach().requires_grad_(True)
     grad = torch.randn(2, 2, rois.shape[0], 3, generator=gen).permute(2, 3, 0, 1)

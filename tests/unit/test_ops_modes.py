@@ -12,8 +12,9 @@ import pytest
 import torch
 import torchvision
 from test_model_maskrcnn import _synthetic_batch  # images with rectangles and exact targets
-from test_ops import _bilinear  # the slow reference's bilinear sample (torchvision's rule)
 from torchvision.ops import poolers as tv_poolers
+
+import roi_reference
 
 from model import build_maskrcnn, ops
 from model.errors import MaskrayError
@@ -25,45 +26,6 @@ NAN, INF = float("nan"), float("inf")
 # ---------------------------------------------------------------------------------------
 # references
 # ---------------------------------------------------------------------------------------
-
-
-def _round_half_away(v: float) -> float:
-    """C's round(): half away from zero (Python's round() is half to even)."""
-    t = math.trunc(v)
-    return t + math.copysign(1.0, v) if abs(v - t) >= 0.5 else float(t)
-
-
-def reference_roi_warp(input, rois, output_size, spatial_scale, sampling_ratio, aligned):
-    """RoIWarp, transcribed from its definition (model.ops.roi_warp): round each corner to the
-    feature grid, then RoIAlign on that box. Plain Python, float64."""
-    pooled_h, pooled_w = output_size
-    _, channels, height, width = input.shape
-    data = input.double().tolist()
-    out = torch.zeros(rois.shape[0], channels, pooled_h, pooled_w, dtype=torch.float64)
-    for n, (b, x1, y1, x2, y2) in enumerate(rois.double().tolist()):
-        x1, y1, x2, y2 = (_round_half_away(v * spatial_scale) for v in (x1, y1, x2, y2))
-        offset = 0.5 if aligned else 0.0
-        start_w, start_h = x1 - offset, y1 - offset
-        roi_w, roi_h = x2 - x1, y2 - y1
-        if not aligned:
-            roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
-        bin_h, bin_w = roi_h / pooled_h, roi_w / pooled_w
-        grid_h = sampling_ratio if sampling_ratio > 0 else min(math.ceil(roi_h / pooled_h), 64)
-        grid_w = sampling_ratio if sampling_ratio > 0 else min(math.ceil(roi_w / pooled_w), 64)
-        grid_h, grid_w = max(grid_h, 0), max(grid_w, 0)
-        count = max(grid_h * grid_w, 1)
-        for c in range(channels):
-            plane = data[int(b)][c]
-            for ph in range(pooled_h):
-                for pw in range(pooled_w):
-                    total = 0.0
-                    for iy in range(grid_h):
-                        y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
-                        for ix in range(grid_w):
-                            x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
-                            total += _bilinear(plane, height, width, y, x)
-                    out[n, c, ph, pw] = total / count
-    return out
 
 
 def _quantize(rois, scale):
@@ -196,7 +158,7 @@ def test_roi_warp_matches_python_reference(aligned, sampling_ratio, scale, outpu
     x = torch.randn(2, 2, 9, 11, generator=gen, dtype=torch.float64)
     rois = _rois(2, 9, 11, scale, 10, gen, torch.float64)
     ours = ops.roi_warp(x, rois, output_size, scale, sampling_ratio, aligned)
-    ref = reference_roi_warp(x, rois, output_size, scale, sampling_ratio, aligned)
+    ref = roi_reference.roi_warp(x, rois, output_size, scale, sampling_ratio, aligned)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
     # RoIWarp = RoIAlign on the rounded box, in feature pixels
     torch.testing.assert_close(
@@ -355,26 +317,15 @@ def test_multi_level_equals_per_level_torchvision(mode, output_size, sampling_ra
 
 @pytest.mark.parametrize("mode", MODES)
 def test_multi_level_one_op_call_and_empty(mode):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Log(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func.name()))
-            return func(*args, **(kwargs or {}))
-
     g = torch.Generator().manual_seed(3)
     features = OrderedDict((f"p{i}", torch.randn(2, 4, 64 >> i, 64 >> i, generator=g).requires_grad_(True))
                            for i in range(3))
     pooler = ops.MultiScaleRoIAlign(list(features), 7, 2, mode=mode)
-    with Log() as log:
+    with roi_reference.OpLog() as log:
         out = pooler(features, [_boxes(10, 256, 256, g), _boxes(5, 256, 256, g)], [(256, 256)] * 2)
     op = "maskray::multi_level_roi_pool" if mode == "roipool" else "maskray::multi_level_roi_align"
     assert log.names.count(op) == 1
-    with Log() as log:
+    with roi_reference.OpLog() as log:
         torch.autograd.grad(out.sum(), list(features.values()))
     backward = "maskray::roi_pool_backward" if mode == "roipool" else "maskray::multi_level_roi_align_backward"
     assert log.names.count(backward) == 1

@@ -7,21 +7,10 @@ from collections import OrderedDict
 import pytest
 import torch
 import torchvision
-from torch.utils._python_dispatch import TorchDispatchMode
+
+import roi_reference
 
 from model import ops
-
-
-class _OpLog(TorchDispatchMode):
-    """Records the names of the aten/maskray ops dispatched inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func.name()))
-        return func(*args, **(kwargs or {}))
 
 
 def _pyramid(batch, channels, height, width, levels, generator, dtype=torch.float32):
@@ -104,13 +93,13 @@ def test_one_op_call_for_all_levels():
     features = _pyramid(2, 4, 256, 256, 4, g)
     boxes = [_boxes(20, 256, 256, g), _boxes(20, 256, 256, g)]
     pooler = ops.MultiScaleRoIAlign(list(features), 7, 2)
-    with _OpLog() as log:
+    with roi_reference.OpLog() as log:
         out = pooler(features, boxes, [(256, 256)] * 2)
     assert log.names.count("maskray::multi_level_roi_align") == 1
     assert "maskray::roi_align" not in log.names
     # no per-level gathers, scatters or index_put in forward
     assert not [n for n in log.names if n.startswith("aten::index") or "scatter" in n or "where" in n]
-    with _OpLog() as log:
+    with roi_reference.OpLog() as log:
         torch.autograd.grad(out.sum(), list(features.values()))
     assert log.names.count("maskray::multi_level_roi_align_backward") == 1
 
