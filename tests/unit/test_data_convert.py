@@ -2,7 +2,6 @@
 
 import io
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -22,15 +21,6 @@ from pipeline.data import format as fmt
 from png_bombs import png_header_only
 
 
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """cli.module_main points the root logger at the (captured) stderr; undo that."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):

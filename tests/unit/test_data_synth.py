@@ -1,7 +1,6 @@
 """pipeline.data.synth: deterministic shapes with exact masks; jobs.synth CLI."""
 
 import json
-import logging
 import os
 
 import numpy as np
@@ -23,15 +22,6 @@ def _ann_mask(ann, h, w):
     return mask_utils.decode(rle).astype(bool)
 
 
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """cli.module_main points the root logger at the (captured) stderr; undo that."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):

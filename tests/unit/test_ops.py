@@ -1,7 +1,6 @@
 """model.ops RoIAlign on CPU: against a slow pure-Python reference and torchvision.ops.roi_align,
 gradcheck, torch.library.opcheck, list boxes, malformed boxes, torch.compile, the poolers."""
 
-import math
 from collections import OrderedDict
 
 import pytest
