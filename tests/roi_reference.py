@@ -53,20 +53,25 @@ def _average_bins(out, n, planes, height, width, start, size, output_size, sampl
                 out[n, c, ph, pw] = total / count
 
 
-def roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned):
-    """RoIAlign (torchvision's semantics): [N, C, H, W] features, [K, 5] rois -> [K, C, *output_size]."""
+def _average_pool(input, rois, output_size, sampling_ratio, aligned, to_feature):
+    """Each RoI's corners mapped by ``to_feature`` (image -> feature pixels), then bins averaged."""
     _, channels, height, width = input.shape
     data = input.double().tolist()
     out = torch.zeros(rois.shape[0], channels, *output_size, dtype=torch.float64)
     offset = 0.5 if aligned else 0.0
-    for n, (b, x1, y1, x2, y2) in enumerate(rois.double().tolist()):
-        start_w, start_h = x1 * spatial_scale - offset, y1 * spatial_scale - offset
-        roi_w, roi_h = x2 * spatial_scale - offset - start_w, y2 * spatial_scale - offset - start_h
+    for n, (b, *corners) in enumerate(rois.double().tolist()):
+        x1, y1, x2, y2 = (to_feature(v) for v in corners)
+        roi_w, roi_h = x2 - x1, y2 - y1
         if not aligned:
             roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
-        _average_bins(out, n, data[int(b)], height, width, (start_h, start_w), (roi_h, roi_w), output_size,
+        _average_bins(out, n, data[int(b)], height, width, (y1 - offset, x1 - offset), (roi_h, roi_w), output_size,
                       sampling_ratio)
     return out
+
+
+def roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    """RoIAlign (torchvision's semantics): [N, C, H, W] features, [K, 5] rois -> [K, C, *output_size]."""
+    return _average_pool(input, rois, output_size, sampling_ratio, aligned, lambda v: v * spatial_scale)
 
 
 def round_half_away(v: float) -> float:
@@ -77,18 +82,19 @@ def round_half_away(v: float) -> float:
 
 def roi_warp(input, rois, output_size, spatial_scale, sampling_ratio, aligned):
     """RoIWarp (model.ops.roi_warp): each corner rounded to the feature grid, then RoIAlign on that box."""
-    _, channels, height, width = input.shape
-    data = input.double().tolist()
-    out = torch.zeros(rois.shape[0], channels, *output_size, dtype=torch.float64)
-    offset = 0.5 if aligned else 0.0
-    for n, (b, x1, y1, x2, y2) in enumerate(rois.double().tolist()):
-        x1, y1, x2, y2 = (round_half_away(v * spatial_scale) for v in (x1, y1, x2, y2))
-        roi_w, roi_h = x2 - x1, y2 - y1
-        if not aligned:
-            roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
-        _average_bins(out, n, data[int(b)], height, width, (y1 - offset, x1 - offset), (roi_h, roi_w), output_size,
-                      sampling_ratio)
-    return out
+    return _average_pool(input, rois, output_size, sampling_ratio, aligned,
+                         lambda v: round_half_away(v * spatial_scale))
+
+
+def ours(mode, input, rois, output_size, spatial_scale, sampling_ratio):
+    """maskray's single-level pooling in pooler ``mode`` (model.ops.POOLER_MODES)."""
+    from model import ops
+
+    if mode == "roipool":
+        return ops.roi_pool(input, rois, output_size, spatial_scale)
+    if mode == "roiwarp":
+        return ops.roi_warp(input, rois, output_size, spatial_scale, sampling_ratio)
+    return ops.roi_align(input, rois, output_size, spatial_scale, sampling_ratio, mode == "roialign_v2")
 
 
 class OpLog(TorchDispatchMode):

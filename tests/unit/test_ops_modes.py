@@ -46,14 +46,6 @@ def _torchvision_pool(mode, feature, rois, output_size, scale, sampling_ratio):
     return torchvision.ops.roi_align(feature, rois, output_size, scale, sampling_ratio, mode == "roialign_v2")
 
 
-def _ours_single(mode, feature, rois, output_size, scale, sampling_ratio):
-    if mode == "roipool":
-        return ops.roi_pool(feature, rois, output_size, scale)
-    if mode == "roiwarp":
-        return ops.roi_warp(feature, rois, output_size, scale, sampling_ratio)
-    return ops.roi_align(feature, rois, output_size, scale, sampling_ratio, mode == "roialign_v2")
-
-
 def _rois(batch, height, width, scale, count, generator, dtype=torch.float32, huge=True):
     """Boxes for a `height` x `width` feature map at `scale` (in image coordinates): random ones inside
     and across the border, plus tiny, empty, inverted, outside and huge ones, and corners on exact
@@ -134,7 +126,7 @@ def test_roi_pool_list_boxes_empty_and_module_forms(gen):
 def test_roialign_v2_equals_torchvision_aligned(sampling_ratio, gen):
     x = torch.randn(2, 3, 24, 30, generator=gen, requires_grad=True)
     rois = _rois(2, 24, 30, 0.25, 40, gen, huge=False)
-    ours = _ours_single("roialign_v2", x, rois, (7, 7), 0.25, sampling_ratio)
+    ours = roi_reference.ours("roialign_v2", x, rois, (7, 7), 0.25, sampling_ratio)
     ref = torchvision.ops.roi_align(x, rois, (7, 7), 0.25, sampling_ratio, aligned=True)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     grad = torch.randn(ours.shape, generator=gen)
@@ -199,7 +191,7 @@ def test_gradcheck_single_level(mode, gen):
                          [1, 0.0, 0.0, 15.9, 13.9]], dtype=torch.float64)
 
     def f(t):
-        return _ours_single(mode, t, rois, (3, 2), 0.5, 2)
+        return roi_reference.ours(mode, t, rois, (3, 2), 0.5, 2)
 
     assert torch.autograd.gradcheck(f, (x,))
     assert torch.autograd.gradgradcheck(f, (x,))
@@ -370,7 +362,7 @@ def test_hostile_boxes_raise_in_every_mode(mode, bad, match):
     row, column, value = bad
     rois[row, column] = value
     with pytest.raises(ops.RoIAlignInputError, match=match) as info:
-        _ours_single(mode, _x(), rois, 4, 1.0, -1)
+        roi_reference.ours(mode, _x(), rois, 4, 1.0, -1)
     assert isinstance(info.value, MaskrayError) and isinstance(info.value, ValueError)
     assert "row 1" in str(info.value)
     # the pooler (fused multi-level path)
@@ -405,7 +397,7 @@ def test_hostile_boxes_raise_in_every_mode(mode, bad, match):
 def test_bad_parameters_raise_in_every_mode(mode, kwargs, match):
     rois = torch.tensor([[0, 1.0, 1.0, 8.0, 8.0]])
     with pytest.raises(ops.RoIAlignInputError, match=match):
-        _ours_single(mode, _x(), rois, kwargs["output_size"], kwargs.get("spatial_scale", 1.0), -1)
+        roi_reference.ours(mode, _x(), rois, kwargs["output_size"], kwargs.get("spatial_scale", 1.0), -1)
     size = kwargs["output_size"] if isinstance(kwargs["output_size"], tuple) else (kwargs["output_size"],) * 2
     scale = kwargs.get("spatial_scale", 1.0)
     with pytest.raises(ValueError, match="output size|spatial_scale"):
@@ -451,7 +443,7 @@ def test_huge_and_overflowing_boxes_are_finite_and_bounded(mode):
     rois = torch.tensor([[0, -1e8, -1e8, 1e8, 1e8], [1, 0.0, 0.0, 2000.0, 2000.0], [0, 3.0, -1e8, 7.0, 1e8],
                          [1, -3e38, 2.0, 3e38, 9.0], [0, -3e38, -3e38, 3e38, 3e38], [1, 1e30, 1e30, 2e30, 2e30]] * 3)
     start = time.monotonic()
-    out = _ours_single(mode, x, rois, 7, 1.0, -1)
+    out = roi_reference.ours(mode, x, rois, 7, 1.0, -1)
     (grad,) = torch.autograd.grad(out.sum(), x)
     assert time.monotonic() - start < 2.0
     assert torch.isfinite(out).all() and torch.isfinite(grad).all()
