@@ -49,6 +49,15 @@ from pipeline.data.synth import categories_for, make_image  # noqa: E402
 CATEGORIES = categories_for(4)
 
 
+
+def _write_shard(root: str, index: int, rows: list[dict], *, row_group_size: int):
+    """Shard ``index`` of unlabeled ``rows`` under ``root``; its manifest entry."""
+    path = fmt.SHARD_PATTERN.format(index=index)
+    sink = io.BytesIO()
+    pq.write_table(fmt.rows_to_table(rows), sink, row_group_size=row_group_size)
+    storage.write_bytes(os.path.join(root, path), sink.getvalue())
+    return fmt.ShardInfo(path=path, images=len(rows), instances=0)
+
 def make_dataset(root: str, images: int, shards: int, size: int) -> list[bytes]:
     data = [make_image(11, i, size, CATEGORIES)[0] for i in range(images)]
     per = (images + shards - 1) // shards
@@ -59,11 +68,7 @@ def make_dataset(root: str, images: int, shards: int, size: int) -> list[bytes]:
             break
         rows = [fmt.make_row(image_id=index * per + i + 1, file_name=f"{index * per + i}.png", width=size,
                              height=size, image=b) for i, b in enumerate(chunk)]
-        path = fmt.SHARD_PATTERN.format(index=index)
-        sink = io.BytesIO()
-        pq.write_table(fmt.rows_to_table(rows), sink, row_group_size=16)
-        storage.write_bytes(os.path.join(root, path), sink.getvalue())
-        infos.append(fmt.ShardInfo(path=path, images=len(rows), instances=0))
+        infos.append(_write_shard(root, index, rows, row_group_size=16))
     fmt.write_manifest(root, fmt.Manifest(categories=CATEGORIES, shards=infos, source="benchmark"))
     return data
 
@@ -332,11 +337,7 @@ def noop_dataset(root: str, images: int, shards: int, size: int) -> None:
     for index in range(shards):
         rows = [fmt.make_row(image_id=index * per + i + 1, file_name=f"{index * per + i}.png", width=size,
                              height=size, image=distinct[(index * per + i) % 64]) for i in range(per)]
-        path = fmt.SHARD_PATTERN.format(index=index)
-        sink = io.BytesIO()
-        pq.write_table(fmt.rows_to_table(rows), sink, row_group_size=64)
-        storage.write_bytes(os.path.join(root, path), sink.getvalue())
-        infos.append(fmt.ShardInfo(path=path, images=len(rows), instances=0))
+        infos.append(_write_shard(root, index, rows, row_group_size=64))
     fmt.write_manifest(root, fmt.Manifest(categories=CATEGORIES, shards=infos, source="benchmark"))
 
 
