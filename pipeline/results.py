@@ -19,8 +19,9 @@ processed), ``model`` string (the model id). One instance:
   coordinates; null for a model without masks,
 - ``keypoints`` list<float32> ``x, y, score`` x K in original-image pixels; null for a model without
   keypoints. ``score`` is the predictor's per-keypoint score (torchvision's ``keypoints_scores``:
-  the keypoint heatmap's logit at the chosen location); :func:`keypoint_visibility` turns it into
-  COCO's ``v``.
+  the keypoint heatmap's logit at the chosen location); COCO's ``v`` follows from it by the model's
+  rule (:func:`model.keypoint_heads.to_coco_keypoints`: 2 where ``score >=``
+  :data:`KEYPOINT_VISIBLE_SCORE`, else 1).
 
 Versions: every file carries its format in the Parquet schema metadata (``maskray.format``).
 :data:`FORMAT` is the current one; :data:`OLDER_FORMATS` are read as well ("maskray-results/1":
@@ -50,6 +51,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from model.errors import MaskrayError, error_text
+from model.keypoint_heads import VISIBLE_LOGIT as KEYPOINT_VISIBLE_SCORE  # noqa: F401 - the one rule, re-exported
+from model.keypoint_heads import to_coco_keypoints
 from pipeline import storage
 from pipeline.data.format import RLE_TYPE
 
@@ -61,10 +64,6 @@ FORMAT_KEY = b"maskray.format"
 PROVENANCE = "provenance.json"
 SUFFIX = ".parquet"
 BATCH_ROWS = 256  # rows per record batch when streaming a results file
-# A predicted keypoint is "visible" (COCO v = 2) when its score (the heatmap logit, as torchvision
-# and Detectron give it) is at least this, else "labelled but not visible" (v = 1). Detectron, the
-# paper's code, draws keypoints at the same logit threshold (vis_one_image kp_thresh=2).
-KEYPOINT_VISIBLE_SCORE = 2.0
 
 INSTANCE_TYPE = pa.struct([
     pa.field("category_id", pa.int32()),
@@ -90,23 +89,6 @@ class ResultsError(MaskrayError):
 
 
 # --------------------------------------------------------------------------- instances
-
-
-def keypoint_visibility(score: float) -> int:
-    """COCO ``v`` of a predicted keypoint from its own score: 2 (visible) when ``score >=``
-    :data:`KEYPOINT_VISIBLE_SCORE`, else 1 (labelled, not visible). Its position is kept either way;
-    pycocotools' OKS ignores a result's ``v``, so AP does not depend on this rule."""
-    return 2 if float(score) >= KEYPOINT_VISIBLE_SCORE else 1
-
-
-def coco_keypoints(values: Sequence[float]) -> list[float]:
-    """A result instance's ``x, y, score`` x K -> COCO's ``x, y, v`` x K (:func:`keypoint_visibility`)."""
-    if len(values) % 3:
-        raise ResultsError(f"keypoints hold {len(values)} values, not x, y, score x K")
-    out: list[float] = []
-    for k in range(0, len(values), 3):
-        out += [round(float(values[k]), 3), round(float(values[k + 1]), 3), keypoint_visibility(values[k + 2])]
-    return out
 
 
 def to_result_instances(boxes: Any, labels: Any, scores: Any, masks: Any, height: int, width: int,
@@ -175,7 +157,7 @@ def to_coco_results(image_id: int, items: Iterable[dict[str, Any]] | None) -> li
     """COCO dicts (``image_id``, ``category_id``, ``score``, ``bbox``, ``segmentation`` with str
     ``counts`` when present, ``keypoints`` when present) from a results row's ``instances`` (or a
     shard row's ``annotations``: same fields; ``score`` 1.0 where null). ``keypoints`` are copied as
-    stored (results: x, y, score; annotations: x, y, v); :func:`coco_keypoints` makes a result's COCO's."""
+    stored (results: x, y, score; annotations: x, y, v): :func:`coco_result_json` writes a result's as COCO's."""
     out = []
     for item in items or []:
         r = {"image_id": int(image_id), "category_id": int(item["category_id"]),
@@ -376,7 +358,7 @@ def read_provenance(results_uri: str) -> dict:
 def coco_result_json(image_id: int, instance: dict) -> str:
     """One COCO result (``COCO.loadRes`` layout) as JSON: ``bbox`` rounded to 0.001 px, ``score``
     to 1e-5, ``segmentation`` compressed RLE when the instance has one, ``keypoints`` as COCO's
-    ``x, y, v`` x K (:func:`coco_keypoints`) when it has them."""
+    ``x, y, v`` x K (``v`` by :func:`model.keypoint_heads.to_coco_keypoints`) when it has them."""
     item: dict[str, Any] = {"image_id": int(image_id), "category_id": int(instance["category_id"]),
                             "bbox": [round(float(v), 3) for v in instance["bbox"]],
                             "score": round(float(instance["score"]), 5)}
@@ -384,7 +366,7 @@ def coco_result_json(image_id: int, instance: dict) -> str:
     if seg is not None:
         item["segmentation"] = {"size": [int(v) for v in seg["size"]], "counts": bytes(seg["counts"]).decode("ascii")}
     if instance.get("keypoints"):
-        item["keypoints"] = coco_keypoints(instance["keypoints"])
+        item["keypoints"] = [round(v, 3) for v in to_coco_keypoints(instance["keypoints"])]
     return json.dumps(item)
 
 

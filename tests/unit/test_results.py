@@ -256,14 +256,6 @@ def test_coco_dicts_round_trip():
                                                    "bbox": [1.0, 2.0, 3.0, 4.0]}]
 
 
-def test_keypoint_visibility_rule():
-    assert results.keypoint_visibility(results.KEYPOINT_VISIBLE_SCORE) == 2
-    assert results.keypoint_visibility(np.nextafter(results.KEYPOINT_VISIBLE_SCORE, -np.inf)) == 1
-    assert results.coco_keypoints([1.0, 2.0, 5.0, 3.0, 4.0, -1.0]) == [1.0, 2.0, 2, 3.0, 4.0, 1]
-    with pytest.raises(ResultsError, match="not x, y, score"):
-        results.coco_keypoints([1.0, 2.0])
-
-
 def test_to_result_instances_is_torchvisions_paste_and_rle():
     """The masks the writer stores are pycocotools' RLE of torchvision's pasted masks."""
     from torchvision.models.detection.roi_heads import paste_masks_in_image
