@@ -3,7 +3,8 @@
 Steps (each skipped when its output is already there, so a rerun resumes; ``--fresh`` starts
 over): synthesize + convert/pack the data → train (2 Ray Train workers) → evaluate → batch
 segmentation of the unlabeled pool (Ray Data) → one data-distillation round (few labels, a pool 3x
-larger: the regime where it gains; the report says plainly whether it did) → overlay PNGs →
+larger: the regime where it gains; the report says plainly whether it did) → a keypoint & mask model
+on stick figures (trained, scored with OKS AP) → overlay PNGs →
 ``report.md``. Everything is written under ``--out`` (or ``--storage`` for the datasets, runs
 and predictions, e.g. an ``s3://`` prefix), and each step is the same code as its command.
 """
@@ -31,6 +32,10 @@ POOL_IMAGES = 600
 # The teacher's schedule on those 200 images (14 epochs; configs/shapes-cpu.yaml's 480 iterations are
 # sized for 2,000): the time it saves pays for the round's pseudo-labels and student in 12 minutes.
 TRAIN_SCHEDULE = ("schedule.max_iters=360", "schedule.steps=[288]")
+# The keypoint stage (issue 22): a joint keypoint & mask model on 96-px stick figures and shapes
+# (`maskray synth --keypoints`), trained by configs/keypoints-cpu.yaml, scored with OKS.
+KEYPOINT_IMAGES = 600
+KEYPOINT_SYNTH = ("--size", "96", "--categories", "2", "--max-objects", "3", "--keypoints")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="extra override for the training config (repeatable), e.g. schedule.max_iters=50")
     parser.add_argument("--skip-distill", action="store_true", help="stop after batch segmentation")
+    parser.add_argument("--keypoint-images", type=int, default=KEYPOINT_IMAGES, metavar="N",
+                        help=f"training images of the keypoint stage's stick figures (default {KEYPOINT_IMAGES})")
+    parser.add_argument("--keypoint-config", default=str(REPO / "configs" / "keypoints-cpu.yaml"), metavar="FILE",
+                        help="the keypoint stage's training config (default configs/keypoints-cpu.yaml)")
+    parser.add_argument("--skip-keypoints", action="store_true", help="leave out the keypoint stage")
 
 
 @dataclass
@@ -125,6 +135,10 @@ def run(args: argparse.Namespace) -> int:
         "runs": storage.join(base, "runs"),
         "predictions": storage.join(base, "predictions", "pool"),
         "distill": storage.join(base, "distill"),
+        "synth_kp_train": storage.join(base, "synth-keypoints", "train"),
+        "synth_kp_val": storage.join(base, "synth-keypoints", "val"),
+        "kp_train": storage.join(base, "shards-keypoints", "train"),
+        "kp_val": storage.join(base, "shards-keypoints", "val"),
     }
     timings = Timings()
     started = time.perf_counter()
@@ -187,15 +201,54 @@ def run(args: argparse.Namespace) -> int:
         _timed(timings, "distill", run_distill, distill_config, verbose=verbose)
         distill_summary = _distill_rounds(paths["distill"])
 
-    # 6. overlays and the report.
+    # 6. keypoints: a joint keypoint & mask model on stick figures, trained and scored (OKS).
+    keypoints = None if args.skip_keypoints else _keypoint_stage(args, paths, out, timings, verbose)
+
+    # 7. overlays and the report.
     overlays = out / "overlays"
     _step(timings, "show", ["show", "--checkpoint", checkpoint, "--data", paths["val"],
                             "--out", str(overlays), "--limit", "8"])
     report = out / "report.md"
     report.write_text(_report(paths, final, metrics, distill_summary, timings,
-                              time.perf_counter() - started, out, overlays))
+                              time.perf_counter() - started, out, overlays, keypoints=keypoints))
     print(f"\nmaskray demo finished in {time.perf_counter() - started:.0f} s; report: {report}")
     return 0
+
+
+def _keypoint_stage(args: argparse.Namespace, paths: dict, out: Path, timings: Timings, verbose: bool) -> dict:
+    """Synthesize stick figures (+ shapes), train ``--keypoint-config`` with Ray Train, score it on
+    held-out figures (bbox, segm and keypoint AP; OKS with the config's ``eval.kpt_oks_sigmas``) and
+    draw a few overlays. Each part is skipped when its output is there. Returns ``{"metrics",
+    "model", "run", "overlays", "sigmas"}`` for the report."""
+    from pipeline import storage
+    from pipeline.train import fit, load_config
+
+    for split, images, seed, first_id in (("train", args.keypoint_images, args.seed, 3000001),
+                                          ("val", 100, 1000 + args.seed, 4000001)):
+        shards, synth = paths[f"kp_{split}"], paths[f"synth_kp_{split}"]
+        if not storage.exists(storage.join(shards, "manifest.json")):
+            _step(timings, f"synth keypoints {split}", ["synth", "--out", synth, "--images", str(images),
+                                                         "--seed", str(seed), "--first-id", str(first_id),
+                                                         *KEYPOINT_SYNTH])
+            _step(timings, f"convert keypoints {split}", ["convert", "--coco", storage.join(synth, "annotations.json"),
+                                                           "--images", storage.join(synth, "images"), "--out", shards])
+    config = load_config(args.keypoint_config, [f"data.train={paths['kp_train']}", f"data.val={paths['kp_val']}",
+                                                f"storage_path={paths['runs']}", "name=keypoints-cpu",
+                                                "eval.at_end=false", f"seed={args.seed}"])
+    final_uri = storage.join(paths["runs"], "keypoints-cpu", "final_metrics.json")
+    if not storage.exists(final_uri):
+        _timed(timings, "train keypoints", fit, config, verbose=verbose)
+    final = json.loads(storage.read_bytes(final_uri))
+    metrics_path = out / "metrics-keypoints.json"
+    sigmas = ",".join(f"{s:g}" for s in config.eval.kpt_oks_sigmas)
+    if not metrics_path.exists():
+        _step(timings, "eval keypoints", ["eval", "--checkpoint", final["model"], "--data", paths["kp_val"],
+                                          "--out", str(metrics_path), *(["--kpt-oks-sigmas", sigmas] if sigmas else [])])
+    overlays = out / "overlays-keypoints"
+    _step(timings, "show keypoints", ["show", "--checkpoint", final["model"], "--data", paths["kp_val"],
+                                      "--out", str(overlays), "--limit", "4"])
+    return {"metrics": json.loads(metrics_path.read_text()), "model": final["model"], "run": final.get("run"),
+            "overlays": str(overlays), "sigmas": sigmas}
 
 
 def _distill_rounds(work_dir: str) -> list:
@@ -224,11 +277,12 @@ def _ap_row(name: str, metrics: dict) -> str:
         return "—" if value is None else f"{value:.3f}"
 
     return (f"| {name} | {cell('bbox', 'AP')} | {cell('bbox', 'AP50')} | {cell('segm', 'AP')} "
-            f"| {cell('segm', 'AP50')} | {cell('segm', 'AP75')} |")
+            f"| {cell('segm', 'AP50')} | {cell('segm', 'AP75')} | {cell('keypoints', 'AP')} "
+            f"| {cell('keypoints', 'AP50')} |")
 
 
 def _report(paths: dict, final: dict, metrics: dict, rounds: list | None, timings: Timings,
-            total_s: float, out: Path, overlays: Path) -> str:
+            total_s: float, out: Path, overlays: Path, *, keypoints: dict | None = None) -> str:
     lines = [
         "# maskray demo report",
         "",
@@ -237,10 +291,16 @@ def _report(paths: dict, final: dict, metrics: dict, rounds: list | None, timing
         "",
         "## Accuracy on the held-out split",
         "",
-        "| model | bbox AP | bbox AP50 | mask AP | mask AP50 | mask AP75 |",
-        "|---|---|---|---|---|---|",
+        "| model | bbox AP | bbox AP50 | mask AP | mask AP50 | mask AP75 | kp AP | kp AP50 |",
+        "|---|---|---|---|---|---|---|---|",
         _ap_row("trained (round-0 teacher)", metrics),
     ]
+    if keypoints:
+        lines += [_ap_row("keypoint & mask model (stick figures)", keypoints["metrics"]), "",
+                  "The keypoint & mask model (Mask R-CNN's keypoint branch, the paper's §5) is scored on its own "
+                  "held-out split of stick figures with 7 keypoints beside shapes (`maskray synth --keypoints`); "
+                  f"kp AP is COCOeval's OKS AP with the figures' sigmas ({keypoints['sigmas'] or 'COCO'}). "
+                  f"Checkpoint `{keypoints['model']}`, overlays `{keypoints['overlays']}`."]
     if rounds:
         from pipeline.distill.rounds import format_summary
 

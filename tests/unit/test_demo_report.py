@@ -36,3 +36,20 @@ def test_report_has_the_accuracy_table_the_round_and_the_paths(tmp_path):
     assert "total wall time 840 s" in text
     without = demo._report(paths, {}, _metrics(0.5, 0.5), None, timings, 1.0, Path(tmp_path), Path(tmp_path))
     assert "Distillation round" not in without
+
+
+def test_report_shows_keypoint_ap_beside_mask_ap(tmp_path):
+    timings = demo.Timings()
+    timings.record("train keypoints", 150.0)
+    paths = {k: f"/s/{k}" for k in ("train", "val", "pool", "predictions", "distill")}
+    kp_metrics = _metrics(0.6, 0.5) | {"keypoints": {"AP": 0.412, "AP50": 0.734, "AP75": 0.4, "APm": None, "APl": 0.4}}
+    keypoints = {"metrics": kp_metrics, "model": "/s/runs/keypoints-cpu/m.pt", "run": "/s/runs/keypoints-cpu",
+                 "overlays": "/o/overlays-keypoints", "sigmas": "0.05,0.06"}
+    text = demo._report(paths, {}, _metrics(0.511, 0.697), None, timings, 700.0, Path(tmp_path),
+                        Path(tmp_path) / "overlays", keypoints=keypoints)
+    assert "| model | bbox AP | bbox AP50 | mask AP | mask AP50 | mask AP75 | kp AP | kp AP50 |" in text
+    assert "| trained (round-0 teacher) | 0.511 | 0.511 | 0.697 | 0.697 | 0.697 | — | — |" in text
+    assert "| keypoint & mask model (stick figures) | 0.600 | 0.600 | 0.500 | 0.500 | 0.500 | 0.412 | 0.734 |" in text
+    assert "0.05,0.06" in text and "`/s/runs/keypoints-cpu/m.pt`" in text and "| train keypoints | 150.0 |" in text
+    without = demo._report(paths, {}, _metrics(0.5, 0.5), None, timings, 1.0, Path(tmp_path), Path(tmp_path))
+    assert "stick figures" not in without
