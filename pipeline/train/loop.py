@@ -353,7 +353,8 @@ def format_eval_line(it: int, metrics: dict[str, dict[str, float]], images: int,
     def part(kind: str) -> str:
         m = {k: (float("nan") if v is None else v) for k, v in (metrics.get(kind) or {}).items()}
         return f"{kind} AP {m.get('AP', float('nan')):.3f} AP50 {m.get('AP50', float('nan')):.3f}"
-    parts = " | ".join(part(kind) for kind in EVAL_KINDS if kind in metrics or kind != "keypoints")
+    kinds = [kind for kind in EVAL_KINDS if kind in metrics] or ["bbox", "segm"]  # a keypoint-only model: no segm
+    parts = " | ".join(part(kind) for kind in kinds)
     return f"eval iter {it}: {parts}  ({images} images, {seconds:.1f} s)"
 
 

@@ -326,3 +326,5 @@ def test_keypoint_metrics_reach_the_console_tensorboard_and_the_result():
     flat = flat_eval(metrics)
     assert flat["keypoints_AP50"] == 0.65 and flat["keypoints_APm"] is None
     assert TrainResult(None, {**flat, "loss": 1.0}).eval_metrics() == metrics
+    only = format_eval_line(10, {"bbox": {"AP": 0.5, "AP50": 0.8}, "keypoints": {"AP": 0.3, "AP50": 0.6}}, 4, 1.0)
+    assert only == "eval iter 10: bbox AP 0.500 AP50 0.800 | keypoints AP 0.300 AP50 0.600  (4 images, 1.0 s)"
