@@ -244,13 +244,13 @@ def test_lanes_split_a_batch_and_keep_its_order(tiny):
 
 
 def test_tta_can_rescale_the_predictor(tiny):
-    from pipeline.distill.label import _model_scale
+    from pipeline.distill.tta import model_scale
 
     model, config = tiny
     predictor = Predictor(model=model, config=config)
     assert (predictor.min_size, predictor.max_size) == (SIZE, 96)
     image = images(1)[0]
-    with _model_scale(predictor, 0.5):
+    with model_scale(predictor, 0.5):
         assert (predictor.min_size, predictor.max_size) == (32, 48)
         half = predictor.predict([image])[0]
     assert (predictor.min_size, predictor.max_size) == (SIZE, 96)
