@@ -338,15 +338,6 @@ class ShardWriter:
 # Reading without Ray
 
 
-def read_shard_table(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """One shard as a pyarrow Table."""
-    fs, path = storage.resolve(uri)
-    try:
-        return pq.read_table(path, filesystem=fs, columns=columns)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise storage.storage_error(uri, exc) from exc
-
-
 def iter_shard_rows(uri: str, columns: list[str] | None = None,
                     batch_size: int = DEFAULT_ROW_GROUP_SIZE) -> Iterator[dict]:
     """Rows of one shard as dicts, streamed a batch at a time."""

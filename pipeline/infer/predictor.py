@@ -406,21 +406,3 @@ def pack(out: dict[str, np.ndarray]) -> bytes:
 
 def unpack(data: bytes) -> dict[str, np.ndarray]:
     return pickle.loads(data)
-
-
-def predict_images(
-    model: torch.nn.Module | Predictor,
-    images: Sequence[torch.Tensor],
-    *,
-    transforms: Callable[[Callable, Sequence[torch.Tensor]], Any] | None = None,
-    score_threshold: float = 0.0,
-    device: str | torch.device | None = None,
-    amp: bool | None = None,
-) -> Any:
-    """Predictions for ``images`` in their own frames (see :meth:`Predictor.predict`), through the
-    ``transforms`` TTA hook when given (``transforms(predict_fn, images)``)."""
-    predictor = model if isinstance(model, Predictor) else Predictor(
-        model=model, device=device, amp=amp, score_threshold=score_threshold)
-    if transforms is None:
-        return predictor.predict(images)
-    return transforms(predictor.predict, images)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from model.checkpoint import ModelConfig, build_from_config
 from model.errors import MaskrayError
-from pipeline.infer.predictor import Predictor, predict_images
+from pipeline.infer.predictor import Predictor
 
 SIZE = 64
 CATEGORIES = [{"id": 3, "name": "a"}, {"id": 9, "name": "b"}]
@@ -27,6 +27,13 @@ def tiny():
         CATEGORIES, backbone="resnet18", min_size=SIZE, max_size=96, box_detections_per_img=5,
         options={"rpn_pre_nms_top_n_test": 60, "rpn_post_nms_top_n_test": 30})
     return build_from_config(config).eval(), config
+
+
+def predict_images(model, images, *, transforms=None):
+    """Predictions for ``images`` in their own frames (:meth:`Predictor.predict`), through the
+    ``transforms`` TTA hook when given (``transforms(predict_fn, images)``)."""
+    predictor = model if isinstance(model, Predictor) else Predictor(model=model, score_threshold=0.0)
+    return predictor.predict(images) if transforms is None else transforms(predictor.predict, images)
 
 
 def png(array: np.ndarray, mode: str | None = None) -> bytes:
