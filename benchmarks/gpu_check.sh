@@ -10,7 +10,10 @@
 #   5. Predictor images/s                                                benchmarks/gpu_predictor.py;
 #   6. torchvision's R50-FPN v2 file: maskray's Predictor vs torchvision's loop on the device, COCO-size
 #      and 12-MP photos, ratio in the same run                           benchmarks/pretrained.py;
-#   7. append a dated section with every step's status, time and output to benchmarks/RESULTS.md.
+#   7. Keypoint R-CNN (17 keypoints, masks off): torchvision's keypointrcnn_resnet50_fpn weights in
+#      maskray's model, same detections and keypoints in float32, then inference and training
+#      images/s of both under autocast                                   benchmarks/keypoint_model.py;
+#   8. append a dated section with every step's status, time and output to benchmarks/RESULTS.md.
 #
 # Usage: bash benchmarks/gpu_check.sh [--device cuda|cpu] [--quick] [--results PATH]
 #   --device cpu --quick   tiny sizes, well under a minute: what CI runs so the script cannot rot.
@@ -30,7 +33,7 @@ while [ $# -gt 0 ]; do
     --device) DEVICE="${2:?--device needs cuda or cpu}"; shift 2 ;;
     --quick) QUICK=1; shift ;;
     --results) RESULTS="${2:?--results needs a path}"; shift 2 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -78,12 +81,14 @@ if [ $QUICK -eq 1 ]; then
   AMPS=(bf16)
   PRED_ARGS=(--device "$DEVICE" --size 64 --batch 2 --rounds 1 --backbone resnet18)
   PRETRAINED_ARGS=(--device "$DEVICE" --in-process --photos 1 --big 0 --min-size 128)
+  KEYPOINT_ARGS=(--device "$DEVICE" --height 64 --width 64 --batch 1 --rounds 1 --iters 1 --warmup 0)
 else
   ROI_ARGS=(--device "$DEVICE" --rois-per-image 1000 --repeat 10 --cases fpn single)
   MODEL_ARGS=(--device "$DEVICE" --height 800 --width 800 --batch 8 --rounds 3 --iters 2 --warmup 2)
   AMPS=(bf16 fp16)
   PRED_ARGS=(--device "$DEVICE" --size 800 --batch 8 --rounds 3)
   PRETRAINED_ARGS=(--device "$DEVICE" --in-process --photos 16 --big 2)
+  KEYPOINT_ARGS=(--device "$DEVICE" --height 800 --width 1333 --batch 4 --rounds 3 --iters 2 --warmup 1)
 fi
 
 run_step environment 120 "$PY" -c '
@@ -106,6 +111,7 @@ for amp in "${AMPS[@]}"; do
 done
 run_step predictor 180 "$PY" benchmarks/gpu_predictor.py "${PRED_ARGS[@]}"
 run_step pretrained 300 "$PY" benchmarks/pretrained.py "${PRETRAINED_ARGS[@]}"
+run_step keypoint_model 240 "$PY" benchmarks/keypoint_model.py "${KEYPOINT_ARGS[@]}"
 
 DEVICE_NAME=$("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU visible")' 2>/dev/null || echo unknown)
 MODE="--device $DEVICE$([ $QUICK -eq 1 ] && echo ' --quick')"

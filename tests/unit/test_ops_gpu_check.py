@@ -27,7 +27,7 @@ def test_gpu_check_cpu_quick_writes_a_section_with_figures(tmp_path):
                      text, re.M)
     statuses = dict(re.findall(r"^### (\w+): (ok|skipped|FAILED[^,]*)", text, re.M))
     assert set(statuses) == {"environment", "build_op", "tests_gpu", "roi_align_benchmark", "model_benchmark_bf16",
-                             "predictor", "pretrained"}
+                             "predictor", "pretrained", "keypoint_model"}
     assert all(s in ("ok", "skipped") for s in statuses.values()), statuses
     # figures: RoIAlign ratios vs torchvision and the per-level pooler, model images/s, Predictor images/s
     assert re.search(r"^FPN 4 levels .*fwd\+bwd\s+[\d.]+\s+tv\s+[\d.]+\s+[\d.]+x", text, re.M)
@@ -37,3 +37,7 @@ def test_gpu_check_cpu_quick_writes_a_section_with_figures(tmp_path):
     assert re.search(r"^predictor images/s: [\d.]+$", text, re.M) or "skipped: pipeline.infer.predictor" in text
     assert re.search(r"^coco-size: 1 photos  torchvision loop [\d.]+ s .* maskray Predictor [\d.]+ s .* ratio [\d.]+x",
                      text, re.M)
+    # Keypoint R-CNN: torchvision's weights agree in maskray's model, then images/s of both
+    assert re.search(r"^agreement \(float32\): \d+ detections, max \|box\| [\d.e+-]+ px", text, re.M)
+    assert re.search(r"^kp infer\s+[\d.]+\s+[\d.]+\s+[\d.]+$", text, re.M)
+    assert re.search(r"^kp train\s+[\d.]+\s+[\d.]+\s+[\d.]+$", text, re.M)
