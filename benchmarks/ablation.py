@@ -22,7 +22,12 @@ and augmentation all follow the seed); the spread of its mask AP is the yardstic
 difference is compared with.
 
     python benchmarks/ablation.py [--variants all] [--seeds 0] [--baseline-seeds 0,1] [--iters 600]
-                                  [--images 600] [--val-images 100] [--size 128] [--out ablation.json]
+                                  [--images 600] [--val-images 100] [--size 128] [--jobs 2 --threads 1]
+                                  [--out ablation.json]
+
+``--jobs 2 --threads 1`` trains two runs at once in single-threaded processes: on 2 cores that is
+faster than one run on 2 threads (and far faster when other work shares the cores, where
+intra-op threads wait on each other), and each result is the same as when run alone.
 
 Prints one line per trained variant (AP, times) and then the tables beside the paper's numbers
 (R50-C4 for 2b/2c, the text for class-agnostic masks, R50-FPN for 2e).
@@ -45,6 +50,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 BASE_CONFIG = os.path.join(ROOT, "configs", "shapes-cpu.yaml")
+KEYPOINT_CONFIG = os.path.join(ROOT, "configs", "keypoints-cpu.yaml")  # the joint keypoint & mask model
 
 # variant -> the model fields it changes from the baseline (ModelConfig fields)
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -85,7 +91,10 @@ TABLES = [
      [("FCN (4 convs + deconv)", "roialign", PAPER_2E["fcn"]), ("MLP (fc, fc, fc)", "mlp", PAPER_2E["mlp"])],
      ["roialign", "mlp"]),
 ]
-KP_TODO = "kp AP: not measured (keypoints not landed)"
+# Table 6 (R50-FPN keypoint model, COCO minival): kp AP of the poolers
+PAPER_KP = {"roipool": 59.8, "roialign": 64.2}
+KP_POOLERS = ("roipool", "roiwarp", "roialign", "roialign_v2")  # the variants --keypoints trains again
+KP_NOT_RUN = "not run (--keypoints)"
 
 
 @dataclass
@@ -110,15 +119,19 @@ class Setup:
 # --------------------------------------------------------------------------- data
 
 
-def make_dataset(root: str, *, images: int, seed: int, size: int) -> str:
-    """``maskray synth`` + ``maskray convert`` (local runner) into ``root``; reused when present. Shards URI."""
+def make_dataset(root: str, *, images: int, seed: int, size: int, keypoints: bool = False) -> str:
+    """``maskray synth`` + ``maskray convert`` (local runner) into ``root``; reused when present. Shards URI.
+
+    ``keypoints``: configs/keypoints-cpu.yaml's recipe (``synth --categories 2 --max-objects 3
+    --keypoints``: stick figures with 7 keypoints beside circles and squares)."""
     from pipeline.data.convert import convert_coco
     from pipeline.data.synth import synthesize
 
     shards = os.path.join(root, "shards")
     if os.path.exists(os.path.join(shards, "manifest.json")):
         return shards
-    synthesize(os.path.join(root, "synth"), images=images, seed=seed, size=size)
+    extra = {"num_categories": 2, "max_objects": 3, "keypoints": True} if keypoints else {}
+    synthesize(os.path.join(root, "synth"), images=images, seed=seed, size=size, **extra)
     convert_coco(os.path.join(root, "synth", "annotations.json"), os.path.join(root, "synth", "images"), shards,
                  runner="local", workers=2)
     return shards
@@ -134,7 +147,8 @@ def batches(rows: list[dict], config, plan, seed: int):
     from pipeline.train.loop import collate
 
     decode = DecodeAugment([int(c["id"]) for c in plan.categories], config.augment.hflip_prob,
-                           tuple(config.augment.scale_jitter), seed=seed)
+                           tuple(config.augment.scale_jitter), seed=seed, num_keypoints=config.model.num_keypoints,
+                           keypoint_flip=plan.keypoint_flip)
     rng = np.random.default_rng(seed)
     batch: list[dict] = []
     while True:
@@ -148,8 +162,9 @@ def batches(rows: list[dict], config, plan, seed: int):
 # --------------------------------------------------------------------------- one variant
 
 
-def train_config(setup: Setup, train_uri: str, variant: str, seed: int):
-    """The demo's config (configs/shapes-cpu.yaml) with this recipe and the variant's switches."""
+def train_config(setup: Setup, train_uri: str, variant: str, seed: int, keypoints: bool = False):
+    """The demo's config (configs/shapes-cpu.yaml; with ``keypoints`` its keypoint & mask model,
+    configs/keypoints-cpu.yaml) with this recipe and the variant's switches."""
     from pipeline.train.config import load_config
 
     steps = [int(setup.iters * 0.8)] if setup.iters >= 10 else []
@@ -158,16 +173,17 @@ def train_config(setup: Setup, train_uri: str, variant: str, seed: int):
                  f"model.min_size={setup.size}", f"model.max_size={setup.size}",
                  f"optim.base_lr={setup.base_lr}", "optim.reference_batch=4",
                  f"schedule.max_iters={setup.iters}", f"schedule.warmup_iters={min(setup.warmup, setup.iters - 1)}",
-                 f"schedule.steps={steps}", f"name=ablation-{variant}-s{seed}",
+                 f"schedule.steps={steps}", f"name=ablation-{'kp-' if keypoints else ''}{variant}-s{seed}",
                  # the demo's anchors (16..256 px at 128 px) scaled with the image: objects are 0.24-0.52 of it
                  f"model.options.anchor_sizes={[[round(a * setup.size / 128)] for a in (16, 32, 64, 128, 256)]}"]
     overrides += [f"model.{key}={json.dumps(value)}" for key, value in VARIANTS[variant].items()]
-    return load_config(BASE_CONFIG, overrides)
+    return load_config(KEYPOINT_CONFIG if keypoints else BASE_CONFIG, overrides)
 
 
 def run_variant(setup: Setup, train_uri: str, train_rows: list[dict], val_rows: list[dict], variant: str,
-                seed: int) -> dict[str, Any]:
-    """Train one variant from scratch and evaluate it: a JSON-able record."""
+                seed: int, keypoints: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train one variant from scratch and evaluate it: a JSON-able record (``task`` "masks", or
+    "keypoints" for the keypoint & mask model; a progress line every quarter of the schedule)."""
     import torch
 
     from pipeline.evaluate import evaluate_model, metrics_to_json
@@ -175,21 +191,28 @@ def run_variant(setup: Setup, train_uri: str, train_rows: list[dict], val_rows: 
     from pipeline.train.loop import setup as worker_setup
     from pipeline.train.loop import train_step
 
-    config = train_config(setup, train_uri, variant, seed)
+    config = train_config(setup, train_uri, variant, seed, keypoints)
+    task = "keypoints" if keypoints else "masks"
     plan = plan_run(config)
     worker, _ = worker_setup(config, plan, rank=0, world=1, device=torch.device("cpu"))
     t0 = time.perf_counter()
     recent: list[float] = []
+    every = max(1, plan.total_iters // 4)
     for images, targets in batches(train_rows, config, plan, seed):
         losses, _ = train_step(worker, images, targets)
         recent = (recent + [losses["loss"]])[-20:]
+        if worker.iteration % every == 0 and progress:
+            print(f"  {variant} ({task}) seed {seed}: iter {worker.iteration}/{plan.total_iters}  loss "
+                  f"{sum(recent) / len(recent):.3f}  {time.perf_counter() - t0:.0f} s", flush=True)
         if worker.iteration >= plan.total_iters:
             break
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    metrics = metrics_to_json(evaluate_model(worker.model, val_rows, plan.categories, batch_size=setup.batch))
+    sigmas = {"kpt_oks_sigmas": config.eval.kpt_oks_sigmas or None} if keypoints else {}
+    metrics = metrics_to_json(evaluate_model(worker.model, val_rows, plan.categories, batch_size=setup.batch,
+                                             **sigmas))
     eval_s = time.perf_counter() - t1
-    return {"variant": variant, "seed": seed, "switches": VARIANTS[variant], "metrics": metrics,
+    return {"variant": variant, "task": task, "seed": seed, "switches": VARIANTS[variant], "metrics": metrics,
             "final_loss": sum(recent) / len(recent), "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
             "iters": plan.total_iters, "images_per_s": round(plan.total_iters * setup.batch / train_s, 2)}
 
@@ -199,7 +222,8 @@ def describe(record: dict[str, Any]) -> str:
         value = (record["metrics"].get(kind) or {}).get(key)
         return "  -  " if value is None else f"{100 * value:5.1f}"
 
-    return (f"{record['variant']:<12} seed {record['seed']}  mask AP {pct('segm', 'AP')} AP50 {pct('segm', 'AP50')} "
+    kp = f"  kp AP {pct('keypoints', 'AP')}" if record.get("task") == "keypoints" else ""
+    return (f"{record['variant']:<12}{' (kp model)' if kp else ''} seed {record['seed']}{kp}  mask AP {pct('segm', 'AP')} AP50 {pct('segm', 'AP50')} "
             f"AP75 {pct('segm', 'AP75')}  box AP {pct('bbox', 'AP')}  loss {record['final_loss']:.3f}  "
             f"train {record['train_s']:.0f} s ({record['iters']} it, {record['images_per_s']:.1f} img/s)  "
             f"eval {record['eval_s']:.0f} s")
@@ -208,10 +232,12 @@ def describe(record: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- the tables
 
 
-def mean_metric(records: list[dict], variant: str, key: str, kind: str = "segm") -> list[float]:
-    """The ``kind`` ``key`` values (percent) of ``variant`` over its seeds (undefined ones left out)."""
+def mean_metric(records: list[dict], variant: str, key: str, kind: str = "segm", task: str = "masks") -> list[float]:
+    """The ``kind`` ``key`` values (percent) of ``variant``'s ``task`` runs over their seeds
+    (undefined ones left out)."""
     return [100 * r["metrics"][kind][key] for r in records
-            if r["variant"] == variant and (r["metrics"].get(kind) or {}).get(key) is not None]
+            if r["variant"] == variant and r.get("task", "masks") == task
+            and (r["metrics"].get(kind) or {}).get(key) is not None]
 
 
 def noise(records: list[dict]) -> float | None:
@@ -242,15 +268,16 @@ def verdict(records: list[dict], order: list[str], spread: float | None) -> str:
     return "; ".join(parts)
 
 
-def format_tables(records: list[dict], kp_note: str = KP_TODO) -> str:
+def format_tables(records: list[dict]) -> str:
     """Markdown tables: per Table 2 part, the paper's mask AP/AP50/AP75 beside ours (mean over seeds,
     ``±`` half the range when there are several), box AP, and the paper's direction checked."""
     spread = noise(records)
 
-    def ours(variant: str, key: str, kind: str = "segm") -> str:
-        values = mean_metric(records, variant, key, kind)
+    def ours(variant: str, key: str, kind: str = "segm", task: str = "masks") -> str:
+        values = mean_metric(records, variant, key, kind, task)
         if not values:
-            return "–"
+            ran = any(r["variant"] == variant and r.get("task", "masks") == task for r in records)
+            return "–" if ran or task == "masks" else KP_NOT_RUN
         mean = sum(values) / len(values)
         return f"{mean:.1f}" + (f" ± {(max(values) - min(values)) / 2:.1f}" if len(values) > 1 else "")
 
@@ -264,15 +291,19 @@ def format_tables(records: list[dict], kp_note: str = KP_TODO) -> str:
     for title, rows, order in TABLES:
         kp = title.startswith("2c")
         out += ["", f"### {title}", "",
-                "| variant | paper AP | paper AP50 | paper AP75 | mask AP | AP50 | AP75 | box AP |" + (" kp AP |" if kp else ""),
-                "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if kp else "")]
+                "| variant | paper AP | paper AP50 | paper AP75 | mask AP | AP50 | AP75 | box AP |"
+                + (" paper kp AP (Table 6) | kp AP |" if kp else ""),
+                "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if kp else "")]
         for label, variant, numbers in rows:
             cells = [paper(v) for v in numbers] + [ours(variant, k) for k in ("AP", "AP50", "AP75")]
             cells.append(ours(variant, "AP", "bbox"))
             if kp:
-                cells.append(kp_note)
+                cells += [paper(PAPER_KP.get(variant)), ours(variant, "AP", "keypoints", "keypoints")]
             out.append(f"| {label} | " + " | ".join(cells) + " |")
         out += ["", "paper's direction (" + " > ".join(order) + "): " + verdict(records, order, spread)]
+        if kp and any(r.get("task") == "keypoints" for r in records):
+            out.append("kp AP: the keypoint & mask model of configs/keypoints-cpu.yaml (stick figures, OKS) trained "
+                       "with each pooler, same recipe and seeds; one seed has no noise estimate of its own")
     return "\n".join(out)
 
 
@@ -302,6 +333,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--size", type=int, default=Setup.size, help="image side in px")
     parser.add_argument("--batch", type=int, default=Setup.batch)
     parser.add_argument("--threads", type=int, default=Setup.threads)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once in separate processes (e.g. 2 x --threads 1 on 2 cores)")
+    parser.add_argument("--keypoints", action="store_true",
+                        help=f"also train the keypoint & mask model with each pooler ({', '.join(KP_POOLERS)}) "
+                             "for Table 2c's kp AP")
     parser.add_argument("--data-dir", default="", help="where the datasets go (reused); default: a temporary folder")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -310,9 +346,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     seeds = parse_list(args.seeds, int)
-    runs = [(v, s) for v in variants for s in seeds]
-    runs += [(BASELINE, s) for s in parse_list(args.baseline_seeds, int) if (BASELINE, s) not in runs]
+    runs = [(v, s, False) for v in variants for s in seeds]
+    runs += [(BASELINE, s, False) for s in parse_list(args.baseline_seeds, int) if (BASELINE, s, False) not in runs]
+    if args.keypoints:
+        runs += [(v, s, True) for v in variants if v in KP_POOLERS for s in seeds]
     setup = Setup(images=args.images, val_images=args.val_images, size=args.size, iters=args.iters,
                   batch=args.batch, threads=args.threads, data_dir=args.data_dir)
 
@@ -325,25 +365,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="maskray-ablation-") as tmp:
         root = args.data_dir or tmp
         t0 = time.perf_counter()
-        train_uri = make_dataset(os.path.join(root, f"train-{setup.size}px-{setup.images}"), images=setup.images,
-                                 seed=0, size=setup.size)
-        val_uri = make_dataset(os.path.join(root, f"val-{setup.size}px-{setup.val_images}"),
-                               images=setup.val_images, seed=1, size=setup.size)
-        train_rows, val_rows = list(read_rows(train_uri)), list(read_rows(val_uri))
-        print(f"data: {len(train_rows)} train / {len(val_rows)} val images of {setup.size} px "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        data = {}  # keypoints? -> (train URI, train rows, val rows)
+        for keypoints in sorted({kp for _, _, kp in runs}):
+            tag = "-kp" if keypoints else ""
+            train_uri = make_dataset(os.path.join(root, f"train{tag}-{setup.size}px-{setup.images}"),
+                                     images=setup.images, seed=0, size=setup.size, keypoints=keypoints)
+            val_uri = make_dataset(os.path.join(root, f"val{tag}-{setup.size}px-{setup.val_images}"),
+                                   images=setup.val_images, seed=1, size=setup.size, keypoints=keypoints)
+            data[keypoints] = (train_uri, list(read_rows(train_uri)), list(read_rows(val_uri)))
+            print(f"data{' (keypoints)' if keypoints else ''}: {len(data[keypoints][1])} train / "
+                  f"{len(data[keypoints][2])} val images of {setup.size} px", flush=True)
+        print(f"data ready in {time.perf_counter() - t0:.0f} s", flush=True)
         records = []
-        for variant, seed in runs:
-            record = run_variant(setup, train_uri, train_rows, val_rows, variant, seed)
-            records.append(record)
-            print(describe(record), flush=True)
+        if args.jobs == 1:
+            for variant, seed, keypoints in runs:
+                record = run_variant(setup, *data[keypoints], variant, seed, keypoints)
+                records.append(record)
+                print(describe(record), flush=True)
+        else:  # runs in parallel processes; each result is what it would be alone (same threads, same batches)
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = [pool.submit(run_variant, setup, *data[keypoints], variant, seed, keypoints)
+                           for variant, seed, keypoints in runs]
+                for future in as_completed(futures):
+                    print(describe(future.result()), flush=True)
+            records = [future.result() for future in futures]  # in run order
     load_after = uptime()
     print(f"load after: {load_after}")
     print()
     print(format_tables(records))
     result = {"setup": dataclasses.asdict(setup), "load_before": load_before, "load_after": load_after,
               "runs": records, "paper": {**PAPER, **{f"2e_{k}": v for k, v in PAPER_2E.items()}},
-              "noise_mask_AP": noise(records), "kp": KP_TODO}
+              "paper_kp": PAPER_KP, "noise_mask_AP": noise(records)}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
