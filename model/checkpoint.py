@@ -110,7 +110,8 @@ class ModelConfig:
                 f"{self.mask_loss!r} is not one of {', '.join(_MASK_LOSSES)}")
         require(isinstance(self.class_agnostic_mask, bool), "class_agnostic_mask",
                 f"{self.class_agnostic_mask!r} must be true or false")
-        require(self.mask_head in _MASK_HEADS, "mask_head", f"{self.mask_head!r} is not one of {', '.join(_MASK_HEADS)}")
+        require(self.mask_head in _MASK_HEADS, "mask_head",
+                f"{self.mask_head!r} is not one of {', '.join(_MASK_HEADS)}")
         if not self.masks:
             changed = [k for k, default in (("mask_loss", "sigmoid"), ("class_agnostic_mask", False),
                                             ("mask_head", "fcn")) if getattr(self, k) != default]
@@ -311,7 +312,8 @@ TORCHVISION_FORMAT = "torchvision-state-dict"  # extra["source_format"] of a pla
 
 
 def read_model_file(
-    f: str | os.PathLike | BinaryIO | bytes, *, map_location: Any = "cpu", categories: list[dict] | None = None
+    f: str | os.PathLike | BinaryIO | bytes, *, map_location: Any = "cpu", categories: list[dict] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """``(config, state_dict, extra)`` of a maskray checkpoint or of a plain torchvision Mask R-CNN
     state dict, no model built.
@@ -320,7 +322,9 @@ def read_model_file(
     torchvision builder it fits, with torchvision's default sizes and thresholds; its categories are
     ``categories`` when given (e.g. a weights enum's ``meta["categories"]``), else torchvision's COCO
     categories for a 91-class model, COCO's person with its 17 keypoints for a 2-class, 17-keypoint
-    model (``keypointrcnn_resnet50_fpn``), else unnamed. A plain state dict's ``extra`` is
+    model (``keypointrcnn_resnet50_fpn``), else unnamed; ``options`` (e.g.
+    :func:`model.pretrained.builder_options` of the file's sha256) join its layout's options. A
+    plain state dict's ``extra`` is
     ``{"source_format": TORCHVISION_FORMAT}``; a checkpoint's is its own.
     """
     from model import pretrained
@@ -339,17 +343,19 @@ def read_model_file(
             categories = pretrained.coco_person_categories()
         else:
             categories = []
+    layout["options"] = dict(layout["options"], **(options or {}))
     config = ModelConfig(categories=categories, **layout)
     return config, data, {"source_format": TORCHVISION_FORMAT}
 
 
 def load_checkpoint(
-    f: str | os.PathLike | BinaryIO | bytes, *, map_location: Any = "cpu", categories: list[dict] | None = None
+    f: str | os.PathLike | BinaryIO | bytes, *, map_location: Any = "cpu", categories: list[dict] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
     """Load ``(model, config, extra)`` from a maskray checkpoint or a plain torchvision state dict
     (:func:`read_model_file`); the model is rebuilt from the config, loaded strictly, in eval mode."""
     name = _name(f)
-    config, state, extra = read_model_file(f, map_location=map_location, categories=categories)
+    config, state, extra = read_model_file(f, map_location=map_location, categories=categories, options=options)
     model = build_from_config(config)
     try:
         model.load_state_dict(state, strict=True)

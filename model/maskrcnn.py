@@ -51,13 +51,16 @@ FEATURE_MAPS = ["0", "1", "2", "3"]
 GN_GROUPS = 32
 
 
-def norm_layer(norm: str | None) -> Callable[[int], nn.Module] | None:
-    """The normalisation constructor for ``norm`` ("bn", "frozen_bn", "gn"; None = no norm)."""
+def norm_layer(norm: str | None, frozen_bn_eps: float | None = None) -> Callable[[int], nn.Module] | None:
+    """The normalisation constructor for ``norm`` ("bn", "frozen_bn", "gn"; None = no norm);
+    ``frozen_bn_eps`` (None: FrozenBatchNorm2d's 1e-5) is the eps of "frozen_bn"."""
     if norm is None:
         return None
     if norm == "bn":
         return nn.BatchNorm2d
     if norm == "frozen_bn":
+        if frozen_bn_eps is not None:
+            return partial(misc_nn_ops.FrozenBatchNorm2d, eps=float(frozen_bn_eps))
         return misc_nn_ops.FrozenBatchNorm2d
     if norm == "gn":
         return partial(nn.GroupNorm, GN_GROUPS)
@@ -71,8 +74,13 @@ def build_backbone(
     norm: str = "bn",
     fpn_norm: str | None = None,
     fpn_channels: int = 256,
+    frozen_bn_eps: float | None = None,
 ) -> BackboneWithFPN:
     """A randomly initialised ResNet with an FPN on top (levels "0".."3" and "pool", ``fpn_channels`` each).
+
+    ``frozen_bn_eps`` sets the eps of a "frozen_bn" body (None: 1e-5): torchvision's builders put 0
+    there for some published COCO weights (``overwrite_eps(model, 0.0)``, which those weights need to
+    give their published outputs; :func:`model.pretrained.builder_options`).
 
     ``norm`` normalises the ResNet body, ``fpn_norm`` the FPN convolutions (None: plain convs,
     as torchvision v1; "bn": as torchvision v2). ``trainable_layers`` (0..5) counts the ResNet
@@ -84,7 +92,9 @@ def build_backbone(
         raise MaskrayError(f"model trainable_layers={trainable_layers} is outside 0..5")
     if fpn_channels < 1:
         raise MaskrayError(f"model fpn_channels={fpn_channels} must be >= 1")
-    body = BACKBONES[backbone](weights=None, norm_layer=norm_layer(norm))
+    if frozen_bn_eps is not None and (norm != "frozen_bn" or not frozen_bn_eps >= 0):
+        raise MaskrayError(f"model frozen_bn_eps={frozen_bn_eps!r} needs norm 'frozen_bn' and a value >= 0")
+    body = BACKBONES[backbone](weights=None, norm_layer=norm_layer(norm, frozen_bn_eps))
     extractor = _resnet_fpn_extractor(body, trainable_layers, norm_layer=norm_layer(fpn_norm))
     if fpn_channels != 256:  # torchvision fixes 256: swap in an FPN of the asked width (same layout)
         in_channels = [block[0].in_channels for block in extractor.fpn.inner_blocks]
@@ -106,6 +116,7 @@ def build_maskrcnn(
     norm: str = "bn",
     head_norm: str | None = None,
     fpn_channels: int = 256,
+    frozen_bn_eps: float | None = None,
     box_head_dim: int = 1024,
     mask_head_channels: Sequence[int] = (256, 256, 256, 256),
     image_mean: Sequence[float] | None = None,
@@ -162,7 +173,8 @@ def build_maskrcnn(
     box head and mask head normalised with ``head_norm``, default "bn"; two-conv RPN head).
     ``norm`` normalises the ResNet body; the defaults ("bn", ``trainable_layers=5``) are what
     torchvision uses without pretrained weights, so its state dicts load with ``strict=True``.
-    ``head_norm="gn"`` gives the GroupNorm heads of the paper's later variants.
+    ``head_norm="gn"`` gives the GroupNorm heads of the paper's later variants. ``frozen_bn_eps``
+    (None: 1e-5) is the eps of a "frozen_bn" body (:func:`build_backbone`).
 
     Width (defaults = torchvision's): ``fpn_channels`` FPN/RPN/RoI-feature channels,
     ``box_head_dim`` the box head's hidden size, ``mask_head_channels`` one 3x3 conv per entry
@@ -239,7 +251,7 @@ def build_maskrcnn(
     if backbone_module is None:
         backbone_module = build_backbone(
             backbone=backbone, trainable_layers=trainable_layers, norm=norm, fpn_norm=head_norm,
-            fpn_channels=fpn_channels,
+            fpn_channels=fpn_channels, frozen_bn_eps=frozen_bn_eps,
         )
     channels = backbone_module.out_channels
 

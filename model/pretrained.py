@@ -138,6 +138,25 @@ def fetch(file: PretrainedFile, *, progress: bool = True) -> tuple[str, str]:
     return file.path, check_cached(file)
 
 
+# torchvision's builders call overwrite_eps(model, 0.0) when they load these weights: every
+# FrozenBatchNorm2d of the model then has eps 0, and the weights give their published outputs only so
+ZERO_EPS_WEIGHTS = ("FasterRCNN_ResNet50_FPN_Weights.COCO_V1", "MaskRCNN_ResNet50_FPN_Weights.COCO_V1",
+                    "KeypointRCNN_ResNet50_FPN_Weights.COCO_V1")
+
+
+def builder_options(sha256: str) -> dict[str, Any]:
+    """``build_maskrcnn`` options that torchvision's builder applies to the published file whose
+    content has this sha256 (recognised by the hash prefix in its URL's file name, however the file
+    was named or reached): ``{"frozen_bn_eps": 0.0}`` for :data:`ZERO_EPS_WEIGHTS`, else ``{}``."""
+    from torchvision.models import get_weight
+
+    for name in ZERO_EPS_WEIGHTS:
+        found = torch.hub.HASH_REGEX.search(os.path.basename(get_weight(name).url))
+        if found and sha256.startswith(found.group(1)):
+            return {"frozen_bn_eps": 0.0}
+    return {}
+
+
 # --------------------------------------------------------------------------- plain state dicts
 
 

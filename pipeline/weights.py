@@ -7,7 +7,9 @@ work everywhere:
 * a maskray checkpoint (``model.pt`` of a training run, or ``maskray import``'s output), at a local
   path or ``s3://`` URI;
 * a plain torchvision state dict at a path or URI (``maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth``),
-  recognised by its keys (:func:`model.checkpoint.read_model_file`);
+  recognised by its keys (:func:`model.checkpoint.read_model_file`), with what torchvision's builder
+  does to a published file recognised by its sha256 (:func:`model.pretrained.builder_options`: the
+  FrozenBatchNorm eps 0 of the v1 COCO files);
 * a torchvision name (``torchvision:maskrcnn_resnet50_fpn_v2``), resolved through torchvision's
   weights API into torch.hub's cache, hash-checked (:mod:`model.pretrained`).
 """
@@ -84,7 +86,8 @@ def read_model(uri: str) -> tuple[Any, dict, dict, ModelSource]:
     from model.checkpoint import read_model_file
 
     data, source = read_model_bytes(uri)
-    config, state, extra = read_model_file(_named(data, uri), map_location="cpu", categories=_categories(source))
+    config, state, extra = read_model_file(_named(data, uri), map_location="cpu", categories=_categories(source),
+                                           options=pretrained.builder_options(source.sha256))
     return config, state, extra, source
 
 
@@ -93,8 +96,8 @@ def load_model(uri: str, *, map_location: Any = "cpu") -> tuple[Any, Any, dict, 
     from model.checkpoint import load_checkpoint
 
     data, source = read_model_bytes(uri)
-    model, config, extra = load_checkpoint(_named(data, uri), map_location=map_location,
-                                           categories=_categories(source))
+    model, config, extra = load_checkpoint(_named(data, uri), map_location=map_location, categories=_categories(source),
+                                           options=pretrained.builder_options(source.sha256))
     return model, config, extra, source
 
 

@@ -304,8 +304,8 @@ def test_torchvision_keypoint_name_loads_through_the_cache(tmp_path, monkeypatch
     torch.save(pf.torchvision_state_dict(reference, legacy=True), blob)
     digest = hashlib.sha256(blob.read_bytes()).hexdigest()
     real = pretrained.resolve("torchvision:keypointrcnn_resnet50_fpn")
-    local = dataclasses.replace(real, path=str(tmp_path / "torch-home" / "hub" / "checkpoints" / f"kp-{digest[:8]}.pth"),
-                                hash_prefix=digest[:8])
+    local = dataclasses.replace(real, hash_prefix=digest[:8],
+                                path=str(tmp_path / "torch-home" / "hub" / "checkpoints" / f"kp-{digest[:8]}.pth"))
     os.makedirs(os.path.dirname(local.path))
     os.replace(blob, local.path)
     monkeypatch.setattr(pretrained, "resolve", lambda name: local)
@@ -324,6 +324,48 @@ def test_torchvision_keypoint_name_loads_through_the_cache(tmp_path, monkeypatch
     summary = import_model("torchvision:keypointrcnn_resnet50_fpn", str(tmp_path / "kp.pt"))
     assert "17 keypoints, no masks" in summary.line()
     assert read_checkpoint(tmp_path / "kp.pt")[0] == config
+
+
+def test_published_v1_coco_files_get_torchvisions_zero_eps(tmp_path, monkeypatch):
+    """torchvision's builders set every FrozenBatchNorm eps to 0 when they load the COCO_V1 files of
+    keypointrcnn / maskrcnn / fasterrcnn R50-FPN (``overwrite_eps``; not the keypoint COCO_LEGACY
+    file, not v2): maskray recognises those files by their sha256 and builds its model the same."""
+    from torchvision.models.detection._utils import overwrite_eps
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from pipeline.weights import load_model
+
+    zero = {"frozen_bn_eps": 0.0}
+    assert pretrained.builder_options("fc266e95" + "0" * 56) == zero  # keypointrcnn_resnet50_fpn COCO_V1
+    assert pretrained.builder_options("bf2d0c1e" + "0" * 56) == zero  # maskrcnn_resnet50_fpn COCO_V1
+    assert pretrained.builder_options("9f466800" + "0" * 56) == {}  # keypointrcnn COCO_LEGACY keeps 1e-5
+    assert pretrained.builder_options("73cbd019" + "0" * 56) == {}  # maskrcnn v2
+    torch.manual_seed(0)
+    reference = _tiny(num_keypoints=K, masks=False, num_classes=2, norm="frozen_bn", box_score_thresh=0.0).eval()
+    with torch.no_grad():  # variances about eps, where eps 1e-5 vs 0 shows (scales kept about 1 at eps 0)
+        for m in reference.backbone.body.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.running_var.uniform_(1e-6, 1e-5)
+                m.weight.mul_(m.running_var.sqrt())
+    path = tmp_path / "kp.pth"
+    torch.save(pf.torchvision_state_dict(reference), path)
+    monkeypatch.setattr(pretrained, "builder_options", lambda sha256: zero)  # as for the published file
+    model, config, _, _ = load_model(str(path))
+    assert config.options["frozen_bn_eps"] == 0.0
+    norms = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert norms and all(m.eps == 0.0 for m in norms)
+    model.transform = reference.transform  # the reference's test-time sizes and thresholds
+    model.rpn._pre_nms_top_n, model.rpn._post_nms_top_n = reference.rpn._pre_nms_top_n, reference.rpn._post_nms_top_n
+    model.roi_heads.score_thresh = reference.roi_heads.score_thresh
+    images, _ = _batch(seed=6)
+    with torch.inference_mode():
+        before = reference(images)
+        overwrite_eps(reference, 0.0)
+        expected, got = reference(images), model(images)
+    assert not torch.equal(before[0]["scores"], expected[0]["scores"])  # the eps matters here
+    for e, g in zip(expected, got):
+        for key in ("boxes", "scores", "keypoints", "keypoints_scores"):
+            assert torch.equal(e[key], g[key]), key
 
 
 @pytest.fixture(scope="module")
