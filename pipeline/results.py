@@ -99,7 +99,8 @@ def to_result_instances(boxes: Any, labels: Any, scores: Any, masks: Any, height
     ``category_ids[i - 1]``), ``scores`` float ``[N]``, ``masks`` float ``[N, 1, M, M]`` mask
     probabilities (pasted and RLE-encoded one instance at a time by
     :func:`pipeline.infer.paste.encode_instance_masks`) or None (no ``segmentation``),
-    ``keypoints`` float ``[N, K, 3]`` (x, y, score) pixels or None; numpy arrays or tensors."""
+    ``keypoints`` float ``[N, K, 3]`` (x, y, score) pixels or None (a row of NaN: that instance has
+    none); numpy arrays or tensors."""
     import numpy as np
     import torch
 
@@ -120,7 +121,8 @@ def to_result_instances(boxes: Any, labels: Any, scores: Any, masks: Any, height
         array = np.asarray(keypoints, dtype=np.float32)
         if array.ndim != 3 or array.shape[0] != n or array.shape[2] != 3:
             raise ResultsError(f"keypoints must be [{n}, K, 3] (x, y, score), got {list(array.shape)}")
-        points = array.reshape(n, -1).tolist()
+        # a row of NaN: a detection whose category names no keypoints (Predictor.keypoint_labels)
+        points = [None if np.isnan(row).all() else row.tolist() for row in array.reshape(n, -1)]
     xywh = torch.cat([boxes_t[:, :2], boxes_t[:, 2:] - boxes_t[:, :2]], dim=1)  # float32, as Instances.to_coco
     out = []
     for box, label, score, c, kp in zip(xywh.tolist(), np.asarray(labels).tolist(), np.asarray(scores).tolist(),

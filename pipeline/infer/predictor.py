@@ -9,6 +9,9 @@ storage at module level (the GPU check script and unit tests use it without Ray)
     ``keypoints`` float ``[N,K,3]``: ``(x, y, score)`` per keypoint in the image's frame, the
     score being torchvision's ``keypoints_scores`` (the heatmap logit at the point, where
     torchvision puts a constant v = 1; visibility follows from it: ``model.keypoint_heads``).
+    The keypoint head predicts for every detection whatever its class; where the config's
+    categories name keypoints for some categories only, detections of the others get rows of
+    NaN (``keypoint_labels``), which results store as no keypoints.
     ``segment(images)``: the bounded path: per image a list of result instances (RLE pasted one
     instance at a time within its box, :mod:`pipeline.infer.paste`).
     ``forward_uint8(images)``: uint8 ``[3,H,W]`` at the original size -> boxes in the original
@@ -164,6 +167,7 @@ class Predictor:
             self.category_ids = list(range(1, num_classes))
         # Labels never reported (torchvision's COCO "N/A" slots): dropped with the score threshold.
         self.unused_labels = list(config.unused_labels()) if hasattr(config, "unused_labels") else []
+        self.keypoint_labels = keypoint_labels(config)
 
     @property
     def min_size(self) -> int:
@@ -270,6 +274,9 @@ class Predictor:
             if "keypoints" in det:  # (x, y, 1) -> (x, y, score), x and y in the original frame
                 points = resize_keypoints(det["keypoints"][keep].float(), size, tuple(orig))
                 out["keypoints"] = torch.cat([points[..., :2], det["keypoints_scores"][keep].float()[..., None]], -1)
+                if self.keypoint_labels is not None:  # categories without keypoints: NaN rows (none)
+                    named = torch.tensor(self.keypoint_labels, dtype=torch.int64, device=self.device)
+                    out["keypoints"][~torch.isin(out["labels"], named)] = float("nan")
             results.append({k: v.cpu() for k, v in out.items()} if cpu else out)
         return results
 
@@ -392,6 +399,15 @@ class Predictor:
     def _release_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def keypoint_labels(config: Any) -> list[int] | None:
+    """Labels (1..K) whose category names keypoints (COCO ``keypoints``), when the config's
+    categories name them for some categories only; None when every detection's keypoints are
+    reported (all name them, none does, or no config)."""
+    categories = list(getattr(config, "categories", None) or [])
+    named = [label for label, c in enumerate(categories, start=1) if c.get("keypoints")]
+    return named if named and len(named) < len(categories) else None
 
 
 def to_numpy(out: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -436,6 +436,33 @@ def test_predictor_keypoints_are_in_the_original_frame_with_their_scores():
     assert got["keypoints"][..., 0].max() > 120  # in the 210-px frame, not the model's 120-px one
 
 
+def test_only_categories_that_name_keypoints_report_them():
+    """The keypoint head predicts for every detection; a category without keypoint names (a shape
+    beside stick figures) gets none: NaN rows in the Predictor's output, null in result instances."""
+    from pipeline.infer.predictor import Predictor
+
+    categories = [{"id": 4, "name": "box"}, {"id": 9, "name": "figure", "keypoints": [f"k{i}" for i in range(K)]}]
+    config = ModelConfig.for_categories(categories, backbone="resnet18", min_size=SIZE, max_size=SIZE,
+                                        num_keypoints=K, box_score_thresh=0.0)
+    torch.manual_seed(0)
+    model = _tiny(num_keypoints=K, box_score_thresh=0.0).eval()
+    predictor = Predictor(model=model, config=config, score_threshold=0.0)
+    assert predictor.keypoint_labels == [2]
+    image = (_batch(seed=7)[0][0] * 255).to(torch.uint8)
+    (out,) = predictor.predict([image])
+    labels = out["labels"].cpu()
+    assert (labels == 1).any() and (labels == 2).any()
+    assert torch.isnan(out["keypoints"][labels == 1]).all()
+    assert torch.isfinite(out["keypoints"][labels == 2]).all()
+    (instances,) = predictor.segment([image])
+    assert {i["category_id"] for i in instances} == {4, 9}
+    for i in instances:
+        assert (i["keypoints"] is None) == (i["category_id"] == 4)
+        assert i["keypoints"] is None or len(i["keypoints"]) == 3 * K
+    unnamed = Predictor(model=model, config=dataclasses.replace(config, categories=[]), score_threshold=0.0)
+    assert unnamed.keypoint_labels is None  # no names anywhere: every detection's keypoints reported
+
+
 def test_visibility_comes_from_each_keypoint_score():
     scores = torch.tensor([[-3.0, 0.0, 1.99, 2.0, 15.0]])
     assert keypoint_heads.visibility(scores).tolist() == [[1, 1, 1, 2, 2]]
