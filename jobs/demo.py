@@ -243,7 +243,8 @@ def _keypoint_stage(args: argparse.Namespace, paths: dict, out: Path, timings: T
     sigmas = ",".join(f"{s:g}" for s in config.eval.kpt_oks_sigmas)
     if not metrics_path.exists():
         _step(timings, "eval keypoints", ["eval", "--checkpoint", final["model"], "--data", paths["kp_val"],
-                                          "--out", str(metrics_path), *(["--kpt-oks-sigmas", sigmas] if sigmas else [])])
+                                          "--out", str(metrics_path),
+                                          *(["--kpt-oks-sigmas", sigmas] if sigmas else [])])
     overlays = out / "overlays-keypoints"
     _step(timings, "show keypoints", ["show", "--checkpoint", final["model"], "--data", paths["kp_val"],
                                       "--out", str(overlays), "--limit", "4"])

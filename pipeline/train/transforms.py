@@ -5,9 +5,10 @@ dict of ``pipeline.data.decode.decode_target``: ``boxes`` float32 ``[N, 4]`` xyx
 int64 ``[N]``, ``masks`` uint8 ``[N, H, W]``, ``iscrowd`` bool ``[N]``, ``area`` float32 ``[N]``
 and, for a keypoint model, ``keypoints`` float32 ``[N, K, 3]`` (x, y pixels, v; v = 0 points are
 (0, 0, 0)). Every transform keeps boxes, masks, keypoints and the image aligned; instances that
-leave the image are dropped, and a keypoint that leaves it becomes (0, 0, 0) (not labeled). The canvas size never changes (scale jitter zooms in/out and crops/pads back), so
-the model's own resize (``min_size``/``max_size``) still decides the input resolution while
-objects appear at varied scales.
+leave the image are dropped, and a keypoint that leaves it becomes (0, 0, 0) (not labeled). The
+canvas size never changes (scale jitter zooms in/out and crops/pads back), so the model's own
+resize (``min_size``/``max_size``) still decides the input resolution while objects appear at
+varied scales.
 """
 
 from __future__ import annotations

@@ -209,7 +209,8 @@ def _keypoint_model(seed: int = 0):
                                         backbone="resnet18", min_size=64, max_size=64, norm="frozen_bn",
                                         num_keypoints=3, options={
                                             "fpn_channels": 32, "box_head_dim": 64, "mask_head_channels": [16],
-                                            "keypoint_head_channels": [32, 32], "anchor_sizes": [[16], [32], [64], [128], [256]],
+                                            "keypoint_head_channels": [32, 32],
+                                            "anchor_sizes": [[16], [32], [64], [128], [256]],
                                             "rpn_post_nms_top_n_train": 30, "box_batch_size_per_image": 512})
     return build_from_config(config).train()
 
