@@ -124,7 +124,7 @@ class Instances:
                 f"(model labels are 1..{len(category_ids)})"
             )
         rles = encode_masks(inst.masks) if inst.masks is not None else [None] * len(inst)
-        kps = inst.keypoints.reshape(len(inst), -1).tolist() if inst.keypoints is not None else [None] * len(inst)
+        kps = inst.keypoints.flatten(1).tolist() if inst.keypoints is not None else [None] * len(inst)
         results = []
         for box, score, label, rle, kp in zip(boxes_to_xywh(inst.boxes).tolist(), inst.scores.tolist(), labels,
                                               rles, kps):

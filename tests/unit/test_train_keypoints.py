@@ -6,7 +6,7 @@ import torch
 
 from pipeline.data.decode import TargetError, decode_target
 from pipeline.data.synth import encode_rle
-from pipeline.train.transforms import TrainAugment, flip_keypoints, hflip, scale_jitter
+from pipeline.train.data import TrainAugment, flip_keypoints, hflip, scale_jitter
 
 # COCO person: nose, then (left, right) pairs of eyes, ears, shoulders, elbows, wrists, hips, knees, ankles
 COCO_FLIP = [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]
@@ -186,8 +186,8 @@ def _row(image_id: int, instances: list[tuple[tuple[int, int, int, int], list[fl
 def _batch(rows, k: int):
     """Rows through the train stream's decode (``DecodeAugment``, no flip) and ``collate``, as
     Ray Data hands them to a worker (one object array per column)."""
-    from pipeline.train.engine import DecodeAugment
-    from pipeline.train.loop import collate
+    from pipeline.train.data import DecodeAugment
+    from pipeline.train.data import collate
 
     fn = DecodeAugment([1], hflip_prob=0.0, num_keypoints=k, keypoint_flip=[1, 0, 2])
     decoded = [out for row in rows for out in fn(row)]
@@ -317,7 +317,7 @@ def test_plan_refuses_keypoint_settings_that_do_not_fit(tmp_path):
 
 def test_keypoint_metrics_reach_the_console_tensorboard_and_the_result():
     from pipeline.train.engine import TrainResult
-    from pipeline.train.loop import flat_eval, format_eval_line
+    from pipeline.train.hooks import flat_eval, format_eval_line
 
     metrics = {"bbox": {"AP": 0.5, "AP50": 0.8}, "segm": {"AP": 0.4, "AP50": 0.7},
                "keypoints": {"AP": 0.3, "AP50": 0.65, "APm": None}}
@@ -329,3 +329,11 @@ def test_keypoint_metrics_reach_the_console_tensorboard_and_the_result():
     assert TrainResult(None, {**flat, "loss": 1.0}).eval_metrics() == metrics
     only = format_eval_line(10, {"bbox": {"AP": 0.5, "AP50": 0.8}, "keypoints": {"AP": 0.3, "AP50": 0.6}}, 4, 1.0)
     assert only == "eval iter 10: bbox AP 0.500 AP50 0.800 | keypoints AP 0.300 AP50 0.600  (4 images, 1.0 s)"
+
+
+def test_an_image_without_detections_exports_no_keypoint_result():
+    from pipeline.instances import Instances
+
+    empty = Instances((96, 96), torch.zeros((0, 4)), torch.zeros(0), torch.zeros(0, dtype=torch.int64),
+                      keypoints=torch.zeros((0, 7, 3)))
+    assert empty.to_coco(1, [1, 2, 3]) == []  # an untrained model's eval meets such images
