@@ -21,13 +21,18 @@ Noise: ``--baseline-seeds`` trains the baseline again under other seeds (model i
 and augmentation all follow the seed); the spread of its mask AP is the yardstick a variant's
 difference is compared with.
 
-    python benchmarks/ablation.py [--variants all] [--seeds 0] [--baseline-seeds 0,1] [--iters 600]
-                                  [--images 600] [--val-images 100] [--size 128] [--jobs 2 --threads 1]
-                                  [--out ablation.json]
+kp AP (``--keypoints``): each pooler variant is trained again as the keypoint & mask model of
+``configs/keypoints-cpu.yaml`` (``synth --keypoints`` stick figures beside shapes, OKS with the
+figures' sigmas), the same recipe and seeds, for Table 2c's kp AP column beside the paper's
+Table 6 (R50-FPN keypoint model: RoIPool 59.8, RoIAlign 64.2).
 
-``--jobs 2 --threads 1`` trains two runs at once in single-threaded processes: on 2 cores that is
-faster than one run on 2 threads (and far faster when other work shares the cores, where
-intra-op threads wait on each other), and each result is the same as when run alone.
+    python benchmarks/ablation.py [--variants all] [--seeds 0] [--baseline-seeds 0,1] [--iters 600]
+                                  [--images 600] [--val-images 100] [--size 128] [--keypoints]
+                                  [--jobs 2 --threads 1] [--out ablation.json]
+
+``--jobs 2 --threads 1`` trains two runs at once in single-threaded processes (each result is the
+one the run gives alone at that thread count): no intra-op threads waiting on each other, which
+matters most where other work shares the cores.
 
 Prints one line per trained variant (AP, times) and then the tables beside the paper's numbers
 (R50-C4 for 2b/2c, the text for class-agnostic masks, R50-FPN for 2e).
@@ -143,8 +148,8 @@ def batches(rows: list[dict], config, plan, seed: int):
     function (``DecodeAugment``, its random flips seeded by ``seed``), collated as the workers do."""
     import numpy as np
 
-    from pipeline.train.engine import DecodeAugment
-    from pipeline.train.loop import collate
+    from pipeline.train.data import DecodeAugment
+    from pipeline.train.data import collate
 
     decode = DecodeAugment([int(c["id"]) for c in plan.categories], config.augment.hflip_prob,
                            tuple(config.augment.scale_jitter), seed=seed, num_keypoints=config.model.num_keypoints,
@@ -340,7 +345,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "for Table 2c's kp AP")
     parser.add_argument("--data-dir", default="", help="where the datasets go (reused); default: a temporary folder")
     parser.add_argument("--out", default="", help="write the results as JSON here")
+    parser.add_argument("--tables-from", nargs="+", default=[], metavar="JSON",
+                        help="train nothing: print the tables of the runs in these --out files together")
     args = parser.parse_args(argv)
+    if args.tables_from:
+        records = []
+        for path in args.tables_from:
+            with open(path) as f:
+                records += json.load(f)["runs"]
+        print(format_tables(records))
+        return {"runs": records, "noise_mask_AP": noise(records)}
 
     variants = list(VARIANTS) if args.variants == "all" else parse_list(args.variants)
     unknown = [v for v in variants if v not in VARIANTS]

@@ -129,3 +129,14 @@ def test_a_whole_run_at_toy_size(bench, tmp_path, capsys):
     kp_ap = 100 * keypoints["metrics"]["keypoints"]["AP"]
     assert f"| RoIPool | 26.9 | 48.8 | 26.4 | {100 * masks['metrics']['segm']['AP']:.1f} |" in printed
     assert printed.split("| RoIPool |")[1].split("\n")[0].endswith(f"| 59.8 | {kp_ap:.1f} |")
+
+
+def test_tables_from_saved_runs_merge_files(bench, tmp_path, capsys):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"runs": [_record("roialign", 0, 0.30), _record("roipool", 0, 0.20)]}))
+    second.write_text(json.dumps({"runs": [_record("roialign", 1, 0.26)]}))
+    result = bench.main(["--tables-from", str(first), str(second)])
+    printed = capsys.readouterr().out
+    assert len(result["runs"]) == 3 and result["noise_mask_AP"] == pytest.approx(4.0)
+    assert "| RoIAlign | 30.3 | 51.2 | 31.5 | 28.0 ± 2.0 |" in printed
+    assert "roialign - roiwarp" not in printed and "not measured (roiwarp not run)" in printed
