@@ -212,7 +212,7 @@ def build_from_config(config: ModelConfig) -> nn.Module:
     )
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside DDP (``.module``) or ``torch.compile`` (``._orig_mod``) wrappers."""
     while True:
         inner = getattr(model, "module", None)
@@ -256,7 +256,7 @@ def save_checkpoint(
     _check_plain(extra, "extra")
     config_dict = config.to_dict()
     _check_plain(config_dict, "config")
-    state = {k: v.detach().contiguous() for k, v in _unwrap(model).state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in unwrap(model).state_dict().items()}
     torch.save({"format": FORMAT, "config": config_dict, "model": state, "extra": extra}, f)
 
 
@@ -385,12 +385,12 @@ def load_weights(model: nn.Module, f: str | os.PathLike | BinaryIO | bytes) -> t
     state = data.get("model") if isinstance(data, dict) and data.get("format") == FORMAT else data
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MaskrayError(f"weights {name} are neither a maskray checkpoint nor a state dict of tensors")
-    own = _unwrap(model).state_dict()
+    own = unwrap(model).state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not fitting:
         raise MaskrayError(f"weights {name}: none of their {len(state)} tensors fits this model "
                            f"(names or shapes differ everywhere)")
-    _unwrap(model).load_state_dict(fitting, strict=False)
+    unwrap(model).load_state_dict(fitting, strict=False)
     return len(fitting), sorted(set(own) - set(fitting))
 
 
@@ -415,7 +415,7 @@ def load_backbone_weights(model: nn.Module, f: str | os.PathLike | BinaryIO | by
         raise MaskrayError(f"backbone weights {name} are a whole maskray checkpoint; use model.weights for it")
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MaskrayError(f"backbone weights {name} are not a state dict of tensors")
-    body = {k[len(BODY_PREFIX):]: v for k, v in _unwrap(model).state_dict().items() if k.startswith(BODY_PREFIX)}
+    body = {k[len(BODY_PREFIX):]: v for k, v in unwrap(model).state_dict().items() if k.startswith(BODY_PREFIX)}
     if not body:
         raise MaskrayError(f"backbone weights {name}: the model has no {BODY_PREFIX.rstrip('.')} (not a ResNet-FPN)")
     fitting: dict[str, torch.Tensor] = {}
@@ -435,5 +435,5 @@ def load_backbone_weights(model: nn.Module, f: str | os.PathLike | BinaryIO | by
     if missing:
         raise MaskrayError(f"backbone weights {name} lack {len(missing)} tensors of the ResNet body, "
                            f"e.g. {', '.join(missing[:3])}")
-    _unwrap(model).load_state_dict(fitting, strict=False)
+    unwrap(model).load_state_dict(fitting, strict=False)
     return len(fitting)

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from model.checkpoint import unwrap
 from model.errors import MaskrayError, error_text
 
 logger = logging.getLogger(__name__)
@@ -62,16 +63,6 @@ def resize_for_model(image: torch.Tensor, min_size: int, max_size: int) -> torch
     scale = min(float(min_size) / min(h, w), float(max_size) / max(h, w))
     return torch.nn.functional.interpolate(image[None], size=None, scale_factor=scale, mode="bilinear",
                                            recompute_scale_factor=True, align_corners=False)[0]
-
-
-def _unwrap(model: Any) -> torch.nn.Module:
-    while True:
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
 
 
 def load_model(checkpoint_uri: str) -> tuple[torch.nn.Module, Any, str]:
@@ -154,7 +145,7 @@ class Predictor:
         self.threads = threads if self.device.type == "cpu" else 0
         self._lanes: Any = None  # ThreadPoolExecutor for lanes 2..T, made on first use
         self.amp = self.device.type == "cuda" if amp is None else bool(amp)
-        self.model = _unwrap(model).to(self.device).eval()
+        self.model = unwrap(model).to(self.device).eval()
         if optimize if optimize is not None else checkpoint_uri is not None:
             optimize_for_inference(self.model, self.device)
         self.config = config

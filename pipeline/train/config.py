@@ -44,7 +44,6 @@ from typing import Any, ClassVar
 
 from model.checkpoint import ModelConfig, ModelConfigError
 from pipeline.config import RUN_ONLY, ConfigError, build, load, require, run_only_keys
-from pipeline.config import flatten  # noqa: F401  (re-exported: callers diff flattened configs)
 
 POLICIES = ("step", "cosine")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")

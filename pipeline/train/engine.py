@@ -26,16 +26,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from model.errors import MaskrayError
 from pipeline.train.config import NON_RESULT_KEYS, ConfigError, TrainConfig
-from pipeline.train.loop import EVAL_KINDS, STOP_KEY, RunPlan, train_loop_per_worker
-from pipeline.train.transforms import TrainAugment, drop_crowd_and_degenerate
+from pipeline.train.hooks import EVAL_KINDS
+from pipeline.train.loop import STOP_KEY, RunPlan, train_loop_per_worker
+from pipeline.train.data import train_dataset
 
 logger = logging.getLogger(__name__)
 
-TRAIN_COLUMNS = ["image_id", "width", "height", "image", "annotations"]
 RUN_CONFIG_FILE = "run_config.json"  # in the run folder: the config the run was started with
 FINAL_METRICS_FILE = "final_metrics.json"
 
@@ -204,54 +202,6 @@ def check_resources(config: TrainConfig, resources: dict[str, float], *, autosca
                           f"has {resources.get('GPU', 0):g}; set use_gpu: false or fewer workers")
 
 
-class DecodeAugment:
-    """Ray Data ``flat_map`` function: encoded row -> [decoded, augmented numpy row] (CPU tasks).
-
-    A row whose image cannot be decoded (corrupt, unsupported, over the pixel limit) or whose
-    annotations cannot become a target yields no row: it is logged with its image id and shard
-    and sent to the ``bad_rows`` actor (:class:`RunChannel`), which rank 0 reads.
-    """
-
-    def __init__(self, category_ids: list[int], hflip_prob: float = 0.0,
-                 scale_range: tuple[float, float] = (1.0, 1.0), seed: int | None = None, bad_rows: Any = None,
-                 num_keypoints: int = 0, keypoint_flip: list[int] | None = None):
-        self.category_ids = list(category_ids)
-        self.num_keypoints = int(num_keypoints)
-        self.augment = TrainAugment(hflip_prob, tuple(scale_range), seed, keypoint_flip or None)
-        self.bad_rows = bad_rows
-
-    def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        from pipeline.data.decode import ImageDecodeError, TargetError, decode_image, decode_target
-
-        try:
-            image = decode_image(row["image"])
-            target = decode_target(list(row["annotations"] or []), int(row["height"]), int(row["width"]),
-                                   self.category_ids, self.num_keypoints)
-        except (ImageDecodeError, TargetError) as exc:
-            shard = os.path.basename(str(row.get("path") or "?"))
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            logger.warning("skipped train image %s in %s: %s", row.get("image_id"), shard, reason)
-            if self.bad_rows is not None:
-                self.bad_rows.add.remote(int(row["image_id"]), shard, reason)
-            return []
-        image, target = self.augment(image, target)
-        target = drop_crowd_and_degenerate(target)
-        masks = target["masks"].numpy().astype(bool)
-        out = {
-            "image_id": int(row["image_id"]),
-            "image": image.numpy(),
-            "boxes": target["boxes"].numpy().astype(np.float32).reshape(-1, 4),
-            "labels": target["labels"].numpy().astype(np.int64),
-            # bit-packed along x: 8x fewer bytes through the object store than uint8 masks
-            # (at 800x1333 one instance is 1 MB as uint8); collate() unpacks them
-            "masks": np.packbits(masks, axis=-1),
-            "mask_width": masks.shape[-1],
-        }
-        if self.num_keypoints:  # [N, K, 3] float32 (x, y, v); collate() hands it to the model
-            out["keypoints"] = target["keypoints"].numpy().astype(np.float32).reshape(-1, self.num_keypoints, 3)
-        return [out]
-
-
 class RunChannel:
     """A tiny Ray actor on the driver's node: the workers' console lines, and the distinct
     (image id, shard) rows the train stream skipped, with reasons.
@@ -280,27 +230,6 @@ class RunChannel:
     def since(self, start: int) -> tuple[int, list[tuple[int, str, str]]]:
         """(distinct bad rows so far, the entries from index ``start`` on)."""
         return len(self.entries), self.entries[start:]
-
-
-def train_dataset(config: TrainConfig, plan: RunPlan, bad_rows: Any = None):
-    """The Ray Data train stream: shards -> decode + augment (CPU tasks of ``data.decode_cpus``);
-    undecodable rows dropped and reported to ``bad_rows`` (a :class:`RunChannel` actor)."""
-    from pipeline.data.decode import read_shards
-
-    fn = DecodeAugment([int(c["id"]) for c in plan.categories], config.augment.hflip_prob,
-                       tuple(config.augment.scale_jitter), bad_rows=bad_rows,
-                       num_keypoints=config.model.num_keypoints, keypoint_flip=plan.keypoint_flip)
-    # read tasks take the decode share too: Ray's default of 1 CPU per read task never fits
-    # beside workers that hold all but a fraction of a small node's CPUs (the stream stalls)
-    ds = read_shards(config.data.train, columns=TRAIN_COLUMNS, num_cpus=config.data.decode_cpus, include_paths=True)
-    import ray.data
-
-    pool = ray.data.TaskPoolStrategy(size=config.data.decode_tasks or None)
-    ds = ds.flat_map(fn, num_cpus=config.data.decode_cpus, compute=pool)
-    ds.context.enable_progress_bars = False  # the loop prints one line per interval; infer keeps its bars
-    return ds
-
-
 
 
 # --------------------------------------------------------------------------- the run's config

@@ -9,8 +9,10 @@ from model.errors import MaskrayError
 from pipeline.evaluate import evaluate_model
 from pipeline.data.synth import categories_for, make_image
 from pipeline.train.config import TrainConfig
-from pipeline.train.engine import RunChannel, DecodeAugment
-from pipeline.train.loop import BadRowsHook, Due, RunPlan, Worker
+from pipeline.train.data import DecodeAugment
+from pipeline.train.engine import RunChannel
+from pipeline.train.hooks import BadRowsHook, Due
+from pipeline.train.loop import RunPlan, Worker
 
 CATS = categories_for(2)
 
@@ -65,7 +67,8 @@ def test_decode_step_drops_an_undecodable_row_and_reports_it_once():
 def _worker(fraction=0.01, images=100):
     config = TrainConfig.from_dict({"data": {"train": "/d", "max_bad_fraction": fraction}})
     plan = RunPlan(categories=CATS, train_images=images, val_images=0, total_iters=10, lr=0.01, global_batch=2)
-    return Worker(config, plan, torch.nn.Linear(1, 1), None, None, [], torch.device("cpu"))
+    model_config = config.model.model_config(CATS)
+    return Worker(config, plan, torch.nn.Linear(1, 1), model_config, None, [], torch.device("cpu"))
 
 
 def test_the_hook_names_new_rows_counts_them_and_stops_past_the_fraction():
@@ -116,7 +119,7 @@ def test_evaluation_skips_undecodable_images_and_refuses_past_the_fraction(caplo
 
 
 def test_too_many_bad_val_images_stop_the_run_cleanly(tmp_path, monkeypatch):
-    from pipeline.train import loop
+    from pipeline.train import hooks
 
     def refuse(*args, **kwargs):
         raise MaskrayError("evaluation: 3 of 4 images could not be decoded (more than max_bad_fraction=0.01)")
@@ -125,7 +128,7 @@ def test_too_many_bad_val_images_stop_the_run_cleanly(tmp_path, monkeypatch):
     w = _worker()
     w.config.data.val = "/d/val"
     lines, metrics = [], {}
-    loop.EvalHook(lines.append).after_interval(w, metrics, Due(False, True, False))
+    hooks.EvalHook(lines.append).after_interval(w, metrics, Due(False, True, False))
     assert w.stop_reason == ("data.val=/d/val: evaluation: 3 of 4 images could not be decoded "
                              "(more than max_bad_fraction=0.01)")
     assert lines == [] and not any(k.startswith("segm_") for k in metrics)

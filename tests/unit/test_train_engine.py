@@ -6,7 +6,9 @@ import torch
 
 from pipeline.train.config import ConfigError, ScheduleConfig, TrainConfig
 from pipeline.train.engine import check_model_options, check_resources
-from pipeline.train.loop import collate, format_eval_line, format_line, lr_at
+from pipeline.train.data import collate
+from pipeline.train.hooks import format_eval_line, format_line
+from pipeline.train.loop import lr_at
 
 
 def config(**kw) -> TrainConfig:

@@ -2,7 +2,7 @@
 
 import torch
 
-from pipeline.train.transforms import TrainAugment, drop_crowd_and_degenerate, hflip, scale_jitter
+from pipeline.train.data import TrainAugment, drop_crowd_and_degenerate, hflip, scale_jitter
 
 
 def sample(h=40, w=60):
