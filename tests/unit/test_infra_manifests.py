@@ -144,7 +144,7 @@ def test_rayjob_entrypoint_is_a_real_command(path):
 
             load_config(str(_repo_path(config)), args.overrides)  # raises on an unknown key or bad value
         if module_name == "jobs.distill":
-            from pipeline.distill.run import load_distill_config
+            from pipeline.distill.config import load_distill_config
 
             load_distill_config(str(_repo_path(config)), args.overrides)
         runtime_env = yaml.safe_load(doc["spec"].get("runtimeEnvYAML") or "{}")
