@@ -87,7 +87,7 @@ def test_pseudo_labels_follow_the_density_rule(ray_local, data):
     assert os.stat(os.path.join(candidates, "part-00000.parquet")).st_mtime_ns == before
     assert again.thresholds == result.thresholds and list(read_rows(again.dataset)) == pseudo_rows
     # another TTA into the same candidates is refused by the engine's provenance check
-    with pytest.raises(Exception, match="results made with options tta="):
+    with pytest.raises(Exception, match=r"other settings: options\.tta\.hflip \(True -> False\)"):
         label.label_candidates(str(root / "unlabeled"), candidates, teacher, dataclasses.replace(TTA, hflip=False),
                                threads=1)
 
