@@ -59,7 +59,7 @@ def test_two_workers_checkpoint_to_s3_and_resume_by_name(ray_local, s3_data, tmp
 
     # same name, longer schedule: refused (the run remembers its config) unless asked; then it
     # resumes at the saved iteration 4, never re-runs 1..4
-    with pytest.raises(ConfigError, match=r"started with another config: schedule\.max_iters \(4 -> 6\).*--resume-anyway"):
+    with pytest.raises(ConfigError, match=r"was made with other settings: schedule\.max_iters \(4 -> 6\).*--resume-anyway"):
         run_train(path, "schedule.max_iters=6")
     caplog.clear()
     assert run_train(path, "schedule.max_iters=6", resume_anyway=True) == 0
