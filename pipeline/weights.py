@@ -23,7 +23,6 @@ import logging
 from typing import Any
 
 from model import pretrained
-from model.errors import MaskrayError
 
 logger = logging.getLogger(__name__)
 
