@@ -19,14 +19,13 @@ Training steps use lr=0, so both models keep the same weights and do the same wo
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from timing import alternating_rates  # noqa: E402  (benchmarks/timing.py)
 from torchvision.models.detection import keypointrcnn_resnet50_fpn  # noqa: E402
 
 K = 17
@@ -165,22 +164,9 @@ def main(argv=None) -> int:
 
     print(f"{'mode':9} {'torchvision img/s':>18} {'ours img/s':>11} {'ours/tv':>8}")
     for mode in ("infer", "train"):
-        for name in models:
-            models[name].train(mode == "train")
-            for _ in range(args.warmup):
-                step(name, mode)
-        sync()
-        rates = {name: [] for name in models}
-        for r in range(args.rounds):
-            order = list(models) if r % 2 == 0 else list(reversed(models))
-            for name in order:
-                sync()
-                t0 = time.perf_counter()
-                for _ in range(args.iters):
-                    step(name, mode)
-                sync()
-                rates[name].append(batch * args.iters / (time.perf_counter() - t0))
-        tv, us = statistics.median(rates["torchvision"]), statistics.median(rates["ours"])
+        rates = alternating_rates(models, step, sync, mode, warmup=args.warmup, rounds=args.rounds,
+                                  iters=args.iters, batch=batch)
+        tv, us = rates["torchvision"], rates["ours"]
         print(f"kp {mode:6} {tv:18.2f} {us:11.2f} {us / tv:8.3f}")
     return 0
 
