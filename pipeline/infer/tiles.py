@@ -1,0 +1,470 @@
+"""Tiled inference of large images: the tile grid, a tile's instances in full-image coordinates,
+the seam merge, and the part files that make tiles units of work (``maskray infer --tile``).
+
+Grid (:func:`plan_tiles`)
+    An image wider or taller than ``tile`` px is cut into ``tile`` x ``tile`` boxes (a side of
+    the image shorter than ``tile`` gives tiles that short) whose starts step by ``stride =
+    tile - round(tile * overlap)``; the last tile of a row or column is flush with the image's
+    border (so it may overlap its neighbour by more). A tile is run at native resolution: the
+    model's own min/max size rule still applies to it, as to any image. An image no larger than
+    ``tile`` is one tile: the plain path.
+
+Translation (:func:`tile_instances`)
+    A tile's detections are pasted one instance at a time within their box, in the tile's frame
+    (:func:`pipeline.infer.paste.paste_regions`), and that crop becomes an RLE in the FULL
+    image's frame at the tile's offset (:func:`pipeline.infer.paste.crop_rle_counts`): memory is
+    one box, never a full-size array. Boxes and keypoints are offset the same way. A region
+    whose pixels were shrunk before the model (the whole-image pass, ``--tile-full-pass``) scales
+    boxes back first, then pastes at full resolution.
+
+Seam merge (:func:`merge_instances`), greedy in score order like SAHI's GREEDYNMM, with its
+match measure restricted to the pixels both sides saw:
+    * Every instance carries the region (tile box) it was predicted in. Two candidates can only
+      match when they have the same category, their boxes intersect (a cheap pre-filter), and
+      their regions intersect: R = region(a) ∩ region(b), the band both tiles saw.
+    * Match measure: intersection over the smaller area *within R*,
+      ``IoS_R = |a ∩ b ∩ R| / min(|a ∩ R|, |b ∩ R|)`` (0 when either has no pixel in R), on
+      RLEs with pycocotools ``merge(intersect=True)`` / ``area``. SAHI's IoS on whole masks
+      fails for a big object cut by a seam: each fragment extends far beyond the overlap band,
+      so their intersection (the band) is small next to either fragment; within R both tiles
+      see the same part of the object, so a cut object's fragments score ~1, and a duplicate
+      (an object seen whole by two tiles, i.e. inside the band) scores ~1 as on whole masks.
+    * Greedy: the highest-scoring instance left leads a group; every other instance matching the
+      group (its union mask, within R = its region ∩ the union of the group's regions) joins,
+      repeated until no more join, so an object cut by two seams (fragments in tiles 1 and 3
+      that do not touch) is joined through tile 2's fragment. An instance never joins a group
+      that already holds one from its own tile: the model's own NMS kept two detections of one
+      tile apart, and so does the merge.
+    * A group becomes one instance: mask = RLE union of the members (pycocotools ``merge``),
+      box = the merged mask's box (``toBbox``), score = the members' maximum (the leader's),
+      category = the leader's, keypoints = the leader's. A lone instance is kept as it was.
+    * Matching needs ``overlap > 0``: with no overlap, tiles share no pixels, R is empty, and an
+      object cut by a seam stays two instances. Fragments join only through the band, so an
+      object should be narrower than ~one tile minus the band to be seen whole by some tile;
+      larger objects are what ``--tile-full-pass`` is for (the whole image at model size, its
+      region the whole image, merged by the same rule).
+    * Like any IoS rule, a small object inside a larger one of the same category seen by another
+      tile may merge into it (SAHI's known behaviour; the threshold is :data:`MATCH_THRESHOLD`).
+
+Part files (tiles as units of work; :mod:`pipeline.infer.stages` makes them, the driver plans
+units as before). A unit with at least one tiled image is committed in two steps:
+``<output>/_tiles/<unit>/`` first receives
+
+    base.tiles-NNNNNNN.parquet       the unit's untiled images (RESULT_SCHEMA rows), NNNNNNN = the
+                                     number of tiles of its tiled images (metadata: positions,
+                                     the tiled positions and their tile counts, the --retry-errors merge flag)
+    pPPPPPP.tAAAAA-BBBBB-of-NNNNN.parquet
+                                     tiles A..B-1 of the image at position P (one row per tile,
+                                     instances already in full-image coordinates; metadata: the
+                                     tile regions), written by whichever model actor ran them
+
+and the model actor that writes the last missing part (:func:`try_merge`: it lists the folder)
+merges every tiled image into one row and writes ``<output>/<unit>`` whole and atomically, then
+deletes the parts. ``<output>/<unit>`` exists <=> it is complete (the invariant of
+:mod:`pipeline.infer.driver`). A rerun's read task lists the folder and skips the parts already
+there (resume mid-image). Two actors that finish the last two parts at once may both merge: they
+write the same file, and the driver counts the unit once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from model.errors import MaskrayError
+
+MATCH_THRESHOLD = 0.5  # IoS_R at or above which two instances are one object (SAHI's default)
+TILES_DIR = "_tiles"  # <output>/_tiles/<unit>/<part>: parts of units not yet merged
+PART_KEY = b"maskray.part"  # Parquet schema metadata of a part file (JSON)
+MAX_TILES_PER_PART = 16
+PART_BYTES = 8 * 2**20  # pixels per tile part: about one group (pipeline.infer.stages.GROUP_BYTES)
+
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 pixels, x1/y1 exclusive
+
+_BASE = re.compile(r"^base\.tiles-(\d+)\.parquet$")
+_PART = re.compile(r"^p(\d+)\.t(\d+)-(\d+)-of-(\d+)\.parquet$")
+
+
+# --------------------------------------------------------------------------- grid
+
+
+def tile_stride(tile: int, overlap: float) -> int:
+    """Pixels between the starts of neighbouring tiles: ``tile - round(tile * overlap)``, >= 1."""
+    return max(1, tile - int(round(tile * overlap)))
+
+
+def tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    """Starts of tiles along one side of ``length`` px: 0, stride, ... and a last one flush with the
+    border (``length - tile``); ``[0]`` when the side fits one tile."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)
+    return starts
+
+
+def needs_tiles(width: int, height: int, tile: int) -> bool:
+    """Whether an image is cut into tiles (``tile`` > 0 and a side longer than it)."""
+    return tile > 0 and (width > tile or height > tile)
+
+
+def plan_tiles(width: int, height: int, tile: int, overlap: float) -> list[Box]:
+    """Tile boxes ``(x0, y0, x1, y1)`` covering a ``width`` x ``height`` image, row by row (see the
+    module docstring); one box, the whole image, when it fits one tile."""
+    if width < 1 or height < 1:
+        raise MaskrayError(f"a {width}x{height} image has no pixels to tile")
+    if tile < 1:
+        raise MaskrayError(f"tile {tile} must be >= 1")
+    stride = tile_stride(tile, overlap)
+    xs, ys = tile_starts(width, tile, stride), tile_starts(height, tile, stride)
+    return [(x, y, min(x + tile, width), min(y + tile, height)) for y in ys for x in xs]
+
+
+def tiles_per_part(tile: int) -> int:
+    """Tiles in one part file (one unit of work): about :data:`PART_BYTES` of uint8 RGB, 1..16."""
+    return max(1, min(MAX_TILES_PER_PART, PART_BYTES // (3 * tile * tile)))
+
+
+def full_pass_size(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """``(width, height)`` of the whole-image pass: the image shrunk by the model's own size rule
+    (shorter side to ``min_size``, longer at most ``max_size``), never enlarged."""
+    scale = min(1.0, min_size / min(width, height), max_size / max(width, height))
+    return max(1, int(round(width * scale))), max(1, int(round(height * scale)))
+
+
+# --------------------------------------------------------------------------- RLE helpers
+
+
+def rect_rle(box: Box, size: tuple[int, int]) -> dict:
+    """Compressed COCO RLE of the rectangle ``box`` (x0, y0, x1, y1) in an image of ``size``
+    (H, W), built from its runs (O(width), whatever the area)."""
+    from pycocotools import mask as mask_utils
+
+    im_h, im_w = int(size[0]), int(size[1])
+    x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
+    x1, y1 = min(im_w, int(box[2])), min(im_h, int(box[3]))
+    total = im_h * im_w
+    if x1 <= x0 or y1 <= y0:
+        counts = [total]
+    elif y1 - y0 == im_h:  # whole columns: one run
+        counts = [x0 * im_h, (x1 - x0) * im_h, total - x1 * im_h]
+    else:
+        h = y1 - y0
+        counts = [x0 * im_h + y0] + [h, im_h - h] * (x1 - x0 - 1) + [h, total - (x1 - 1) * im_h - y1]
+    return mask_utils.frPyObjects({"size": [im_h, im_w], "counts": counts}, im_h, im_w)
+
+
+def _rle(instance: dict, size: tuple[int, int]) -> dict:
+    """An instance's mask as a pycocotools RLE (its box when it has no mask: a box-only model)."""
+    seg = instance.get("segmentation")
+    if seg is None:
+        x, y, w, h = instance["bbox"]
+        return rect_rle((int(np.floor(x)), int(np.floor(y)), int(np.ceil(x + w)), int(np.ceil(y + h))), size)
+    counts = seg["counts"]
+    return {"size": [int(v) for v in seg["size"]], "counts": counts if isinstance(counts, bytes) else bytes(counts)}
+
+
+def _area(rle: dict) -> int:
+    from pycocotools import mask as mask_utils
+
+    return int(mask_utils.area(rle))
+
+
+def _intersect(rles: list[dict]) -> dict:
+    from pycocotools import mask as mask_utils
+
+    return mask_utils.merge(rles, intersect=True)
+
+
+def _union(rles: list[dict]) -> dict:
+    from pycocotools import mask as mask_utils
+
+    return mask_utils.merge(rles, intersect=False)
+
+
+# --------------------------------------------------------------------------- translation
+
+
+def tile_instances(pred: dict[str, Any], region: Box, pixel_size: tuple[int, int], full_size: tuple[int, int],
+                   category_ids: Sequence[int]) -> list[dict]:
+    """One tile's predictions -> result instances (RESULT_SCHEMA ``instances`` dicts) in the full
+    image's frame.
+
+    ``pred``: numpy ``boxes`` float ``[N, 4]`` xyxy in the tile's pixel frame, ``labels`` ``[N]``
+    (1..K), ``scores`` ``[N]``, optional ``masks`` ``[N, 1, M, M]`` probabilities and
+    ``keypoints`` ``[N, K, 3]`` (x, y, score). ``region`` (x0, y0, x1, y1): where the tile's
+    pixels came from in the full image; ``pixel_size`` (h, w): the tile's pixels as the model
+    got them (the region's size, or smaller for the whole-image pass: boxes are scaled back);
+    ``full_size`` (H, W). Each mask is pasted within its box in the region's frame and its RLE
+    placed at the region's offset (:func:`pipeline.infer.paste.crop_rle_counts`): memory is one
+    box at a time."""
+    import torch
+    from pycocotools import mask as mask_utils
+
+    from pipeline.infer.paste import MASK_THRESHOLD, crop_rle_counts, paste_regions
+    from pipeline.results import ResultsError
+
+    x0, y0, x1, y1 = (int(v) for v in region)
+    rh, rw = y1 - y0, x1 - x0
+    im_h, im_w = int(full_size[0]), int(full_size[1])
+    boxes = np.asarray(pred["boxes"], dtype=np.float32).reshape(-1, 4).copy()
+    n = boxes.shape[0]
+    if n == 0:
+        return []
+    sy, sx = rh / float(pixel_size[0]), rw / float(pixel_size[1])
+    if sx != 1.0 or sy != 1.0:
+        boxes *= np.array([sx, sy, sx, sy], dtype=np.float32)
+    counts: list[bytes | None] = [None] * n
+    if pred.get("masks") is not None:
+        masks = torch.as_tensor(np.asarray(pred["masks"], dtype=np.float32))
+        for i, (cy, cx, crop) in enumerate(paste_regions(masks, torch.as_tensor(boxes), (rh, rw))):
+            runs = crop_rle_counts((crop > MASK_THRESHOLD).numpy(), y0 + cy, x0 + cx, (im_h, im_w))
+            counts[i] = bytes(mask_utils.frPyObjects({"size": [im_h, im_w], "counts": runs}, im_h, im_w)["counts"])
+    points: list[list[float] | None] = [None] * n
+    if pred.get("keypoints") is not None:
+        kp = np.asarray(pred["keypoints"], dtype=np.float32).reshape(n, -1, 3).copy()
+        kp[..., 0] = kp[..., 0] * sx + x0
+        kp[..., 1] = kp[..., 1] * sy + y0
+        points = [None if np.isnan(row).all() else row.reshape(-1).tolist() for row in kp]
+    boxes += np.array([x0, y0, x0, y0], dtype=np.float32)
+    out = []
+    for box, label, score, c, p in zip(boxes.tolist(), np.asarray(pred["labels"]).tolist(),
+                                       np.asarray(pred["scores"]).tolist(), counts, points):
+        if not 1 <= int(label) <= len(category_ids):
+            raise ResultsError(f"label {label} has no category (model labels are 1..{len(category_ids)})")
+        out.append({"category_id": int(category_ids[int(label) - 1]), "score": float(score),
+                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                    "segmentation": None if c is None else {"size": [im_h, im_w], "counts": c},
+                    "keypoints": p})
+    return out
+
+
+# --------------------------------------------------------------------------- seam merge
+
+
+def _xyxy(bbox: Sequence[float]) -> tuple[float, float, float, float]:
+    x, y, w, h = (float(v) for v in bbox)
+    return x, y, x + w, y + h
+
+
+def _boxes_meet(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Whether two xyxy boxes share area or an edge (fragments cut at a seam touch)."""
+    return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
+
+
+def ios_within(a: dict, a_region: dict, b: dict, b_region: dict) -> float:
+    """``|a ∩ b ∩ R| / min(|a ∩ R|, |b ∩ R|)`` with ``R = a_region ∩ b_region`` (all RLEs of
+    one size); 0 when R is empty or either mask has no pixel in R."""
+    band = _intersect([a_region, b_region])
+    if _area(band) == 0:
+        return 0.0
+    smaller = min(_area(_intersect([a, band])), _area(_intersect([b, band])))
+    if smaller == 0:
+        return 0.0
+    return _area(_intersect([a, b, band])) / smaller
+
+
+def merge_instances(instances: Sequence[dict], regions: Sequence[Box], size: tuple[int, int], *,
+                    threshold: float = MATCH_THRESHOLD) -> list[dict]:
+    """One image's instances from all its tiles (full-image coordinates; ``regions[i]`` the tile
+    box instance ``i`` was predicted in; ``size`` (H, W)) -> the merged instances, by score
+    (the rule in the module docstring)."""
+    from pycocotools import mask as mask_utils
+
+    n = len(instances)
+    if len(regions) != n:
+        raise MaskrayError(f"{n} instances but {len(regions)} regions")
+    if n == 0:
+        return []
+    size = (int(size[0]), int(size[1]))
+    order = sorted(range(n), key=lambda i: -float(instances[i]["score"]))
+    tiles = [tuple(int(v) for v in r) for r in regions]
+    region_rles: dict[Box, dict] = {t: rect_rle(t, size) for t in set(tiles)}
+    masks: dict[int, dict] = {}
+
+    def mask(i: int) -> dict:
+        if i not in masks:
+            masks[i] = _rle(instances[i], size)
+        return masks[i]
+
+    boxes = [_xyxy(inst["bbox"]) for inst in instances]
+    taken = [False] * n
+    out = []
+    for lead in order:
+        if taken[lead]:
+            continue
+        taken[lead] = True
+        members, union, band = [lead], None, region_rles[tiles[lead]]
+        group_box, group_tiles, category = boxes[lead], {tiles[lead]}, instances[lead]["category_id"]
+        grown = True
+        while grown:
+            grown = False
+            for j in order:
+                if (taken[j] or instances[j]["category_id"] != category or tiles[j] in group_tiles
+                        or not _boxes_meet(group_box, boxes[j])):
+                    continue
+                group_mask = union if union is not None else mask(lead)
+                if ios_within(group_mask, band, mask(j), region_rles[tiles[j]]) < threshold:
+                    continue
+                taken[j] = True
+                members.append(j)
+                union = _union([group_mask, mask(j)])
+                band = _union([band, region_rles[tiles[j]]])
+                group_tiles.add(tiles[j])
+                group_box = (min(group_box[0], boxes[j][0]), min(group_box[1], boxes[j][1]),
+                             max(group_box[2], boxes[j][2]), max(group_box[3], boxes[j][3]))
+                grown = True
+        if len(members) == 1:
+            out.append(dict(instances[lead]))
+            continue
+        merged = dict(instances[lead])  # category, score (the maximum: the leader's), keypoints
+        if instances[lead].get("segmentation") is not None:
+            merged["segmentation"] = {"size": list(size), "counts": bytes(union["counts"])}
+            merged["bbox"] = [float(v) for v in mask_utils.toBbox(union)]
+        else:  # a box-only model: the union of the boxes
+            merged["bbox"] = [group_box[0], group_box[1], group_box[2] - group_box[0], group_box[3] - group_box[1]]
+        out.append(merged)
+    return out
+
+
+# --------------------------------------------------------------------------- part files
+
+
+def parts_uri(output_uri: str, unit: str) -> str:
+    """``<output>/_tiles/<unit>``: the folder of a unit's parts."""
+    from pipeline import storage
+
+    return storage.join(output_uri, TILES_DIR, unit)
+
+
+def base_name(tiles: int) -> str:
+    return f"base.tiles-{tiles:07d}.parquet"
+
+
+def part_name(position: int, start: int, stop: int, count: int) -> str:
+    return f"p{position:06d}.t{start:05d}-{stop:05d}-of-{count:05d}.parquet"
+
+
+def list_parts(output_uri: str, unit: str) -> list[str]:
+    """Names of the part files of ``unit`` written so far (sorted)."""
+    from pipeline import storage
+
+    folder = parts_uri(output_uri, unit)
+    return sorted(storage.relative(u, folder) for u in storage.list_files(folder, suffixes=(".parquet",)))
+
+
+def parse_parts(names: Iterable[str]) -> tuple[int | None, dict[int, tuple[int, int]]]:
+    """``(tiles the base names, or None without a base; {position: (tiles present, tiles of the
+    image)}``) from a unit's part names."""
+    expected, done = None, {}
+    for name in names:
+        base = _BASE.match(name)
+        if base:
+            expected = int(base.group(1))
+            continue
+        part = _PART.match(name)
+        if part:
+            p, a, b, n = (int(v) for v in part.groups())
+            have, _ = done.get(p, (0, n))
+            done[p] = (have + b - a, n)
+    return expected, done
+
+
+def complete_positions(names: Iterable[str]) -> set[int]:
+    """Positions whose every tile has a part file."""
+    return {p for p, (have, n) in parse_parts(names)[1].items() if have >= n}
+
+
+def write_part(output_uri: str, unit: str, name: str, table: Any, meta: dict, attempt: Any) -> None:
+    """One part file (a RESULT_SCHEMA table, ``meta`` JSON in its schema metadata), atomically."""
+    from pipeline.results import write_unit
+
+    metadata = dict(table.schema.metadata or {})
+    metadata[PART_KEY] = json.dumps(meta).encode()
+    write_unit(parts_uri(output_uri, unit), name, table.replace_schema_metadata(metadata), attempt=attempt)
+
+
+def read_part(output_uri: str, unit: str, name: str) -> tuple[Any, dict]:
+    """A part file's table and its metadata JSON."""
+    from pipeline import storage
+    from pipeline.results import read_table
+
+    uri = storage.join(parts_uri(output_uri, unit), name)
+    table = read_table(uri)
+    raw = (table.schema.metadata or {}).get(PART_KEY)
+    if raw is None:
+        raise MaskrayError(f"{uri}: a tile part without its {PART_KEY.decode()} metadata")
+    return table, json.loads(raw)
+
+
+def read_base_meta(output_uri: str, unit: str, name: str) -> dict:
+    """The metadata of a unit's base part (footer only)."""
+    import pyarrow.parquet as pq
+
+    from pipeline import storage
+
+    fs, path = storage.resolve(storage.join(parts_uri(output_uri, unit), name))
+    with fs.open_input_file(path) as f:
+        return json.loads(pq.read_schema(f).metadata[PART_KEY])
+
+
+def merge_image(rows: Sequence[dict], regions: Sequence[Box], size: tuple[int, int]) -> dict:
+    """The results row of one tiled image from its tiles' rows (``rows[k]`` predicted in
+    ``regions[k]``): an error row (no instances) naming the first failed tile, or the merged
+    instances (:func:`merge_instances`)."""
+    first = rows[0]
+    for row, region in zip(rows, regions):
+        if row["error"] is not None:
+            x0, y0 = region[0], region[1]
+            return {**first, "instances": [], "error": f"{row['error']} (tile at x={x0}, y={y0})"}
+    instances, owners = [], []
+    for row, region in zip(rows, regions):
+        instances.extend(row["instances"] or [])
+        owners.extend([tuple(region)] * len(row["instances"] or []))
+    return {**first, "instances": merge_instances(instances, owners, size), "error": None}
+
+
+def try_merge(output_uri: str, unit: str, *, attempt: Any) -> Any:
+    """Write ``<output>/<unit>`` from its parts when every part is there (then delete them) and
+    return its RESULT_SCHEMA table; None while parts are missing (or when another actor's
+    merge already removed them: the unit file then exists)."""
+    import pyarrow as pa
+
+    from pipeline import storage
+    from pipeline.results import RESULT_SCHEMA, write_unit
+
+    names = list_parts(output_uri, unit)
+    expected, done = parse_parts(names)
+    if expected is None or sum(min(have, n) for have, n in done.values()) < expected:
+        return None
+    base = next(n for n in names if _BASE.match(n))
+    try:
+        base_table, meta = read_part(output_uri, unit, base)
+        rows = dict(zip(meta["positions"], base_table.to_pylist()))
+        by_position: dict[int, list[str]] = {}
+        for name in names:
+            part = _PART.match(name)
+            if part:
+                by_position.setdefault(int(part.group(1)), []).append(name)
+        for position_text in meta["tiled"]:
+            position = int(position_text)
+            tile_rows, regions = [], []
+            for name in sorted(by_position.get(position, [])):
+                table, part_meta = read_part(output_uri, unit, name)
+                tile_rows.extend(table.to_pylist())
+                regions.extend(tuple(r) for r in part_meta["regions"])
+            rows[position] = merge_image(tile_rows, regions, tuple(part_meta["full_size"]))
+    except (FileNotFoundError, storage.StorageError):
+        if storage.exists(storage.join(output_uri, unit)):
+            return None  # another actor merged it and removed the parts
+        raise
+    order = list(meta["unit_positions"])
+    table = pa.Table.from_pylist([rows[p] for p in order], schema=RESULT_SCHEMA)
+    written = write_unit(output_uri, unit, table, positions=order if meta["merge"] else None, attempt=attempt)
+    for name in names:
+        storage.delete(storage.join(parts_uri(output_uri, unit), name))
+    return written

@@ -1,0 +1,194 @@
+"""Tiled inference's pure parts (``pipeline.infer.tiles``): the grid, a tile's instances in
+full-image coordinates, and the seam merge on synthetic RLEs cut by seams."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from pipeline.infer import tiles
+from pipeline.infer.paste import encode_instance_masks
+
+
+def rle_of(mask: np.ndarray) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": bytes(rle["counts"])}
+
+
+def instance(mask: np.ndarray, score: float = 0.9, category: int = 1) -> dict:
+    rle = rle_of(mask)
+    return {"category_id": category, "score": score, "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+            "segmentation": rle, "keypoints": None}
+
+
+def disc(size: tuple[int, int], cx: float, cy: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[:size[0], :size[1]]
+    return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+
+
+def crop_to(mask: np.ndarray, box: tiles.Box) -> np.ndarray:
+    out = np.zeros_like(mask)
+    x0, y0, x1, y1 = box
+    out[y0:y1, x0:x1] = mask[y0:y1, x0:x1]
+    return out
+
+
+# --------------------------------------------------------------------------- grid
+
+
+@pytest.mark.parametrize("width,height,tile,overlap", [
+    (1000, 700, 256, 0.2), (513, 512, 512, 0.25), (4096, 300, 1024, 0.0), (777, 1333, 200, 0.5)])
+def test_grid_covers_the_image_with_the_overlap_and_flush_borders(width, height, tile, overlap):
+    boxes = tiles.plan_tiles(width, height, tile, overlap)
+    covered = np.zeros((height, width), dtype=np.int32)
+    for x0, y0, x1, y1 in boxes:
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+        assert x1 - x0 == min(tile, width) and y1 - y0 == min(tile, height)  # every tile full size
+        covered[y0:y1, x0:x1] += 1
+    assert covered.min() >= 1  # every pixel in some tile
+    xs = sorted({b[0] for b in boxes})
+    stride = tiles.tile_stride(tile, overlap)
+    assert xs[0] == 0 and max(b[2] for b in boxes) == width  # first at 0, last flush with the border
+    assert all(b - a == stride for a, b in zip(xs[:-2], xs[1:-1]))  # regular stride but the last
+    assert 0 < xs[-1] - xs[-2] <= stride if len(xs) > 1 else True
+    if len(xs) > 1:  # neighbours share at least the overlap
+        assert min(tile, width) - (xs[1] - xs[0]) >= int(round(tile * overlap))
+
+
+def test_tiny_and_exact_images_are_one_tile():
+    assert tiles.plan_tiles(64, 48, 512, 0.2) == [(0, 0, 64, 48)]
+    assert tiles.plan_tiles(512, 512, 512, 0.2) == [(0, 0, 512, 512)]
+    assert not tiles.needs_tiles(512, 512, 512) and tiles.needs_tiles(513, 10, 512)
+    assert not tiles.needs_tiles(10_000, 10_000, 0)  # off
+    assert tiles.plan_tiles(513, 10, 512, 0.0) == [(0, 0, 512, 10), (1, 0, 513, 10)]
+
+
+def test_full_pass_size_follows_the_model_rule_and_never_enlarges():
+    assert tiles.full_pass_size(20_000, 10_000, 800, 1333) == (1333, 666) or \
+        tiles.full_pass_size(20_000, 10_000, 800, 1333) == (1333, 667)
+    assert tiles.full_pass_size(300, 200, 800, 1333) == (300, 200)
+
+
+def test_rect_rle_is_the_rectangle():
+    size = (37, 53)
+    for box in [(0, 0, 53, 37), (3, 5, 20, 9), (0, 4, 53, 37), (10, 0, 11, 37), (52, 36, 53, 37)]:
+        expected = np.zeros(size, dtype=np.uint8)
+        expected[box[1]:box[3], box[0]:box[2]] = 1
+        assert np.array_equal(mask_utils.decode(tiles.rect_rle(box, size)), expected), box
+
+
+# --------------------------------------------------------------------------- translation
+
+
+def test_tile_instances_are_the_plain_paste_shifted_into_the_full_frame():
+    torch.manual_seed(0)
+    full = (300, 400)
+    region = (150, 90, 350, 250)  # x0, y0, x1, y1: a 200 x 160 tile
+    boxes = torch.tensor([[10.0, 20.0, 90.0, 100.0], [150.0, 100.0, 199.0, 159.0]])
+    masks = torch.rand(2, 1, 28, 28)
+    pred = {"boxes": boxes.numpy(), "labels": np.array([1, 2]), "scores": np.array([0.9, 0.6], np.float32),
+            "masks": masks.numpy(), "keypoints": np.array([[[5.0, 6.0, 1.0]], [[7.0, 8.0, 2.0]]], np.float32)}
+    out = tiles.tile_instances(pred, region, (160, 200), full, [7, 9])
+    counts, _ = encode_instance_masks(masks, boxes, (160, 200))  # pasted in the tile's own frame
+    for inst, c, box in zip(out, counts, boxes.tolist()):
+        in_tile = mask_utils.decode({"size": [160, 200], "counts": c})
+        expected = np.zeros(full, dtype=np.uint8)
+        expected[90:250, 150:350] = in_tile
+        assert inst["segmentation"]["size"] == list(full)
+        assert np.array_equal(mask_utils.decode(inst["segmentation"]), expected)
+        assert inst["bbox"] == pytest.approx([box[0] + 150, box[1] + 90, box[2] - box[0], box[3] - box[1]])
+    assert [i["category_id"] for i in out] == [7, 9]
+    assert out[0]["keypoints"] == pytest.approx([155.0, 96.0, 1.0])
+
+
+def test_shrunk_region_boxes_scale_back():
+    pred = {"boxes": np.array([[10.0, 10.0, 20.0, 30.0]], np.float32), "labels": np.array([1]),
+            "scores": np.array([0.5], np.float32)}
+    out = tiles.tile_instances(pred, (0, 0, 400, 300), (150, 200), (300, 400), [1])  # pixels at half size
+    assert out[0]["bbox"] == pytest.approx([20.0, 20.0, 20.0, 40.0])
+    assert out[0]["segmentation"] is None
+
+
+# --------------------------------------------------------------------------- seam merge
+
+
+def test_object_cut_by_a_seam_becomes_one_instance_with_the_union_mask():
+    size = (400, 800)
+    obj = disc(size, 400, 200, 150)  # much wider than the seam band x in [370, 430)
+    left, right = (0, 0, 430, 400), (370, 0, 800, 400)
+    a, b = crop_to(obj, left), crop_to(obj, right)
+    merged = tiles.merge_instances([instance(a, 0.8), instance(b, 0.95)], [left, right], size)
+    assert len(merged) == 1
+    m = merged[0]
+    assert np.array_equal(mask_utils.decode(m["segmentation"]), obj.astype(np.uint8))  # union = uncut mask
+    assert m["bbox"] == pytest.approx(list(mask_utils.toBbox(rle_of(obj))))
+    assert m["score"] == pytest.approx(0.95)  # the maximum
+    # whole-mask IoS (SAHI's) would not have joined these fragments: the band is a small part of each
+    whole = mask_utils.area(mask_utils.merge([rle_of(a), rle_of(b)], intersect=True)) / min(a.sum(), b.sum())
+    assert whole < tiles.MATCH_THRESHOLD
+
+
+def test_object_cut_by_two_seams_joins_through_the_middle_tile():
+    size = (100, 600)
+    obj = np.zeros(size, dtype=bool)
+    obj[40:60, 50:550] = True  # a long bar over three tiles
+    regions = [(0, 0, 250, 100), (200, 0, 450, 100), (400, 0, 600, 100)]
+    parts = [crop_to(obj, r) for r in regions]
+    # the outer fragments do not touch; the highest score is an outer one
+    merged = tiles.merge_instances([instance(parts[0], 0.9), instance(parts[1], 0.5), instance(parts[2], 0.7)],
+                                   regions, size)
+    assert len(merged) == 1
+    assert np.array_equal(mask_utils.decode(merged[0]["segmentation"]), obj.astype(np.uint8))
+    assert merged[0]["bbox"] == pytest.approx([50.0, 40.0, 500.0, 20.0])
+
+
+def test_object_at_a_four_tile_corner_is_one_instance():
+    size = (300, 300)
+    obj = disc(size, 150, 150, 40)
+    regions = [(0, 0, 170, 170), (130, 0, 300, 170), (0, 130, 170, 300), (130, 130, 300, 300)]
+    merged = tiles.merge_instances([instance(crop_to(obj, r), 0.5 + 0.1 * k) for k, r in enumerate(regions)],
+                                   regions, size)
+    assert len(merged) == 1
+    assert np.array_equal(mask_utils.decode(merged[0]["segmentation"]), obj.astype(np.uint8))
+
+
+def test_duplicates_in_the_overlap_are_suppressed():
+    size = (200, 400)
+    obj = disc(size, 200, 100, 20)  # wholly inside the band: both tiles see all of it
+    regions = [(0, 0, 240, 200), (160, 0, 400, 200)]
+    slightly_off = disc(size, 201, 100, 20)
+    merged = tiles.merge_instances([instance(obj, 0.9), instance(slightly_off, 0.8)], regions, size)
+    assert len(merged) == 1 and merged[0]["score"] == pytest.approx(0.9)
+
+
+def test_categories_neighbours_and_same_tile_detections_stay_apart():
+    size = (200, 400)
+    obj = disc(size, 200, 100, 60)
+    left, right = (0, 0, 230, 200), (170, 0, 400, 200)
+    # same pixels, other category
+    out = tiles.merge_instances([instance(crop_to(obj, left), 0.9, 1), instance(crop_to(obj, right), 0.9, 2)],
+                                [left, right], size)
+    assert len(out) == 2
+    # two different objects on either side of the seam, touching the band but not each other
+    a, b = disc(size, 185, 40, 20), disc(size, 215, 160, 20)
+    assert len(tiles.merge_instances([instance(a), instance(b)], [left, right], size)) == 2
+    # two overlapping detections of one tile: the model's NMS kept them apart, so does the merge
+    c, d = disc(size, 100, 100, 30), disc(size, 110, 100, 30)
+    assert len(tiles.merge_instances([instance(c), instance(d, 0.8)], [left, left], size)) == 2
+
+
+def test_no_overlap_means_no_join():
+    size = (100, 200)
+    obj = disc(size, 100, 50, 30)
+    left, right = (0, 0, 100, 100), (100, 0, 200, 100)
+    out = tiles.merge_instances([instance(crop_to(obj, left)), instance(crop_to(obj, right))], [left, right], size)
+    assert len(out) == 2  # documented: matching needs overlap > 0
+
+
+def test_part_names_parse_back():
+    names = [tiles.base_name(7), tiles.part_name(3, 0, 4, 5), tiles.part_name(3, 4, 5, 5), tiles.part_name(9, 0, 1, 2)]
+    expected, done = tiles.parse_parts(names)
+    assert expected == 7 and done == {3: (5, 5), 9: (1, 2)}
+    assert tiles.complete_positions(names) == {3}
