@@ -8,6 +8,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(UV_HOME)/bin/uv)
 VENV := .venv
 PY := $(VENV)/bin/python
 OUT ?= demo-out
+SEED ?= 0
 PYTEST_ARGS ?=
 
 .PHONY: env ops test test-unit test-integration demo clean sanitize
@@ -38,7 +39,7 @@ test-integration: env
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
 demo: env
-	$(VENV)/bin/maskray demo --out $(OUT)
+	$(VENV)/bin/maskray demo --out $(OUT) --seed $(SEED)
 
 # The CPU RoIAlign op built with ASan + UBSan (any UB report fatal) in its own cache folder,
 # running the op tests. libasan must be loaded first: it is preloaded into Python.
