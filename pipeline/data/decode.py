@@ -179,28 +179,92 @@ def load_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS):
     return img
 
 
-def to_uint8(arr: np.ndarray, intensity: str = DEFAULT_INTENSITY) -> np.ndarray:
-    """A one-channel array of more than 8 bits -> ``uint8`` of the same shape (see
-    :data:`INTENSITY_MODES`). NaN/inf become the low end; a constant image becomes 0."""
+_SCALE_CHUNK = 1 << 22  # values per chunk when mapping to uint8 (bounds the float64 temporaries)
+
+
+def _histogram_percentiles(arr: np.ndarray, percents: Sequence[float]) -> list[float]:
+    """``np.percentile(arr, percents)`` (linear interpolation) of an integer array of at most 16
+    bits from a histogram built chunk by chunk: equal results, without a float64 copy or a
+    sort of the whole array."""
+    flat = arr.reshape(-1)
+    offset = int(np.iinfo(arr.dtype).min)
+    hist = np.zeros(1 << (8 * arr.dtype.itemsize), dtype=np.int64)
+    for start in range(0, flat.size, _SCALE_CHUNK):
+        chunk = flat[start:start + _SCALE_CHUNK].astype(np.int64) - offset
+        hist += np.bincount(chunk, minlength=hist.size)
+    cum = np.cumsum(hist)
+    n = int(cum[-1])
+
+    def order_stat(k: int) -> float:  # the k-th smallest value (0-based)
+        return float(np.searchsorted(cum, k, side="right") + offset)
+
+    out = []
+    for p in percents:
+        pos = float(p) / 100.0 * (n - 1)
+        lo = int(np.floor(pos))
+        frac = pos - lo
+        v_lo = order_stat(lo)
+        v_hi = order_stat(min(lo + 1, n - 1))
+        out.append(v_lo + frac * (v_hi - v_lo) if frac else v_lo)
+    return out
+
+
+def intensity_range(arr: np.ndarray, intensity: str = DEFAULT_INTENSITY) -> tuple[float, float] | None:
+    """The ``(lo, hi)`` values that :func:`to_uint8` maps to 0 and 255 for ``arr`` (any shape,
+    more than 8 bits), or None when the image maps to all zeros (no finite value, or constant).
+
+    Computed once per image and applied to its regions with :func:`scale_to_uint8`, so that the
+    tiles of one image share one mapping. Integer images of up to 16 bits use an exact histogram
+    (no float64 copy of the image); others a float64 percentile."""
     check_intensity(intensity)
+    if intensity == "dtype" and np.issubdtype(arr.dtype, np.integer):
+        return 0.0, 65535.0
+    if arr.size == 0:
+        return None
+    small_int = np.issubdtype(arr.dtype, np.integer) and arr.dtype.itemsize <= 2
+    if small_int:
+        if intensity == "percentile":
+            lo, hi = _histogram_percentiles(arr, PERCENTILE_RANGE)
+            if hi <= lo:
+                lo, hi = float(arr.min()), float(arr.max())
+        else:
+            lo, hi = float(arr.min()), float(arr.max())
+        return (lo, hi) if hi > lo else None
     values = np.asarray(arr, dtype=np.float64)
     finite = np.isfinite(values)
-    if intensity == "dtype" and np.issubdtype(arr.dtype, np.integer):
-        # Pillow's 16-bit modes and its 32-bit "I" (often 16-bit data): the 16-bit range
-        scaled = np.clip(values, 0.0, 65535.0) * (255.0 / 65535.0)
-        return np.rint(scaled).astype(np.uint8)
     if not finite.any():
-        return np.zeros(arr.shape, dtype=np.uint8)
+        return None
     if intensity == "percentile":
         lo, hi = (float(v) for v in np.percentile(values[finite], PERCENTILE_RANGE))
         if hi <= lo:  # (nearly) constant between the percentiles: fall back to min-max
             lo, hi = float(values[finite].min()), float(values[finite].max())
     else:  # "minmax", and "dtype" for float images (no dtype range to speak of)
         lo, hi = float(values[finite].min()), float(values[finite].max())
-    if hi <= lo:
-        return np.zeros(arr.shape, dtype=np.uint8)
-    scaled = (np.where(finite, values, lo) - lo) * (255.0 / (hi - lo))
-    return np.rint(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
+    return (lo, hi) if hi > lo else None
+
+
+def scale_to_uint8(arr: np.ndarray, value_range: tuple[float, float] | None) -> np.ndarray:
+    """``arr`` mapped linearly from ``value_range`` ``(lo, hi)`` to 0..255 (rounded, clipped;
+    NaN/inf become 0), ``uint8`` of the same shape; all zeros for None. Works in chunks, so the
+    float64 temporaries stay small whatever the image size."""
+    out = np.zeros(arr.shape, dtype=np.uint8)
+    if value_range is None or arr.size == 0:
+        return out
+    lo, hi = value_range
+    flat_in, flat_out = np.ascontiguousarray(arr).reshape(-1), out.reshape(-1)
+    factor = 255.0 / (hi - lo)
+    for start in range(0, flat_in.size, _SCALE_CHUNK):
+        values = flat_in[start:start + _SCALE_CHUNK].astype(np.float64)
+        scaled = (np.where(np.isfinite(values), values, lo) - lo) * factor
+        flat_out[start:start + _SCALE_CHUNK] = np.rint(np.clip(scaled, 0.0, 255.0))
+    return out
+
+
+def to_uint8(arr: np.ndarray, intensity: str = DEFAULT_INTENSITY) -> np.ndarray:
+    """A one-channel array of more than 8 bits -> ``uint8`` of the same shape (see
+    :data:`INTENSITY_MODES`). NaN/inf become the low end; a constant image becomes 0.
+    (:func:`intensity_range` then :func:`scale_to_uint8`.)"""
+    return scale_to_uint8(arr, intensity_range(arr, intensity))
 
 
 def image_orientation(img: Any) -> int:
