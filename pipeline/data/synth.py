@@ -428,3 +428,224 @@ def synthesize(out: str, *, images: int, seed: int = 0, size: int = 128,
                            instances=len(coco_anns), unlabeled=unlabeled, **counts)
     log.debug("%s", summary)  # the synth job prints it
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Mosaics: many small labelled images stitched into one large one, for tiled inference
+
+
+def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets (pixels) of tiles of side ``tile`` overlapping by the fraction ``overlap``
+    along a side of ``length`` pixels: every ``tile - round(tile * overlap)`` pixels, the last tile
+    flush with the end (SAHI's rule); ``[0]`` when the side fits in one tile."""
+    if tile < 1 or not 0.0 <= overlap < 1.0:
+        raise ValueError(f"need tile >= 1 and 0 <= overlap < 1, got {tile}, {overlap}")
+    if length <= tile:
+        return [0]
+    stride = max(1, tile - int(round(tile * overlap)))
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+@dataclass
+class Mosaic:
+    """What :func:`make_mosaic` wrote (URIs) and how its objects meet the tile seams.
+
+    ``image``: the mosaic (PNG or tiled TIFF), ``width`` x ``height`` pixels; ``annotations``: its
+    COCO json (one image, id 1, annotations in mosaic pixels); ``small_annotations``: the COCO json
+    of the small images (``small_images`` folder), the ground truth image by image; ``mapping``:
+    ``mosaic.json`` with ``placements`` (per small image: ``image_id``, ``file_name``, ``x``, ``y``
+    of its top-left corner in the mosaic, ``width``, ``height``) and ``annotations`` (per mosaic
+    annotation: ``id``, the small ``image_id`` and ``small_id`` it came from, ``cut`` and
+    ``split``). ``cut``: objects that a tile edge crosses; ``split``: objects that no single tile
+    holds whole (tiled inference must union their pieces), for tiles of ``tile`` pixels
+    overlapping by ``overlap`` placed by ``starts`` (default :func:`tile_starts`).
+    """
+
+    image: str
+    annotations: str
+    small_annotations: str
+    small_images: str
+    mapping: str
+    width: int
+    height: int
+    tile: int
+    overlap: float
+    instances: int
+    cut: int
+    split: int
+    placements: list[dict]
+
+    def __str__(self) -> str:
+        return (f"mosaic: {self.width}x{self.height}, {len(self.placements)} images, {self.instances} "
+                f"instances ({self.cut} crossed by a tile edge, {self.split} in no single tile of "
+                f"{self.tile} px, overlap {self.overlap:g}) -> {self.image}")
+
+
+def _axis_flags(lo: np.ndarray, hi: np.ndarray, starts: list[int], tile: int) -> tuple[np.ndarray, np.ndarray]:
+    """For extents ``[lo, hi)`` along one axis: (crossed by a tile edge, in no tile's span)."""
+    edges = np.asarray(sorted({e for s in starts for e in (s, s + tile)}))
+    crossed = ((edges[None, :] > lo[:, None]) & (edges[None, :] < hi[:, None])).any(axis=1)
+    s = np.asarray(starts)
+    inside = ((s[None, :] <= lo[:, None]) & (s[None, :] + tile >= hi[:, None])).any(axis=1)
+    return crossed, ~inside
+
+
+def _best_offset(lo: np.ndarray, hi: np.ndarray, cells: int, cell: int, length: int, tile: int,
+                 overlap: float, starts_fn) -> int:
+    """The grid offset in [0, cell) along one axis that puts the most objects across seams."""
+    starts = starts_fn(length, tile, overlap)
+    best, best_score = 0, -1
+    for off in range(0, cell, max(1, cell // 32)):
+        crossed, split = _axis_flags(lo + off, hi + off, starts, tile)
+        score = int(split.sum()) * (cells + 1) + int(crossed.sum())
+        if score > best_score:
+            best, best_score = off, score
+    return best
+
+
+def _shift_rle(seg, x: int, y: int, height: int, width: int):
+    """A small image's RLE segmentation (compressed dict or crowd counts list) moved to ``(x, y)``
+    of a ``height`` x ``width`` mosaic, in the same form. Built from a column strip of the mosaic's
+    height (never a full-size mask): the strip's runs plus the zero columns before and after."""
+    from pycocotools import mask as mask_utils
+
+    h, w = (int(v) for v in seg["size"])
+    rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else \
+        {"size": [h, w], "counts": seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"]}
+    strip = np.zeros((height, w), dtype=np.uint8)
+    strip[y:y + h] = mask_utils.decode(rle)
+    counts = uncompressed_rle(strip)["counts"]
+    counts[0] += x * height
+    tail = (width - x - w) * height
+    if len(counts) % 2:  # ends with a zero run
+        counts[-1] += tail
+    elif tail:
+        counts.append(tail)
+    if isinstance(seg["counts"], list):
+        return {"size": [height, width], "counts": counts}
+    out = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+    return {"size": [height, width], "counts": out["counts"].decode()}
+
+
+def _polygons_inside(polygons: list, height: int, width: int) -> bool:
+    return all(0 <= v <= (width - 1 if i % 2 == 0 else height - 1)
+               for poly in polygons for i, v in enumerate(poly))
+
+
+def _shift_annotation(ann: dict, size: tuple[int, int], x: int, y: int, height: int, width: int) -> dict:
+    """``ann`` of an image of ``size`` ``(h, w)`` moved to ``(x, y)`` of a ``height`` x ``width``
+    mosaic (segmentation, box, keypoints)."""
+    from pycocotools import mask as mask_utils
+
+    out = dict(ann)
+    seg = ann["segmentation"]
+    if isinstance(seg, list) and not _polygons_inside(seg, *size):
+        # a shape reaching past its image's border: pycocotools clipped it there, the mosaic must
+        # too (the neighbour's pixels are not this object's), so it moves as its RLE
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, *size))
+        seg = {"size": list(size), "counts": rle["counts"].decode()}
+    if isinstance(seg, list):
+        out["segmentation"] = [[v + (x if i % 2 == 0 else y) for i, v in enumerate(poly)] for poly in seg]
+    else:
+        out["segmentation"] = _shift_rle(seg, x, y, height, width)
+    bx, by, bw, bh = ann["bbox"]
+    out["bbox"] = [bx + x, by + y, bw, bh]
+    if ann.get("keypoints"):
+        pts = list(ann["keypoints"])
+        for i in range(0, len(pts), 3):
+            if pts[i + 2] > 0:
+                pts[i], pts[i + 1] = pts[i] + x, pts[i + 1] + y
+        out["keypoints"] = pts
+    return out
+
+
+def make_mosaic(out: str, *, grid: tuple[int, int] = (8, 8), cell: int = 128, seed: int = 0,
+                tile: int = 512, overlap: float = 0.2, image_format: str = "png",
+                num_categories: int = 4, max_objects: int = 4, crowd_fraction: float = 0.0,
+                keypoints: bool = False, starts=None) -> Mosaic:
+    """Stitch ``grid`` = ``(rows, cols)`` small synthetic images of ``cell`` pixels into one mosaic
+    and write under ``out`` (local folder or ``s3://`` prefix):
+
+    - ``small/images/*.png`` + ``small/annotations.json``: the small images (:func:`synthesize`
+      with this ``seed``, ``cell`` as the size), the ground truth one image at a time;
+    - ``mosaic.png`` (or ``mosaic.tif``, tiled 256x256, zlib, with ``image_format="tiff"``) of
+      ``(rows + 1) * cell`` x ``(cols + 1) * cell`` pixels: the grid of cells on a gray border,
+      shifted by the offset (less than a cell, per axis) that puts the most objects across the
+      edges of tiles of side ``tile`` overlapping by ``overlap`` (placed by ``starts(length, tile,
+      overlap)``, default :func:`tile_starts`), so that seams cut objects;
+    - ``mosaic.json`` (COCO, one image with id 1, every annotation moved into mosaic pixels: polygons,
+      RLE, boxes and keypoints shifted, masks never built at full size) and ``mapping.json``
+      (placements and the annotation correspondence, see :class:`Mosaic`).
+
+    Crowds are off by default (``crowd_fraction``): an accuracy test counts objects.
+    """
+    if image_format not in ("png", "tiff"):
+        raise ValueError(f"image_format must be 'png' or 'tiff', got {image_format!r}")
+    rows, cols = (int(v) for v in grid)
+    if rows < 1 or cols < 1:
+        raise ValueError(f"grid must be (rows >= 1, cols >= 1), got {grid}")
+    starts_fn = starts or tile_starts
+    small = storage.join(out, "small")
+    synthesize(small, images=rows * cols, seed=seed, size=cell, num_categories=num_categories,
+               max_objects=max_objects, crowd_fraction=crowd_fraction, keypoints=keypoints)
+    coco = json.loads(storage.read_bytes(storage.join(small, "annotations.json")))
+    height, width = (rows + 1) * cell, (cols + 1) * cell
+    anns = coco["annotations"]
+    cell_of = {im["id"]: divmod(k, cols) for k, im in enumerate(coco["images"])}
+    boxes = np.asarray([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+    grid_rc = np.asarray([cell_of[a["image_id"]] for a in anns], dtype=np.int64).reshape(-1, 2)
+    x_lo = grid_rc[:, 1] * cell + boxes[:, 0]
+    y_lo = grid_rc[:, 0] * cell + boxes[:, 1]
+    ox = _best_offset(x_lo, x_lo + boxes[:, 2], cols, cell, width, tile, overlap, starts_fn)
+    oy = _best_offset(y_lo, y_lo + boxes[:, 3], rows, cell, height, tile, overlap, starts_fn)
+
+    from PIL import Image
+
+    canvas = np.full((height, width, 3), 128, dtype=np.uint8)
+    placements = []
+    for im in coco["images"]:
+        r, c = cell_of[im["id"]]
+        x, y = ox + c * cell, oy + r * cell
+        data = storage.read_bytes(storage.join(small, "images", im["file_name"]))
+        canvas[y:y + cell, x:x + cell] = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        placements.append({"image_id": im["id"], "file_name": im["file_name"], "x": x, "y": y,
+                           "width": im["width"], "height": im["height"]})
+    where = {p["image_id"]: p for p in placements}
+    crossed_x, split_x = _axis_flags(x_lo + ox, x_lo + ox + boxes[:, 2], starts_fn(width, tile, overlap), tile)
+    crossed_y, split_y = _axis_flags(y_lo + oy, y_lo + oy + boxes[:, 3], starts_fn(height, tile, overlap), tile)
+    mosaic_anns, mapping = [], []
+    for k, ann in enumerate(anns):
+        p = where[ann["image_id"]]
+        moved = _shift_annotation(ann, (p["height"], p["width"]), p["x"], p["y"], height, width)
+        moved.update(id=k + 1, image_id=1)
+        mosaic_anns.append(moved)
+        mapping.append({"id": k + 1, "image_id": ann["image_id"], "small_id": ann["id"],
+                        "cut": bool(crossed_x[k] or crossed_y[k]), "split": bool(split_x[k] or split_y[k])})
+
+    name = "mosaic.png" if image_format == "png" else "mosaic.tif"
+    buf = io.BytesIO()
+    if image_format == "png":
+        Image.fromarray(canvas, "RGB").save(buf, format="PNG", compress_level=1)
+    else:
+        import tifffile
+
+        tifffile.imwrite(buf, canvas, tile=(256, 256), compression="zlib", photometric="rgb")
+    del canvas
+    image_uri = storage.join(out, name)
+    storage.write_bytes(image_uri, buf.getvalue())
+    mosaic_coco = {"info": {"description": "maskray mosaic", "seed": seed, "cell": cell, "grid": [rows, cols]},
+                   "images": [{"id": 1, "file_name": name, "width": width, "height": height}],
+                   "annotations": mosaic_anns, "categories": coco["categories"]}
+    ann_uri, map_uri = storage.join(out, "mosaic.json"), storage.join(out, "mapping.json")
+    storage.write_bytes(ann_uri, json.dumps(mosaic_coco).encode())
+    storage.write_bytes(map_uri, json.dumps({"image": name, "width": width, "height": height,
+                                             "tile": tile, "overlap": overlap, "offset": [ox, oy],
+                                             "placements": placements, "annotations": mapping}).encode())
+    result = Mosaic(image=image_uri, annotations=ann_uri, small_annotations=storage.join(small, "annotations.json"),
+                    small_images=storage.join(small, "images"), mapping=map_uri, width=width, height=height,
+                    tile=tile, overlap=overlap, instances=len(mosaic_anns),
+                    cut=sum(m["cut"] for m in mapping), split=sum(m["split"] for m in mapping),
+                    placements=placements)
+    log.debug("%s", result)
+    return result
