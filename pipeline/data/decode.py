@@ -6,7 +6,9 @@
   (gray, palette, RGBA, 16-bit and CMYK inputs are normalised; 16/32-bit by their own range,
   :data:`INTENSITY_MODES`), after the one pixel limit (:func:`check_pixels`) on the header;
   :func:`decode_target` turns
-  the ``annotations`` list into torchvision detection targets.
+  the ``annotations`` list into torchvision detection targets; :func:`decode_target_window` the
+  target of a crop of a large image, reading only the crop's part of each mask
+  (:func:`rle_window`). Regions of huge images: :mod:`pipeline.data.regions`.
 - :func:`read_rows` (re-exported from :mod:`pipeline.data.format`) iterates rows without Ray.
 
 Ray and torch are imported inside the functions that need them.
@@ -418,4 +420,115 @@ def decode_target(annotations: Sequence[dict] | None, height: int, width: int,
               "area": torch.from_numpy(area)}
     if num_keypoints:
         target["keypoints"] = torch.from_numpy(decode_keypoints(annotations, num_keypoints))
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets of a window (training crops of large images)
+
+
+def rle_counts(counts: bytes | str) -> np.ndarray:
+    """Run lengths ``int64 [R]`` (column-major, first run = zeros) of COCO's compressed RLE string,
+    the inverse of pycocotools' ``rleToString`` (maskApi.c ``rleFrString``: 5-bit groups + 48, the
+    sign in bit 4 of the last group, runs after the second stored as differences to the run two
+    before). Lets a window of a huge mask be read without decoding the mask at full size."""
+    data = counts.encode() if isinstance(counts, str) else bytes(counts)
+    out: list[int] = []
+    p, n = 0, len(data)
+    while p < n:
+        x, k, more = 0, 0, True
+        while more:
+            c = data[p] - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(out) > 2:
+            x += out[-2]
+        out.append(x)
+    return np.asarray(out, dtype=np.int64)
+
+
+def rle_window(counts: bytes | str, height: int, width: int,
+               window: tuple[int, int, int, int]) -> tuple[np.ndarray, int]:
+    """The pixels of a ``height`` x ``width`` mask (compressed COCO RLE ``counts``) inside
+    ``window`` ``(x0, y0, x1, y1)``: ``bool [y1-y0, x1-x0]``, and the mask's whole area (pixels).
+    Memory is one column strip of the window's width (``height x (x1-x0)`` bytes), never the mask."""
+    x0, y0, x1, y1 = window
+    runs = rle_counts(counts)
+    ends = np.cumsum(runs)
+    starts = ends - runs
+    fg = np.arange(runs.size) % 2 == 1  # odd runs are foreground
+    area = int(runs[fg].sum())
+    lo, hi = x0 * height, x1 * height  # the window's columns, column-major
+    a = np.clip(starts[fg], lo, hi) - lo
+    b = np.clip(ends[fg], lo, hi) - lo
+    keep = b > a
+    edges = np.zeros(hi - lo + 1, dtype=np.int32)
+    np.add.at(edges, a[keep], 1)
+    np.add.at(edges, b[keep], -1)
+    strip = np.cumsum(edges[:-1]).astype(bool).reshape(x1 - x0, height)  # [columns, rows]
+    return np.ascontiguousarray(strip[:, y0:y1].T), area
+
+
+def decode_target_window(annotations: Sequence[dict] | None, height: int, width: int,
+                         window: tuple[int, int, int, int], category_ids: Sequence[int],
+                         num_keypoints: int = 0, min_visible: float = 0.0) -> dict:
+    """:func:`decode_target` of the crop ``window`` ``(x0, y0, x1, y1)`` of a ``height`` x
+    ``width`` image, in the crop's pixels, without decoding any mask at full size.
+
+    Masks are cropped (:func:`rle_window`); boxes are recomputed from the cropped masks (xyxy,
+    ``x_max + 1``, as COCO boxes of masks are); ``area`` is the visible pixels; keypoints are
+    shifted, and those outside the crop (or not labeled) become ``(0, 0, 0)``. Instances with
+    fewer than ``min_visible`` of their mask's pixels inside the crop, or none, are dropped (an
+    annotation whose box misses the window is dropped without decoding its mask).
+    """
+    import torch
+
+    x0, y0, x1, y1 = (int(v) for v in window)
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise TargetError(f"crop window {window} is empty or outside the {width}x{height} image")
+    kept: list[dict] = []
+    masks: list[np.ndarray] = []
+    for ann in annotations or ():
+        bx, by, bw, bh = (float(v) for v in ann["bbox"])
+        if bx >= x1 or by >= y1 or bx + bw <= x0 or by + bh <= y0:
+            continue
+        seg = ann.get("segmentation") or {}
+        size = [int(v) for v in (seg.get("size") or ())]
+        if size != [height, width] or seg.get("counts") is None:
+            raise TargetError(f"annotation {ann.get('id')}: RLE size {size} does not match the "
+                              f"image ({height}x{width}) or has no counts")
+        crop, area = rle_window(seg["counts"], height, width, (x0, y0, x1, y1))
+        visible = int(crop.sum())
+        if visible == 0 or visible < min_visible * area:
+            continue
+        kept.append(ann)
+        masks.append(crop)
+    n, h, w = len(kept), y1 - y0, x1 - x0
+    label_of = {int(c): i + 1 for i, c in enumerate(category_ids)}
+    boxes = np.zeros((n, 4), dtype=np.float32)
+    labels = np.zeros((n,), dtype=np.int64)
+    for i, (ann, crop) in enumerate(zip(kept, masks)):
+        cat = int(ann["category_id"])
+        if cat not in label_of:
+            raise TargetError(f"annotation {ann.get('id')}: category_id {cat} not in the "
+                              f"dataset's categories {list(category_ids)}")
+        labels[i] = label_of[cat]
+        cols, rows = np.flatnonzero(crop.any(axis=0)), np.flatnonzero(crop.any(axis=1))
+        boxes[i] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+    stack = np.stack(masks).astype(np.uint8) if masks else np.zeros((0, h, w), dtype=np.uint8)
+    target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels),
+              "masks": torch.from_numpy(stack),
+              "iscrowd": torch.tensor([bool(a.get("iscrowd")) for a in kept], dtype=torch.bool),
+              "area": torch.from_numpy(stack.reshape(n, -1).sum(1).astype(np.float32))}
+    if num_keypoints:
+        kp = decode_keypoints(kept, num_keypoints)
+        kp[..., 0] -= x0
+        kp[..., 1] -= y0
+        inside = (kp[..., 0] >= 0) & (kp[..., 0] <= w) & (kp[..., 1] >= 0) & (kp[..., 1] <= h)
+        kp[~inside | (kp[..., 2] == 0)] = 0.0
+        target["keypoints"] = torch.from_numpy(kp)
     return target

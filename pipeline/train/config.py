@@ -10,7 +10,7 @@ A config file is a YAML mapping whose sections mirror the dataclasses below::
     model:    {backbone: resnet18, min_size: 128, ..., options: {anchor_sizes: ...}}
     optim:    {base_lr: 0.02, reference_batch: 16, ...}
     schedule: {max_iters: 600, warmup_iters: 100, policy: step, steps: [400, 550]}
-    augment:  {hflip_prob: 0.5, scale_jitter: [0.8, 1.2]}
+    augment:  {hflip_prob: 0.5, scale_jitter: [0.8, 1.2], crop: 0}
     checkpoint: {every: 200, keep: 2}
     eval:     {every: 200, max_images: 100}
 
@@ -185,9 +185,19 @@ class AugmentConfig:
     # at random (torchvision's min_size tuple; detectron2's INPUT.MIN_SIZE_TRAIN); evaluation and
     # checkpoints keep model.min_size. [] = model.min_size only
     min_sizes: list[int] = field(default_factory=list)
+    # native resolution: train on a random crop of at most crop x crop pixels of every larger image
+    # (read region by region where the format allows, pipeline.data.regions) instead of the model
+    # shrinking the whole image; 0 = off. Instances with less than crop_min_visible of their mask
+    # inside the crop are dropped; masks are cropped and boxes recomputed from them
+    crop: int = 0
+    crop_min_visible: float = 0.3
 
     def __post_init__(self) -> None:
         _require(0 <= self.hflip_prob <= 1, "augment.hflip_prob", f"{self.hflip_prob} is outside [0, 1]")
+        _require(self.crop == 0 or self.crop >= 32, "augment.crop",
+                 f"must be 0 (off) or a crop side >= 32 pixels, got {self.crop}")
+        _require(0 <= self.crop_min_visible <= 1, "augment.crop_min_visible",
+                 f"{self.crop_min_visible} is outside [0, 1]")
         _require(all(s > 0 for s in self.min_sizes), "augment.min_sizes",
                  f"every size must be > 0, got {self.min_sizes}")
         _require(len(self.scale_jitter) == 2 and 0 < self.scale_jitter[0] <= self.scale_jitter[1],

@@ -1,6 +1,8 @@
 """The training data path, from a shard row to the model's inputs, in the order it runs:
 
-1. augmentation of decoded ``(image, target)`` pairs (:class:`TrainAugment`: flip, scale jitter);
+1. augmentation of decoded ``(image, target)`` pairs (:class:`TrainAugment`: flip, scale jitter;
+   with ``augment.crop``, :class:`DecodeAugment` first cuts a random window of a large image, so the
+   model sees it at native resolution);
 2. :class:`DecodeAugment`, the Ray Data ``flat_map`` of the train stream (CPU tasks): decode
    (``pipeline.data.decode``), target, augment, masks bit-packed for the object store;
 3. :func:`train_dataset`: the stream itself (shards -> decode + augment tasks);
@@ -172,6 +174,14 @@ class TrainAugment:
         return image, drop_crowd_and_degenerate(target)
 
 
+def random_window(rng: random.Random, width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """A crop window ``(x0, y0, x1, y1)`` of at most ``size`` x ``size`` pixels, uniformly placed in a
+    ``width`` x ``height`` image (a side shorter than ``size`` is kept whole)."""
+    w, h = min(size, width), min(size, height)
+    x0, y0 = rng.randint(0, width - w), rng.randint(0, height - h)
+    return x0, y0, x0 + w, y0 + h
+
+
 # --------------------------------------------------------------------------- the stream
 
 TRAIN_COLUMNS = ["image_id", "width", "height", "image", "annotations"]
@@ -187,19 +197,48 @@ class DecodeAugment:
 
     def __init__(self, category_ids: list[int], hflip_prob: float = 0.0,
                  scale_range: tuple[float, float] = (1.0, 1.0), seed: int | None = None, bad_rows: Any = None,
-                 num_keypoints: int = 0, keypoint_flip: list[int] | None = None):
+                 num_keypoints: int = 0, keypoint_flip: list[int] | None = None, crop: int = 0,
+                 crop_min_visible: float = 0.3):
         self.category_ids = list(category_ids)
         self.num_keypoints = int(num_keypoints)
         self.augment = TrainAugment(hflip_prob, tuple(scale_range), seed, keypoint_flip or None)
         self.bad_rows = bad_rows
+        self.crop = int(crop)
+        self.crop_min_visible = float(crop_min_visible)
+        self._crop_rng = random.Random(None if seed is None else seed + 1)
+
+    def decode(self, row: dict[str, Any]) -> tuple[Tensor, Target]:
+        """The row's image and target: whole, or with ``crop`` a random window of a larger image
+        (:func:`random_window`), its pixels read region by region where the format allows
+        (``pipeline.data.regions``) and its target cut from the masks' RLE
+        (``pipeline.data.decode.decode_target_window``): no full-size mask, no full-size image
+        for tiled TIFFs."""
+        from pipeline.data.decode import decode_image, decode_target, decode_target_window
+
+        width, height = int(row["width"]), int(row["height"])
+        annotations = list(row["annotations"] or [])
+        if not self.crop or (width <= self.crop and height <= self.crop):
+            return (decode_image(row["image"]),
+                    decode_target(annotations, height, width, self.category_ids, self.num_keypoints))
+        from pipeline.data.regions import DEFAULT_MAX_WHOLE_PIXELS, open_regions
+
+        window = random_window(self._crop_rng, width, height, self.crop)
+        with open_regions(row["image"], max_region_pixels=None, max_whole_pixels=DEFAULT_MAX_WHOLE_PIXELS) as src:
+            if (src.width, src.height) != (width, height):
+                from pipeline.data.decode import ImageDecodeError
+
+                raise ImageDecodeError(f"image is {src.width}x{src.height}, the row says {width}x{height}")
+            pixels = src.read(*window)
+        image = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+        target = decode_target_window(annotations, height, width, window, self.category_ids,
+                                      self.num_keypoints, self.crop_min_visible)
+        return image, target
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        from pipeline.data.decode import ImageDecodeError, TargetError, decode_image, decode_target
+        from pipeline.data.decode import ImageDecodeError, TargetError
 
         try:
-            image = decode_image(row["image"])
-            target = decode_target(list(row["annotations"] or []), int(row["height"]), int(row["width"]),
-                                   self.category_ids, self.num_keypoints)
+            image, target = self.decode(row)
         except (ImageDecodeError, TargetError) as exc:
             shard = os.path.basename(str(row.get("path") or "?"))
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -232,7 +271,8 @@ def train_dataset(config: TrainConfig, plan: RunPlan, bad_rows: Any = None):
 
     fn = DecodeAugment([int(c["id"]) for c in plan.categories], config.augment.hflip_prob,
                        tuple(config.augment.scale_jitter), bad_rows=bad_rows,
-                       num_keypoints=config.model.num_keypoints, keypoint_flip=plan.keypoint_flip)
+                       num_keypoints=config.model.num_keypoints, keypoint_flip=plan.keypoint_flip,
+                       crop=config.augment.crop, crop_min_visible=config.augment.crop_min_visible)
     # read tasks take the decode share too: Ray's default of 1 CPU per read task never fits
     # beside workers that hold all but a fraction of a small node's CPUs (the stream stalls)
     ds = read_shards(config.data.train, columns=TRAIN_COLUMNS, num_cpus=config.data.decode_cpus, include_paths=True)
