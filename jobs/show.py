@@ -5,7 +5,9 @@ Three ways:
 - ``--results PREFIX`` alone: a static gallery of a ``maskray infer`` output, no model and no
   ``--data`` (:func:`pipeline.show.gallery.build_gallery`): ``--out``/index.html with per-category
   counts and a score histogram over every row, overlays and thumbnails of the first ``--limit``
-  images (read from the input its provenance.json records), and the error rows.
+  images (read from the input its provenance.json records), and the error rows. A huge image
+  (over 50 MP) gets a downsampled overview read region by region and full-resolution crops around
+  its ``--crops`` best detections.
 - ``--results PREFIX --data URI``: ``<image_id>.png`` overlays of the stored predictions on the
   first ``--limit`` images of the dataset ``--data``.
 - ``--checkpoint URI --data URI``: runs the checkpoint on the first ``--limit`` images of ``--data``
@@ -43,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=2, metavar="N", help="images per forward pass (default 2)")
     parser.add_argument("--long-side", type=int, default=1280, metavar="PX",
                         help="draw overlays with this longer side (small images upscaled, photos shrunk; default 1280)")
+    parser.add_argument("--crops", type=int, default=16, metavar="N",
+                        help="--results gallery of huge images (over 50 MP): a downsampled overview read region by "
+                             "region, and full-resolution crops around the N best detections (default 16)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
 
 
@@ -51,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         from pipeline.show.gallery import DEFAULT_LIMIT, build_gallery
 
         summary = build_gallery(args.results, args.out, limit=DEFAULT_LIMIT if args.limit is None else args.limit,
-                                long_side=args.long_side, score_thresh=args.score_thresh)
+                                long_side=args.long_side, score_thresh=args.score_thresh, crops=args.crops)
         print(summary.line())
         return 0
 

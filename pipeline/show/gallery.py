@@ -10,6 +10,9 @@ object path), and writes::
                                   overlays, and the error rows (file name + error)
     <out>/overlays/<k>-<id>.jpg   overlays (masks, boxes, "name score"), longer side ``long_side`` px
     <out>/thumbs/<k>-<id>.jpg     thumbnails, longer side :data:`THUMB_SIDE` px
+    <out>/crops/<k>-<id>-<n>.jpg  huge images only (over ``large_pixels``): full-resolution crops
+                                  around the best detections; the overlay is then an overview read
+                                  region by region (:mod:`pipeline.show.large`)
 
 The page uses relative links only and no script, font or style from elsewhere, so it works opened
 from ``file://`` or copied anywhere (an ``s3://`` out prefix included).
@@ -39,6 +42,7 @@ import numpy as np
 
 from model.errors import MaskrayError, error_text
 from pipeline.results import PROVENANCE, iter_batches, read_provenance, result_files
+from pipeline.show.large import LARGE_PIXELS, is_large, render_large
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,7 @@ DEFAULT_LIMIT = 64  # overlays drawn
 THUMB_SIDE = 256  # px, longer side of a thumbnail
 SCORE_BINS = 20  # histogram bins over [0, 1]
 MAX_ERRORS_LISTED = 500  # error rows named on the page (all are counted)
+DEFAULT_CROPS = 16  # huge images: full-resolution crops around the best detections
 _STAT_COLUMNS = ["file_name", "error", "instances.list.element.category_id", "instances.list.element.score"]
 
 
@@ -318,6 +323,7 @@ class Entry:
     thumb: str | None = None
     thumb_size: tuple[int, int] = (0, 0)  # (width, height) px
     note: str | None = None
+    crops: list[str] = field(default_factory=list)  # huge images: full-resolution crops around detections
 
 
 @dataclass
@@ -373,6 +379,13 @@ figcaption{font-size:12px;word-break:break-all}.missing{border:1px dashed #c33;p
 .err{color:#c33}""" % THUMB_SIDE
 
 
+def _crop_links(crops: Sequence[str]) -> str:
+    if not crops:
+        return ""
+    links = " ".join(f'<a class="crop" href="{html.escape(c)}">{k + 1}</a>' for k, c in enumerate(crops))
+    return f"<br>full-resolution crops: {links}"
+
+
 def page_html(*, results_uri: str, provenance: dict, stats: ResultStats, entries: Sequence[Entry],
               names: dict[int, str]) -> str:
     """The whole ``index.html`` (self-contained: inline style and SVG, relative links only)."""
@@ -399,7 +412,7 @@ def page_html(*, results_uri: str, provenance: dict, stats: ResultStats, entries
             tw, th = entry.thumb_size
             out.append(f'<figure class="entry"><a href="{e(entry.overlay)}"><img src="{e(entry.thumb)}" '
                        f'width="{tw}" height="{th}" alt="{e(entry.file_name)}"></a>'
-                       f"<figcaption>{caption}</figcaption></figure>")
+                       f"<figcaption>{caption}{_crop_links(entry.crops)}</figcaption></figure>")
         else:
             out.append(f'<figure class="entry"><div class="missing">{e(entry.note or "not drawn")}</div>'
                        f"<figcaption>{caption}</figcaption></figure>")
@@ -414,12 +427,15 @@ def page_html(*, results_uri: str, provenance: dict, stats: ResultStats, entries
 
 
 def build_gallery(results_uri: str, out_uri: str, *, images_uri: str | None = None, limit: int = DEFAULT_LIMIT,
-                  long_side: int = 1280, score_thresh: float = 0.5) -> GallerySummary:
+                  long_side: int = 1280, score_thresh: float = 0.5, crops: int = DEFAULT_CROPS,
+                  large_pixels: int = LARGE_PIXELS) -> GallerySummary:
     """Write ``<out_uri>/index.html`` with overlays of the first ``limit`` rows without an error
     of the results under ``results_uri`` (see the module docstring). The images come from the
     input its ``provenance.json`` records, or from ``images_uri`` (the same dataset or image
     prefix, moved). ``long_side`` px is the overlays' longer side; instances scoring >=
-    ``score_thresh`` are drawn."""
+    ``score_thresh`` are drawn. An image of more than ``large_pixels`` pixels gets a downsampled
+    overview read region by region and ``crops`` full-resolution crops around its best detections
+    (``crops/<k>-<id>-<n>.jpg``, linked under its thumbnail; :mod:`pipeline.show.large`)."""
     from pipeline import storage
 
     if limit < 1:
@@ -461,9 +477,17 @@ def build_gallery(results_uri: str, out_uri: str, *, images_uri: str | None = No
         data, entry.note = source.read(row)
         if data is not None:
             try:
-                picture = render(data, row["instances"] or [], label_of, label_names, long_side=long_side,
-                                 score_thresh=score_thresh, decode_options=decode_options, skeletons=skeletons)
                 stem = f"{k:05d}-{image_id}.jpg"
+                if is_large(data, large_pixels):
+                    picture, shown = render_large(data, row["instances"] or [], label_of, label_names,
+                                                  long_side=long_side, score_thresh=score_thresh, crops=crops,
+                                                  intensity=decode_options["intensity"], skeletons=skeletons)
+                    for n, (_, crop) in enumerate(shown):
+                        entry.crops.append(f"crops/{k:05d}-{image_id}-{n + 1}.jpg")
+                        storage.write_bytes(storage.join(out_uri, entry.crops[-1]), _jpeg(crop, 90), fsync=False)
+                else:
+                    picture = render(data, row["instances"] or [], label_of, label_names, long_side=long_side,
+                                     score_thresh=score_thresh, decode_options=decode_options, skeletons=skeletons)
                 entry.overlay, entry.thumb = f"overlays/{stem}", f"thumbs/{stem}"
                 storage.write_bytes(storage.join(out_uri, entry.overlay), _jpeg(picture, 90), fsync=False)
                 picture.thumbnail((THUMB_SIDE, THUMB_SIDE))
