@@ -49,6 +49,14 @@ MAX_SEGMENT_PIXELS = 16 * 1024 * 1024  # a TIFF tile/strip larger than this is n
 RANGE_SAMPLE_TILES = 64  # tiles sampled for the intensity range of a >8-bit tiled image
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
 _PHOTOMETRIC = {0: "miniswhite", 1: "minisblack", 2: "rgb", 3: "palette"}
+_JPEG_COMPRESSIONS = (6, 7, 34892)  # JPEG tiles in YCbCr (pathology slides): the codec gives RGB
+
+
+def _photometric(page: Any) -> str | None:
+    value = int(page.photometric)
+    if value == 6 and int(page.compression) in _JPEG_COMPRESSIONS:
+        return "rgb"
+    return _PHOTOMETRIC.get(value)
 
 
 def _name(data: bytes | str) -> str:
@@ -206,7 +214,7 @@ class _TiffRegions(RegionSource):
         self._layout = _Layout(seg_h, seg_w, math.ceil(self.height / seg_h),
                                math.ceil(self.width / seg_w), planes)
         self._samples = int(page.samplesperpixel)
-        self._photometric = _PHOTOMETRIC[int(page.photometric)]
+        self._photometric = _photometric(page)
         self._colormap = None
         if self._photometric == "palette":
             cmap = np.asarray(page.colormap)  # [3, 2**bits], 16-bit values
@@ -305,10 +313,10 @@ class _TiffRegions(RegionSource):
 
 def _tiff_region_readable(page: Any) -> str | None:
     """None when ``page`` can be read region by region, else why not (then it is decoded whole)."""
-    if int(page.photometric) not in _PHOTOMETRIC:
+    photometric = _photometric(page)
+    if photometric is None:
         return f"photometric {page.photometric!s}"
-    if int(page.samplesperpixel) not in (1, 2, 3, 4) or (
-            int(page.photometric) == 2 and int(page.samplesperpixel) < 3):
+    if int(page.samplesperpixel) not in (1, 2, 3, 4) or (photometric == "rgb" and int(page.samplesperpixel) < 3):
         return f"{page.samplesperpixel} samples per pixel"
     if page.imagedepth > 1 or page.dtype is None:
         return "volumetric or unsupported sample type"

@@ -68,6 +68,15 @@ def test_strip_bigtiff_planar_and_rgba_layouts():
         _check_all(src, arr)
 
 
+def test_jpeg_ycbcr_tiles_as_in_pathology_slides():
+    yy, xx = np.mgrid[0:H, 0:W]
+    arr = np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)
+    data = _tiff(arr, tile=(64, 64), compression="jpeg", photometric="rgb")  # stored as YCbCr JPEG
+    src = _open(data)
+    assert src.region_readable
+    _check_all(src, tifffile.imread(io.BytesIO(data)))  # what tifffile's own whole read gives
+
+
 def test_only_the_tiles_a_region_touches_are_decoded():
     src = _open(_tiff(_rgb(), tile=(64, 64), photometric="rgb"))
     calls = []
