@@ -22,6 +22,12 @@ from pipeline.config import option, require, run_only_keys, to_dict
 from pipeline.data.decode import DEFAULT_INTENSITY, DEFAULT_MAX_PIXELS, INTENSITY_MODES
 
 AMP_MODES = ("auto", "on", "off")
+DEFAULT_MAX_WHOLE_PIXELS = 1_000_000_000  # with --tile, for formats decoded whole (a 20k x 20k PNG is 400 MP)
+MIN_TILE = 32
+MAX_TILE_OVERLAP = 0.9
+# settings that only mean something with --tile: left out of the provenance when tiling is off,
+# so results made before tiling existed are the same run
+TILE_KEYS = ("tile", "tile_overlap", "tile_full_pass", "max_whole_pixels")
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,16 @@ class InferConfig:
     amp: str | bool = option("auto", "autocast in the model: float16 on GPUs, bfloat16 on CPUs (about 3x faster on "
                       "CPUs with AMX; results differ from float32's). auto (default): on for GPU actors, off "
                       "for CPU actors, whose results then equal torchvision's; on; off")
+    tile: int = option(0, "cut images wider or taller than SIZE px into SIZE x SIZE tiles run at native resolution "
+                       "(the model's own size rule still applies to a tile), instances merged across seams into one "
+                       "row per image (default 0 = off)")
+    tile_overlap: float = option(0.2, "with --tile: the fraction of a tile its neighbour overlaps (default 0.2); "
+                                 "an object cut by a seam is joined through this band, so > 0")
+    tile_full_pass: bool = option(False, "with --tile: also run each tiled image whole at the model's size, merged "
+                                  "with the tiles (objects larger than a tile)")
+    max_whole_pixels: int = option(DEFAULT_MAX_WHOLE_PIXELS, f"with --tile: images that must be decoded whole "
+                                   f"(PNG, JPEG) may have up to N pixels (default {DEFAULT_MAX_WHOLE_PIXELS:,}; "
+                                   f"0 = no limit); tiled TIFFs are read region by region, --max-pixels per tile")
     # test-time augmentation for a predictor that takes it (distillation's teacher); not a flag
     tta: dict[str, Any] | None = None
     batch_size: int = option(4, "images per model call (default 4)", result=False)
@@ -80,6 +96,13 @@ class InferConfig:
         require(self.amp in AMP_MODES, "amp", f"{self.amp!r} is not one of {', '.join(AMP_MODES)}")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         self.actor_range  # noqa: B018  (checks the text)
+        require(self.tile == 0 or self.tile >= MIN_TILE, "tile", f"must be 0 (off) or >= {MIN_TILE} px, got {self.tile}")
+        require(0.0 <= self.tile_overlap <= MAX_TILE_OVERLAP, "tile_overlap",
+                f"must be in [0, {MAX_TILE_OVERLAP}], got {self.tile_overlap}")
+        require(self.tile > 0 or not self.tile_full_pass, "tile_full_pass", "needs --tile SIZE")
+        require(self.max_whole_pixels >= 0, "max_whole_pixels", f"must be >= 0 (0 = no limit), got "
+                f"{self.max_whole_pixels}")
+        require(self.tile == 0 or self.tta is None, "tile", "tiled inference does not take a tta predictor")
         require(self.gpus_per_actor is None or self.gpus_per_actor >= 0, "gpus_per_actor",
                 f"must be >= 0, got {self.gpus_per_actor}")
         require(self.cpus_per_actor is None or self.cpus_per_actor > 0, "cpus_per_actor",
@@ -109,6 +132,12 @@ class InferConfig:
         return {"auto": None, "on": True, "off": False}[self.amp]
 
     def result_settings(self) -> dict[str, Any]:
-        """The fields that change results (everything but the run-only ones): the provenance's options."""
-        skip = run_only_keys(InferConfig)
+        """The fields that change results (everything but the run-only ones, and the tile settings
+        when tiling is off): the provenance's options."""
+        skip = set(run_only_keys(InferConfig)) | (set() if self.tile else set(TILE_KEYS))
         return {k: v for k, v in to_dict(self).items() if k not in skip}
+
+    @property
+    def whole_pixel_limit(self) -> int | None:
+        """``max_whole_pixels`` as the decoders take it (None = no limit)."""
+        return self.max_whole_pixels or None

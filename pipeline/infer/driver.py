@@ -26,6 +26,15 @@ Results prefix layout::
                                   range of one (``part-00003.rows-0000064-0000128.parquet``), or a
                                   run of raw image files (``files-0000000-0000016.parquet``)
 
+Tiled inference (``--tile SIZE``, :mod:`pipeline.infer.tiles`): the read task cuts each image
+larger than SIZE into tiles and yields them as *part* rows of a few tiles, each a unit of work
+that any model actor takes (the tiles of one huge image spread over the whole pool); the actor
+pastes the tiles' instances in full-image coordinates and writes the part under
+``<output>/_tiles/<unit>/``; the unit's other images travel as its *base* part. The actor that
+writes a unit's last part merges its tiled images across seams and writes ``<output>/<unit>``
+(one row per image, never per tile), then deletes the parts; a rerun skips the parts written.
+Part rows report to the driver as not committed; only the merged unit counts.
+
 Exactly-once invariant: ``<output>/<unit>`` exists <=> it holds exactly one row per image of the
 unit. Each unit is a single Ray Data row, then a single entry of one group row (a row is never
 split by Ray Data's bundling), and its file is written whole and atomically by the task that made
@@ -53,6 +62,7 @@ from model.errors import MaskrayError, error_text
 from pipeline.infer.config import InferConfig
 from pipeline.infer.predictor import Predictor
 from pipeline.infer.stages import IMAGE_SUFFIXES, SegmentAndWrite, is_transient, read_groups, write_units
+from pipeline.infer.tiles import delete_stale_parts
 from pipeline.results import FORMAT as RESULTS_FORMAT
 from pipeline.results import PROVENANCE, read_table, unit_names, write_coco_json
 from pipeline.weights import read_model, reported_categories, source_format
@@ -76,6 +86,12 @@ GROUPS_IN_FLIGHT_PER_ACTOR = 4
 # actor can hold queued, so the first actor up is never handed every group while the others start
 # (2 per actor left the second of 2 CPU actors idle: 0.52x the loop instead of 0.9x).
 TASKS_PER_ACTOR = GROUPS_IN_FLIGHT_PER_ACTOR + 1
+# With --tile, the model stage starts handing out work only once its minimum actors are up (Ray
+# Data's DataContext.wait_for_min_actors_s; then each part goes to the least busy actor): without
+# it, the first actor up took the first GROUPS_IN_FLIGHT_PER_ACTOR tile parts of an image and the
+# others had none (tests/integration/test_infer_tiled.py). Bounded, for a cluster that cannot
+# place them: the run then stops with Ray's "Timed out while starting actors".
+TILED_WAIT_FOR_ACTORS_S = 900
 
 
 def units_per_task(images_per_unit: int, units: int | None = None, actors: int = 1) -> int:
@@ -308,6 +324,10 @@ def run_inference(config: InferConfig, *, predictor_factory: type[Predictor] | N
     existing = unit_names(output_uri)
     check_provenance(output_uri, record, overwrite=config.overwrite, existing=existing)
     done = set() if config.overwrite else set(existing)
+    if config.overwrite or config.tile:
+        stale = delete_stale_parts(output_uri, None if config.overwrite else done)
+        if stale:
+            logger.info("deleted %d tile part files of committed or overwritten units", stale)
     summary = InferenceSummary()
     pending: list[Unit] = []
     for unit in units:
@@ -356,15 +376,21 @@ def run_inference(config: InferConfig, *, predictor_factory: type[Predictor] | N
         # block, so the model stage starts on a group as soon as it is read, and each unit's
         # metadata reaches the driver when committed.
         ds.context.target_max_block_size = 1
+        if config.tile:
+            ds.context.wait_for_min_actors_s = TILED_WAIT_FOR_ACTORS_S
         _unblock_model_outputs(ds.context)
         # batch_size=None: a read call sees its task's units (to group them); batch_size=1 in the
         # model stage: every call sees one whole group.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+            tiling = None if not config.tile else {
+                "tile": config.tile, "overlap": config.tile_overlap, "full_pass": config.tile_full_pass,
+                "model_size": (model_config.min_size, model_config.max_size), "output_uri": output_uri,
+                "max_whole_pixels": config.whole_pixel_limit}
             ds = ds.map_batches(read_groups, batch_size=None, batch_format="pyarrow",
                                 fn_kwargs={"max_pixels": config.pixel_limit, "exif": config.exif,
-                                           "intensity": config.intensity},
+                                           "intensity": config.intensity, "tiling": tiling},
                                 # Ray Data's default: a read task waits once 2 of its groups are
                                 # unconsumed (large units: the object store's backpressure holds);
                                 # two objects per block (the block and its metadata)
@@ -431,6 +457,8 @@ def _watch(ds: Any, pending: list[Unit], summary: InferenceSummary, started: flo
                 raise MaskrayError(f"inference stopped ({error_text(exc)}); {len(left)} units not committed: "
                                    f"{_name_units(left.values())}; finished units are kept, rerun to resume") from exc
             for row in batch.to_pylist():
+                if not row.get("committed", True):
+                    continue  # a tile part written; its unit is committed by the last part's merge
                 if left.pop(row["unit"], None) is None:
                     continue  # a retried unit reported twice: its file was rewritten whole
                 if summary.first_commit_seconds is None:

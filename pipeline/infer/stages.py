@@ -24,6 +24,15 @@ per group: Ray Data's per-block cost is paid per ~8 MB, not per unit), while the
 commits and reports every unit on its own (:class:`SegmentAndWrite` yields one metadata row per
 unit as soon as its file is written).
 
+Tiled read (``--tile``, :func:`tiled_rows`): a unit's images larger than the tile size become
+*part* rows (a few tiles of one image each, cut from one open image source: a TIFF region
+reader, or the image decoded whole once), then the unit's other images one *base* row; decoded
+rows then also carry ``part`` (the part file name; null for a plain unit, ``check`` for a merge
+check), ``regions`` (per tile ``[x0, y0, x1, y1]`` in the full image), ``full_size`` (``[H, W]``)
+and ``tiled`` (the base's JSON: tiled positions and tile counts). :func:`write_units` writes parts
+under ``<output>/_tiles/<unit>/`` and the actor writing the last one merges the unit
+(:mod:`pipeline.infer.tiles`).
+
 Error rows: ``read failed``/``inference failed`` can be transient (``--retry-errors`` recomputes
 them); ``decode failed``/``post-processing failed`` are the image's own fault.
 """
@@ -159,31 +168,43 @@ def _read_shard_rows(unit: dict) -> tuple[list[int], list[str], list[bytes | Non
             table.column("image").to_pylist())
 
 
+def fetch_unit(unit: dict, lazy: Callable[[str], bool] | None = None
+               ) -> tuple[list[int], list[str], list[bytes | str | None], list[str | None]]:
+    """``(image_ids, file_names, image bytes, read errors)`` of a unit row (its shard rows, or its
+    files read whole; a files unit's path for which ``lazy(path)`` is true is given as its URI, for
+    a region reader to open); an unreadable file is its own ``read failed`` error."""
+    from pipeline import storage
+
+    if unit["source"] == "shard":
+        ids, names, datas = _read_shard_rows(unit)
+        return ids, names, list(datas), [None] * len(ids)
+    ids, names, datas, read_errors = [], [], [], []
+    for uri in unit["paths"]:
+        ids.append(stable_image_id(storage.relative(uri, unit["prefix"])))
+        names.append(uri)
+        if lazy is not None and lazy(uri):
+            datas.append(uri)
+            read_errors.append(None)
+            continue
+        try:
+            datas.append(with_retries(lambda uri=uri: storage.read_bytes(uri), f"reading {uri}"))
+            read_errors.append(None)
+        except Exception as exc:  # noqa: BLE001 - an unreadable object is its own error row
+            datas.append(None)
+            read_errors.append(f"read failed: {error_text(exc)}")
+    return ids, names, datas, read_errors
+
+
 def read_units(batch: Any, *, max_pixels: int | None, exif: bool = True, intensity: str | None = None) -> Any:
     """Ray Data stage: unit rows -> decoded units (see the module docstring). A row whose image
     cannot be read or decoded carries ``error`` from here on; a shard that cannot be read after
     :data:`STORAGE_ATTEMPTS` tries fails the task (Ray Data then stops the run naming it)."""
     import pyarrow as pa
 
-    from pipeline import storage
-
     out: dict[str, list] = {k: [] for k in ("unit", "positions", "image_ids", "file_names", "heights", "widths",
                                             "pixels", "errors", "merge")}
     for unit in batch.to_pylist():
-        if unit["source"] == "shard":
-            ids, names, datas = _read_shard_rows(unit)
-            read_errors: list[str | None] = [None] * len(ids)
-        else:
-            ids, names, datas, read_errors = [], [], [], []
-            for uri in unit["paths"]:
-                ids.append(stable_image_id(storage.relative(uri, unit["prefix"])))
-                names.append(uri)
-                try:
-                    datas.append(with_retries(lambda uri=uri: storage.read_bytes(uri), f"reading {uri}"))
-                    read_errors.append(None)
-                except Exception as exc:  # noqa: BLE001 - an unreadable object is its own error row
-                    datas.append(None)
-                    read_errors.append(f"read failed: {error_text(exc)}")
+        ids, names, datas, read_errors = fetch_unit(unit)
         positions = list(unit["only"]) or list(range(len(ids)))
         heights, widths, pixels, errors = [], [], [], []
         for p in positions:
@@ -238,16 +259,30 @@ def ungroup(groups: Any) -> Any:
 
 
 def read_groups(batch: Any, *, max_pixels: int | None, exif: bool = True, intensity: str | None = None,
-                group_bytes: int = GROUP_BYTES) -> Iterator[Any]:
+                group_bytes: int = GROUP_BYTES, tiling: dict | None = None) -> Iterator[Any]:
     """Ray Data stage (generator): a read task's unit rows -> :func:`read_units` one unit at a
-    time, yielded in groups (:func:`group`) of consecutive units holding >= ``group_bytes`` of
-    pixels (the last group may hold less); a unit of that size or more is a group alone, yielded
-    as soon as it is decoded."""
+    time (with ``tiling``, :func:`tiled_rows`: a unit's tile parts and base), yielded in groups
+    (:func:`group`) of consecutive rows holding >= ``group_bytes`` of pixels (the last group may
+    hold less); a row of that size or more is a group alone, yielded as soon as it is decoded."""
     import pyarrow as pa
 
+    def decoded_rows() -> Iterator[Any]:
+        for k in range(batch.num_rows):
+            if tiling is None:
+                yield read_units(batch.slice(k, 1), max_pixels=max_pixels, exif=exif, intensity=intensity)
+            else:
+                yield from tiled_rows(batch.slice(k, 1).to_pylist()[0], max_pixels=max_pixels, exif=exif,
+                                      intensity=intensity, **tiling)
+
     pending, size = [], 0
-    for k in range(batch.num_rows):
-        decoded = read_units(batch.slice(k, 1), max_pixels=max_pixels, exif=exif, intensity=intensity)
+    for decoded in decoded_rows():
+        if tiling is not None and decoded.column("regions")[0].as_py():
+            # a tile part is a group alone: the parts of one image spread over the actors
+            if pending:
+                yield group(pa.concat_tables(pending))
+                pending, size = [], 0
+            yield group(decoded)
+            continue
         pending.append(decoded)
         size += decoded.column("pixels").nbytes
         if size >= group_bytes:
@@ -255,6 +290,221 @@ def read_groups(batch: Any, *, max_pixels: int | None, exif: bool = True, intens
             pending, size = [], 0
     if pending:
         yield group(pa.concat_tables(pending))
+
+
+# --------------------------------------------------------------------------- tiled read (--tile)
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+SHRINK_STRIP_PIXELS = 16 * 2**20  # pixels of the full image per strip when shrinking it for the whole-image pass
+
+
+class ArrayRegions:
+    """The :class:`pipeline.data.regions.RegionSource` interface over an image decoded whole
+    (uint8 ``[3,H,W]``, EXIF orientation applied): PNG, JPEG and the rest."""
+
+    def __init__(self, chw: np.ndarray) -> None:
+        self.chw = chw
+        self.height, self.width = int(chw.shape[1]), int(chw.shape[2])
+
+    def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        """uint8 ``[y1-y0, x1-x0, 3]`` (a view)."""
+        return self.chw[:, y0:y1, x0:x1].transpose(1, 2, 0)
+
+    def read_chw(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        """uint8 ``[3, y1-y0, x1-x0]``, C-contiguous (one copy of the region)."""
+        return np.ascontiguousarray(self.chw[:, y0:y1, x0:x1])
+
+
+def _open_regions() -> Callable[..., Any] | None:
+    """``pipeline.data.regions.open_regions`` when this maskray has it, else None."""
+    try:
+        from pipeline.data.regions import open_regions
+    except ImportError:
+        return None
+    return open_regions
+
+
+def is_region_readable(data: bytes | str | None) -> bool:
+    """Whether an image given by URI is a TIFF a region reader opens without fetching it whole
+    (by its suffix): the tiled read passes such files' URIs, not their bytes."""
+    return isinstance(data, str) and data.lower().endswith(TIFF_SUFFIXES) and _open_regions() is not None
+
+
+def open_source(data: bytes | str | None, *, max_pixels: int | None, max_whole_pixels: int | None,
+                exif: bool = True, intensity: str | None = None) -> Any:
+    """A region source (``width``, ``height``, ``read(x0, y0, x1, y1)`` -> uint8 HWC) of an image
+    (bytes or URI): :func:`pipeline.data.regions.open_regions` (a tiled TIFF / BigTIFF region by
+    region, ``max_pixels`` per region; any other format decoded once in Pillow's own mode,
+    ``max_whole_pixels`` for the whole). An image whose EXIF orientation must be applied (``exif``,
+    orientation other than 1: photos) is decoded whole and turned (:func:`decode_pixels`), as the
+    plain path does."""
+    from pipeline import storage
+    from pipeline.data.decode import DEFAULT_INTENSITY
+
+    open_regions = _open_regions()
+    if open_regions is not None:
+        source = open_regions(data, max_region_pixels=max_pixels, max_whole_pixels=max_whole_pixels,
+                              intensity=intensity or DEFAULT_INTENSITY)
+        if not exif or getattr(source, "orientation", 1) == 1:
+            return source
+        source.close()
+    if isinstance(data, str):
+        data = with_retries(lambda: storage.read_bytes(data), f"reading {data}")
+    return ArrayRegions(decode_pixels(data, max_pixels=max_whole_pixels, exif=exif, intensity=intensity))
+
+
+def _close(source: Any) -> None:
+    close = getattr(source, "close", None)
+    if close is not None:
+        close()
+
+
+def region_chw(source: Any, box: Sequence[int]) -> np.ndarray:
+    """uint8 ``[3, y1-y0, x1-x0]`` C-contiguous pixels of ``box`` (x0, y0, x1, y1) of a source."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if isinstance(source, ArrayRegions):
+        return source.read_chw(x0, y0, x1, y1)
+    return np.ascontiguousarray(np.asarray(source.read(x0, y0, x1, y1)).transpose(2, 0, 1))
+
+
+def shrink_chw(source: Any, size: tuple[int, int], max_region_pixels: int | None = None) -> np.ndarray:
+    """The whole image of a source shrunk to ``size`` (width, height), uint8 ``[3,h,w]``: read in
+    strips of about :data:`SHRINK_STRIP_PIXELS`, each resized with Pillow (bilinear, antialiased),
+    so memory is one strip beside the output."""
+    from PIL import Image
+
+    tw, th = int(size[0]), int(size[1])
+    width, height = int(source.width), int(source.height)
+    strip = max(1, min(SHRINK_STRIP_PIXELS, max_region_pixels or SHRINK_STRIP_PIXELS) // width)
+    out = np.empty((th, tw, 3), dtype=np.uint8)
+    for y0 in range(0, height, strip):
+        y1 = min(height, y0 + strip)
+        t0, t1 = round(y0 * th / height), round(y1 * th / height)
+        if t1 > t0:
+            pixels = np.ascontiguousarray(source.read(0, y0, width, y1))
+            out[t0:t1] = np.asarray(Image.fromarray(pixels).resize((tw, t1 - t0), Image.BILINEAR))
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def decoded_row(unit: dict, positions: list[int], image_ids: list[int], file_names: list[str],
+                images: list[np.ndarray | None], errors: list[str | None], *, part: str | None,
+                regions: list[Sequence[int]] = (), full_size: Sequence[int] = (), tiled: str = "") -> Any:
+    """One decoded row of the tiled read (the columns of :func:`read_units` and ``part``,
+    ``regions``, ``full_size``, ``tiled``: see the module docstring); ``images`` uint8 ``[3,h,w]``
+    (None for an error row)."""
+    import pyarrow as pa
+
+    heights = [0 if im is None else int(im.shape[1]) for im in images]
+    widths = [0 if im is None else int(im.shape[2]) for im in images]
+    pixels = [b"" if im is None else memoryview(im).cast("B") for im in images]
+    return pa.table({
+        "unit": pa.array([unit["unit"]], pa.string()),
+        "positions": pa.array([positions], pa.list_(pa.int64())),
+        "image_ids": pa.array([[int(i) for i in image_ids]], pa.list_(pa.int64())),
+        "file_names": pa.array([file_names], pa.list_(pa.string())),
+        "heights": pa.array([heights], pa.list_(pa.int32())),
+        "widths": pa.array([widths], pa.list_(pa.int32())),
+        "pixels": pa.array([pixels], pa.list_(pa.large_binary())),
+        "errors": pa.array([errors], pa.list_(pa.string())),
+        "merge": pa.array([bool(unit["only"])], pa.bool_()),
+        "part": pa.array([part], pa.string()),
+        "regions": pa.array([[list(map(int, r)) for r in regions]], pa.list_(pa.list_(pa.int64()))),
+        "full_size": pa.array([list(map(int, full_size))], pa.list_(pa.int64())),
+        "tiled": pa.array([tiled], pa.string()),
+    })
+
+
+def tiled_rows(unit: dict, *, tile: int, overlap: float, full_pass: bool, model_size: Sequence[int],
+               output_uri: str, max_whole_pixels: int | None, max_pixels: int | None, exif: bool = True,
+               intensity: str | None = None) -> Iterator[Any]:
+    """The tiled read of one unit (``maskray infer --tile``): decoded rows, one image source open
+    at a time.
+
+    * Each image larger than ``tile`` yields its tiles (:func:`pipeline.infer.tiles.plan_tiles`,
+      and with ``full_pass`` the whole image shrunk to ``model_size`` (min, max) as one more
+      region) in part rows of :func:`~pipeline.infer.tiles.tiles_per_part` tiles, each one unit
+      of work for whichever model actor is free; parts already under ``<output>/_tiles/<unit>/``
+      (a resumed run) are skipped.
+    * Then the unit's other images: as a plain decoded unit when nothing was tiled (committed as
+      always), else as the unit's base part (``tiled``: JSON of the tiled positions and their tile
+      counts, the unit's positions, the ``--retry-errors`` merge flag), or, when the base is
+      already written, an empty ``check`` row so that some actor tries the merge.
+    """
+    from pipeline.infer import tiles
+
+    name = unit["unit"]
+    written = tiles.list_parts(output_uri, name)
+    expected, _ = tiles.parse_parts(written)
+    complete, done = tiles.complete_positions(written), set(written)
+    base_tiled = None
+    if expected is not None:
+        base = next(n for n in written if n.startswith("base."))
+        base_tiled = {int(p) for p in tiles.read_base_meta(output_uri, name, base)["tiled"]}
+    ids, names, datas, read_errors = fetch_unit(unit, lazy=is_region_readable)
+    positions = list(unit["only"]) or list(range(len(ids)))
+    small: dict[str, list] = {"positions": [], "image_ids": [], "file_names": [], "images": [], "errors": []}
+    tiled: dict[int, int] = {}
+    per_part = tiles.tiles_per_part(tile)
+    for p in positions:
+        if base_tiled is not None and (p not in base_tiled or p in complete):
+            continue  # its row is in the written base / all its tiles are written
+        source, error = None, read_errors[p]
+        if error is None:
+            try:
+                source = open_source(datas[p], max_pixels=max_pixels, max_whole_pixels=max_whole_pixels, exif=exif,
+                                     intensity=intensity)
+            except Exception as exc:  # noqa: BLE001 - a bad image is an error row, never a crash
+                error = f"decode failed: {error_text(exc)}"
+        if source is None or not tiles.needs_tiles(source.width, source.height, tile):
+            image = None
+            if source is not None:
+                try:
+                    image = region_chw(source, (0, 0, source.width, source.height))
+                except Exception as exc:  # noqa: BLE001
+                    error = f"decode failed: {error_text(exc)}"
+                _close(source)
+            for key, value in zip(small, (p, ids[p], names[p], image, error)):
+                small[key].append(value)
+            continue
+        width, height = int(source.width), int(source.height)
+        boxes = tiles.plan_tiles(width, height, tile, overlap)
+        count = len(boxes) + (1 if full_pass else 0)
+        tiled[p] = count
+        chunks = [(a, min(a + per_part, len(boxes))) for a in range(0, len(boxes), per_part)]
+        if full_pass:
+            chunks.append((len(boxes), count))
+        for a, b in chunks:
+            part = tiles.part_name(p, a, b, count)
+            if part in done:
+                continue
+            images, errors, regions = [], [], []
+            for k in range(a, b):
+                region = boxes[k] if k < len(boxes) else (0, 0, width, height)
+                try:
+                    image = (region_chw(source, region) if k < len(boxes) else
+                             shrink_chw(source, tiles.full_pass_size(width, height, *model_size), max_pixels))
+                    images.append(image)
+                    errors.append(None)
+                except Exception as exc:  # noqa: BLE001 - a region that cannot be read fails its image
+                    images.append(None)
+                    errors.append(f"decode failed: {error_text(exc)}")
+                regions.append(region)
+            yield decoded_row(unit, [p] * len(images), [ids[p]] * len(images), [names[p]] * len(images), images,
+                              errors, part=part, regions=regions, full_size=(height, width))
+        _close(source)
+        del source
+    import json
+
+    if base_tiled is not None:
+        yield decoded_row(unit, [], [], [], [], [], part="check")
+    elif not tiled:
+        yield decoded_row(unit, small["positions"], small["image_ids"], small["file_names"], small["images"],
+                          small["errors"], part=None)
+    else:
+        meta = {"tiled": {str(p): n for p, n in tiled.items()}, "unit_positions": positions,
+                "merge": bool(unit["only"])}
+        yield decoded_row(unit, small["positions"], small["image_ids"], small["file_names"], small["images"],
+                          small["errors"], part=tiles.base_name(sum(tiled.values())), tiled=json.dumps(meta))
 
 
 # --------------------------------------------------------------------------- post-process + write
@@ -300,17 +550,72 @@ def write_units(batch: Any, *, output_uri: str, category_ids: Sequence[int]) -> 
 
     from pipeline.results import write_unit
 
-    meta: dict[str, list] = {k: [] for k in ("unit", "images", "errors", "transient", "instances")}
+    meta: dict[str, list] = {k: [] for k in ("unit", "images", "errors", "transient", "instances", "committed")}
     for unit in (batch if isinstance(batch, list) else batch.to_pylist()):
-        table = write_unit(output_uri, unit["unit"], unit_table(unit, category_ids),
-                           positions=unit["positions"] if unit["merge"] else None, attempt=with_retries)
-        errors = [e for e in table.column("error").to_pylist() if e is not None]
+        if unit.get("part") is None:
+            table = write_unit(output_uri, unit["unit"], unit_table(unit, category_ids),
+                               positions=unit["positions"] if unit["merge"] else None, attempt=with_retries)
+            images = len(unit["positions"])
+        else:  # --tile: a part of the unit; committed by whichever actor writes the last one
+            table, images = write_part_and_merge(unit, output_uri=output_uri, category_ids=category_ids)
+        errors = [] if table is None else [e for e in table.column("error").to_pylist() if e is not None]
         meta["unit"].append(unit["unit"])
-        meta["images"].append(len(unit["positions"]))
+        meta["images"].append(images)
         meta["errors"].append(len(errors))
         meta["transient"].append(sum(is_transient(e) for e in errors))
-        meta["instances"].append(int(pc.sum(pc.list_value_length(table.column("instances"))).as_py() or 0))
+        meta["instances"].append(0 if table is None else
+                                 int(pc.sum(pc.list_value_length(table.column("instances"))).as_py() or 0))
+        meta["committed"].append(table is not None)
     return pa.table(meta)
+
+
+def tile_table(unit: dict, category_ids: Sequence[int]) -> Any:
+    """A tile part's model-stage row -> its RESULT_SCHEMA table: one row per tile, instances in
+    full-image coordinates (:func:`pipeline.infer.tiles.tile_instances`)."""
+    from pipeline.infer.tiles import tile_instances
+    from pipeline.results import result_table
+
+    errors, instances = list(unit["errors"]), []
+    full_size = tuple(unit["full_size"])
+    for k, pred in enumerate(unit["preds"]):
+        if errors[k] is not None or pred is None:
+            instances.append([])
+            continue
+        try:
+            instances.append(tile_instances(pred, tuple(unit["regions"][k]), (unit["heights"][k], unit["widths"][k]),
+                                            full_size, category_ids))
+        except Exception as exc:  # noqa: BLE001
+            errors[k] = f"post-processing failed: {error_text(exc)}"
+            instances.append([])
+    return result_table(unit["image_ids"], unit["file_names"], instances, errors, unit["model"])
+
+
+def write_part_and_merge(unit: dict, *, output_uri: str, category_ids: Sequence[int]) -> tuple[Any, int]:
+    """Write a tiled unit's part (its base, a run of tiles of one image, or nothing for a
+    ``check`` row) under ``<output>/_tiles/<unit>/``, then try the merge
+    (:func:`pipeline.infer.tiles.try_merge`). Returns ``(the committed unit's table, its image
+    count)`` when this call committed it, else ``(None, 0)``. A part rerun after its unit was
+    committed (a retried task) writes nothing and reports the committed file."""
+    import json
+
+    from pipeline import storage
+    from pipeline.infer import tiles
+    from pipeline.results import read_table
+
+    name, part = unit["unit"], unit["part"]
+    final = storage.join(output_uri, name)
+    if not unit["merge"] and with_retries(lambda: storage.exists(final), f"checking {final}"):
+        table = read_table(final, columns=["error", "instances"])
+        return table, table.num_rows
+    if part != "check":
+        if unit["tiled"]:  # the base: the unit's untiled images
+            table = unit_table(unit, category_ids)
+            meta = {"positions": list(unit["positions"]), **json.loads(unit["tiled"])}
+        else:
+            table = tile_table(unit, category_ids)
+            meta = {"regions": [list(r) for r in unit["regions"]], "full_size": list(unit["full_size"])}
+        tiles.write_part(output_uri, name, part, table, meta, attempt=with_retries)
+    return tiles.try_merge(output_uri, name, attempt=with_retries)
 
 
 class SegmentAndWrite:

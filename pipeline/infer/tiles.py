@@ -80,8 +80,10 @@ from model.errors import MaskrayError
 MATCH_THRESHOLD = 0.5  # IoS_R at or above which two instances are one object (SAHI's default)
 TILES_DIR = "_tiles"  # <output>/_tiles/<unit>/<part>: parts of units not yet merged
 PART_KEY = b"maskray.part"  # Parquet schema metadata of a part file (JSON)
-MAX_TILES_PER_PART = 16
-PART_BYTES = 8 * 2**20  # pixels per tile part: about one group (pipeline.infer.stages.GROUP_BYTES)
+# Tiles per part (a unit of work, one Ray Data block, one model-stage task): small enough that an
+# image's parts spread over the actors, large enough for a few model batches per task
+MAX_TILES_PER_PART = 8
+PART_BYTES = 4 * 2**20  # uint8 pixels per part at most (above one tile): 5 tiles of 512 px, 1 of 1024+
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 pixels, x1/y1 exclusive
 
@@ -125,7 +127,8 @@ def plan_tiles(width: int, height: int, tile: int, overlap: float) -> list[Box]:
 
 
 def tiles_per_part(tile: int) -> int:
-    """Tiles in one part file (one unit of work): about :data:`PART_BYTES` of uint8 RGB, 1..16."""
+    """Tiles in one part file (one unit of work): at most :data:`PART_BYTES` of uint8 RGB (one
+    tile at least), at most :data:`MAX_TILES_PER_PART`."""
     return max(1, min(MAX_TILES_PER_PART, PART_BYTES // (3 * tile * tile)))
 
 
@@ -428,10 +431,10 @@ def merge_image(rows: Sequence[dict], regions: Sequence[Box], size: tuple[int, i
     return {**first, "instances": merge_instances(instances, owners, size), "error": None}
 
 
-def try_merge(output_uri: str, unit: str, *, attempt: Any) -> Any:
-    """Write ``<output>/<unit>`` from its parts when every part is there (then delete them) and
-    return its RESULT_SCHEMA table; None while parts are missing (or when another actor's
-    merge already removed them: the unit file then exists)."""
+def try_merge(output_uri: str, unit: str, *, attempt: Any) -> tuple[Any, int]:
+    """Write ``<output>/<unit>`` from its parts when every part is there (then delete them);
+    returns ``(its RESULT_SCHEMA table, the images written)``, or ``(None, 0)`` while parts are
+    missing (or when another actor's merge already removed them: the unit file then exists)."""
     import pyarrow as pa
 
     from pipeline import storage
@@ -440,7 +443,7 @@ def try_merge(output_uri: str, unit: str, *, attempt: Any) -> Any:
     names = list_parts(output_uri, unit)
     expected, done = parse_parts(names)
     if expected is None or sum(min(have, n) for have, n in done.values()) < expected:
-        return None
+        return None, 0
     base = next(n for n in names if _BASE.match(n))
     try:
         base_table, meta = read_part(output_uri, unit, base)
@@ -460,11 +463,28 @@ def try_merge(output_uri: str, unit: str, *, attempt: Any) -> Any:
             rows[position] = merge_image(tile_rows, regions, tuple(part_meta["full_size"]))
     except (FileNotFoundError, storage.StorageError):
         if storage.exists(storage.join(output_uri, unit)):
-            return None  # another actor merged it and removed the parts
+            return None, 0  # another actor merged it and removed the parts
         raise
     order = list(meta["unit_positions"])
     table = pa.Table.from_pylist([rows[p] for p in order], schema=RESULT_SCHEMA)
     written = write_unit(output_uri, unit, table, positions=order if meta["merge"] else None, attempt=attempt)
     for name in names:
         storage.delete(storage.join(parts_uri(output_uri, unit), name))
-    return written
+    return written, len(order)
+
+
+def delete_stale_parts(output_uri: str, committed: set[str] | None) -> int:
+    """Delete the part files under ``<output>/_tiles/`` of the units in ``committed`` (left when a
+    run stopped between a unit's merge and the removal of its parts), or every part file with
+    None (``--overwrite``). Parts of uncommitted units stay: a rerun resumes from them. Returns
+    the count deleted."""
+    from pipeline import storage
+
+    folder = storage.join(output_uri, TILES_DIR)
+    deleted = 0
+    for uri in storage.list_files(folder):
+        unit = storage.relative(uri, folder).split("/", 1)[0]
+        if committed is None or unit in committed:
+            storage.delete(uri)
+            deleted += 1
+    return deleted
