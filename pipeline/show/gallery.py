@@ -212,8 +212,10 @@ class ImageSource:
             if wanted <= self._by_id.keys():
                 break
 
-    def read(self, row: dict) -> tuple[bytes | None, str | None]:
-        """``(encoded bytes, None)``, or ``(None, why)`` ("image not found ...")."""
+    def read(self, row: dict, *, tiff_by_uri: bool = False) -> tuple[bytes | str | None, str | None]:
+        """``(encoded bytes, None)``, or ``(None, why)`` ("image not found ..."). With
+        ``tiff_by_uri``, a raw TIFF file is returned as its URI instead (read region by region
+        later, never fetched whole)."""
         from pipeline import storage
 
         if self.kind == "shards":
@@ -225,6 +227,8 @@ class ImageSource:
         uri = str(row["file_name"] or "")
         if self.override:
             uri = storage.join(self.override, storage.relative(uri, self.recorded))
+        if tiff_by_uri and uri.lower().endswith((".tif", ".tiff")) and storage.exists(uri):
+            return uri, None
         try:
             return storage.read_bytes(uri), None
         except MaskrayError as exc:
@@ -474,7 +478,7 @@ def build_gallery(results_uri: str, out_uri: str, *, images_uri: str | None = No
     for k, row in enumerate(rows):
         image_id = int(row["image_id"])
         entry = Entry(image_id, str(row["file_name"] or image_id), len(row["instances"] or []))
-        data, entry.note = source.read(row)
+        data, entry.note = source.read(row, tiff_by_uri=True)
         if data is not None:
             try:
                 stem = f"{k:05d}-{image_id}.jpg"
@@ -486,6 +490,8 @@ def build_gallery(results_uri: str, out_uri: str, *, images_uri: str | None = No
                         entry.crops.append(f"crops/{k:05d}-{image_id}-{n + 1}.jpg")
                         storage.write_bytes(storage.join(out_uri, entry.crops[-1]), _jpeg(crop, 90), fsync=False)
                 else:
+                    if isinstance(data, str):  # a TIFF given by its URI that is not huge: its bytes
+                        data = storage.read_bytes(data)
                     picture = render(data, row["instances"] or [], label_of, label_names, long_side=long_side,
                                      score_thresh=score_thresh, decode_options=decode_options, skeletons=skeletons)
                 entry.overlay, entry.thumb = f"overlays/{stem}", f"thumbs/{stem}"

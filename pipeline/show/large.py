@@ -124,10 +124,11 @@ def crop_window(instance: dict, frame: tuple[int, int]) -> tuple[int, int, int, 
     return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
 
 
-def render_large(data: bytes, instances: Sequence[dict], label_of: dict[int, int], label_names: Sequence[str], *,
+def render_large(data: bytes | str, instances: Sequence[dict], label_of: dict[int, int], label_names: Sequence[str], *,
                  long_side: int, score_thresh: float, crops: int, intensity: str | None = None,
                  skeletons: Sequence | None = None) -> tuple[Any, list[tuple[dict, Any]]]:
-    """``(overview picture, [(instance, crop picture), ...])`` of a huge image (see the module doc):
+    """``(overview picture, [(instance, crop picture), ...])`` of a huge image (encoded bytes, or a
+    URI: a TIFF there is read with ranged reads; see the module doc):
     the overview at most ``long_side`` px with the best :data:`MAX_OVERVIEW_INSTANCES` instances
     scoring >= ``score_thresh``; a full-resolution crop around each of the ``crops`` best."""
     from PIL import Image
@@ -158,24 +159,37 @@ def render_large(data: bytes, instances: Sequence[dict], label_of: dict[int, int
     return picture, shown
 
 
-def is_large(data: bytes, threshold: int = LARGE_PIXELS) -> bool:
-    """Whether encoded ``data`` holds more than ``threshold`` pixels (header only; a TIFF Pillow
-    cannot parse, e.g. BigTIFF, is asked of tifffile)."""
+def _tiff_size(handle: Any) -> tuple[int, int] | None:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(handle) as tif:
+            page = tif.pages[0]
+            return int(page.imagewidth), int(page.imagelength)
+    except Exception:  # noqa: BLE001 - unreadable: the plain path reports it
+        return None
+
+
+def is_large(data: bytes | str, threshold: int = LARGE_PIXELS) -> bool:
+    """Whether an image (encoded bytes, or a TIFF's URI) holds more than ``threshold`` pixels,
+    from its header only (a TIFF Pillow cannot parse, e.g. BigTIFF, is asked of tifffile)."""
     from pipeline.data.decode import ImageDecodeError, image_size
 
+    if isinstance(data, str):
+        from pipeline import storage
+
+        fs, path = storage.resolve(data)
+        with fs.open_input_file(path) as handle:
+            size = _tiff_size(handle)
+        return size is not None and size[0] * size[1] > threshold
     try:
         width, height = image_size(data, max_pixels=1 << 62)  # header only; Pillow's bomb check off
     except ImageDecodeError:
-        if bytes(data[:4]) not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-            return False
         import io
 
-        import tifffile
-
-        try:
-            with tifffile.TiffFile(io.BytesIO(data)) as tif:
-                page = tif.pages[0]
-                width, height = int(page.imagewidth), int(page.imagelength)
-        except Exception:  # noqa: BLE001 - unreadable: the plain path reports it
+        size = _tiff_size(io.BytesIO(data)) if bytes(data[:4]) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+") \
+            else None
+        if size is None:
             return False
+        width, height = size
     return width * height > threshold

@@ -102,9 +102,14 @@ def test_gallery_links_crops_of_a_huge_image(tmp_path):
         "options": {"intensity": "percentile", "category_ids": [3]}}))
     out = tmp_path / "gallery"
     summary = gallery.build_gallery(str(results), str(out), long_side=400, crops=3, large_pixels=1_000_000)
+    assert summary.shown == 1
     assert summary.missing == 0
     text = (out / "index.html").read_text()
     links = re.findall(r'<a class="crop" href="([^"]+)">', text)
     assert links == [f"crops/00000-1-{n}.jpg" for n in (1, 2, 3)]
     assert all((out / link).is_file() for link in links)
     assert Image.open(out / "overlays" / "00000-1.jpg").size == (375, 250)  # factor 4: ceil(1500 / 400)
+    # the same TIFF under the threshold: the plain overlay, from its bytes, no crops
+    plain = gallery.build_gallery(str(results), str(tmp_path / "plain"), long_side=300, crops=3)
+    assert plain.missing == 0 and not (tmp_path / "plain" / "crops").exists()
+    assert Image.open(tmp_path / "plain" / "overlays" / "00000-1.jpg").size == (300, 200)
