@@ -192,3 +192,76 @@ def test_part_names_parse_back():
     expected, done = tiles.parse_parts(names)
     assert expected == 7 and done == {3: (5, 5), 9: (1, 2)}
     assert tiles.complete_positions(names) == {3}
+
+
+# --------------------------------------------------------------------------- read + write, no Ray
+
+
+def fake_predictions(row: dict, obj: tiles.Box) -> list[dict]:
+    """Per tile of a decoded row, one detection of the rectangle ``obj`` (full-image x0, y0, x1,
+    y1) where the tile sees it, in the tile's pixel frame (scaled for a shrunk whole-image pass)."""
+    preds = []
+    for region, h, w in zip(row["regions"] or [None] * len(row["positions"]), row["heights"], row["widths"]):
+        boxes = np.zeros((0, 4), np.float32)
+        if region is not None:
+            x0, y0, x1, y1 = region
+            ax0, ay0, ax1, ay1 = max(obj[0], x0), max(obj[1], y0), min(obj[2], x1), min(obj[3], y1)
+            if ax1 > ax0 and ay1 > ay0:
+                sx, sy = w / (x1 - x0), h / (y1 - y0)
+                boxes = np.array([[(ax0 - x0) * sx, (ay0 - y0) * sy, (ax1 - x0) * sx, (ay1 - y0) * sy]],
+                                 np.float32)
+        n = len(boxes)
+        preds.append({"boxes": boxes, "labels": np.ones(n, np.int64), "scores": np.full(n, 0.9, np.float32),
+                      "masks": np.ones((n, 1, 28, 28), np.float32)})
+    return preds
+
+
+def test_tiled_read_and_write_commit_one_row_per_image_and_resume(tmp_path):
+    from PIL import Image
+
+    from pipeline.infer.stages import tiled_rows, write_units
+    from pipeline.results import read_table, unit_names
+
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 255, (200, 300, 3), dtype=np.uint8)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(big).save(tmp_path / "in" / "a.png")
+    Image.fromarray(big[:50, :60]).save(tmp_path / "in" / "b.png")
+    out = str(tmp_path / "out")
+    unit = {"unit": "files-0000000-0000002.parquet", "source": "files", "uri": "", "start": 0, "stop": 0, "total": 0,
+            "paths": [str(tmp_path / "in" / n) for n in ("a.png", "b.png")], "prefix": str(tmp_path / "in"), "only": []}
+    opts = {"tile": 128, "overlap": 0.25, "full_pass": True, "model_size": (64, 100), "output_uri": out,
+            "max_whole_pixels": None, "max_pixels": None}
+    rows = [r.to_pylist()[0] | {"pixels_raw": r.column("pixels")[0].as_py()} for r in tiled_rows(unit, **opts)]
+    parts = [r for r in rows if r["regions"]]
+    grid = tiles.plan_tiles(300, 200, 128, 0.25)
+    assert sum(len(r["regions"]) for r in parts) == len(grid) + 1  # the tiles and the whole-image pass
+    first = parts[0]
+    x0, y0, x1, y1 = first["regions"][0]
+    assert np.array_equal(np.frombuffer(first["pixels_raw"][0], np.uint8).reshape(3, y1 - y0, x1 - x0),
+                          big[y0:y1, x0:x1].transpose(2, 0, 1))  # a tile is its region's pixels
+    whole = parts[-1]
+    assert whole["regions"] == [[0, 0, 300, 200]] and (whole["heights"][0], whole["widths"][0]) == (64, 96)
+    base = rows[-1]
+    assert base["positions"] == [1] and base["part"].startswith("base.") and not base["regions"]
+
+    obj = (140, 60, 180, 100)  # crossed by tile borders at x = 128 and 172 and at y = 72
+
+    def run(row: dict) -> tuple:
+        meta = write_units([dict(row, preds=fake_predictions(row, obj), model="m")], output_uri=out,
+                           category_ids=[1])
+        return meta.column("committed")[0].as_py()
+
+    assert run(parts[0]) is False  # resume: a run stopped after its first part
+    again = [r.to_pylist()[0] for r in tiled_rows(unit, **opts)]
+    assert [r["part"] for r in again if r["regions"]] == [r["part"] for r in parts[1:]]  # written part skipped
+    committed = [run(r) for r in again]
+    assert committed[-1] is True and not any(committed[:-1])
+    assert unit_names(out) == [unit["unit"]]
+    table = read_table(f"{out}/{unit['unit']}").to_pylist()
+    assert [r["file_name"].rsplit("/", 1)[-1] for r in table] == ["a.png", "b.png"]
+    found = table[0]["instances"]
+    assert len(found) == 1 and table[1]["instances"] == [] and table[0]["error"] is None
+    assert found[0]["segmentation"]["size"] == [200, 300]
+    assert found[0]["bbox"] == pytest.approx([140, 60, 40, 40], abs=2)  # the box of the merged mask
+    assert tiles.list_parts(out, unit["unit"]) == []  # parts removed after the commit
