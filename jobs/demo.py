@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="extra override for the training config (repeatable), e.g. schedule.max_iters=50")
     parser.add_argument("--skip-distill", action="store_true", help="stop after batch segmentation")
+    parser.add_argument("--distill-control", action="store_true",
+                        help="also train the round's control (the student's run on the labeled images alone) and "
+                             "report the pseudo-labels' own gain over it (costs one more training run)")
     parser.add_argument("--keypoint-images", type=int, default=KEYPOINT_IMAGES, metavar="N",
                         help=f"training images of the keypoint stage's stick figures (default {KEYPOINT_IMAGES})")
     parser.add_argument("--keypoint-config", default=str(REPO / "configs" / "keypoints-cpu.yaml"), metavar="FILE",
@@ -202,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
 
         distill_config = load_distill_config(args.distill_config, [
             f"work_dir={paths['distill']}", f"data.labeled={paths['train']}", f"data.unlabeled={paths['pool']}",
-            f"data.val={paths['val']}", f"teacher={checkpoint}", f"train.seed={args.seed}"])
+            f"data.val={paths['val']}", f"teacher={checkpoint}", f"train.seed={args.seed}",
+            f"student.control={str(args.distill_control).lower()}"])
         _timed(timings, "distill", run_distill, distill_config, verbose=verbose)
         distill_summary = _distill_rounds(paths["distill"])
         if distill_config.student.init == "teacher":  # fine-tuned: it trained this much more than its teacher
@@ -274,25 +278,34 @@ def _distill_rounds(work_dir: str) -> list:
 
 
 def _distill_verdict(state, extra_iterations: int = 0) -> str:
-    """Plain sentences on whether the round's student beat its teacher (mask AP, points).
-    ``extra_iterations``: how many more iterations the student trained than its teacher (a
-    student fine-tuned from the teacher); a gain is then not compute-matched, and it says so."""
+    """Plain sentences on whether the round's student beat its teacher (mask AP, points), and its
+    control when the round has one. ``extra_iterations``: how many more iterations the student
+    trained than its teacher (a student fine-tuned from the teacher): a gain over the teacher is
+    then not compute-matched, and it says so."""
     gain = state.gain()
     if gain is None:
         return f"**Round {state.round} did not finish**: no student to compare with its teacher."
     teacher, student = (100 * state.metrics[k]["segm"]["AP"] for k in ("teacher", "student"))
     if gain <= 0:
-        return (f"**Round {state.round} did not gain**: the student's mask AP is {student:.1f} against the "
-                f"teacher's {teacher:.1f} ({gain:+.1f}). The student is not a better model here; the teacher "
-                "stays the result.")
-    verdict = (f"**The student scored {gain:+.1f} mask AP over its teacher** ({teacher:.1f} -> {student:.1f}) "
-               f"in round {state.round}.")
-    if extra_iterations:
+        verdict = (f"**Round {state.round} did not gain**: the student's mask AP is {student:.1f} against the "
+                   f"teacher's {teacher:.1f} ({gain:+.1f}). The student is not a better model here; the teacher "
+                   "stays the result.")
+    else:
+        verdict = (f"**The student scored {gain:+.1f} mask AP over its teacher** ({teacher:.1f} -> {student:.1f}) "
+                   f"in round {state.round}.")
+    over_control = state.gain_over_control()
+    if over_control is not None:
+        control = 100 * state.metrics["control"]["segm"]["AP"]
+        if over_control > 0:
+            return verdict + (f" Its control, the same run on the labeled images alone, scored {control:.1f}: "
+                              f"**the pseudo-labels gave {over_control:+.1f} mask AP**.")
+        return verdict + (f" Its control, the same run on the labeled images alone, scored {control:.1f}: **the "
+                          f"pseudo-labels did not help** ({over_control:+.1f} mask AP against the control).")
+    if gain > 0 and extra_iterations:
         verdict += (f" This is not a compute-matched comparison: the student was fine-tuned from the teacher for "
                     f"{extra_iterations} more iterations, so the figure includes that extra training and does not "
-                    "show on its own that the pseudo-labels helped. A control trained the same iterations on the "
-                    "labeled images alone (benchmarks/RESULTS.md, \"Data distillation\") is the comparison that "
-                    "would.")
+                    "show on its own that the pseudo-labels helped; `--distill-control` also trains the control "
+                    "(the same iterations on the labeled images alone) and compares with it.")
     return verdict
 
 

@@ -83,12 +83,16 @@ class DataSection:
 class StudentConfig:
     """How the student trains: ``mix_ratio`` = fraction of labeled images in every batch (the rest
     pseudo-labeled); ``init`` = ``scratch`` (the model's init, the data-distillation recipe) or
-    ``teacher`` (fine-tune the round's teacher); ``overrides`` = dotted train keys for the student only."""
+    ``teacher`` (fine-tune the round's teacher); ``overrides`` = dotted train keys for the student only.
+    ``control``: also train the round's control, the student's run (same init, schedule and
+    overrides) on the labeled images alone, and score it: the student's gain over the control is
+    what the pseudo-labels gave, the gain over the teacher also counts any extra training."""
 
     mix_ratio: float = 0.5
     keep_empty: bool = False  # keep unlabeled images left without pseudo instances
     init: str = "scratch"
     overrides: dict[str, Any] = field(default_factory=dict)
+    control: bool = False
 
     def __post_init__(self) -> None:
         require(0.0 <= self.mix_ratio < 1.0, "student.mix_ratio", f"expected a value in [0, 1), got {self.mix_ratio}")

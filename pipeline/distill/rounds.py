@@ -7,9 +7,11 @@ Layout under the work directory (a local path or ``s3://`` URI)::
     rounds/round-K/state.json     K >= 1: teacher = round K-1's model; pseudo-labels; student; eval
     rounds/round-K/pseudo/...     the pseudo-label dataset of round K (manifest extra: round, teacher)
     rounds/round-K/student/...    the student's training run
+    rounds/round-K/control/...    with student.control: the student's run on the labeled data alone
 
 Round 0 has the steps ``teacher`` and ``eval``; round K >= 1 has ``teacher`` (take round K-1's
-model and its metrics), ``pseudo_labels``, ``student`` and ``eval``. ``state.json`` is rewritten
+model and its metrics), ``pseudo_labels``, ``student`` and ``eval``, then ``control`` (train and
+score the control) when one is configured. ``state.json`` is rewritten
 (atomically) after every finished step, so killing the scheduler anywhere and re-running the
 same command continues at the first unfinished step; a finished round is never redone and a
 round only ever reads the pseudo-label set recorded in its own state. The loop stops after
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = "maskray-round/1"
 ROUND0_STEPS = ("teacher", "eval")
 ROUND_STEPS = ("teacher", "pseudo_labels", "student", "eval")
+CONTROL_STEP = "control"  # after ROUND_STEPS when the round has a control (student.control)
 PENDING, DONE = "pending", "done"
 
 
@@ -60,12 +63,15 @@ class StepFunctions:
     - ``pseudo_label(round, teacher, out) -> PseudoLabels``
     - ``train_student(round, pseudo_dataset, out) -> checkpoint URI``
     - ``evaluate(checkpoint) -> metrics`` ({"bbox": {"AP", ...}, "segm": {"AP", ...}}, in [0, 1])
+    - ``train_control(round, teacher, out) -> checkpoint URI`` (optional): the student's run on the
+      labeled data alone; rounds have a ``control`` step when it is given
     """
 
     train_teacher: Callable[[str], str]
     pseudo_label: Callable[[int, str, str], PseudoLabels]
     train_student: Callable[[int, str, str], str]
     evaluate: Callable[[str], dict]
+    train_control: Callable[[int, str, str], str] | None = None
 
 
 @dataclass
@@ -78,20 +84,23 @@ class RoundState:
     pseudo_images: int | None = None
     pseudo_instances: int | None = None
     student: str | None = None
+    control: str | None = None
     metrics: dict[str, dict] = field(default_factory=dict)
     wall_time: dict[str, float] = field(default_factory=dict)
     config_hash: str = ""
     version: str = STATE_VERSION
 
     @classmethod
-    def new(cls, k: int, config_hash: str = "") -> "RoundState":
-        steps = ROUND0_STEPS if k == 0 else ROUND_STEPS
+    def new(cls, k: int, config_hash: str = "", *, control: bool = False) -> "RoundState":
+        steps = ROUND0_STEPS if k == 0 else ROUND_STEPS + ((CONTROL_STEP,) if control else ())
         return cls(round=k, status={s: PENDING for s in steps}, config_hash=config_hash)
 
     @property
     def steps(self) -> tuple[str, ...]:
         """The steps of this round, in the order they run (``status`` is stored sorted)."""
-        return ROUND0_STEPS if self.round == 0 else ROUND_STEPS
+        if self.round == 0:
+            return ROUND0_STEPS
+        return ROUND_STEPS + ((CONTROL_STEP,) if CONTROL_STEP in self.status else ())
 
     @property
     def done(self) -> bool:
@@ -111,6 +120,13 @@ class RoundState:
         if self.round == 0 or "student" not in self.metrics or "teacher" not in self.metrics:
             return None
         return 100.0 * (_ap(self.metrics["student"], "segm") - _ap(self.metrics["teacher"], "segm"))
+
+    def gain_over_control(self) -> float | None:
+        """Student mask AP minus its control's (the same run on labeled data alone), in AP points:
+        what the pseudo-labels gave. None without a scored control."""
+        if "student" not in self.metrics or "control" not in self.metrics:
+            return None
+        return 100.0 * (_ap(self.metrics["student"], "segm") - _ap(self.metrics["control"], "segm"))
 
     def to_json(self) -> bytes:
         return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
@@ -193,7 +209,7 @@ class RoundScheduler:
                     logger.warning("round %d was run with a different configuration; it is kept as is", k)
             else:
                 if state is None:
-                    state = RoundState.new(k, self.config_hash)
+                    state = RoundState.new(k, self.config_hash, control=self.steps.train_control is not None)
                     save_state(self.work_dir, state)
                 state = self._run_round(state, states[-1] if states else None)
             states.append(state)
@@ -243,6 +259,12 @@ class RoundScheduler:
             elif step == "eval":
                 key = "teacher" if k == 0 else "student"
                 state.metrics[key] = self.steps.evaluate(state.model)
+            elif step == CONTROL_STEP:
+                if self.steps.train_control is None:
+                    raise MaskrayError(f"round {k}: its state has a control step but no control is configured "
+                                       f"(student.control); delete {state_uri(self.work_dir, k)} to redo the round")
+                state.control = self.steps.train_control(k, state.teacher, storage.join(out, "control"))
+                state.metrics["control"] = self.steps.evaluate(state.control)
             else:  # pragma: no cover - the step names are ours
                 raise MaskrayError(f"round {k}: unknown step {step!r} in its state")
             state.wall_time[step] = round(time.perf_counter() - start, 3)
@@ -258,17 +280,21 @@ def format_summary(states: list[RoundState]) -> str:
     def ap(m: dict | None, kind: str) -> str:
         return "-" if not m else f"{100 * _ap(m, kind):.1f}"
 
+    def signed(value: float | None) -> str:
+        return "-" if value is None else f"{value:+.1f}"
+
+    controlled = any(CONTROL_STEP in s.status for s in states)  # columns for the control only when run
     header = ("round", "teacher bbox", "teacher segm", "student bbox", "student segm", "gain segm",
-              "pseudo inst", "thresholds", "wall s")
+              *(("control segm", "gain vs control") if controlled else ()), "pseudo inst", "thresholds", "wall s")
     rows = []
     for s in states:
         student = s.metrics.get("student")
-        gain = s.gain()
         thresholds = ("-" if not s.thresholds else
                       " ".join(f"{c}:{'none' if t > 1 else f'{t:.2f}'}" for c, t in s.thresholds.items()))
         rows.append((
             str(s.round), ap(s.metrics.get("teacher"), "bbox"), ap(s.metrics.get("teacher"), "segm"),
-            ap(student, "bbox"), ap(student, "segm"), "-" if gain is None else f"{gain:+.1f}",
+            ap(student, "bbox"), ap(student, "segm"), signed(s.gain()),
+            *((ap(s.metrics.get("control"), "segm"), signed(s.gain_over_control())) if controlled else ()),
             "-" if s.pseudo_instances is None else f"{s.pseudo_instances}/{s.pseudo_images} img",
             thresholds, f"{sum(s.wall_time.values()):.0f}" + ("" if s.done else " (unfinished)"),
         ))

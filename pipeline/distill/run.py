@@ -172,7 +172,8 @@ class DistillSteps:
     def functions(self):
         from pipeline.distill.rounds import StepFunctions
 
-        return StepFunctions(self.train_teacher, self.pseudo_label, self.train_student, self.evaluate)
+        return StepFunctions(self.train_teacher, self.pseudo_label, self.train_student, self.evaluate,
+                             train_control=self.train_control if self.config.student.control else None)
 
     def _train(self, train_config) -> str:
         """One training run (its config is remembered in its run folder); the checkpoint URI."""
@@ -230,6 +231,16 @@ class DistillSteps:
         logger.info("round %d: student data %s: %d rows, %d labeled (mix ratio %.2f)", round_index, mixed, rows,
                     labeled, c.student.mix_ratio)
         return self._train(train_config)
+
+    def train_control(self, round_index: int, teacher: str, out: str) -> str:
+        """The round's control: the student's run (its init, schedule and overrides) on the labeled
+        data alone, no pseudo-labels."""
+        c = self.config
+        overrides = dict(c.student.overrides)
+        if c.student.init == "teacher":
+            overrides["model.weights"] = teacher
+        logger.info("round %d: control: the student's run on %s alone", round_index, c.data.labeled)
+        return self._train(c.train_config(c.data.labeled, "run", out, overrides))
 
     def evaluate(self, checkpoint: str) -> dict:
         import torch

@@ -29,6 +29,15 @@ def test_report_has_the_accuracy_table_the_round_and_the_paths(tmp_path):
     tuned = demo._report(paths, {}, _metrics(0.5, 0.5), [r0, r1], timings, 1.0, Path(tmp_path), Path(tmp_path),
                          extra_iterations=150)
     assert "not a compute-matched comparison: the student was fine-tuned from the teacher for 150 more" in tuned
+    r1.metrics["control"] = _metrics(0.5, 0.5)  # the same run on labeled data alone beat the student
+    controlled = demo._report(paths, {}, _metrics(0.5, 0.5), [r0, r1], timings, 1.0, Path(tmp_path), Path(tmp_path),
+                              extra_iterations=150)
+    assert "scored 50.0: **the pseudo-labels did not help** (-2.0 mask AP against the control)" in controlled
+    assert "not a compute-matched" not in controlled
+    r1.metrics["control"] = _metrics(0.5, 0.46)
+    assert "**the pseudo-labels gave +2.0 mask AP**" in demo._report(paths, {}, _metrics(0.5, 0.5), [r0, r1], timings,
+                                                                       1.0, Path(tmp_path), Path(tmp_path))
+    del r1.metrics["control"]
     r1.metrics["student"] = _metrics(0.52, 0.43)  # a round that loses says so, never as a gain
     lost = demo._report(paths, {}, _metrics(0.5, 0.5), [r0, r1], timings, 1.0, Path(tmp_path), Path(tmp_path))
     assert "**Round 1 did not gain**: the student's mask AP is 43.0 against the teacher's 45.0 (-2.0)" in lost

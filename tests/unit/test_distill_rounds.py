@@ -184,3 +184,62 @@ def test_corrupt_state_is_a_clear_error(tmp_path):
     (path / "state.json").write_text("{not json")
     with pytest.raises(MaskrayError, match="round-0/state.json"):
         _run(tmp_path, FakeSteps())
+
+
+class ControlledSteps(FakeSteps):
+    """FakeSteps with the round's control: the student's run on labeled data alone."""
+
+    def __init__(self, control_aps, **kwargs):
+        super().__init__(**kwargs)
+        self.control_aps = control_aps
+
+    def functions(self):
+        return StepFunctions(self.train_teacher, self.pseudo_label, self.train_student, self.evaluate,
+                             train_control=self.train_control)
+
+    def train_control(self, k, teacher, out):
+        self.calls.append(("control", k))
+        assert teacher.endswith(f"round-{k - 1}/teacher/model.pt" if k == 1 else f"round-{k - 1}/student/model.pt")
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, "model.pt")
+        with open(path, "w") as f:
+            f.write(f"control {k} from {teacher}")
+        self._maybe_kill("control", k)
+        return path
+
+    def evaluate(self, checkpoint):
+        m = re.search(r"round-(\d+)/control", checkpoint)
+        if m:
+            self.calls.append(("eval control", int(m.group(1))))
+            ap = self.control_aps[int(m.group(1))]
+            return {"bbox": {"AP": ap + 0.05}, "segm": {"AP": ap}}
+        return super().evaluate(checkpoint)
+
+
+def test_control_is_trained_scored_and_reported_beside_the_gain(tmp_path):
+    steps = ControlledSteps({1: 0.17}, kill_at=("control", 1))
+    with pytest.raises(Killed):
+        RoundScheduler(str(tmp_path), steps.functions(), rounds=1).run()
+    states = RoundScheduler(str(tmp_path), steps.functions(), rounds=1).run()  # resumes at the control
+    assert [c for c in steps.calls if c[0] != "eval"] == [
+        ("teacher", 0), ("pseudo_labels", 1), ("student", 1), ("control", 1), ("control", 1), ("eval control", 1)]
+    r1 = states[1]
+    assert r1.steps == rounds.ROUND_STEPS + (rounds.CONTROL_STEP,) and r1.done
+    assert r1.control.endswith("round-1/control/model.pt")
+    # student 15.0 vs teacher 10.0 and control 17.0: +5.0 over the teacher, -2.0 against the control
+    assert r1.gain() == pytest.approx(5.0) and r1.gain_over_control() == pytest.approx(-2.0)
+    table = rounds.format_summary(states)
+    header, _, row0, row1 = table.splitlines()
+    assert "control segm" in header and "gain vs control" in header
+    cells = [c.strip() for c in row1.split("|")]
+    assert cells[:8] == ["1", "15.0", "10.0", "20.0", "15.0", "+5.0", "17.0", "-2.0"]  # bbox = segm + 5
+    assert "control" not in rounds.format_summary(RoundScheduler(str(tmp_path / "plain"), FakeSteps().functions(),
+                                                                 rounds=1).run())
+
+
+def test_a_round_with_a_control_step_refuses_to_resume_without_one(tmp_path):
+    steps = ControlledSteps({1: 0.17}, kill_at=("control", 1))
+    with pytest.raises(Killed):
+        RoundScheduler(str(tmp_path), steps.functions(), rounds=1).run()
+    with pytest.raises(MaskrayError, match=r"round 1: its state has a control step but no control is configured"):
+        RoundScheduler(str(tmp_path), FakeSteps().functions(), rounds=1).run()
