@@ -254,11 +254,6 @@ def _xyxy(bbox: Sequence[float]) -> tuple[float, float, float, float]:
     return x, y, x + w, y + h
 
 
-def _boxes_meet(a: Sequence[float], b: Sequence[float]) -> bool:
-    """Whether two xyxy boxes share area or an edge (fragments cut at a seam touch)."""
-    return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
-
-
 def ios_within(a: dict, a_region: dict, b: dict, b_region: dict) -> float:
     """``|a ∩ b ∩ R| / min(|a ∩ R|, |b ∩ R|)`` with ``R = a_region ∩ b_region`` (all RLEs of
     one size); 0 when R is empty or either mask has no pixel in R."""
@@ -294,32 +289,38 @@ def merge_instances(instances: Sequence[dict], regions: Sequence[Box], size: tup
             masks[i] = _rle(instances[i], size)
         return masks[i]
 
-    boxes = [_xyxy(inst["bbox"]) for inst in instances]
-    taken = [False] * n
+    boxes = np.array([_xyxy(inst["bbox"]) for inst in instances], dtype=np.float64).reshape(n, 4)
+    categories = np.array([int(inst["category_id"]) for inst in instances])
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    taken = np.zeros(n, dtype=bool)
     out = []
     for lead in order:
         if taken[lead]:
             continue
         taken[lead] = True
         members, union, band = [lead], None, region_rles[tiles[lead]]
-        group_box, group_tiles, category = boxes[lead], {tiles[lead]}, instances[lead]["category_id"]
+        group_box, group_tiles, category = boxes[lead].copy(), {tiles[lead]}, categories[lead]
         grown = True
         while grown:
             grown = False
-            for j in order:
-                if (taken[j] or instances[j]["category_id"] != category or tiles[j] in group_tiles
-                        or not _boxes_meet(group_box, boxes[j])):
+            # the cheap pre-filter, vectorised: same category, not taken, boxes meeting the group's
+            near = np.flatnonzero(~taken & (categories == category)
+                                  & (boxes[:, 0] <= group_box[2]) & (group_box[0] <= boxes[:, 2])
+                                  & (boxes[:, 1] <= group_box[3]) & (group_box[1] <= boxes[:, 3]))
+            for j in near[np.argsort(rank[near])]:
+                if tiles[j] in group_tiles:
                     continue
                 group_mask = union if union is not None else mask(lead)
                 if ios_within(group_mask, band, mask(j), region_rles[tiles[j]]) < threshold:
                     continue
                 taken[j] = True
-                members.append(j)
+                members.append(int(j))
                 union = _union([group_mask, mask(j)])
                 band = _union([band, region_rles[tiles[j]]])
                 group_tiles.add(tiles[j])
-                group_box = (min(group_box[0], boxes[j][0]), min(group_box[1], boxes[j][1]),
-                             max(group_box[2], boxes[j][2]), max(group_box[3], boxes[j][3]))
+                group_box = np.concatenate([np.minimum(group_box[:2], boxes[j, :2]),
+                                            np.maximum(group_box[2:], boxes[j, 2:])])
                 grown = True
         if len(members) == 1:
             out.append(dict(instances[lead]))
@@ -329,7 +330,8 @@ def merge_instances(instances: Sequence[dict], regions: Sequence[Box], size: tup
             merged["segmentation"] = {"size": list(size), "counts": bytes(union["counts"])}
             merged["bbox"] = [float(v) for v in mask_utils.toBbox(union)]
         else:  # a box-only model: the union of the boxes
-            merged["bbox"] = [group_box[0], group_box[1], group_box[2] - group_box[0], group_box[3] - group_box[1]]
+            x0, y0, x1, y1 = (float(v) for v in group_box)
+            merged["bbox"] = [x0, y0, x1 - x0, y1 - y0]
         out.append(merged)
     return out
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -39,6 +40,7 @@ CELL = 128  # px of each small image
 GRID = 6  # the mosaic is GRID x GRID small images
 OFFSET = 37  # px of background before the first cell, so tile seams fall anywhere in the cells
 TILE, OVERLAP = 256, 0.25
+PART_SECONDS = 1.0
 MIN_PIXELS = 8  # a sliver smaller than this at a tile border is not reported (a model would miss it too)
 
 
@@ -144,6 +146,9 @@ def oracle_predictor(truth_path: str, log_dir: str, fail_marker: str | None = No
                         raise RuntimeError("stopped by the test mid-image")
                     with open(os.path.join(log_dir, part), "w") as f:
                         f.write(str(os.getpid()))
+                    # a model's time per part, so that parts queue: an instant answer leaves the
+                    # first actor free for each part as it arrives, and the other never gets one
+                    time.sleep(PART_SECONDS)
                     preds = [self.tile_prediction(r) for r in unit["regions"]]
                 else:  # the unit's small images: nothing there
                     preds = [{"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64),
