@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 from torchvision.io import encode_png
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+from torchvision.utils import draw_bounding_boxes
 
 from pipeline.instances import Instances
 from pipeline.results import KEYPOINT_VISIBLE_SCORE
@@ -65,6 +65,23 @@ def draw_instance_keypoints(canvas: torch.Tensor, keypoints: torch.Tensor, color
     return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1).contiguous()
 
 
+def draw_masks(image: torch.Tensor, masks: torch.Tensor, colors: Sequence[tuple[int, int, int]], *,
+               alpha: float = 0.45) -> torch.Tensor:
+    """torchvision's ``draw_segmentation_masks`` (uint8 ``image`` [3, H, W], bool ``masks`` [N, H, W],
+    one colour each; pixels of two or more masks black; blended by ``alpha``), the same pixels
+    (``tests/unit/test_show_large.py``) one mask at a time: torchvision's ``masks.sum(0)`` promotes
+    the whole stack to int64 (2.5 GB for 200 masks at 1250x1250, an overview of a huge scene)."""
+    if masks.shape[0] == 0:
+        return image
+    drawn = image.detach().clone()
+    count = torch.zeros(tuple(image.shape[1:]), dtype=torch.int32)
+    for mask, color in zip(masks, colors):
+        drawn[:, mask] = torch.tensor(color, dtype=image.dtype)[:, None]
+        count += mask
+    drawn[:, count > 1] = 0
+    return (image * (1 - alpha) + drawn * alpha).to(image.dtype)
+
+
 def draw_instances(image: torch.Tensor, instances: Instances, label_names: Sequence[str], *,
                    score_thresh: float = 0.5, alpha: float = 0.45, box_width: int = 2,
                    skeletons: Sequence[Sequence[Sequence[int]] | None] | None = None,
@@ -85,7 +102,7 @@ def draw_instances(image: torch.Tensor, instances: Instances, label_names: Seque
     labels = kept.labels.tolist()
     colors = [palette[label % len(palette)] for label in labels]
     if kept.masks is not None:
-        canvas = draw_segmentation_masks(canvas, kept.masks.bool(), alpha=alpha, colors=colors)
+        canvas = draw_masks(canvas, kept.masks.bool(), colors, alpha=alpha)
     captions = [
         f"{label_names[label - 1] if 0 < label <= len(label_names) else label} {score:.2f}"
         for label, score in zip(labels, kept.scores.tolist())
@@ -141,9 +158,12 @@ def render_overlay(image: torch.Tensor, instances: Instances, label_names: Seque
     labels = kept.labels.tolist()
     colors = [palette[label % len(palette)] for label in labels]
     if kept.masks is not None:
-        masks = torch.stack([F.interpolate(m[None, None].float(), size=size, mode="nearest")[0, 0] > 0.5
-                             for m in kept.masks])  # one instance at a time: never N full-size float masks
-        canvas = draw_segmentation_masks(canvas, masks, alpha=alpha, colors=colors)
+        if tuple(kept.masks.shape[1:]) == size:  # already at the drawn size (pipeline.show.large)
+            masks = kept.masks.bool()
+        else:
+            masks = torch.stack([F.interpolate(m[None, None].float(), size=size, mode="nearest")[0, 0] > 0.5
+                                 for m in kept.masks])  # one instance at a time: never N full-size float masks
+        canvas = draw_masks(canvas, masks, colors, alpha=alpha)
     boxes = kept.boxes * scale
     line = max(2, round(long_side / 400))
     canvas = draw_bounding_boxes(canvas, boxes, colors=colors, width=line)

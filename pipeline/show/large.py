@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 LARGE_PIXELS = 50_000_000  # images above this are shown as an overview + crops (the plain path's limit)
-MAX_OVERVIEW_INSTANCES = 300  # best-scoring instances drawn on an overview
+MAX_OVERVIEW_INSTANCES = 100  # best-scoring instances drawn on an overview (4 MB of masks each at 1280 px)
 CROP_MIN_SIDE = 256  # px: a crop smaller than this is enlarged (nearest) to be readable
 CROP_MAX_SIDE = 2048  # px: a crop window is at most this (larger objects are shown shrunk)
 _BLOCK = 64  # overview pixels per block side read at a time
@@ -142,20 +142,21 @@ def render_large(data: bytes | str, instances: Sequence[dict], label_of: dict[in
                       intensity=intensity or DEFAULT_INTENSITY) as source:
         frame = (source.height, source.width)
         small, _ = overview(source, long_side)
-        picture = overlay_window(small, (0, 0, frame[1], frame[0]), frame, ranked[:MAX_OVERVIEW_INSTANCES],
-                                 label_of, label_names, score_thresh=score_thresh, skeletons=skeletons)
-        del small
-        shown = []
-        for inst in ranked[:crops]:
-            window = crop_window(inst, frame)
-            pixels = source.read(*window)
-            side = max(pixels.shape[:2])
-            if side < CROP_MIN_SIDE:  # enlarge small crops, nearest: the pixels stay visible as pixels
-                k = math.ceil(CROP_MIN_SIDE / side)
-                pixels = np.asarray(Image.fromarray(pixels).resize((pixels.shape[1] * k, pixels.shape[0] * k),
-                                                                   Image.Resampling.NEAREST))
-            shown.append((inst, overlay_window(pixels, window, frame, ranked, label_of, label_names,
-                                               score_thresh=score_thresh, skeletons=skeletons)))
+        windows = [crop_window(inst, frame) for inst in ranked[:crops]]
+        pixels = [source.read(*window) for window in windows]
+    # the image is released before drawing (a PNG's decoded pixels are the largest thing here)
+    picture = overlay_window(small, (0, 0, frame[1], frame[0]), frame, ranked[:MAX_OVERVIEW_INSTANCES],
+                             label_of, label_names, score_thresh=score_thresh, skeletons=skeletons)
+    del small
+    shown = []
+    for inst, window, crop in zip(ranked, windows, pixels):
+        side = max(crop.shape[:2])
+        if side < CROP_MIN_SIDE:  # enlarge small crops, nearest: the pixels stay visible as pixels
+            k = math.ceil(CROP_MIN_SIDE / side)
+            crop = np.asarray(Image.fromarray(crop).resize((crop.shape[1] * k, crop.shape[0] * k),
+                                                           Image.Resampling.NEAREST))
+        shown.append((inst, overlay_window(crop, window, frame, ranked, label_of, label_names,
+                                           score_thresh=score_thresh, skeletons=skeletons)))
     return picture, shown
 
 

@@ -113,3 +113,18 @@ def test_gallery_links_crops_of_a_huge_image(tmp_path):
     plain = gallery.build_gallery(str(results), str(tmp_path / "plain"), long_side=300, crops=3)
     assert plain.missing == 0 and not (tmp_path / "plain" / "crops").exists()
     assert Image.open(tmp_path / "plain" / "overlays" / "00000-1.jpg").size == (300, 200)
+
+
+def test_draw_masks_equals_torchvision_draw_segmentation_masks():
+    import torch
+    from torchvision.utils import draw_segmentation_masks
+
+    from pipeline.show.draw import draw_masks
+
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8, generator=gen)
+    masks = torch.rand(7, 40, 50, generator=gen) > 0.7
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (10, 20, 30), (200, 100, 0), (1, 2, 3), (90, 90, 90)]
+    for alpha in (0.45, 0.8):
+        assert torch.equal(draw_masks(image, masks, colors, alpha=alpha),
+                           draw_segmentation_masks(image, masks, alpha=alpha, colors=colors))
