@@ -36,11 +36,11 @@ TRAIN_SCHEDULE = ("schedule.max_iters=300", "schedule.steps=[240]")
 # (`maskray synth --keypoints`), trained by configs/keypoints-cpu.yaml, scored with OKS. It
 # fine-tunes the demo's trained model (`model.weights`, as users start from COCO weights: the
 # backbone, FPN, RPN and heads that fit are loaded; the classifier, box and mask predictors and the
-# keypoint head start new): 160 iterations reach kp AP50 0.69 where the config's 400 from scratch
-# are needed for 0.78 (benchmarks/RESULTS.md, "make demo").
+# keypoint head start new) for 240 iterations, where the config's 400 from scratch reach kp AP50
+# 0.78-0.81; 160 gave 0.38-0.69 (benchmarks/RESULTS.md, "make demo").
 KEYPOINT_IMAGES = 600
 KEYPOINT_SYNTH = ("--size", "96", "--categories", "2", "--max-objects", "3", "--keypoints")
-KEYPOINT_SCHEDULE = ("schedule.max_iters=160", "schedule.steps=[128]", "schedule.warmup_iters=30")
+KEYPOINT_SCHEDULE = ("schedule.max_iters=240", "schedule.steps=[192]", "schedule.warmup_iters=30")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
