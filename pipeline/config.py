@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Iterable
@@ -276,6 +277,24 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
+    return out
+
+
+def field_defaults(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> default value of every field of ``cls`` that has one (sections recursed), as
+    JSON data (what a record read back holds): what a key missing from an older record meant."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        if dataclasses.is_dataclass(value):
+            out.update(field_defaults(type(value), f"{prefix}{f.name}."))
+        else:
+            out.update(flatten({f"{prefix}{f.name}": json.loads(json.dumps(value))}))
     return out
 
 

@@ -36,11 +36,18 @@ class RunChangedError(ConfigError):
     """A rerun's result-changing settings differ from the record of the results already there."""
 
 
-def differences(old: dict[str, Any], new: dict[str, Any], ignore: Iterable[str] = ()) -> list[str]:
+def differences(old: dict[str, Any], new: dict[str, Any], ignore: Iterable[str] = (),
+                defaults: dict[str, Any] | None = None) -> list[str]:
     """Dotted keys whose values differ between two settings mappings, except keys under ``ignore``
-    (a key ``a`` in ``ignore`` covers ``a`` and every ``a.*``)."""
+    (a key ``a`` in ``ignore`` covers ``a`` and every ``a.*``). ``defaults`` (dotted key -> value,
+    :func:`pipeline.config.field_defaults`): what a key absent from ``old`` stands for, since a
+    record written before a setting existed was made with its default (a new setting's default
+    keeps the old behaviour)."""
     ignore = tuple(ignore)
     a, b = flatten(old), flatten(new)
+    for key in set(b) - set(a):
+        if key in (defaults or {}):
+            a[key] = defaults[key]
 
     def ignored(key: str) -> bool:
         return any(key == i or key.startswith(i + ".") for i in ignore)
@@ -78,7 +85,7 @@ def write(uri: str, settings: dict[str, Any]) -> None:
 
 
 def compare(old: dict[str, Any] | None, settings: dict[str, Any], *, ignore: Iterable[str], what: str,
-            flag: str, alternative: str, override: bool) -> list[str]:
+            flag: str, alternative: str, override: bool, defaults: dict[str, Any] | None = None) -> list[str]:
     """The rule on an already-read record: the differing keys, or :class:`RunChangedError`.
 
     The message: ``"<what> was made with other settings: k (a -> b), ...; pass <flag> to <verb>,
@@ -86,7 +93,7 @@ def compare(old: dict[str, Any] | None, settings: dict[str, Any], *, ignore: Ite
     """
     if old is None:
         return []
-    diff = differences(old, settings, ignore)
+    diff = differences(old, settings, ignore, defaults)
     if not diff:
         return []
     verb = "recompute them" if flag == "--overwrite" else "continue under these settings"
@@ -98,7 +105,7 @@ def compare(old: dict[str, Any] | None, settings: dict[str, Any], *, ignore: Ite
 
 
 def check(uri: str, settings: dict[str, Any], *, ignore: Iterable[str], what: str, flag: str,
-          alternative: str, override: bool) -> list[str]:
+          alternative: str, override: bool, defaults: dict[str, Any] | None = None) -> list[str]:
     """:func:`compare` ``settings`` with the record at ``uri`` (nothing recorded: no difference)."""
     return compare(read(uri), settings, ignore=ignore, what=what, flag=flag, alternative=alternative,
-                   override=override)
+                   override=override, defaults=defaults)

@@ -22,6 +22,7 @@ import logging
 import random
 
 from model.errors import MaskrayError
+from pipeline.config import field_defaults
 from pipeline.distill.config import DistillConfig, non_result_keys, to_json
 
 logger = logging.getLogger(__name__)
@@ -150,9 +151,10 @@ def check_rounds_config(config: DistillConfig, *, resume_anyway: bool = False) -
     if unfinished:
         diff = runrecord.compare(old, new, ignore=non_result_keys(),
                                  what=f"round {unfinished[0]} of {config.work_dir} (unfinished)",
-                                 flag="--resume-anyway", alternative="use a new work_dir", override=resume_anyway)
+                                 flag="--resume-anyway", alternative="use a new work_dir", override=resume_anyway,
+                                 defaults=field_defaults(DistillConfig))
     elif old is not None:
-        diff = runrecord.differences(old, new, non_result_keys())
+        diff = runrecord.differences(old, new, non_result_keys(), field_defaults(DistillConfig))
     runrecord.write(uri, new)
     return diff
 

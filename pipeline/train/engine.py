@@ -246,10 +246,12 @@ def check_run_config(config: TrainConfig, run_uri: str, *, resume_anyway: bool =
     nothing).
     """
     from pipeline import runrecord, storage
+    from pipeline.config import field_defaults
 
     return runrecord.check(storage.join(run_uri, RUN_CONFIG_FILE), config.to_dict(), ignore=NON_RESULT_KEYS,
                            what=f"run {config.name} in {run_uri}", flag="--resume-anyway",
-                           alternative="pick a new name (--set name=...)", override=resume_anyway)
+                           alternative="pick a new name (--set name=...)", override=resume_anyway,
+                           defaults=field_defaults(TrainConfig))
 
 
 def remember_run_config(config: TrainConfig, run_uri: str) -> None:

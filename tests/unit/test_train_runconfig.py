@@ -45,3 +45,18 @@ def test_config_diff_flattens_sections():
     b = {"optim": {"base_lr": 1, "momentum": 0.8}, "model": {"options": {"x": [1, 3]}}, "log_every": 2}
     assert config_diff(a, b) == ["log_every", "model.options.x", "optim.momentum"]
     assert config_diff(a, b, ("log_every", "model")) == ["optim.momentum"]
+
+
+def test_a_record_from_before_a_setting_existed_means_its_default(tmp_path):
+    """A run recorded before a key was added (e.g. augment.crop) resumes when the key keeps its
+    default, and is refused when it does not."""
+    import json
+
+    run = tmp_path / "r"
+    remember_run_config(config(), str(run))
+    record = json.loads((run / RUN_CONFIG_FILE).read_text())
+    del record["augment"]["crop"], record["augment"]["crop_min_visible"]  # as an older version wrote it
+    (run / RUN_CONFIG_FILE).write_text(json.dumps(record))
+    assert check_run_config(config(), str(run)) == []
+    with pytest.raises(ConfigError, match=r"augment\.crop \('<unset>' -> 512\)"):
+        check_run_config(config(augment={"crop": 512}), str(run))
