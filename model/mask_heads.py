@@ -21,6 +21,19 @@ in [0, 1]; every loss is a mean over the R * M * M pixels):
   sigmoid loss too) stays unused: pinning the background score costs nothing, a softmax being
   unchanged when one score is subtracted from all. With a class-agnostic predictor ``K = 1``
   and the softmax is the sigmoid: the two losses coincide.
+
+  This is the paper's 2b "softmax" (its Section 3: "a per-pixel softmax and a multinomial
+  cross-entropy loss", as FCNs use for semantic segmentation, "masks across classes compete"):
+  with binary targets it is exactly FCN's (K+1)-way cross-entropy of the pixel labels k inside
+  the mask and background outside (``F.cross_entropy``, unit-tested). The targets are the sigmoid
+  loss's own (torchvision's soft crops), so the switch changes the loss and nothing else. The
+  probability returned to the paste is the paper's "k-th mask", binarized at 0.5 like the
+  sigmoid's. Because classes compete, ``p_k = 1 - p_bg - sum_{j != k} p_j``: a mask head that
+  separates foreground from background but has not yet learned to tell the classes apart at a
+  pixel spreads the foreground mass over the K classes, ``p_k ~ (1 - p_bg) / K``, at most 1/K:
+  not above 0.5 for any K >= 2. Trained from scratch on a short schedule that is what happens
+  (benchmarks/RESULTS.md, "Ablations (Table 2)", 2b: p_k < 0.3 on 95 % of foreground pixels with
+  K = 4, mask AP 0.0): the definition's cost, the one Table 2b measures, not a scoring error.
 * **mlp head** (Table 2e): the ``[C, 14, 14]`` RoI features flattened, fully connected layers
   with ReLU (:class:`MaskMLPHead`), then one fully connected layer to ``num_masks * 28 * 28``
   logits reshaped to ``[R, num_masks, 28, 28]`` (:class:`MaskMLPPredictor`); the paper's widths
