@@ -254,8 +254,10 @@ def test_run_stopped_mid_image_resumes_without_recomputing_parts(ray_local, mosa
     out, log, marker = str(tmp_path / "out"), tmp_path / "log", tmp_path / "fail"
     log.mkdir()
     marker.write_text("")
+    # half a CPU per actor: Ray Data left the failed first run's actor alive (observed with Ray
+    # 2.60), and a second 1-CPU actor beside it left no CPU for the read task on this 2-CPU cluster
     config = InferConfig(input=m["input"], output=out, checkpoint=m["ckpt"], tile=TILE, tile_overlap=OVERLAP,
-                         actors="1", score_threshold=0.0)
+                         actors="1", cpus_per_actor=0.5, score_threshold=0.0)
     with pytest.raises(MaskrayError, match="not committed"):
         run_inference(config, predictor_factory=oracle_predictor(m["truth"], str(log), str(marker)))
     assert unit_names(out) == []  # nothing committed: the image is incomplete
