@@ -75,8 +75,12 @@ def mosaic(cell: int, grid: int, categories: list[dict], seed: int = 5) -> tuple
         offsets.append((x0, y0))
         for ann in anns:
             seg = ann["segmentation"]
-            rle = (mask_utils.merge(mask_utils.frPyObjects(seg, cell, cell)) if isinstance(seg, list)
-                   else mask_utils.frPyObjects(seg, cell, cell))
+            if isinstance(seg, list):  # polygons
+                rle = mask_utils.merge(mask_utils.frPyObjects(seg, cell, cell))
+            elif isinstance(seg["counts"], list):  # uncompressed RLE
+                rle = mask_utils.frPyObjects(seg, cell, cell)
+            else:  # compressed RLE (a str in the synth annotations)
+                rle = {"size": seg["size"], "counts": seg["counts"].encode()}
             m = mask_utils.decode(rle).astype(bool)
             if m.sum() < 30:
                 continue
