@@ -40,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -313,8 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"driver peak RSS {g['driver_peak_rss_mb']:.0f} MB, largest worker peak RSS "
                   f"{g['worker_peak_rss_mb']:.0f} MB", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
 
 

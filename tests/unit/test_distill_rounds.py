@@ -56,11 +56,15 @@ class FakeSteps:
         with open(os.path.join(pseudo, "manifest.json")) as f:
             extra = json.load(f)["extra"]
         assert extra["round"] == k  # the student of round k reads round k's pseudo-labels
+        return self._save_model(out, f"student {k} trained on {pseudo}", ("student", k))
+
+    def _save_model(self, out, text, step):
+        """Write ``out/model.pt`` holding ``text``, then maybe be killed at ``step``."""
         os.makedirs(out, exist_ok=True)
         path = os.path.join(out, "model.pt")
         with open(path, "w") as f:
-            f.write(f"student {k} trained on {pseudo}")
-        self._maybe_kill("student", k)
+            f.write(text)
+        self._maybe_kill(*step)
         return path
 
     def evaluate(self, checkpoint):
@@ -200,12 +204,7 @@ class ControlledSteps(FakeSteps):
     def train_control(self, k, teacher, out):
         self.calls.append(("control", k))
         assert teacher.endswith(f"round-{k - 1}/teacher/model.pt" if k == 1 else f"round-{k - 1}/student/model.pt")
-        os.makedirs(out, exist_ok=True)
-        path = os.path.join(out, "model.pt")
-        with open(path, "w") as f:
-            f.write(f"control {k} from {teacher}")
-        self._maybe_kill("control", k)
-        return path
+        return self._save_model(out, f"control {k} from {teacher}", ("control", k))
 
     def evaluate(self, checkpoint):
         m = re.search(r"round-(\d+)/control", checkpoint)
