@@ -3,8 +3,10 @@
 Steps (each skipped when its output is already there, so a rerun resumes; ``--fresh`` starts
 over): synthesize + convert/pack the data → train (2 Ray Train workers) → evaluate → batch
 segmentation of the unlabeled pool (Ray Data) → one data-distillation round (few labels, a pool 3x
-larger: the regime where it gains; the report says plainly whether it did) → a keypoint & mask model
-on stick figures (trained, scored with OKS AP) → overlay PNGs →
+larger; the report says plainly what the student scored against its teacher, that this comparison
+is not compute-matched, and with ``--distill-control`` what the pseudo-labels gave over the same run
+on the labels alone) → a keypoint & mask model fine-tuned from the trained model on stick figures
+(scored with OKS AP) → overlay PNGs →
 ``report.md``. Everything is written under ``--out`` (or ``--storage`` for the datasets, runs
 and predictions, e.g. an ``s3://`` prefix), and each step is the same code as its command.
 """
