@@ -315,19 +315,10 @@ class ArrayRegions:
         return np.ascontiguousarray(self.chw[:, y0:y1, x0:x1])
 
 
-def _open_regions() -> Callable[..., Any] | None:
-    """``pipeline.data.regions.open_regions`` when this maskray has it, else None."""
-    try:
-        from pipeline.data.regions import open_regions
-    except ImportError:
-        return None
-    return open_regions
-
-
 def is_region_readable(data: bytes | str | None) -> bool:
     """Whether an image given by URI is a TIFF a region reader opens without fetching it whole
     (by its suffix): the tiled read passes such files' URIs, not their bytes."""
-    return isinstance(data, str) and data.lower().endswith(TIFF_SUFFIXES) and _open_regions() is not None
+    return isinstance(data, str) and data.lower().endswith(TIFF_SUFFIXES)
 
 
 def open_source(data: bytes | str | None, *, max_pixels: int | None, max_whole_pixels: int | None,
@@ -340,14 +331,13 @@ def open_source(data: bytes | str | None, *, max_pixels: int | None, max_whole_p
     plain path does."""
     from pipeline import storage
     from pipeline.data.decode import DEFAULT_INTENSITY
+    from pipeline.data.regions import open_regions
 
-    open_regions = _open_regions()
-    if open_regions is not None:
-        source = open_regions(data, max_region_pixels=max_pixels, max_whole_pixels=max_whole_pixels,
-                              intensity=intensity or DEFAULT_INTENSITY)
-        if not exif or getattr(source, "orientation", 1) == 1:
-            return source
-        source.close()
+    source = open_regions(data, max_region_pixels=max_pixels, max_whole_pixels=max_whole_pixels,
+                          intensity=intensity or DEFAULT_INTENSITY)
+    if not exif or source.orientation == 1:
+        return source
+    source.close()
     if isinstance(data, str):
         data = with_retries(lambda: storage.read_bytes(data), f"reading {data}")
     return ArrayRegions(decode_pixels(data, max_pixels=max_whole_pixels, exif=exif, intensity=intensity))
