@@ -25,9 +25,6 @@ AMP_MODES = ("auto", "on", "off")
 DEFAULT_MAX_WHOLE_PIXELS = 1_000_000_000  # with --tile, for formats decoded whole (a 20k x 20k PNG is 400 MP)
 MIN_TILE = 32
 MAX_TILE_OVERLAP = 0.9
-# settings that only mean something with --tile: left out of the provenance when tiling is off,
-# so results made before tiling existed are the same run
-TILE_KEYS = ("tile", "tile_overlap", "tile_full_pass", "max_whole_pixels")
 
 
 @dataclass(frozen=True)
@@ -132,9 +129,8 @@ class InferConfig:
         return {"auto": None, "on": True, "off": False}[self.amp]
 
     def result_settings(self) -> dict[str, Any]:
-        """The fields that change results (everything but the run-only ones, and the tile settings
-        when tiling is off): the provenance's options."""
-        skip = set(run_only_keys(InferConfig)) | (set() if self.tile else set(TILE_KEYS))
+        """The fields that change results (everything but the run-only ones): the provenance's options."""
+        skip = run_only_keys(InferConfig)
         return {k: v for k, v in to_dict(self).items() if k not in skip}
 
     @property

@@ -234,8 +234,12 @@ def check_provenance(output_uri: str, record: dict, *, overwrite: bool, existing
         raise runrecord.RunChangedError(
             f"--output {output_uri} holds {len(existing)} results files but no {PROVENANCE} (made by another "
             "version or by hand); pass --overwrite to recompute them")
+    from pipeline.config import field_defaults
+
+    # results recorded before an option existed were made with its default (e.g. --tile off)
+    defaults = {f"options.{key}": value for key, value in field_defaults(InferConfig).items()}
     diff = runrecord.compare(old, record, ignore=INFORMATIONAL, what=f"--output {output_uri}", flag="--overwrite",
-                             alternative="choose another --output", override=overwrite)
+                             alternative="choose another --output", override=overwrite, defaults=defaults)
     if overwrite and (diff or existing):
         for name in existing:
             storage.delete(storage.join(output_uri, name))
