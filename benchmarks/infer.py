@@ -45,8 +45,11 @@ from model.checkpoint import ModelConfig, build_from_config, save_checkpoint  # 
 from pipeline.data import format as fmt  # noqa: E402
 from pipeline import storage  # noqa: E402
 from pipeline.data.synth import categories_for, make_image  # noqa: E402
+from pipeline.config import field_defaults  # noqa: E402
+from pipeline.infer.config import InferConfig  # noqa: E402
 
 CATEGORIES = categories_for(4)
+INFER_DEFAULTS = field_defaults(InferConfig)
 
 
 
@@ -268,25 +271,32 @@ def gpu_benchmark(args: argparse.Namespace, work: str) -> dict:
     return run
 
 
-def noop_predictor(instances: int, marker: str | None = None):
-    """A Predictor with the model taken out: it reads the checkpoint's config (sizes, categories,
-    digest) but builds no network, resizes every image as the real one does (``forward_uint8``),
-    and its "model" (``forward_resized``) returns ``instances`` fixed synthetic detections per
-    image (boxes + 28x28 soft masks, so post-processing and results carry real instances), or
-    none, made once per image size. Records (once) when the first model call starts. Defined in a
-    function so Ray pickles it by value."""
+def noop_predictor(instances: int, marker: str | None = None, load_model: bool = True):
+    """A Predictor whose model call does nothing: it loads the checkpoint as the real one does
+    (``load_model``: the network built, its weights read and optimized for inference: the real
+    model's start-up; False: only the config is read, no network), resizes every image as the
+    real one does (``forward_uint8``), and its "model" (``forward_resized``) returns
+    ``instances`` fixed synthetic detections per image (boxes + 28x28 soft masks, so
+    post-processing and results carry real instances), or none, made once per image size.
+    Records (once) when the first model call starts. Defined in a function so Ray pickles it by
+    value."""
     from pipeline.infer.predictor import Predictor, read_model_config
 
     class NoopPredictor(Predictor):
         def __init__(self, checkpoint_uri: str | None = None, *, model=None, config=None, model_id=None,
-                     score_threshold: float = 0.0, batch_size: int = 4, **_ignored) -> None:
+                     score_threshold: float = 0.0, batch_size: int = 4, threads: int = 0, **_ignored) -> None:
             started = time.time()
-            if checkpoint_uri is not None:
-                config, model_id = read_model_config(checkpoint_uri)
-            self.config, self.model_id, self.batch_size = config, model_id or "", batch_size
-            self.score_threshold, self.threads, self.amp = score_threshold, 0, False
-            self.device = torch.device("cpu")
-            self.category_ids = list(config.category_ids())
+            if load_model:
+                super().__init__(checkpoint_uri, model=model, config=config, model_id=model_id,
+                                 score_threshold=score_threshold, batch_size=batch_size, threads=threads)
+                config = self.config
+            else:
+                if checkpoint_uri is not None:
+                    config, model_id = read_model_config(checkpoint_uri)
+                self.config, self.model_id, self.batch_size = config, model_id or "", batch_size
+                self.score_threshold, self.threads, self.amp = score_threshold, 0, False
+                self.device = torch.device("cpu")
+                self.category_ids = list(config.category_ids())
             self.sizes = (config.min_size, config.max_size)
             self.outputs: dict = {}
             if marker is not None:
@@ -381,7 +391,7 @@ def noop_loop(data_uri: str, ckpt: str) -> dict:
 
 
 def noop_pipeline(data_uri: str, out_uri: str, ckpt: str, *, actors: int, batch_size: int, images_per_unit: int,
-                  instances: int, threads: int | None = None) -> dict:
+                  instances: int, threads: int | None = None, load_model: bool = True) -> dict:
     from pipeline.infer.config import InferConfig
     from pipeline.infer.driver import run_inference
 
@@ -392,7 +402,7 @@ def noop_pipeline(data_uri: str, out_uri: str, ckpt: str, *, actors: int, batch_
     summary = run_inference(InferConfig(input=data_uri, output=out_uri, checkpoint=ckpt, batch_size=batch_size,
                                         actors=str(actors), score_threshold=0.0,
                                         images_per_unit=images_per_unit, threads=threads),
-                            predictor_factory=noop_predictor(instances, marker),
+                            predictor_factory=noop_predictor(instances, marker, load_model),
                             on_unit_committed=lambda name: commits.append(time.time()))
     wall = time.time() - start
     steal = steal_since(ticks)
@@ -521,8 +531,6 @@ def ray_data_floor(units: int = 200) -> dict:
 def noop_benchmark(args: argparse.Namespace, work: str) -> dict:
     """Plumbing overhead: the pipeline with a no-op model vs one process reading + decoding +
     resizing the same shards; then the driver's peak RSS at 2k and 20k images with instances."""
-    import multiprocessing as mp
-
     import ray
 
     ckpt = os.path.join(work, "ckpt.pt")
@@ -548,7 +556,7 @@ def noop_benchmark(args: argparse.Namespace, work: str) -> dict:
         for k, per_unit in enumerate(args.images_per_unit):  # each a fresh results prefix, Ray kept up
             run = noop_pipeline(data_uri, os.path.join(work, f"noop-out-{k}-{per_unit}"), ckpt, actors=args.actors[0],
                                 batch_size=args.batch_size, images_per_unit=per_unit, instances=0,
-                                threads=args.threads)
+                                threads=args.threads, load_model=not args.noop_no_model)
             run["images_per_unit"] = per_unit
             run["workers"] = "cold (first run after Ray started)" if k == 0 else "warm (idle workers of the runs before)"
             run["ray_start_s"] = ray_start
@@ -582,8 +590,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--detections", type=int, default=20, help="box_detections_per_img of the model")
     parser.add_argument("--proposals", type=int, default=300, help="RPN proposals kept per image (test)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--score-threshold", type=float, default=0.05)
+    # the CLI's defaults (maskray infer), which users run
+    parser.add_argument("--batch-size", type=int, default=INFER_DEFAULTS["batch_size"])
+    parser.add_argument("--score-threshold", type=float, default=INFER_DEFAULTS["score_threshold"])
     parser.add_argument("--actors", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2])
     parser.add_argument("--threads", type=int, default=None,
                         help="threads per CPU model actor (default: run_inference's, the CPUs shared among the actors); "
@@ -595,8 +604,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noop", action="store_true",
                         help="plumbing overhead: the model replaced by a no-op, against a read+decode+resize loop "
                              "(use with --images 20000 --shards 200 --size 64)")
-    parser.add_argument("--images-per-unit", type=lambda v: [int(x) for x in v.split(",")], default=[100],
-                        help="--noop: images per unit; a comma list runs one pipeline per size (Ray kept up)")
+    parser.add_argument("--images-per-unit", type=lambda v: [int(x) for x in v.split(",")], default=[INFER_DEFAULTS["images_per_unit"]],
+                        help="--noop: images per unit (default: the CLI's); a comma list runs one pipeline per size "
+                             "(Ray kept up)")
+    parser.add_argument("--noop-no-model", action="store_true",
+                        help="--noop: the actor reads only the checkpoint's config (no network built); default: "
+                             "it loads the real model, as maskray infer's actor does")
     parser.add_argument("--noop-instances", type=int, default=5,
                         help="--noop: synthetic instances per image for the driver RSS runs")
     parser.add_argument("--rss-only", action="store_true", help="--noop: only the driver RSS runs")

@@ -3,7 +3,7 @@ the small images one by one, throughput against a plain loop over the same tiles
 memory as the image grows.
 
     python benchmarks/tiled.py --checkpoint CKPT [--grid 12] [--tile 0] [--overlap 0.25]
-        [--sizes 2048,4096] [--json FILE]
+        [--speed-size 4096] [--sizes 2048,4096,8192] [--noop-sizes 4096,8192,16384] [--json FILE]
 
 The model is a trained one (``--checkpoint``: e.g. ``configs/shapes-cpu.yaml``'s run, 4 shape
 categories at 128 px); ``--tile 0`` takes the model's own ``min_size`` (tiles at native
@@ -17,14 +17,20 @@ resolution and at the model's input size: nothing is resized).
    against the ground truth on detections scoring >= ``--score`` (0.5): recall at mask IoU >= 0.5,
    objects split (two or more detections lying mostly, IoS >= 0.5, inside one object), and
    duplicates (two or more at IoU >= 0.5 with one object).
-2. Speed, in one run. Megapixels/s of ``run_inference --tile`` on the mosaic, end to end (Ray
-   start excluded, actor start and model load included), against a plain loop over the same
-   tiles in this process: decode the PNG once, cut the tiles, ``Predictor.forward_uint8`` in
-   batches of 4 with lanes on every core (what the actor runs), paste each tile's instances
-   (:func:`pipeline.infer.tiles.tile_instances`) and merge them (:func:`~pipeline.infer.tiles.merge_instances`).
-3. Growth. ``run_inference --tile`` on mosaics of ``--sizes`` px square (the first mosaic's
-   cells repeated), each in a fresh process: wall time, MP/s, the driver's peak RSS and the
-   largest peak RSS (``VmHWM``) of any Ray worker.
+2. Speed, in one run. Megapixels/s of ``run_inference --tile`` (CLI defaults otherwise: one
+   actor) end to end (Ray start excluded; the actor's start, its model load, the read, every
+   part file and the merge included), against a plain loop over the same tiles in this process
+   with its model already loaded: decode the PNG once, cut the tiles,
+   ``Predictor.forward_uint8`` in batches of 4 with lanes on every core (what the actor runs),
+   paste each tile's instances (:func:`pipeline.infer.tiles.tile_instances`) and merge them
+   (:func:`~pipeline.infer.tiles.merge_instances`). On the accuracy mosaic and on a large one
+   (``--speed-size`` px square, the mosaic's cells repeated), where the start-up (seconds, paid
+   once per run) no longer dominates.
+3. Growth. ``run_inference --tile`` on mosaics of ``--sizes`` px square, each in a fresh process:
+   wall time, MP/s, the driver's peak RSS and the largest peak RSS (``VmHWM``) of any Ray worker.
+   The same with the model's call taken out (``--noop-sizes``, up to 16k x 16k: the predictor of
+   ``benchmarks/infer.py --noop`` with 5 synthetic instances per tile): the pipeline's own cost
+   (decode, cut, paste, seam merge, parts, memory) as the image grows, in minutes not hours.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import multiprocessing
 import os
 import platform
 import resource
+import shutil
 import sys
 import tempfile
 import threading
@@ -45,6 +52,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline.infer.config import InferConfig  # noqa: E402
 
 OFFSET = 37
 
@@ -124,7 +133,8 @@ def score(instances: list[dict], truth: list[dict], min_score: float) -> dict:
         return {"detections": 0, "recall": 0.0, "split": 0, "duplicates": 0}
     iou = np.asarray(mask_utils.iou(preds, gts, [0] * len(gts))).reshape(len(preds), len(gts))
     same = np.array([[p["category_id"] == t["category_id"] for t in truth] for p in kept])
-    area = mask_utils.area(preds).astype(np.float64)
+    # one call per mask: pycocotools 2.0.x area() of a list of more than 255 masks overflows on numpy 2
+    area = np.array([mask_utils.area(p) for p in preds], dtype=np.float64)
     inside = np.zeros_like(iou)
     for i, j in zip(*np.nonzero(iou > 0)):
         inside[i, j] = mask_utils.area(mask_utils.merge([preds[i], gts[j]], intersect=True)) / max(area[i], 1)
@@ -210,20 +220,29 @@ class WorkerPeak:
         self._thread.join()
 
 
-def tiled_run(input_uri: str, out_uri: str, ckpt: str, tile: int, overlap: float, queue=None) -> dict:
-    """``run_inference --tile`` over ``input_uri`` (Ray started first, not timed); its figures."""
+def tiled_run(input_uri: str, out_uri: str, ckpt: str, tile: int, overlap: float, noop: bool = False,
+              queue=None) -> dict:
+    """``run_inference --tile`` over ``input_uri`` (Ray started first, not timed); its figures.
+    ``noop``: the model's call taken out (``benchmarks/infer.py``'s no-op predictor, model loaded)."""
     import ray
 
     from pipeline import raysetup
-    from pipeline.infer.config import InferConfig
     from pipeline.infer.driver import run_inference
 
+    factory = None
+    if noop:
+        from ray import cloudpickle
+
+        import infer as infer_benchmark  # benchmarks/infer.py: this script's folder is on sys.path
+
+        cloudpickle.register_pickle_by_value(infer_benchmark)  # the Ray workers cannot import it
+        factory = infer_benchmark.noop_predictor(5)
     raysetup.init("local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         with WorkerPeak() as peak:
             start = time.perf_counter()
             summary = run_inference(InferConfig(input=input_uri, output=out_uri, checkpoint=ckpt, tile=tile,
-                                                tile_overlap=overlap, overwrite=True))
+                                                tile_overlap=overlap, overwrite=True), predictor_factory=factory)
             seconds = time.perf_counter() - start
     finally:
         ray.shutdown()
@@ -238,11 +257,55 @@ def tiled_run(input_uri: str, out_uri: str, ckpt: str, tile: int, overlap: float
 def in_fresh_process(*args) -> dict:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=tiled_run, args=(*args, queue))
+    proc = ctx.Process(target=tiled_run, args=args, kwargs={"queue": queue})
     proc.start()
     result = queue.get()
     proc.join()
     return result
+
+
+def repeated(image: np.ndarray, side: int, folder: str) -> None:
+    """``folder/mosaic.png``: ``image`` tiled to ``side`` x ``side`` px (its cells repeated)."""
+    reps = -(-side // image.shape[0])
+    big = np.tile(image, (reps, reps, 1))[:side, :side]
+    os.makedirs(folder)
+    with open(os.path.join(folder, "mosaic.png"), "wb") as f:
+        f.write(png(big))
+
+
+def speed_large(image: np.ndarray, args: argparse.Namespace, work: str, tile: int) -> dict:
+    """MP/s of the pipeline vs the plain loop on one ``args.speed_size`` px square mosaic."""
+    side, folder = args.speed_size, os.path.join(work, "speed")
+    repeated(image, side, folder)
+    with open(os.path.join(folder, "mosaic.png"), "rb") as f:
+        loop = plain_tile_loop(args.checkpoint, f.read(), tile, args.overlap,
+                               InferConfig.__dataclass_fields__["score_threshold"].default)
+    run = in_fresh_process(folder, os.path.join(work, "speed-out"), args.checkpoint, tile, args.overlap)
+    mp = side * side / 1e6
+    out = {"side": side, "tiles": loop["tiles"], "loop_seconds": loop["seconds"], "loop_mp_per_s": loop["mp_per_s"],
+           **run, "mp_per_s": mp / run["seconds"], "ratio_to_loop": mp / run["seconds"] / loop["mp_per_s"]}
+    print(f"MP/s at {side}x{side}: pipeline {out['mp_per_s']:.3f} ({run['seconds']:.1f} s), plain loop over the same "
+          f"{loop['tiles']} tiles {loop['mp_per_s']:.3f} ({loop['seconds']:.1f} s): ratio {out['ratio_to_loop']:.2f}",
+          flush=True)
+    return out
+
+
+def growth(image: np.ndarray, sides: list[int], args: argparse.Namespace, work: str, tile: int,
+           noop: bool = False) -> list[dict]:
+    """Time and memory of the pipeline on mosaics of each side, each run in a fresh process."""
+    rows = []
+    for side in sides:
+        folder = os.path.join(work, f"in{side}{'-noop' if noop else ''}")
+        repeated(image, side, folder)
+        g = in_fresh_process(folder, folder + "-out", args.checkpoint, tile, args.overlap, noop)
+        g.update(side=side, mp=side * side / 1e6, mp_per_s=side * side / 1e6 / g["seconds"], noop=noop)
+        rows.append(g)
+        print(f"{side}x{side}{' (no-op model)' if noop else ''}: {g['seconds']:.1f} s, {g['mp_per_s']:.3f} MP/s, "
+              f"{g['instances']} instances, driver peak RSS {g['driver_peak_rss_mb']:.0f} MB, largest worker peak "
+              f"RSS {g['worker_peak_rss_mb']:.0f} MB", flush=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(folder + "-out", ignore_errors=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,13 +315,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile", type=int, default=0, help="tile size (0: the model's min_size)")
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--score", type=float, default=0.5, help="score of detections counted in the accuracy")
-    parser.add_argument("--sizes", default="2048,4096", help="mosaic sides for the growth figures (0: skip)")
+    parser.add_argument("--speed-size", type=int, default=4096,
+                        help="side of the large mosaic of the speed comparison (0: skip)")
+    parser.add_argument("--sizes", default="2048,4096,8192", help="mosaic sides for the growth figures (0: skip)")
+    parser.add_argument("--noop-sizes", default="4096,8192,16384",
+                        help="mosaic sides for the growth figures with the model's call taken out (0: skip)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
 
     from pycocotools import mask as mask_utils
 
-    from pipeline.infer.config import InferConfig
     from pipeline.results import iter_rows
 
     info = model_info(args.checkpoint)
@@ -298,21 +364,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{loop['tiles']} tiles {loop['mp_per_s']:.3f} ({loop['seconds']:.1f} s): ratio "
               f"{report['tiled']['ratio_to_loop']:.2f}", flush=True)
 
-        report["growth"] = []
-        for side in [int(s) for s in args.sizes.split(",") if int(s) > 0]:
-            reps = -(-side // image.shape[0])
-            big = np.tile(image, (reps, reps, 1))[:side, :side]
-            folder = os.path.join(work, f"in{side}")
-            os.makedirs(folder)
-            with open(os.path.join(folder, "mosaic.png"), "wb") as f:
-                f.write(png(big))
-            del big
-            g = in_fresh_process(folder, os.path.join(work, f"out{side}"), args.checkpoint, tile, args.overlap)
-            g.update(side=side, mp=side * side / 1e6, mp_per_s=side * side / 1e6 / g["seconds"])
-            report["growth"].append(g)
-            print(f"{side}x{side}: {g['seconds']:.1f} s, {g['mp_per_s']:.3f} MP/s, {g['instances']} instances, "
-                  f"driver peak RSS {g['driver_peak_rss_mb']:.0f} MB, largest worker peak RSS "
-                  f"{g['worker_peak_rss_mb']:.0f} MB", flush=True)
+        if args.speed_size:
+            report["speed_large"] = speed_large(image, args, work, tile)
+        report["growth"] = growth(image, [int(v) for v in args.sizes.split(",") if int(v) > 0], args, work, tile)
+        report["growth_noop"] = growth(image, [int(v) for v in args.noop_sizes.split(",") if int(v) > 0], args, work,
+                                       tile, noop=True)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0

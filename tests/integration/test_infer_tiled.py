@@ -194,7 +194,8 @@ def score_against_truth(instances: list[dict], objects: list[dict], size: tuple[
     truth = [full_rle(o, size) for o in objects]
     iou = np.asarray(mask_utils.iou(preds, truth, [0] * len(truth))).reshape(len(preds), len(truth))
     inter = np.zeros_like(iou)
-    pred_area = mask_utils.area(preds).astype(np.float64)
+    # one call per mask: pycocotools 2.0.x area() of a list of more than 255 masks overflows on numpy 2
+    pred_area = np.array([mask_utils.area(p) for p in preds], dtype=np.float64)
     for i, p in enumerate(preds):
         for j in np.flatnonzero(iou[i] > 0):
             inter[i, j] = mask_utils.area(mask_utils.merge([p, truth[j]], intersect=True))
