@@ -6,7 +6,9 @@ against the shards' ground truth, prints the AP table and optionally writes ``me
 (``{"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl"}, "segm": {...}}``, values in [0, 1],
 ``null`` where COCOeval has no ground truth of that size). A keypoint model on a dataset whose
 categories name keypoints also gets ``"keypoints": {"AP", "AP50", "AP75", "APm", "APl"}`` (OKS;
-``--kpt-oks-sigmas`` for a skeleton other than COCO person's 17 keypoints).
+``--kpt-oks-sigmas`` for a skeleton other than COCO person's 17 keypoints). ``--tile SIZE
+--tile-overlap R [--tile-full-pass]`` scores large images the way ``maskray infer`` with the same
+flags segments them (:func:`pipeline.infer.tiles.segment_tiled`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kpt-oks-sigmas", type=sigma_list, metavar="S1,S2,...",
                         help="OKS sigmas, one per keypoint, for keypoint AP (default: COCO person's 17, "
                              "which fit only K=17)")
+    parser.add_argument("--tile", type=int, default=0, metavar="SIZE",
+                        help="score images wider or taller than SIZE px as `maskray infer --tile SIZE` segments them: "
+                             "SIZE x SIZE tiles at native resolution, instances merged across seams "
+                             "(default 0 = off: every image shrunk to the model's size)")
+    parser.add_argument("--tile-overlap", type=float, default=0.2, metavar="R",
+                        help="with --tile: the fraction of a tile its neighbour overlaps (default 0.2), as infer's")
+    parser.add_argument("--tile-full-pass", action="store_true",
+                        help="with --tile: also run each tiled image whole at the model's size, as infer's")
 
 
 def sigma_list(text: str) -> list[float]:
@@ -77,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     from model.errors import MaskrayError
     from pipeline import storage
+    from pipeline.config import require_tiling
     from pipeline.evaluate import evaluate_model, format_table, load_checkpoint_uri, metrics_to_json
     from pipeline.data.format import read_manifest
 
@@ -84,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         raise MaskrayError(f"--limit must be >= 1, got {args.limit}")
     if args.batch_size < 1:
         raise MaskrayError(f"--batch-size must be >= 1, got {args.batch_size}")
+    require_tiling(args.tile, args.tile_overlap, args.tile_full_pass)
     device = resolve_device(args.device)
     model, config, _ = load_checkpoint_uri(args.checkpoint)
     manifest = read_manifest(args.data)
@@ -92,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
                 config.variant, config.num_classes - 1, args.data, device)
     metrics = evaluate_model(model, args.data, manifest.categories, category_ids=config.category_ids(),
                              batch_size=args.batch_size, device=device, limit=args.limit,
-                             amp_dtype=amp_dtype(args.amp), kpt_oks_sigmas=args.kpt_oks_sigmas)
+                             amp_dtype=amp_dtype(args.amp), kpt_oks_sigmas=args.kpt_oks_sigmas,
+                             tile=args.tile, tile_overlap=args.tile_overlap, tile_full_pass=args.tile_full_pass)
     print(format_table(metrics))
     if args.out:
         storage.write_bytes(args.out, (json.dumps(metrics_to_json(metrics), indent=2) + "\n").encode())

@@ -57,6 +57,23 @@ def require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+MIN_TILE = 32  # px: the smallest tile side of tiled inference and evaluation
+MAX_TILE_OVERLAP = 0.9  # the largest fraction of a tile its neighbour may overlap
+
+
+def require_tiling(tile: int, overlap: float, full_pass: bool, *, prefix: str = "",
+                   enable: str = "--tile SIZE") -> None:
+    """The one rule for the tiling options wherever they are set (``InferConfig``, ``maskray eval``,
+    the train config's ``eval`` section): ``tile`` 0 (off) or >= :data:`MIN_TILE` px,
+    ``overlap`` in [0, :data:`MAX_TILE_OVERLAP`], ``full_pass`` only with a tile. Errors name
+    ``{prefix}tile`` / ``{prefix}tile_overlap`` / ``{prefix}tile_full_pass``; ``enable`` says
+    how tiling is turned on."""
+    require(tile == 0 or tile >= MIN_TILE, f"{prefix}tile", f"must be 0 (off) or >= {MIN_TILE} px, got {tile}")
+    require(0.0 <= overlap <= MAX_TILE_OVERLAP, f"{prefix}tile_overlap",
+            f"must be in [0, {MAX_TILE_OVERLAP}], got {overlap}")
+    require(tile > 0 or not full_pass, f"{prefix}tile_full_pass", f"needs {enable}")
+
+
 # --------------------------------------------------------------------------- building
 
 

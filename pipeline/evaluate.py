@@ -23,13 +23,14 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from model.errors import MaskrayError
+from pipeline.config import require_tiling
 from pipeline.instances import Instances
 from pipeline.results import to_coco_results
 
@@ -280,12 +281,62 @@ def predict_rows(model: torch.nn.Module, rows: Iterable[dict[str, Any]], *, batc
             yield row, image, Instances.from_output(output, (image.shape[1], image.shape[2])).to("cpu")
 
 
+def uint8_forward(model: Any, *, device: str | torch.device = "cpu",
+                  amp_dtype: torch.dtype | None = None) -> Callable[[list[torch.Tensor]], list[dict[str, Any]]]:
+    """What tiled evaluation runs on a batch of uint8 ``[3,h,w]`` model inputs: ``model.forward_uint8``
+    when it has one (a :class:`~pipeline.infer.predictor.Predictor`, or an object answering like
+    one), else that of a ``Predictor`` over the torchvision-style detector on ``device``, as the
+    model actor of ``maskray infer`` runs it (boxes in the input's frame, ``[N,1,M,M]`` mask
+    probabilities). The model is used as it is: no score threshold beyond its own, no
+    inference rewrite (``optimize=False``). ``amp_dtype`` autocasts the call to that dtype."""
+    from pipeline.infer.predictor import Predictor
+
+    device = torch.device(device)
+    run = getattr(model, "forward_uint8", None)
+    if not callable(run):
+        parts = ("transform", "backbone", "rpn", "roi_heads")
+        if not all(hasattr(model, p) for p in parts):
+            raise MaskrayError(f"tiled evaluation runs a torchvision-style detector ({', '.join(parts)}) or a model "
+                               f"with forward_uint8; {type(model).__name__} has neither")
+        # amp=True: the Predictor's own autocast then takes the dtype of the one around it, below
+        run = Predictor(model=model, device=device, amp=amp_dtype is not None, optimize=False).forward_uint8
+
+    def forward(images: list[torch.Tensor]) -> list[dict[str, Any]]:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return run(images)
+
+    return forward
+
+
+def segment_rows_tiled(model: Any, rows: Iterable[dict[str, Any]], *, tile: int, tile_overlap: float,
+                       tile_full_pass: bool = False, category_ids: Sequence[int], batch_size: int = 2,
+                       device: str | torch.device = "cpu", amp_dtype: torch.dtype | None = None,
+                       skipped: list | None = None) -> Iterator[tuple[dict[str, Any], list[dict]]]:
+    """Shard rows -> ``(row, its result instances)`` as ``maskray infer --tile SIZE --tile-overlap R
+    [--tile-full-pass]`` makes them (:func:`pipeline.infer.tiles.segment_tiled` over
+    :func:`uint8_forward`, ``batch_size`` images per call; the whole-image pass at the model's
+    ``transform`` min/max size): RESULT_SCHEMA ``instances`` dicts, masks as RLE in full-image
+    coordinates. ``skipped`` as in :func:`predict_rows`."""
+    from pipeline.infer.predictor import model_sizes
+    from pipeline.infer.tiles import segment_tiled
+
+    forward = uint8_forward(model, device=device, amp_dtype=amp_dtype)
+    model_size = model_sizes(model) if tile_full_pass else None
+    for batch in _batches(_decode_rows(rows, skipped), max(1, batch_size)):
+        found = segment_tiled(forward, [image for _, image in batch], tile=tile, overlap=tile_overlap,
+                              full_pass=tile_full_pass, model_size=model_size, category_ids=category_ids,
+                              batch_size=max(1, batch_size))
+        for (row, _), instances in zip(batch, found):
+            yield row, instances
+
+
 def evaluate_model(model: torch.nn.Module, data: str | Iterable[dict[str, Any]],
                    categories: Sequence[dict] | None = None, *, category_ids: Sequence[int] | None = None,
                    batch_size: int = 2, device: str | torch.device = "cpu", limit: int | None = None,
                    amp_dtype: torch.dtype | None = None, skipped: list | None = None,
                    max_bad_fraction: float = 0.01,
-                   kpt_oks_sigmas: Sequence[float] | None = None) -> dict[str, dict[str, float | None]]:
+                   kpt_oks_sigmas: Sequence[float] | None = None, tile: int = 0, tile_overlap: float = 0.2,
+                   tile_full_pass: bool = False) -> dict[str, dict[str, float | None]]:
     """COCO bbox/segm (and keypoint) metrics of ``model`` on a dataset URI or on shard rows.
 
     What is scored follows the model's branches (torchvision's ``roi_heads.has_mask()`` /
@@ -301,7 +352,14 @@ def evaluate_model(model: torch.nn.Module, data: str | Iterable[dict[str, Any]],
     shard, and left out of the ground truth too; ``skipped`` (a list, optional) receives
     ``(image_id, shard, reason)`` for each. More than ``max_bad_fraction`` of the evaluated
     images skipped raises :class:`MaskrayError` (metrics on what is left would mislead).
+
+    ``tile`` > 0 scores images the way ``maskray infer --tile`` segments them: an image wider or
+    taller than ``tile`` px is cut into overlapping tiles (``tile_overlap``) run at native
+    resolution, with ``tile_full_pass`` once more whole at the model's size, and their instances
+    merged across seams (:func:`segment_rows_tiled`); smaller images run whole. 0 (default):
+    every image whole, shrunk by the model's own size rule.
     """
+    require_tiling(tile, tile_overlap, tile_full_pass)
     if skipped is None:
         skipped = []
     if isinstance(data, str):
@@ -321,10 +379,18 @@ def evaluate_model(model: torch.nn.Module, data: str | Iterable[dict[str, Any]],
 
     seen: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
-    for row, _, instances in predict_rows(model, rows, batch_size=batch_size, device=device, amp_dtype=amp_dtype,
-                                          skipped=skipped):
-        seen.append({k: row.get(k) for k in ("image_id", "file_name", "width", "height", "annotations")})
-        results.extend(instances.to_coco(int(row["image_id"]), category_ids))
+    if tile:
+        for row, found in segment_rows_tiled(model, rows, tile=tile, tile_overlap=tile_overlap,
+                                             tile_full_pass=tile_full_pass, category_ids=category_ids,
+                                             batch_size=batch_size, device=device, amp_dtype=amp_dtype,
+                                             skipped=skipped):
+            seen.append({k: row.get(k) for k in ("image_id", "file_name", "width", "height", "annotations")})
+            results.extend(to_coco_results(int(row["image_id"]), found))
+    else:
+        for row, _, instances in predict_rows(model, rows, batch_size=batch_size, device=device,
+                                              amp_dtype=amp_dtype, skipped=skipped):
+            seen.append({k: row.get(k) for k in ("image_id", "file_name", "width", "height", "annotations")})
+            results.extend(instances.to_coco(int(row["image_id"]), category_ids))
     total = len(seen) + len(skipped)
     if skipped and len(skipped) > max_bad_fraction * total:
         first = skipped[0]
@@ -332,8 +398,9 @@ def evaluate_model(model: torch.nn.Module, data: str | Iterable[dict[str, Any]],
                            f"max_bad_fraction={max_bad_fraction:g}); first: image {first[0]} in {first[1]}: {first[2]}")
     if not seen:
         raise MaskrayError("evaluation got no images")
-    log.info("evaluated %d images, %d detections%s", len(seen), len(results),
-             f"; {len(skipped)} undecodable images skipped" if skipped else "")
+    log.info("evaluated %d images%s, %d detections%s", len(seen),
+             f" (tiled: {tile} px, overlap {tile_overlap:g}{', full pass' if tile_full_pass else ''})" if tile else "",
+             len(results), f"; {len(skipped)} undecodable images skipped" if skipped else "")
     ground_truth = coco_ground_truth(seen, categories)
     return coco_metrics(ground_truth, results, model_iou_types(model, categories),
                         kpt_oks_sigmas=kpt_oks_sigmas)

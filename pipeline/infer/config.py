@@ -18,13 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pipeline.config import option, require, run_only_keys, to_dict
+from pipeline.config import option, require, require_tiling, run_only_keys, to_dict
 from pipeline.data.decode import DEFAULT_INTENSITY, DEFAULT_MAX_PIXELS, INTENSITY_MODES
 
 AMP_MODES = ("auto", "on", "off")
 DEFAULT_MAX_WHOLE_PIXELS = 1_000_000_000  # with --tile, for formats decoded whole (a 20k x 20k PNG is 400 MP)
-MIN_TILE = 32
-MAX_TILE_OVERLAP = 0.9
 
 
 @dataclass(frozen=True)
@@ -93,10 +91,7 @@ class InferConfig:
         require(self.amp in AMP_MODES, "amp", f"{self.amp!r} is not one of {', '.join(AMP_MODES)}")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         self.actor_range  # noqa: B018  (checks the text)
-        require(self.tile == 0 or self.tile >= MIN_TILE, "tile", f"must be 0 (off) or >= {MIN_TILE} px, got {self.tile}")
-        require(0.0 <= self.tile_overlap <= MAX_TILE_OVERLAP, "tile_overlap",
-                f"must be in [0, {MAX_TILE_OVERLAP}], got {self.tile_overlap}")
-        require(self.tile > 0 or not self.tile_full_pass, "tile_full_pass", "needs --tile SIZE")
+        require_tiling(self.tile, self.tile_overlap, self.tile_full_pass)
         require(self.max_whole_pixels >= 0, "max_whole_pixels", f"must be >= 0 (0 = no limit), got "
                 f"{self.max_whole_pixels}")
         require(self.tile == 0 or self.tta is None, "tile", "tiled inference does not take a tta predictor")

@@ -376,6 +376,22 @@ def shrink_chw(source: Any, size: tuple[int, int], max_region_pixels: int | None
     return np.ascontiguousarray(out.transpose(2, 0, 1))
 
 
+def tile_chw(source: Any, boxes: Sequence[Sequence[int]], k: int, *, model_size: Sequence[int],
+             max_pixels: int | None) -> np.ndarray:
+    """uint8 ``[3,h,w]`` pixels of the ``k``-th model input of a tiled image whose tiles are
+    ``boxes`` (:func:`pipeline.infer.tiles.tile_region`): tile ``boxes[k]`` at native resolution,
+    or, for ``k == len(boxes)`` (``--tile-full-pass``), the whole image shrunk to ``model_size``
+    (min, max) by :func:`pipeline.infer.tiles.full_pass_size` (:func:`shrink_chw`, strips of at
+    most ``max_pixels``). The read stage and in-process tiling
+    (:func:`pipeline.infer.tiles.segment_tiled`) both cut pixels here."""
+    from pipeline.infer import tiles
+
+    if k < len(boxes):
+        return region_chw(source, boxes[k])
+    width, height = int(source.width), int(source.height)
+    return shrink_chw(source, tiles.full_pass_size(width, height, *model_size), max_pixels)
+
+
 def decoded_row(unit: dict, positions: list[int], image_ids: list[int], file_names: list[str],
                 images: list[np.ndarray | None], errors: list[str | None], *, part: str | None,
                 regions: list[Sequence[int]] = (), full_size: Sequence[int] = (), tiled: str = "") -> Any:
@@ -460,20 +476,16 @@ def tiled_rows(unit: dict, *, tile: int, overlap: float, full_pass: bool, model_
         boxes = tiles.plan_tiles(width, height, tile, overlap)
         count = len(boxes) + (1 if full_pass else 0)
         tiled[p] = count
-        chunks = [(a, min(a + per_part, len(boxes))) for a in range(0, len(boxes), per_part)]
-        if full_pass:
-            chunks.append((len(boxes), count))
+        chunks = tiles.part_chunks(len(boxes), per_part, full_pass)
         for a, b in chunks:
             part = tiles.part_name(p, a, b, count)
             if part in done:
                 continue
             images, errors, regions = [], [], []
             for k in range(a, b):
-                region = boxes[k] if k < len(boxes) else (0, 0, width, height)
+                region = tiles.tile_region(boxes, k, width, height)
                 try:
-                    image = (region_chw(source, region) if k < len(boxes) else
-                             shrink_chw(source, tiles.full_pass_size(width, height, *model_size), max_pixels))
-                    images.append(image)
+                    images.append(tile_chw(source, boxes, k, model_size=model_size, max_pixels=max_pixels))
                     errors.append(None)
                 except Exception as exc:  # noqa: BLE001 - a region that cannot be read fails its image
                     images.append(None)

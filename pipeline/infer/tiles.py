@@ -46,6 +46,11 @@ match measure restricted to the pixels both sides saw:
     * Like any IoS rule, a small object inside a larger one of the same category seen by another
       tile may merge into it (SAHI's known behaviour; the threshold is :data:`MATCH_THRESHOLD`).
 
+In one process (:func:`segment_tiled`: ``maskray eval --tile``, the train config's ``eval.tile``)
+images held in memory go through the same grid, the same pixels (:func:`pipeline.infer.stages.tile_chw`),
+the same translation and the same merge (:func:`merge_tiles`), so what is scored is what
+``maskray infer --tile`` writes.
+
 Part files (tiles as units of work; :mod:`pipeline.infer.stages` makes them, the driver plans
 units as before). A unit with at least one tiled image is committed in two steps:
 ``<output>/_tiles/<unit>/`` first receives
@@ -70,12 +75,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
 from model.errors import MaskrayError
+from pipeline.data.decode import DEFAULT_MAX_PIXELS
 
 MATCH_THRESHOLD = 0.5  # IoS_R at or above which two instances are one object (SAHI's default)
 TILES_DIR = "_tiles"  # <output>/_tiles/<unit>/<part>: parts of units not yet merged
@@ -137,6 +143,23 @@ def full_pass_size(width: int, height: int, min_size: int, max_size: int) -> tup
     (shorter side to ``min_size``, longer at most ``max_size``), never enlarged."""
     scale = min(1.0, min_size / min(width, height), max_size / max(width, height))
     return max(1, int(round(width * scale))), max(1, int(round(height * scale)))
+
+
+def tile_region(boxes: Sequence[Box], k: int, width: int, height: int) -> Box:
+    """Where the ``k``-th model input of a tiled ``width`` x ``height`` image comes from:
+    ``boxes[k]`` (:func:`plan_tiles`), or the whole image for ``k == len(boxes)`` (the
+    whole-image pass, ``--tile-full-pass``)."""
+    return tuple(int(v) for v in boxes[k]) if k < len(boxes) else (0, 0, int(width), int(height))
+
+
+def part_chunks(tiles: int, per_part: int, full_pass: bool) -> list[tuple[int, int]]:
+    """``(start, stop)`` model inputs of each part of a tiled image with ``tiles`` tiles:
+    ``per_part`` consecutive tiles (:func:`tiles_per_part`), then with ``full_pass`` the
+    whole-image pass alone (it is another size)."""
+    chunks = [(a, min(a + per_part, tiles)) for a in range(0, tiles, per_part)]
+    if full_pass:
+        chunks.append((tiles, tiles + 1))
+    return chunks
 
 
 # --------------------------------------------------------------------------- RLE helpers
@@ -336,6 +359,94 @@ def merge_instances(instances: Sequence[dict], regions: Sequence[Box], size: tup
     return out
 
 
+def merge_tiles(per_tile: Sequence[Sequence[dict] | None], regions: Sequence[Box],
+                size: tuple[int, int]) -> list[dict]:
+    """One tiled image's instances from its model inputs' instances (``per_tile[k]``, full-image
+    coordinates, predicted in ``regions[k]``; None = none) -> :func:`merge_instances`, each
+    instance owned by its input's region. ``size`` (H, W)."""
+    instances, owners = [], []
+    for found, region in zip(per_tile, regions):
+        instances.extend(found or [])
+        owners.extend([tuple(region)] * len(found or []))
+    return merge_instances(instances, owners, size)
+
+
+# --------------------------------------------------------------------------- one process
+
+
+def segment_tiled(forward: Callable[[list[Any]], Sequence[dict[str, Any]]], images: Sequence[Any], *, tile: int,
+                  overlap: float, full_pass: bool = False, model_size: Sequence[int] | None = None,
+                  category_ids: Sequence[int], batch_size: int = 4,
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[list[dict]]:
+    """Per image, its result instances (RESULT_SCHEMA ``instances`` dicts: ``category_id``,
+    ``score``, xywh ``bbox``, RLE ``segmentation`` in full-image coordinates, ``keypoints``) as
+    ``maskray infer --tile`` makes them, in this process: the rules of the Ray path, shared.
+
+    ``forward``: a list of uint8 ``[3,h,w]`` CPU tensors at their original size -> per image
+    :meth:`pipeline.infer.predictor.Predictor.forward_uint8`'s output (numpy arrays or tensors:
+    ``boxes`` xyxy in that input's frame, ``labels`` 1..K, ``scores``, optional ``masks``
+    ``[N,1,M,M]`` probabilities and ``keypoints`` ``[N,K,3]``). ``images``: uint8 ``[3,H,W]``
+    (numpy arrays or tensors). ``category_ids[label - 1]`` is a label's category.
+
+    * Images no larger than ``tile`` (:func:`needs_tiles`) run together, ``batch_size`` per
+      call, as the plain path does (:func:`pipeline.results.to_result_instances`, as
+      :func:`pipeline.infer.stages.unit_table`).
+    * A larger image is cut by :func:`plan_tiles` (``tile``, ``overlap``), and with
+      ``full_pass`` run once more whole, shrunk to ``model_size`` (min, max) by
+      :func:`full_pass_size` (pixels: :func:`pipeline.infer.stages.tile_chw`, strips of at
+      most ``max_pixels`` as the read stage's ``--max-pixels``). Its inputs run in the read
+      stage's parts (:func:`part_chunks`), ``batch_size`` per call; each input's instances
+      are pasted in full-image coordinates (:func:`tile_instances`) and merged across seams
+      (:func:`merge_tiles`).
+    """
+    import torch
+
+    from pipeline.infer.stages import ArrayRegions, tile_chw
+    from pipeline.results import to_result_instances
+
+    if tile < 1:
+        raise MaskrayError(f"tile {tile} must be >= 1")
+    if full_pass and model_size is None:
+        raise MaskrayError("the whole-image pass (full_pass) needs the model's (min_size, max_size)")
+    if batch_size < 1:
+        raise MaskrayError(f"batch size {batch_size} must be >= 1")
+
+    def run(chws: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """``forward`` over ``chws``, ``batch_size`` per call; outputs as numpy arrays."""
+        outs = []
+        for a in range(0, len(chws), batch_size):
+            for out in forward([torch.from_numpy(c) for c in chws[a:a + batch_size]]):
+                outs.append({k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+                             for k, v in out.items()})
+        return outs
+
+    arrays = [np.ascontiguousarray(im.numpy() if isinstance(im, torch.Tensor) else im) for im in images]
+    for chw in arrays:
+        if chw.dtype != np.uint8 or chw.ndim != 3 or chw.shape[0] != 3:
+            raise MaskrayError(f"segment_tiled takes uint8 [3,H,W] images, got {chw.dtype} {list(chw.shape)}")
+    out: list[list[dict]] = [[] for _ in arrays]
+    plain = [i for i, chw in enumerate(arrays) if not needs_tiles(chw.shape[2], chw.shape[1], tile)]
+    for i, pred in zip(plain, run([arrays[i] for i in plain])):
+        h, w = arrays[i].shape[1:]
+        out[i] = to_result_instances(pred["boxes"], pred["labels"], pred["scores"], pred.get("masks"), h, w,
+                                     category_ids, keypoints=pred.get("keypoints"))
+    for i, chw in enumerate(arrays):
+        height, width = int(chw.shape[1]), int(chw.shape[2])
+        if not needs_tiles(width, height, tile):
+            continue
+        source, boxes = ArrayRegions(chw), plan_tiles(width, height, tile, overlap)
+        sizes = tuple(model_size) if full_pass else ()  # read only by the whole-image pass
+        per_tile, regions = [], []
+        for a, b in part_chunks(len(boxes), tiles_per_part(tile), full_pass):
+            inputs = [tile_chw(source, boxes, k, model_size=sizes, max_pixels=max_pixels) for k in range(a, b)]
+            for k, pixels, pred in zip(range(a, b), inputs, run(inputs)):
+                region = tile_region(boxes, k, width, height)
+                per_tile.append(tile_instances(pred, region, pixels.shape[1:], (height, width), category_ids))
+                regions.append(region)
+        out[i] = merge_tiles(per_tile, regions, (height, width))
+    return out
+
+
 # --------------------------------------------------------------------------- part files
 
 
@@ -426,11 +537,7 @@ def merge_image(rows: Sequence[dict], regions: Sequence[Box], size: tuple[int, i
         if row["error"] is not None:
             x0, y0 = region[0], region[1]
             return {**first, "instances": [], "error": f"{row['error']} (tile at x={x0}, y={y0})"}
-    instances, owners = [], []
-    for row, region in zip(rows, regions):
-        instances.extend(row["instances"] or [])
-        owners.extend([tuple(region)] * len(row["instances"] or []))
-    return {**first, "instances": merge_instances(instances, owners, size), "error": None}
+    return {**first, "instances": merge_tiles([row["instances"] for row in rows], regions, size), "error": None}
 
 
 def try_merge(output_uri: str, unit: str, *, attempt: Any) -> tuple[Any, int]:

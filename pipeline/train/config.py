@@ -12,7 +12,7 @@ A config file is a YAML mapping whose sections mirror the dataclasses below::
     schedule: {max_iters: 600, warmup_iters: 100, policy: step, steps: [400, 550]}
     augment:  {hflip_prob: 0.5, scale_jitter: [0.8, 1.2], crop: 0}
     checkpoint: {every: 200, keep: 2}
-    eval:     {every: 200, max_images: 100}
+    eval:     {every: 200, tile: 0}
 
 ``load_config(path, overrides)`` reads the file, applies ``--set a.b=value`` overrides (the
 value parsed with ``yaml.safe_load``, so ``--set optim.base_lr=0.01`` is a float and
@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from model.checkpoint import ModelConfig, ModelConfigError
-from pipeline.config import RUN_ONLY, ConfigError, build, load, require, run_only_keys
+from pipeline.config import RUN_ONLY, ConfigError, build, load, require, require_tiling, run_only_keys
 
 POLICIES = ("step", "cosine")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -218,17 +218,26 @@ class CheckpointSection:
 
 @dataclass
 class EvalConfig:
-    """COCO evaluation on ``data.val`` every ``every`` iterations (0 = only at the end)."""
+    """COCO evaluation on ``data.val`` every ``every`` iterations (0 = only at the end).
+
+    ``tile`` > 0 scores val images wider or taller than ``tile`` px the way ``maskray infer
+    --tile`` segments them (tiles at native resolution overlapping by ``tile_overlap``, with
+    ``tile_full_pass`` the whole image at the model's size too, instances merged across seams:
+    :func:`pipeline.evaluate.evaluate_model`); 0 = every image shrunk to the model's size."""
 
     every: int = 0
     at_end: bool = True
     # keypoint models: COCOeval's OKS sigma per keypoint (K values); [] = COCO person's 17
     kpt_oks_sigmas: list[float] = field(default_factory=list)
+    tile: int = 0  # px; 0 = off
+    tile_overlap: float = 0.2
+    tile_full_pass: bool = False
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
         _require(all(s > 0 for s in self.kpt_oks_sigmas), "eval.kpt_oks_sigmas",
                  f"every sigma must be > 0, got {self.kpt_oks_sigmas}")
+        require_tiling(self.tile, self.tile_overlap, self.tile_full_pass, prefix="eval.", enable="eval.tile > 0")
 
 
 @dataclass

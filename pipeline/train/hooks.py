@@ -194,7 +194,8 @@ def flat_eval(metrics: dict) -> dict[str, float | None]:
 
 
 class EvalHook(Hook):
-    """COCO metrics of the model on ``data.val`` (at most ``data.val_max_images``); back in train mode after."""
+    """COCO metrics of the model on ``data.val`` (at most ``data.val_max_images``; tiled as
+    ``maskray infer --tile`` with ``eval.tile``); back in train mode after."""
 
     def __init__(self, console: Console):
         self.console = console
@@ -212,7 +213,9 @@ class EvalHook(Hook):
         try:
             result = evaluate_model(unwrap(w.model), config.data.val, w.plan.categories, limit=limit,
                                     device=w.device, batch_size=max(1, config.images_per_worker),
-                                    skipped=skipped, max_bad_fraction=config.data.max_bad_fraction, **kp)
+                                    skipped=skipped, max_bad_fraction=config.data.max_bad_fraction,
+                                    tile=config.eval.tile, tile_overlap=config.eval.tile_overlap,
+                                    tile_full_pass=config.eval.tile_full_pass, **kp)
         except MaskrayError as exc:  # too many bad val images: a clean stop, not a crash Ray Train would retry
             w.stop_reason = f"data.val={config.data.val}: {exc}"
             return
