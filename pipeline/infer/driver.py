@@ -268,23 +268,70 @@ def cpu_actor_threads(node_cpus: Sequence[float], actors: int) -> int:
 
 
 class Progress:
-    """Console progress (done / total images, images/s, ETA), at most every ``every`` seconds."""
+    """Console progress (done / total images, images/s, ETA), at most every ``every`` seconds
+    (None: :data:`PROGRESS_SECONDS`).
 
-    def __init__(self, total: int, every: float = PROGRESS_SECONDS) -> None:
-        self.total, self.every = total, every
+    With ``--tile`` an image counts only once its unit is merged, so a run over one 400-MP image
+    would show nothing for minutes: tile parts count as they are written (:meth:`add_part`),
+    each part once (a retried task may report one again), and the line adds ``tiles D/T of tiled
+    images``: T the tiles of the tiled images begun so far (each part's name holds its image's
+    tile count), D those written in this run. When a unit commits, its tiled images count as
+    wholly tiled (parts written before a resume are never reported). Memory: the part names of
+    the units not yet committed."""
+
+    def __init__(self, total: int, every: float | None = None) -> None:
+        self.total, self.every = total, PROGRESS_SECONDS if every is None else every
         self.done = 0
+        self.tiles_done = self.tiles_total = 0
+        # per uncommitted unit with tile parts: the part names seen, {tiled position: the
+        # image's tiles}, the tiles counted
+        self._parts: dict[str, set[str]] = {}
+        self._image_tiles: dict[str, dict[int, int]] = {}
+        self._counted: dict[str, int] = {}
         self.started = self.last = time.perf_counter()
 
-    def add(self, images: int) -> None:
+    def add(self, images: int, unit: str | None = None) -> None:
+        """``images`` more done: those of the committed ``unit``."""
         self.done += images
+        if unit in self._parts:
+            self.tiles_done += sum(self._image_tiles.pop(unit).values()) - self._counted.pop(unit)
+            del self._parts[unit]
+        self._log(force=self.done >= self.total)
+
+    def add_part(self, unit: str, part: str) -> None:
+        """A part of the uncommitted ``unit`` was written (``part``: its file name; a base or
+        ``check`` row has no tiles and is not counted)."""
+        from pipeline.infer.tiles import parse_parts
+
+        _, found = parse_parts([part])
+        if not found:
+            return
+        names = self._parts.setdefault(unit, set())
+        if part in names:
+            return
+        names.add(part)
+        ((position, (tiles, of)),) = found.items()
+        image_tiles = self._image_tiles.setdefault(unit, {})
+        if position not in image_tiles:
+            image_tiles[position] = of
+            self.tiles_total += of
+        self._counted[unit] = self._counted.get(unit, 0) + tiles
+        self.tiles_done += tiles
+        self._log()
+
+    def _log(self, force: bool = False) -> None:
         now = time.perf_counter()
-        if now - self.last >= self.every or self.done >= self.total:
-            self.last = now
-            rate = self.done / max(now - self.started, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            logger.info("progress: %d/%d images (%.0f%%), %.1f images/s, ETA %s", self.done, self.total,
-                        100.0 * self.done / max(self.total, 1), rate,
-                        f"{eta:.0f} s" if eta != float("inf") else "?")
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        seconds = max(now - self.started, 1e-9)
+        rate = self.done / seconds
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        tiles = (f"; tiles {self.tiles_done}/{self.tiles_total} of tiled images, "
+                 f"{self.tiles_done / seconds:.1f} tiles/s" if self.tiles_total else "")
+        logger.info("progress: %d/%d images (%.0f%%), %.1f images/s, ETA %s%s", self.done, self.total,
+                    100.0 * self.done / max(self.total, 1), rate, f"{eta:.0f} s" if eta != float("inf") else "?",
+                    tiles)
 
 
 def run_inference(config: InferConfig, *, predictor_factory: type[Predictor] | None = None,
@@ -461,6 +508,8 @@ def _watch(ds: Any, pending: list[Unit], summary: InferenceSummary, started: flo
                 raise MaskrayError(f"inference stopped ({error_text(exc)}); {len(left)} units not committed: "
                                    f"{_name_units(left.values())}; finished units are kept, rerun to resume") from exc
             for row in batch.to_pylist():
+                if row.get("part") and row["unit"] in left:
+                    progress.add_part(row["unit"], row["part"])
                 if not row.get("committed", True):
                     continue  # a tile part written; its unit is committed by the last part's merge
                 if left.pop(row["unit"], None) is None:
@@ -471,7 +520,7 @@ def _watch(ds: Any, pending: list[Unit], summary: InferenceSummary, started: flo
                 summary.images += row["images"]
                 summary.errors += row["errors"]
                 summary.instances += row["instances"]
-                progress.add(row["images"])
+                progress.add(row["images"], row["unit"])
                 if on_unit_committed is not None:
                     on_unit_committed(row["unit"])
     finally:

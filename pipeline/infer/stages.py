@@ -568,14 +568,18 @@ def write_units(batch: Any, *, output_uri: str, category_ids: Sequence[int]) -> 
     :meth:`~pipeline.infer.predictor.Predictor.run_units`) -> one results file per unit, each written atomically
     by :func:`pipeline.results.write_unit` (storage calls retried on transient errors: :func:`with_retries`);
     returns small metadata rows only (``unit``, ``images``, ``errors``, ``transient``,
-    ``instances``, ``pixel_bytes``). A retried task rewrites the same complete file, so a unit's
-    file always holds exactly one row per image of the unit."""
+    ``instances``, ``committed``: false for a ``--tile`` part that did not commit its unit,
+    ``part``: the part's file name for a part row of ``--tile`` (its tiles and their image's
+    tile count are in the name: :func:`pipeline.infer.tiles.parse_parts`), else null). A retried
+    task rewrites the same complete file, so a unit's file always holds exactly one row per image
+    of the unit."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from pipeline.results import write_unit
 
-    meta: dict[str, list] = {k: [] for k in ("unit", "images", "errors", "transient", "instances", "committed")}
+    meta: dict[str, list] = {k: [] for k in ("unit", "images", "errors", "transient", "instances", "committed",
+                                             "part")}
     for unit in (batch if isinstance(batch, list) else batch.to_pylist()):
         if unit.get("part") is None:
             table = write_unit(output_uri, unit["unit"], unit_table(unit, category_ids),
@@ -591,7 +595,8 @@ def write_units(batch: Any, *, output_uri: str, category_ids: Sequence[int]) -> 
         meta["instances"].append(0 if table is None else
                                  int(pc.sum(pc.list_value_length(table.column("instances"))).as_py() or 0))
         meta["committed"].append(table is not None)
-    return pa.table(meta)
+        meta["part"].append(unit.get("part"))
+    return pa.table({k: pa.array(v, pa.string()) if k == "part" else v for k, v in meta.items()})
 
 
 def tile_table(unit: dict, category_ids: Sequence[int]) -> Any:

@@ -111,10 +111,10 @@ def descendants(root: int) -> list[int]:
 
 class PeakRss:
     """Peak RSS (MB) while in the ``with`` block, sampled every :data:`SAMPLE_SECONDS` s and at
-    the end (the workers' peaks reset on entry): ``workers`` maps each Ray worker process of this process's Ray (its descendants whose
-    command line holds ``ray::`` or ``default_worker.py``) to ``(its title when its peak was
-    seen, its VmHWM)``; ``driver`` is this process's largest ``VmRSS``, ``driver_start`` its RSS
-    at the start."""
+    the end (the workers' peaks reset on entry): ``workers`` maps each Ray worker process of this
+    process's Ray (its descendants whose command line holds ``ray::`` or ``default_worker.py``)
+    to ``(its title when its peak was seen, its VmHWM)``; ``driver`` is this process's largest
+    ``VmRSS``, ``driver_start`` its RSS at the start."""
 
     def __init__(self) -> None:
         self.me = os.getpid()
