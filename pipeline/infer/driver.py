@@ -86,11 +86,14 @@ GROUPS_IN_FLIGHT_PER_ACTOR = 4
 # actor can hold queued, so the first actor up is never handed every group while the others start
 # (2 per actor left the second of 2 CPU actors idle: 0.52x the loop instead of 0.9x).
 TASKS_PER_ACTOR = GROUPS_IN_FLIGHT_PER_ACTOR + 1
-# With --tile, the model stage starts handing out work only once its minimum actors are up (Ray
-# Data's DataContext.wait_for_min_actors_s; then each part goes to the least busy actor): without
-# it, the first actor up took the first GROUPS_IN_FLIGHT_PER_ACTOR tile parts of an image and the
-# others had none (tests/integration/test_infer_tiled.py). Bounded, for a cluster that cannot
-# place them: the run then stops with Ray's "Timed out while starting actors".
+# With --tile and more than one actor, the model stage starts handing out work only once its
+# minimum actors are up (Ray Data's DataContext.wait_for_min_actors_s; then each part goes to the
+# least busy actor): without it, the first actor up took the first GROUPS_IN_FLIGHT_PER_ACTOR tile
+# parts of an image and the others had none (tests/integration/test_infer_tiled.py). The wait
+# blocks the whole executor (the read tasks too) until the actors have loaded their model, so a
+# single-actor run (the default) does not wait: its reads overlap the actor's start-up. Bounded,
+# for a cluster that cannot place them: the run then stops with Ray's "Timed out while starting
+# actors".
 TILED_WAIT_FOR_ACTORS_S = 900
 
 
@@ -427,7 +430,7 @@ def run_inference(config: InferConfig, *, predictor_factory: type[Predictor] | N
         # block, so the model stage starts on a group as soon as it is read, and each unit's
         # metadata reaches the driver when committed.
         ds.context.target_max_block_size = 1
-        if config.tile:
+        if config.tile and actors[0] > 1:
             ds.context.wait_for_min_actors_s = TILED_WAIT_FOR_ACTORS_S
         _unblock_model_outputs(ds.context)
         # batch_size=None: a read call sees its task's units (to group them); batch_size=1 in the

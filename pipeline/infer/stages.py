@@ -658,20 +658,35 @@ class SegmentAndWrite:
     A group killed mid-way (the actor died) is retried whole on a new actor: its units rewrite the
     same files, so the exactly-once invariant of :func:`write_units` holds (the driver ignores a
     unit reported twice). On a GPU actor the paste and
-    RLE run on the actor's CPU after the unit's last batch (milliseconds per image at 800 px,
-    0.17 s for 100 instances on a 12-MP photo: benchmarks/RESULTS.md); the GPU waits that long."""
+    RLE run on the actor's CPU (milliseconds per image at 800 px, 0.17 s for 100 instances on a
+    12-MP photo: benchmarks/RESULTS.md).
+
+    Write-behind: a unit's post-processing and write (:func:`write_units`: paste, RLE, Parquet,
+    the storage call and its fsync or PUT) run on one writer thread while the model runs the
+    next unit of the group, so the model never waits on storage. Invariants: at most one unit
+    is being written while one is being computed (memory: two units' predictions), metadata rows
+    are yielded in unit order, and a row is yielded only once its file is committed."""
 
     def __init__(self, *, output_uri: str, category_ids: Sequence[int], predictor_factory: Any = None,
                  **predictor_kwargs: Any) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         from pipeline.infer.predictor import Predictor
 
         self.predictor = (predictor_factory or Predictor)(**predictor_kwargs)
         self.output_uri = output_uri
         self.category_ids = list(category_ids)
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maskray-write")
 
     def __call__(self, groups: Any) -> Iterator[Any]:
         units = ungroup(groups)
+        writing = None  # the previous unit's write (a Future of its metadata row)
         for k in range(units.num_rows):
             # the predictions stay numpy arrays in this process: never pickled between model and write
-            yield write_units(self.predictor.run_units(units.slice(k, 1)), output_uri=self.output_uri,
-                              category_ids=self.category_ids)
+            preds = self.predictor.run_units(units.slice(k, 1))
+            if writing is not None:
+                yield writing.result()
+            writing = self.writer.submit(write_units, preds, output_uri=self.output_uri,
+                                         category_ids=self.category_ids)
+        if writing is not None:
+            yield writing.result()

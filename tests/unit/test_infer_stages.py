@@ -8,6 +8,7 @@ import argparse
 import hashlib
 import io
 import json
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -138,6 +139,40 @@ def test_segment_and_write_commits_and_reports_each_unit_of_a_group_in_turn(tiny
         assert sorted(p.name for p in out.iterdir()) == sorted(u.unit for u in units[:len(seen)])
     assert [[(r["unit"], r["images"]) for r in m] for m in seen] == [[(u.unit, u.images)] for u in units]
     assert [pq.read_table(out / u.unit).num_rows for u in units] == [2, 1, 3]
+
+
+def test_segment_and_write_runs_the_next_unit_while_the_last_is_written(tiny, tmp_path, monkeypatch):
+    """Write-behind: unit k+1 goes through the model while unit k's file is written (a slow
+    storage call never idles the model), and each metadata row still comes after its file."""
+    import threading
+
+    model, config, _ = tiny
+    rng = np.random.default_rng(3)
+    data = write_dataset(tmp_path / "d", [[png(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))] for _ in range(3)])
+    units, _ = driver.plan(data, images_per_unit=64)
+    (g,) = list(stages.read_groups(pa.Table.from_pylist([u.row() for u in units]), max_pixels=None))
+    events = []
+    real_write = stages.write_units
+
+    def slow_write(batch, **kw):
+        events.append(("write start", batch[0]["unit"], threading.current_thread().name))
+        time.sleep(0.3)  # a slow PUT
+        out = real_write(batch, **kw)
+        events.append(("write end", batch[0]["unit"], threading.current_thread().name))
+        return out
+
+    monkeypatch.setattr(stages, "write_units", slow_write)
+    actor = stages.SegmentAndWrite(output_uri=str(tmp_path / "out"), category_ids=config.category_ids(), model=model,
+                                   config=config, model_id="m#sha256:1", score_threshold=1.0)
+    real_run = actor.predictor.run_units
+    actor.predictor.run_units = lambda table: events.append(("model", table.column("unit")[0].as_py(), "")) or \
+        real_run(table)
+    metas = [m.column("unit")[0].as_py() for m in actor(g)]
+    assert metas == [u.unit for u in units]
+    order = [(kind, unit) for kind, unit, _ in events]
+    for k in range(len(units) - 1):  # the model starts unit k+1 before unit k's write ends
+        assert order.index(("model", units[k + 1].unit)) < order.index(("write end", units[k].unit))
+    assert {name for kind, _, name in events if kind.startswith("write")} != {threading.current_thread().name}
 
 
 def test_units_per_task_leaves_work_for_every_actor():
