@@ -433,22 +433,31 @@ def stage_bytes(data_uri: str, ckpt: str, instances: int) -> dict:
             "float32_resized_bytes_per_image_before": 4 * decoded.column("pixels")[0].values[0].as_py().__len__()}
 
 
-def driver_rss_child(data_uri: str, out_uri: str, ckpt: str, instances: int, queue) -> None:
-    import resource
+def own_peak_rss() -> int:
+    """This process's peak RSS in bytes since it started (``VmHWM`` of its own memory map):
+    ``getrusage``'s ``ru_maxrss`` is not, as Linux carries it across fork and exec, so a spawned
+    child would report its parent's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
+
+def driver_rss_child(data_uri: str, out_uri: str, ckpt: str, instances: int, queue) -> None:
     from ray import cloudpickle
 
     # A spawned child imports this file as ``__mp_main__``, which cloudpickle would pickle by
     # reference (the Ray workers cannot import it): the predictor and its helpers go by value.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = own_peak_rss()
     start_ray(num_cpus=os.cpu_count())
     run = noop_pipeline(data_uri, out_uri, ckpt, actors=1, batch_size=16, images_per_unit=100, instances=instances)
     import ray
 
     ray.shutdown()
-    queue.put({"images": run["images"], "instances": run["instances"], "driver_peak_rss": 
-               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_before_ray": before})
+    queue.put({"images": run["images"], "instances": run["instances"], "driver_peak_rss": own_peak_rss(),
+               "rss_before_ray": before})
 
 
 def _result_of(proc, queue, timeout: float) -> dict:
@@ -467,7 +476,7 @@ def _result_of(proc, queue, timeout: float) -> dict:
 
 
 def driver_rss(args: argparse.Namespace, work: str, ckpt: str) -> list[dict]:
-    """The driver's peak RSS (``ru_maxrss`` of a fresh process running ``run_inference``) at each
+    """The driver's peak RSS (:func:`own_peak_rss` of a fresh process running ``run_inference``) at each
     of ``args.driver_rss`` image counts, synthetic instances on every image."""
     import multiprocessing as mp
 

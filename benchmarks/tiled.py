@@ -41,7 +41,6 @@ import json
 import multiprocessing
 import os
 import platform
-import resource
 import shutil
 import sys
 import tempfile
@@ -54,6 +53,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.infer.config import InferConfig  # noqa: E402
+
+import infer as infer_benchmark  # noqa: E402  (benchmarks/infer.py: this script's folder is on sys.path)
 
 OFFSET = 37
 
@@ -233,8 +234,6 @@ def tiled_run(input_uri: str, out_uri: str, ckpt: str, tile: int, overlap: float
     if noop:
         from ray import cloudpickle
 
-        import infer as infer_benchmark  # benchmarks/infer.py: this script's folder is on sys.path
-
         cloudpickle.register_pickle_by_value(infer_benchmark)  # the Ray workers cannot import it
         factory = infer_benchmark.noop_predictor(5)
     raysetup.init("local", include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -248,7 +247,7 @@ def tiled_run(input_uri: str, out_uri: str, ckpt: str, tile: int, overlap: float
         ray.shutdown()
     result = {"seconds": seconds, "images": summary.images, "instances": summary.instances,
               "errors": summary.errors, "worker_peak_rss_mb": peak.peak / 2**20,
-              "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+              "driver_peak_rss_mb": infer_benchmark.own_peak_rss() / 2**20}
     if queue is not None:
         queue.put(result)
     return result

@@ -461,8 +461,15 @@ def tiled_rows(unit: dict, *, tile: int, overlap: float, full_pass: bool, model_
     """
     from pipeline.infer import tiles
 
+    from pipeline import storage
+
     name = unit["unit"]
     written = tiles.list_parts(output_uri, name)
+    stale = tiles.stale_parts(written, tile, full_pass)
+    for part in stale:  # cut otherwise by an earlier version: recomputed whole
+        with_retries(lambda: storage.delete(storage.join(tiles.parts_uri(output_uri, name), part)),
+                     f"deleting stale tile part {part}")
+    written = [n for n in written if n not in set(stale)]
     expected, _ = tiles.parse_parts(written)
     complete, done = tiles.complete_positions(written), set(written)
     base_tiled = None
@@ -473,7 +480,6 @@ def tiled_rows(unit: dict, *, tile: int, overlap: float, full_pass: bool, model_
     positions = list(unit["only"]) or list(range(len(ids)))
     small: dict[str, list] = {"positions": [], "image_ids": [], "file_names": [], "images": [], "errors": []}
     tiled: dict[int, int] = {}
-    per_part = tiles.tiles_per_part(tile)
     for p in positions:
         if base_tiled is not None and (p not in base_tiled or p in complete):
             continue  # its row is in the written base / all its tiles are written
@@ -499,7 +505,7 @@ def tiled_rows(unit: dict, *, tile: int, overlap: float, full_pass: bool, model_
         boxes = tiles.plan_tiles(width, height, tile, overlap)
         count = len(boxes) + (1 if full_pass else 0)
         tiled[p] = count
-        chunks = tiles.part_chunks(len(boxes), per_part, full_pass)
+        chunks = tiles.part_chunks(len(boxes), tiles.tiles_per_part(tile, len(boxes)), full_pass)
         for a, b in chunks:
             part = tiles.part_name(p, a, b, count)
             if part in done:

@@ -86,10 +86,14 @@ from pipeline.data.decode import DEFAULT_MAX_PIXELS
 MATCH_THRESHOLD = 0.5  # IoS_R at or above which two instances are one object (SAHI's default)
 TILES_DIR = "_tiles"  # <output>/_tiles/<unit>/<part>: parts of units not yet merged
 PART_KEY = b"maskray.part"  # Parquet schema metadata of a part file (JSON)
-# Tiles per part (a unit of work, one Ray Data block, one model-stage task): small enough that an
-# image's parts spread over the actors, large enough for a few model batches per task
-MAX_TILES_PER_PART = 8
-PART_BYTES = 4 * 2**20  # uint8 pixels per part at most (above one tile): 5 tiles of 512 px, 1 of 1024+
+# Tiles per part (a unit of work, one Ray Data block, one model-stage task, one part file):
+# enough parts per image to spread it over MIN_PARTS_PER_IMAGE actors, and parts as large as that
+# allows, because each part costs about 50 ms of its own on 2 cores (a task, a part file written
+# and fsynced, a merge check): 8-tile parts of 128-px tiles spent ~15 s of an 86-s 4096^2 run on
+# it (benchmarks/tiled.py)
+MIN_PARTS_PER_IMAGE = 16
+MAX_TILES_PER_PART = 64
+PART_BYTES = 16 * 2**20  # uint8 pixels per part at most (above one tile): 21 tiles of 512 px, 5 of 1024
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 pixels, x1/y1 exclusive
 
@@ -132,10 +136,13 @@ def plan_tiles(width: int, height: int, tile: int, overlap: float) -> list[Box]:
     return [(x, y, min(x + tile, width), min(y + tile, height)) for y in ys for x in xs]
 
 
-def tiles_per_part(tile: int) -> int:
-    """Tiles in one part file (one unit of work): at most :data:`PART_BYTES` of uint8 RGB (one
-    tile at least), at most :data:`MAX_TILES_PER_PART`."""
-    return max(1, min(MAX_TILES_PER_PART, PART_BYTES // (3 * tile * tile)))
+def tiles_per_part(tile: int, tiles: int) -> int:
+    """Tiles in one part file (one unit of work) of an image cut into ``tiles`` tiles of ``tile``
+    px: at most ``tiles // MIN_PARTS_PER_IMAGE`` (so an image of that many tiles or more makes at
+    least that many parts: it spreads over as many actors), at most :data:`PART_BYTES` of uint8
+    RGB and :data:`MAX_TILES_PER_PART`; one tile at least."""
+    spread = tiles // MIN_PARTS_PER_IMAGE
+    return max(1, min(MAX_TILES_PER_PART, PART_BYTES // (3 * tile * tile), spread))
 
 
 def full_pass_size(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int]:
@@ -289,6 +296,33 @@ def ios_within(a: dict, a_region: dict, b: dict, b_region: dict) -> float:
     return _area(_intersect([a, b, band])) / smaller
 
 
+class BoxGrid:
+    """Which boxes may meet a query box: xyxy ``boxes`` ``[N, 4]`` (pixels) bucketed by the
+    ``cell`` x ``cell`` px squares they touch, so a query looks at the boxes of the cells it
+    touches, not at all N (the seam merge of a 16k^2 image has ~150,000 instances: comparing each
+    group with every instance was quadratic). Invariant: :meth:`candidates` is a superset of the
+    boxes meeting the query (edges touching count), in index order."""
+
+    def __init__(self, boxes: np.ndarray, cell: float) -> None:
+        self.cell = float(max(cell, 1.0))
+        self.cells: dict[tuple[int, int], list[int]] = {}
+        for i, (x0, y0, x1, y1) in enumerate(self._span(boxes)):
+            for gx in range(x0, x1 + 1):
+                for gy in range(y0, y1 + 1):
+                    self.cells.setdefault((gx, gy), []).append(i)
+
+    def _span(self, boxes: np.ndarray) -> np.ndarray:
+        """Per box, the first and last cell column and row it touches: ``[N, 4]`` int."""
+        return np.floor(np.asarray(boxes, dtype=np.float64).reshape(-1, 4) / self.cell).astype(np.int64)
+
+    def candidates(self, box: np.ndarray) -> np.ndarray:
+        """Indices (int64, sorted, unique) of the boxes in the cells ``box`` (xyxy) touches."""
+        x0, y0, x1, y1 = self._span(box)[0]
+        found = [self.cells.get((gx, gy), ()) for gx in range(x0, x1 + 1) for gy in range(y0, y1 + 1)]
+        flat = [i for cell in found for i in cell]
+        return np.unique(np.asarray(flat, dtype=np.int64))
+
+
 def merge_instances(instances: Sequence[dict], regions: Sequence[Box], size: tuple[int, int], *,
                     threshold: float = MATCH_THRESHOLD) -> list[dict]:
     """One image's instances from all its tiles (full-image coordinates; ``regions[i]`` the tile
@@ -317,6 +351,7 @@ def merge_instances(instances: Sequence[dict], regions: Sequence[Box], size: tup
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n)
     taken = np.zeros(n, dtype=bool)
+    grid = BoxGrid(boxes, min(max(t[2] - t[0], t[3] - t[1]) for t in region_rles))
     out = []
     for lead in order:
         if taken[lead]:
@@ -327,10 +362,13 @@ def merge_instances(instances: Sequence[dict], regions: Sequence[Box], size: tup
         grown = True
         while grown:
             grown = False
-            # the cheap pre-filter, vectorised: same category, not taken, boxes meeting the group's
-            near = np.flatnonzero(~taken & (categories == category)
-                                  & (boxes[:, 0] <= group_box[2]) & (group_box[0] <= boxes[:, 2])
-                                  & (boxes[:, 1] <= group_box[3]) & (group_box[1] <= boxes[:, 3]))
+            # the cheap pre-filter, vectorised over the grid's candidates: same category, not
+            # taken, boxes meeting the group's
+            near = grid.candidates(group_box)
+            b = boxes[near]
+            near = near[~taken[near] & (categories[near] == category)
+                        & (b[:, 0] <= group_box[2]) & (group_box[0] <= b[:, 2])
+                        & (b[:, 1] <= group_box[3]) & (group_box[1] <= b[:, 3])]
             for j in near[np.argsort(rank[near])]:
                 if tiles[j] in group_tiles:
                     continue
@@ -437,7 +475,7 @@ def segment_tiled(forward: Callable[[list[Any]], Sequence[dict[str, Any]]], imag
         source, boxes = ArrayRegions(chw), plan_tiles(width, height, tile, overlap)
         sizes = tuple(model_size) if full_pass else ()  # read only by the whole-image pass
         per_tile, regions = [], []
-        for a, b in part_chunks(len(boxes), tiles_per_part(tile), full_pass):
+        for a, b in part_chunks(len(boxes), tiles_per_part(tile, len(boxes)), full_pass):
             inputs = [tile_chw(source, boxes, k, model_size=sizes, max_pixels=max_pixels) for k in range(a, b)]
             for k, pixels, pred in zip(range(a, b), inputs, run(inputs)):
                 region = tile_region(boxes, k, width, height)
@@ -463,6 +501,33 @@ def base_name(tiles: int) -> str:
 
 def part_name(position: int, start: int, stop: int, count: int) -> str:
     return f"p{position:06d}.t{start:05d}-{stop:05d}-of-{count:05d}.parquet"
+
+
+def image_part_names(position: int, tiles: int, tile: int, full_pass: bool) -> set[str]:
+    """The part file names of the image at ``position`` cut into ``tiles`` tiles of ``tile`` px
+    (and the whole-image pass with ``full_pass``)."""
+    count = tiles + (1 if full_pass else 0)
+    return {part_name(position, a, b, count) for a, b in part_chunks(tiles, tiles_per_part(tile, tiles), full_pass)}
+
+
+def stale_parts(names: Iterable[str], tile: int, full_pass: bool) -> list[str]:
+    """The part files among ``names`` of images cut into other parts than :func:`image_part_names`
+    cuts them now (written by another maskray version): every part of such an image, so that it is
+    recomputed whole rather than merged from overlapping parts, which would count tiles twice."""
+    by_position: dict[int, list[tuple[str, int]]] = {}
+    for name in names:
+        part = _PART.match(name)
+        if part:
+            by_position.setdefault(int(part.group(1)), []).append((name, int(part.group(4))))
+    stale = []
+    for position, parts in by_position.items():
+        counts = {count for _, count in parts}
+        tiles = next(iter(counts)) - (1 if full_pass else 0)
+        if len(counts) == 1 and tiles >= 1 and {n for n, _ in parts} <= image_part_names(position, tiles, tile,
+                                                                                            full_pass):
+            continue
+        stale.extend(n for n, _ in parts)
+    return stale
 
 
 def list_parts(output_uri: str, unit: str) -> list[str]:

@@ -84,7 +84,7 @@ def left_under_tiles(out: str) -> list[str]:
 def test_actor_killed_mid_tiled_image_gives_the_uninterrupted_results(ray_local, mosaic_unit, tmp_path):
     m = mosaic_unit
     tiles = len(plan_tiles(m["size"][1], m["size"][0], TILE, OVERLAP))
-    parts = -(-tiles // tiles_per_part(TILE))
+    parts = -(-tiles // tiles_per_part(TILE, tiles))
     assert parts > KILL_AFTER_PARTS + 2, "the kill must fall in the middle of the image"
 
     def config(out: str) -> InferConfig:

@@ -54,7 +54,12 @@ def test_watch_logs_tile_parts_as_they_are_written(tmp_path, monkeypatch, caplog
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)).save(path)
     out = str(tmp_path / "out")
     unit = Unit(UNIT, "files", paths=(str(path),), prefix=str(tmp_path / "in"))
-    # 300 x 200 px at 64-px tiles, no overlap: 5 x 4 = 20 tiles in parts of 8, 8 and 4, then the base
+    # 300 x 200 px at 64-px tiles, no overlap: 5 x 4 = 20 tiles in parts of 8, 8 and 4 (parts capped
+    # at 8 tiles here), then the base
+    from pipeline.infer import tiles
+
+    monkeypatch.setattr(tiles, "MIN_PARTS_PER_IMAGE", 1)
+    monkeypatch.setattr(tiles, "MAX_TILES_PER_PART", 8)
     metadata = []
     for decoded in tiled_rows(unit.row(), tile=TILE, overlap=0.0, full_pass=False, model_size=(64, 64),
                               output_uri=out, max_whole_pixels=None, max_pixels=None):

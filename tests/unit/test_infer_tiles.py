@@ -187,11 +187,49 @@ def test_no_overlap_means_no_join():
     assert len(out) == 2  # documented: matching needs overlap > 0
 
 
+def test_box_grid_candidates_hold_every_box_meeting_the_query():
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(-20, 900, (500, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(0, 150, (500, 2))], 1)
+    boxes[0] = [0, 0, 1000, 1000]  # a whole-image box (the full pass) touches every cell
+    grid = tiles.BoxGrid(boxes, 128)
+    for q in np.concatenate([boxes[:50], [[128, 128, 128, 128], [-5, -5, 0, 0]]]):
+        meets = np.flatnonzero((boxes[:, 0] <= q[2]) & (q[0] <= boxes[:, 2]) & (boxes[:, 1] <= q[3]) & (q[1] <= boxes[:, 3]))
+        got = grid.candidates(q)
+        assert set(meets) <= set(got) and list(got) == sorted(set(got))
+        assert len(got) < len(boxes) or q[2] - q[0] >= 900  # a small query does not see everything
+
+
 def test_part_names_parse_back():
     names = [tiles.base_name(7), tiles.part_name(3, 0, 4, 5), tiles.part_name(3, 4, 5, 5), tiles.part_name(9, 0, 1, 2)]
     expected, done = tiles.parse_parts(names)
     assert expected == 7 and done == {3: (5, 5), 9: (1, 2)}
     assert tiles.complete_positions(names) == {3}
+
+
+def test_parts_spread_an_image_and_stay_bounded():
+    # enough parts to spread over MIN_PARTS_PER_IMAGE actors, never more tiles or bytes than the caps
+    assert tiles.tiles_per_part(128, 1849) == tiles.MAX_TILES_PER_PART  # 29 parts of a 4096^2 image
+    assert tiles.tiles_per_part(128, 81) == 5  # 17 parts
+    assert tiles.tiles_per_part(128, 5) == 1
+    assert tiles.tiles_per_part(1024, 2401) == tiles.PART_BYTES // (3 * 1024 * 1024) == 5
+    assert tiles.tiles_per_part(8192, 400) == 1  # one tile even above PART_BYTES
+    for tile, n in [(128, 81), (512, 1000), (1024, 2401)]:
+        per = tiles.tiles_per_part(tile, n)
+        assert -(-n // per) >= min(n, tiles.MIN_PARTS_PER_IMAGE) and 3 * tile * tile * per <= max(
+            tiles.PART_BYTES, 3 * tile * tile)
+
+
+def test_parts_cut_otherwise_by_another_version_are_stale_whole():
+    now = sorted(tiles.image_part_names(3, 81, 128, False))  # 5 tiles a part
+    assert len(now) == 17 and tiles.stale_parts(now + [tiles.base_name(81)], 128, False) == []
+    assert tiles.stale_parts(now[:5], 128, False) == []  # a resumed run's first parts
+    older = [tiles.part_name(3, 0, 8, 81), tiles.part_name(3, 8, 16, 81)]  # 8 tiles a part
+    mixed = older + now[2:4] + [tiles.part_name(4, 0, 1, 2)]
+    # every part of position 3 goes (merged with the new ones they would count tiles twice)
+    assert sorted(tiles.stale_parts(mixed, 128, False)) == sorted(older + now[2:4])
+    with_pass = sorted(tiles.image_part_names(3, 81, 128, True))
+    assert tiles.stale_parts(with_pass, 128, True) == [] and tiles.stale_parts(with_pass, 128, False) == with_pass
 
 
 # --------------------------------------------------------------------------- read + write, no Ray
