@@ -93,7 +93,11 @@ PART_KEY = b"maskray.part"  # Parquet schema metadata of a part file (JSON)
 # it (benchmarks/tiled.py)
 MIN_PARTS_PER_IMAGE = 16
 MAX_TILES_PER_PART = 64
-PART_BYTES = 16 * 2**20  # uint8 pixels per part at most (above one tile): 21 tiles of 512 px, 5 of 1024
+# uint8 pixels per part at most (above one tile): 64 tiles of 128 px, 5 of 512, 1 of 1024. Larger
+# parts (16 MB: 5 tiles of 1024 px) halved a 40k^2 TIFF's run with a no-op model but raised the peak
+# RSS of the read task and the model actor by ~750 MB each (1.1 -> 1.9 GB: more of Ray's shared
+# object store mapped in each, tests/integration/test_infer_tiled_memory.py): over its 1.5 GB bound
+PART_BYTES = 4 * 2**20
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 pixels, x1/y1 exclusive
 

@@ -212,7 +212,8 @@ def test_parts_spread_an_image_and_stay_bounded():
     assert tiles.tiles_per_part(128, 1849) == tiles.MAX_TILES_PER_PART  # 29 parts of a 4096^2 image
     assert tiles.tiles_per_part(128, 81) == 5  # 17 parts
     assert tiles.tiles_per_part(128, 5) == 1
-    assert tiles.tiles_per_part(1024, 2401) == tiles.PART_BYTES // (3 * 1024 * 1024) == 5
+    assert tiles.tiles_per_part(512, 2401) == tiles.PART_BYTES // (3 * 512 * 512) == 5
+    assert tiles.tiles_per_part(1024, 2401) == 1
     assert tiles.tiles_per_part(8192, 400) == 1  # one tile even above PART_BYTES
     for tile, n in [(128, 81), (512, 1000), (1024, 2401)]:
         per = tiles.tiles_per_part(tile, n)
