@@ -1,7 +1,7 @@
 """``maskray infer --tile`` keeps exactly-once when a model actor dies in the middle of a tiled image.
 
 The input is the seam-cut mosaic of ``test_infer_tiled`` (834 x 834 px) and two small images, one
-unit; at 128-px tiles the mosaic is 81 tiles in 11 parts. The predictor is that module's oracle
+unit; at 128-px tiles the mosaic is 81 tiles in 17 parts. The predictor is that module's oracle
 (deterministic answers from the ground truth), here made to kill its actor process with
 ``os._exit`` once, as it starts a tile part while at least :data:`KILL_AFTER_PARTS` parts of the
 image are already written (a marker file makes it die only once, anywhere). Ray restarts the actor
@@ -12,15 +12,12 @@ instances (same count, same RLEs), and no part file left under ``<output>/_tiles
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
-import pytest
-from test_infer_tiled import CATEGORIES, mosaic, oracle_predictor, rows_of, tiny_checkpoint
+from test_infer_tiled import mosaic_input, oracle_predictor, rows_of  # noqa: F401 (mosaic_input: a fixture)
 
 from model.errors import MaskrayError
-from pipeline.data.synth import make_image
 from pipeline.infer.config import InferConfig
 from pipeline.infer.driver import run_inference
 from pipeline.infer.predictor import Predictor
@@ -58,31 +55,13 @@ def killing_oracle(truth_path: str, log_dir: str, parts_dir: str, marker: str) -
     return KillingOracle
 
 
-@pytest.fixture(scope="module")
-def mosaic_unit(tmp_path_factory):
-    """A raw prefix holding the mosaic and two small images (one unit), the ground truth JSON and a
-    checkpoint beside it."""
-    root = tmp_path_factory.mktemp("tiled-faults")
-    data, objects, size = mosaic()
-    images = root / "images"
-    images.mkdir()
-    (images / "a-mosaic.png").write_bytes(data)
-    for k in range(2):
-        (images / f"b-small{k}.png").write_bytes(make_image(3, k, 64, CATEGORIES)[0])
-    truth = root / "truth.json"
-    truth.write_text(json.dumps([dict(o, mask=o["mask"].astype(int).tolist()) for o in objects]))
-    ckpt = root / "ckpt.pt"
-    tiny_checkpoint(str(ckpt))
-    return {"input": str(images), "size": size, "truth": str(truth), "ckpt": str(ckpt)}
-
-
 def left_under_tiles(out: str) -> list[str]:
     """Every file under ``<out>/_tiles/`` (parts, and temporary files of an interrupted write)."""
     return [os.path.join(d, f) for d, _, files in os.walk(os.path.join(out, TILES_DIR)) for f in files]
 
 
-def test_actor_killed_mid_tiled_image_gives_the_uninterrupted_results(ray_local, mosaic_unit, tmp_path):
-    m = mosaic_unit
+def test_actor_killed_mid_tiled_image_gives_the_uninterrupted_results(ray_local, mosaic_input, tmp_path):
+    m = mosaic_input
     tiles = len(plan_tiles(m["size"][1], m["size"][0], TILE, OVERLAP))
     parts = -(-tiles // tiles_per_part(TILE, tiles))
     assert parts > KILL_AFTER_PARTS + 2, "the kill must fall in the middle of the image"
