@@ -380,17 +380,18 @@ def evaluate_model(model: torch.nn.Module, data: str | Iterable[dict[str, Any]],
     seen: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
     if tile:
-        for row, found in segment_rows_tiled(model, rows, tile=tile, tile_overlap=tile_overlap,
-                                             tile_full_pass=tile_full_pass, category_ids=category_ids,
-                                             batch_size=batch_size, device=device, amp_dtype=amp_dtype,
-                                             skipped=skipped):
-            seen.append({k: row.get(k) for k in ("image_id", "file_name", "width", "height", "annotations")})
-            results.extend(to_coco_results(int(row["image_id"]), found))
+        scored = ((row, to_coco_results(int(row["image_id"]), found))
+                  for row, found in segment_rows_tiled(model, rows, tile=tile, tile_overlap=tile_overlap,
+                                                       tile_full_pass=tile_full_pass, category_ids=category_ids,
+                                                       batch_size=batch_size, device=device, amp_dtype=amp_dtype,
+                                                       skipped=skipped))
     else:
-        for row, _, instances in predict_rows(model, rows, batch_size=batch_size, device=device,
-                                              amp_dtype=amp_dtype, skipped=skipped):
-            seen.append({k: row.get(k) for k in ("image_id", "file_name", "width", "height", "annotations")})
-            results.extend(instances.to_coco(int(row["image_id"]), category_ids))
+        scored = ((row, instances.to_coco(int(row["image_id"]), category_ids))
+                  for row, _, instances in predict_rows(model, rows, batch_size=batch_size, device=device,
+                                                        amp_dtype=amp_dtype, skipped=skipped))
+    for row, coco in scored:
+        seen.append({k: row.get(k) for k in ("image_id", "file_name", "width", "height", "annotations")})
+        results.extend(coco)
     total = len(seen) + len(skipped)
     if skipped and len(skipped) > max_bad_fraction * total:
         first = skipped[0]

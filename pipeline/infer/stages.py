@@ -459,17 +459,16 @@ def tiled_rows(unit: dict, *, tile: int, overlap: float, full_pass: bool, model_
       counts, the unit's positions, the ``--retry-errors`` merge flag), or, when the base is
       already written, an empty ``check`` row so that some actor tries the merge.
     """
-    from pipeline.infer import tiles
-
     from pipeline import storage
+    from pipeline.infer import tiles
 
     name = unit["unit"]
     written = tiles.list_parts(output_uri, name)
-    stale = tiles.stale_parts(written, tile, full_pass)
+    stale = set(tiles.stale_parts(written, tile, full_pass))
     for part in stale:  # cut otherwise by an earlier version: recomputed whole
         with_retries(lambda: storage.delete(storage.join(tiles.parts_uri(output_uri, name), part)),
                      f"deleting stale tile part {part}")
-    written = [n for n in written if n not in set(stale)]
+    written = [n for n in written if n not in stale]
     expected, _ = tiles.parse_parts(written)
     complete, done = tiles.complete_positions(written), set(written)
     base_tiled = None
@@ -505,7 +504,7 @@ def tiled_rows(unit: dict, *, tile: int, overlap: float, full_pass: bool, model_
         boxes = tiles.plan_tiles(width, height, tile, overlap)
         count = len(boxes) + (1 if full_pass else 0)
         tiled[p] = count
-        chunks = tiles.part_chunks(len(boxes), tiles.tiles_per_part(tile, len(boxes)), full_pass)
+        chunks = tiles.part_chunks(len(boxes), tile, full_pass)
         for a, b in chunks:
             part = tiles.part_name(p, a, b, count)
             if part in done:

@@ -89,8 +89,8 @@ PART_KEY = b"maskray.part"  # Parquet schema metadata of a part file (JSON)
 # Tiles per part (a unit of work, one Ray Data block, one model-stage task, one part file):
 # enough parts per image to spread it over MIN_PARTS_PER_IMAGE actors, and parts as large as that
 # allows, because each part costs about 50 ms of its own on 2 cores (a task, a part file written
-# and fsynced, a merge check): 8-tile parts of 128-px tiles spent ~15 s of an 86-s 4096^2 run on
-# it (benchmarks/tiled.py)
+# and fsynced, a merge check): a 4096^2 mosaic at 128-px tiles took 86 s in 8-tile parts and 66 s
+# in 64-tile ones (with the grid merge below; benchmarks/tiled.py)
 MIN_PARTS_PER_IMAGE = 16
 MAX_TILES_PER_PART = 64
 # uint8 pixels per part at most (above one tile): 64 tiles of 128 px, 5 of 512, 1 of 1024. Larger
@@ -163,10 +163,11 @@ def tile_region(boxes: Sequence[Box], k: int, width: int, height: int) -> Box:
     return tuple(int(v) for v in boxes[k]) if k < len(boxes) else (0, 0, int(width), int(height))
 
 
-def part_chunks(tiles: int, per_part: int, full_pass: bool) -> list[tuple[int, int]]:
-    """``(start, stop)`` model inputs of each part of a tiled image with ``tiles`` tiles:
-    ``per_part`` consecutive tiles (:func:`tiles_per_part`), then with ``full_pass`` the
+def part_chunks(tiles: int, tile: int, full_pass: bool) -> list[tuple[int, int]]:
+    """``(start, stop)`` model inputs of each part of an image cut into ``tiles`` tiles of
+    ``tile`` px: :func:`tiles_per_part` consecutive tiles, then with ``full_pass`` the
     whole-image pass alone (it is another size)."""
+    per_part = tiles_per_part(tile, tiles)
     chunks = [(a, min(a + per_part, tiles)) for a in range(0, tiles, per_part)]
     if full_pass:
         chunks.append((tiles, tiles + 1))
@@ -479,7 +480,7 @@ def segment_tiled(forward: Callable[[list[Any]], Sequence[dict[str, Any]]], imag
         source, boxes = ArrayRegions(chw), plan_tiles(width, height, tile, overlap)
         sizes = tuple(model_size) if full_pass else ()  # read only by the whole-image pass
         per_tile, regions = [], []
-        for a, b in part_chunks(len(boxes), tiles_per_part(tile, len(boxes)), full_pass):
+        for a, b in part_chunks(len(boxes), tile, full_pass):
             inputs = [tile_chw(source, boxes, k, model_size=sizes, max_pixels=max_pixels) for k in range(a, b)]
             for k, pixels, pred in zip(range(a, b), inputs, run(inputs)):
                 region = tile_region(boxes, k, width, height)
@@ -511,7 +512,7 @@ def image_part_names(position: int, tiles: int, tile: int, full_pass: bool) -> s
     """The part file names of the image at ``position`` cut into ``tiles`` tiles of ``tile`` px
     (and the whole-image pass with ``full_pass``)."""
     count = tiles + (1 if full_pass else 0)
-    return {part_name(position, a, b, count) for a, b in part_chunks(tiles, tiles_per_part(tile, tiles), full_pass)}
+    return {part_name(position, a, b, count) for a, b in part_chunks(tiles, tile, full_pass)}
 
 
 def stale_parts(names: Iterable[str], tile: int, full_pass: bool) -> list[str]:
