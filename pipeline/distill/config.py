@@ -33,7 +33,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config import RUN_ONLY, ConfigError, apply_overrides, build, read_yaml, require, run_only_keys, to_dict
+from pipeline.config import (RUN_ONLY, ConfigError, apply_overrides, build, parse_override, read_yaml, require,
+                             run_only_keys, to_dict)
 
 MERGE_MODES = ("wbv", "nms")
 SCORE_MODES = ("mean", "max")
@@ -96,8 +97,30 @@ class StudentConfig:
 
     def __post_init__(self) -> None:
         require(0.0 <= self.mix_ratio < 1.0, "student.mix_ratio", f"expected a value in [0, 1), got {self.mix_ratio}")
+        self.overrides = dotted_overrides(self.overrides)
         require(self.init in STUDENT_INITS, "student.init",
                 f"expected one of {', '.join(STUDENT_INITS)}, got {self.init!r}")
+
+
+def dotted_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``student.overrides`` as dotted train keys only: a nested mapping (``optim: {base_lr: 0.02}``)
+    names the keys inside it (``optim.base_lr``), never a whole section (which would reset the
+    section's other keys, e.g. ``optim.reference_batch``, to their defaults). One key given twice
+    (nested and dotted) is refused, naming it."""
+    flat: dict[str, Any] = {}
+
+    def add(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, inner in value.items():
+                add(f"{prefix}.{key}", inner)
+            return
+        require(prefix not in flat, f"student.overrides.{prefix}", "given twice (as a dotted key and inside a "
+                "mapping); keep one")
+        flat[prefix] = value
+
+    for key, value in overrides.items():
+        add(str(key), value)
+    return flat
 
 
 @dataclass(frozen=True)
@@ -264,7 +287,17 @@ def load_distill_config(path: str, overrides: list[str] | None = None) -> Distil
             for key in ("train", "val"):
                 (train.get("data") or {}).pop(key, None)
             data["train"] = train
-        data = apply_overrides(data, list(overrides or []))
+        # `--set student.overrides.optim.base_lr=0.02` sets the dotted train key `optim.base_lr` of
+        # the overrides (replacing the file's), not a nested `optim` section beside it
+        prefix = "student.overrides."
+        student_keys = [o for o in overrides or [] if o.strip().startswith(prefix)]
+        data = apply_overrides(data, [o for o in overrides or [] if o not in student_keys])
+        for text in student_keys:
+            keys, value = parse_override(text.strip()[len(prefix):])
+            student = data.setdefault("student", {})
+            if not isinstance(student, dict) or not isinstance(student.setdefault("overrides", {}), dict):
+                raise ConfigError(f"--set {text}: student.overrides is not a mapping")
+            student["overrides"][".".join(keys)] = value
     except ConfigError as exc:
         raise DistillConfigError(f"{path}: {exc}" if path not in str(exc) else str(exc)) from None
     source = f"{path} (with --set)" if overrides else path

@@ -46,6 +46,25 @@ def test_student_overrides_and_fingerprint(tmp_path):
     assert c.fingerprint() != other.fingerprint()
 
 
+def test_student_override_of_one_key_keeps_the_sections_other_keys(tmp_path):
+    """`--set student.overrides.optim.base_lr=X` replaces the file's dotted key `optim.base_lr`; it
+    never becomes an `optim` section that resets optim's other keys (reference_batch, grad_clip)
+    to their defaults. A mapping in the file's overrides names keys the same way."""
+    train = {**TRAIN, "optim": {"base_lr": 0.02, "reference_batch": 4, "grad_clip": 10.0}}
+    c = load_distill_config(_config(tmp_path, train=train, student={"overrides": {"optim.base_lr": 0.01}}),
+                            ["student.overrides.optim.base_lr=0.03", "student.overrides.schedule.max_iters=20"])
+    assert c.student.overrides == {"optim.base_lr": 0.03, "schedule.max_iters": 20}
+    student = c.train_config("/d", "run", "/o", c.student.overrides)
+    assert (student.optim.base_lr, student.optim.reference_batch, student.optim.grad_clip) == (0.03, 4, 10.0)
+    assert student.schedule.max_iters == 20 and student.schedule.warmup_iters == 1
+    nested = load_distill_config(_config(tmp_path, train=train, student={"overrides": {"optim": {"base_lr": 0.05}}}))
+    assert nested.student.overrides == {"optim.base_lr": 0.05}
+    assert nested.train_config("/d", "run", "/o", nested.student.overrides).optim.reference_batch == 4
+    with pytest.raises(MaskrayError, match=r"student\.overrides\.optim\.base_lr: given twice"):
+        load_distill_config(_config(tmp_path, train=train,
+                                    student={"overrides": {"optim.base_lr": 0.01, "optim": {"base_lr": 0.05}}}))
+
+
 def test_train_section_from_a_train_config_file(tmp_path):
     train_file = tmp_path / "configs" / "train.yaml"
     train_file.parent.mkdir()
