@@ -25,6 +25,7 @@ storage at module level (the GPU check script and unit tests use it without Ray)
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 from collections.abc import Sequence
 from typing import Any
@@ -54,15 +55,23 @@ def model_sizes(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def resize_for_model(image: torch.Tensor, min_size: int, max_size: int) -> torch.Tensor:
-    """Resize a float ``[3,H,W]`` image exactly as torchvision's GeneralizedRCNNTransform does
-    in eval mode (shorter side to ``min_size``, longer side at most ``max_size``, bilinear; the
-    same ``interpolate`` call as its ``_resize_image_and_masks``, bit for bit: unit-tested).
-    Written here so the model stage's pre-processing does not import torchvision (~1.8 s of one
-    core per process); the model itself does when it is built."""
+    """Resize a float ``[3,H,W]`` image, or a batch ``[N,3,H,W]`` of one size, exactly as
+    torchvision's GeneralizedRCNNTransform does in eval mode (shorter side to ``min_size``, longer
+    side at most ``max_size``, bilinear; the same ``interpolate`` call as its
+    ``_resize_image_and_masks``, bit for bit, per image: unit-tested). Written here so the model
+    stage's pre-processing does not import torchvision (~1.8 s of one core per process); the model
+    itself does when it is built.
+
+    An image whose size the rule keeps is returned as it is: ``interpolate`` at an unchanged size
+    samples every pixel at its own centre (weights 1 and 0), so its output equals its input."""
     h, w = int(image.shape[-2]), int(image.shape[-1])
     scale = min(float(min_size) / min(h, w), float(max_size) / max(h, w))
-    return torch.nn.functional.interpolate(image[None], size=None, scale_factor=scale, mode="bilinear",
-                                           recompute_scale_factor=True, align_corners=False)[0]
+    if (math.floor(h * scale), math.floor(w * scale)) == (h, w):  # interpolate's own output size
+        return image
+    batch = image if image.dim() == 4 else image[None]
+    out = torch.nn.functional.interpolate(batch, size=None, scale_factor=scale, mode="bilinear",
+                                          recompute_scale_factor=True, align_corners=False)
+    return out if image.dim() == 4 else out[0]
 
 
 def load_model(checkpoint_uri: str) -> tuple[torch.nn.Module, Any, str]:
@@ -292,20 +301,30 @@ class Predictor:
     def forward_uint8(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """:meth:`forward_resized` for uint8 ``[3,H,W]`` images at their original size (float
         images in [0,1] are taken too): each is moved to the model's device first, then made
-        float, normalized and resized there (:meth:`prepare`)."""
+        float, normalized and resized there (:meth:`prepare`). Consecutive images of one size and
+        dtype are prepared as one ``[N,3,H,W]`` batch (the same values as one by one: every op is
+        per image; a few tensor ops per batch instead of per image, which is most of the cost for
+        small images)."""
         sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-        resized = []
-        for im in images:
-            if min(im.shape[-2:]) < 1:
-                raise MaskrayError(f"a {im.shape[-1]}x{im.shape[-2]} image is empty")
-            resized.append(self.prepare(to_float(im.to(self.device, non_blocking=True))))
+        resized: list[torch.Tensor] = []
+        start = 0
+        for end in range(1, len(images) + 1):
+            if end < len(images) and sizes[end] == sizes[start] and images[end].dtype == images[start].dtype:
+                continue
+            run = images[start:end]
+            if min(sizes[start]) < 1:
+                raise MaskrayError(f"a {sizes[start][1]}x{sizes[start][0]} image is empty")
+            moved = [im.to(self.device, non_blocking=True) for im in run]
+            batch = moved[0][None] if len(moved) == 1 else torch.stack(moved)  # one image: a view, no copy
+            resized.extend(self.prepare(to_float(batch)).unbind(0))
+            start = end
         return self.forward_resized(resized, sizes)
 
     def prepare(self, image: torch.Tensor) -> torch.Tensor:
-        """A float ``[3,H,W]`` image in [0,1] as the model's input: normalized by its mean/std, then
-        resized (:func:`resize_for_model` at the current ``min_size``/``max_size``, read per call:
-        TTA may rescale them), in torchvision's GeneralizedRCNNTransform order, so outputs match
-        ``model(images)`` to float rounding."""
+        """A float ``[3,H,W]`` image in [0,1] (or a batch ``[N,3,H,W]`` of one size) as the model's
+        input: normalized by its mean/std, then resized (:func:`resize_for_model` at the current
+        ``min_size``/``max_size``, read per call: TTA may rescale them), in torchvision's
+        GeneralizedRCNNTransform order, so outputs match ``model(images)`` to float rounding."""
         transform = self.model.transform
         mean = torch.as_tensor(transform.image_mean, dtype=image.dtype, device=image.device)
         std = torch.as_tensor(transform.image_std, dtype=image.dtype, device=image.device)

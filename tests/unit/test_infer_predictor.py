@@ -281,3 +281,45 @@ def test_resize_for_model_is_torchvisions_eval_resize_bit_for_bit(shape, sizes):
     transform = GeneralizedRCNNTransform(sizes[0], sizes[1], [0.0] * 3, [1.0] * 3).eval()
     batch, _ = transform([image])
     assert tuple(batch.image_sizes[0]) == tuple(got.shape[-2:])
+
+
+@pytest.mark.parametrize("shape,sizes", [((3, 64, 64), (64, 96)), ((3, 40, 72), (64, 96)), ((3, 97, 31), (64, 96)),
+                                         ((3, 480, 640), (800, 1333)), ((3, 800, 1200), (800, 1333))])
+def test_batched_preparation_equals_one_image_at_a_time(tiny, shape, sizes):
+    """The model stage prepares consecutive images of one size as one [N,3,H,W] batch
+    (``forward_uint8``): every value equals the image's own resize and ``prepare`` (normalize +
+    torchvision's resize), bit for bit, whether the rule resizes it or keeps its size."""
+    from pipeline.infer.predictor import resize_for_model, to_float
+
+    model, config = tiny  # min_size 64, max_size 96
+    predictor = Predictor(model=model, config=config)
+    g = torch.Generator().manual_seed(shape[1] + shape[2])
+    ims = [torch.randint(0, 256, shape, dtype=torch.uint8, generator=g) for _ in range(3)]
+    floats = torch.stack([to_float(im) for im in ims])
+    for got, one in zip(resize_for_model(floats, *sizes).unbind(0), floats.unbind(0)):
+        assert torch.equal(got, resize_for_model(one, *sizes))
+    for got, im in zip(predictor.prepare(floats).unbind(0), ims):
+        want = predictor.prepare(to_float(im))
+        assert got.shape == want.shape and torch.equal(got, want)
+
+
+def test_forward_uint8_prepares_runs_of_one_size_together(tiny, monkeypatch):
+    """Mixed sizes: each run of consecutive same-size images is prepared once, as a batch, and
+    the model receives the images in their order, each as ``prepare`` alone would make it."""
+    from pipeline.infer.predictor import to_float
+
+    model, config = tiny
+    predictor = Predictor(model=model, config=config)
+    g = torch.Generator().manual_seed(7)
+    shapes = [(3, 64, 64), (3, 64, 64), (3, 40, 72), (3, 64, 64), (3, 40, 72), (3, 40, 72)]
+    ims = [torch.randint(0, 256, s, dtype=torch.uint8, generator=g) for s in shapes]
+    calls, seen = [], []
+    real_prepare = predictor.prepare
+    monkeypatch.setattr(predictor, "prepare", lambda x: calls.append(tuple(x.shape)) or real_prepare(x))
+    monkeypatch.setattr(predictor, "forward_resized", lambda resized, sizes: seen.append((resized, sizes)) or [])
+    predictor.forward_uint8(ims)
+    assert [c[0] for c in calls] == [2, 1, 1, 2]
+    resized, sizes = seen[0]
+    assert sizes == [s[1:] for s in shapes]
+    for im, got in zip(ims, resized):
+        assert torch.equal(got, real_prepare(to_float(im)))
