@@ -66,3 +66,36 @@ def test_report_shows_keypoint_ap_beside_mask_ap(tmp_path):
     assert "0.05,0.06" in text and "`/s/runs/keypoints-cpu/m.pt`" in text and "| train keypoints | 150.0 |" in text
     without = demo._report(paths, {}, _metrics(0.5, 0.5), None, timings, 1.0, Path(tmp_path), Path(tmp_path))
     assert "stick figures" not in without
+
+
+def test_a_student_trained_like_its_teacher_is_reported_compute_matched(tmp_path):
+    """The demo's round (configs/distill-demo.yaml): the student from scratch with the teacher's own
+    training config (the demo passes its overrides to the round's train section), so the teacher is
+    its control; any result-changing difference (a schedule override) makes it not matched."""
+    from pipeline.distill.config import load_distill_config
+    from pipeline.train import load_config
+
+    overrides = [*demo.TRAIN_SCHEDULE, "optim.base_lr=0.01"]
+    teacher = load_config("configs/shapes-cpu.yaml", ["data.train=/l", "data.val=/v", "storage_path=/r",
+                                                      "name=shapes-cpu", "eval.at_end=false", "seed=3", *overrides])
+    round_config = load_distill_config("configs/distill-demo.yaml", [
+        "work_dir=/w", "data.labeled=/l", "data.unlabeled=/u", "data.val=/v", "teacher=/t.pt", "train.seed=3",
+        *(f"train.{o}" for o in overrides)])
+    assert round_config.student.init == "scratch"
+    student = round_config.train_config("/mixed", "student", "/w", round_config.student.overrides)
+    assert demo._same_training(teacher, student)
+    assert not demo._same_training(teacher, round_config.train_config("/mixed", "student", "/w",
+                                                                      {"schedule.max_iters": 300}))
+    assert not demo._same_training(teacher, round_config.train_config("/mixed", "student", "/w",
+                                                                      {"seed": 4}))
+    r1 = RoundState.new(1)
+    r1.metrics = {"teacher": _metrics(0.5, 0.45), "student": _metrics(0.52, 0.48)}
+    paths = {k: f"/s/{k}" for k in ("train", "val", "pool", "predictions", "distill")}
+    text = demo._report(paths, {}, _metrics(0.5, 0.5), [r1], demo.Timings(), 1.0, Path(tmp_path), Path(tmp_path),
+                        matched=True)
+    assert "**The student scored +3.0 mask AP over its teacher**" in text
+    assert "The comparison is compute-matched" in text and "not a compute-matched" not in text
+    r1.metrics["student"] = _metrics(0.5, 0.44)
+    lost = demo._report(paths, {}, _metrics(0.5, 0.5), [r1], demo.Timings(), 1.0, Path(tmp_path), Path(tmp_path),
+                        matched=True)
+    assert "**Round 1 did not gain**" in lost and "over its teacher**" not in lost
