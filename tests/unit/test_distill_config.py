@@ -35,7 +35,7 @@ def test_demo_config_loads_with_the_demos_overrides():
     assert (c.data.labeled, c.data.unlabeled, c.data.val, c.teacher) == ("/l", "/u", "/v", "/t.pt")
     student = c.train_config("/mixed", "run", "/o", c.student.overrides)
     assert student.seed == 2 and student.model.min_size == 128  # the demo's training config (shapes-cpu.yaml)
-    assert 0 < c.student.mix_ratio < 1 and c.student.init == "scratch"
+    assert 0 < c.student.mix_ratio < 1 and c.student.init == "teacher"
 
 
 def test_student_overrides_and_fingerprint(tmp_path):
