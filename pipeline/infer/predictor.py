@@ -39,6 +39,9 @@ from model.errors import MaskrayError, error_text
 logger = logging.getLogger(__name__)
 
 
+PREPARE_BATCH_PIXELS = 2**22  # images prepared together (forward_uint8): at most this many pixels in all
+
+
 def to_float(image: torch.Tensor) -> torch.Tensor:
     """A ``[3,H,W]`` image as float32 in [0,1] (uint8 is divided by 255)."""
     if image.dtype == torch.uint8:
@@ -302,19 +305,20 @@ class Predictor:
         """:meth:`forward_resized` for uint8 ``[3,H,W]`` images at their original size (float
         images in [0,1] are taken too): each is moved to the model's device first, then made
         float, normalized and resized there (:meth:`prepare`). Consecutive images of one size and
-        dtype are prepared as one ``[N,3,H,W]`` batch (the same values as one by one: every op is
-        per image; a few tensor ops per batch instead of per image, which is most of the cost for
-        small images)."""
+        dtype are prepared as one ``[N,3,H,W]`` batch of at most :data:`PREPARE_BATCH_PIXELS`
+        pixels (the same values as one by one: every op is per image; a few tensor ops per batch
+        instead of per image, most of the cost for small images; a 12-MP photo is prepared alone,
+        so its float copies, ~290 MB, are never held for several photos at once)."""
         sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         resized: list[torch.Tensor] = []
         start = 0
         for end in range(1, len(images) + 1):
-            if end < len(images) and sizes[end] == sizes[start] and images[end].dtype == images[start].dtype:
+            if (end < len(images) and sizes[end] == sizes[start] and images[end].dtype == images[start].dtype
+                    and (end - start + 1) * sizes[start][0] * sizes[start][1] <= PREPARE_BATCH_PIXELS):
                 continue
-            run = images[start:end]
             if min(sizes[start]) < 1:
                 raise MaskrayError(f"a {sizes[start][1]}x{sizes[start][0]} image is empty")
-            moved = [im.to(self.device, non_blocking=True) for im in run]
+            moved = [im.to(self.device, non_blocking=True) for im in images[start:end]]
             batch = moved[0][None] if len(moved) == 1 else torch.stack(moved)  # one image: a view, no copy
             resized.extend(self.prepare(to_float(batch)).unbind(0))
             start = end

@@ -304,8 +304,10 @@ def test_batched_preparation_equals_one_image_at_a_time(tiny, shape, sizes):
 
 
 def test_forward_uint8_prepares_runs_of_one_size_together(tiny, monkeypatch):
-    """Mixed sizes: each run of consecutive same-size images is prepared once, as a batch, and
-    the model receives the images in their order, each as ``prepare`` alone would make it."""
+    """Mixed sizes: each run of consecutive same-size images is prepared once, as a batch of at most
+    PREPARE_BATCH_PIXELS, and the model receives the images in their order, each as ``prepare``
+    alone would make it."""
+    from pipeline.infer import predictor as predictor_module
     from pipeline.infer.predictor import to_float
 
     model, config = tiny
@@ -319,6 +321,10 @@ def test_forward_uint8_prepares_runs_of_one_size_together(tiny, monkeypatch):
     monkeypatch.setattr(predictor, "forward_resized", lambda resized, sizes: seen.append((resized, sizes)) or [])
     predictor.forward_uint8(ims)
     assert [c[0] for c in calls] == [2, 1, 1, 2]
+    calls.clear()
+    monkeypatch.setattr(predictor_module, "PREPARE_BATCH_PIXELS", 2 * 64 * 64 - 1)  # large images: one at a time
+    predictor.forward_uint8(ims)
+    assert [c[0] for c in calls] == [1, 1, 1, 1, 2]
     resized, sizes = seen[0]
     assert sizes == [s[1:] for s in shapes]
     for im, got in zip(ims, resized):
