@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
     # 5. one data-distillation round, the trained model as the round-0 teacher.
     distill_summary, extra_iterations, matched = None, 0, False
     if not args.skip_distill:
-        from pipeline.distill.config import load_distill_config
+        from pipeline.distill.config import DATA_KEYS, RUN_KEYS, load_distill_config
         from pipeline.distill.run import run_distill
 
         # the round's train section is the teacher's own training config (file + the demo's overrides),
@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
         distill_config = load_distill_config(args.distill_config, [
             f"work_dir={paths['distill']}", f"data.labeled={paths['train']}", f"data.unlabeled={paths['pool']}",
             f"data.val={paths['val']}", f"teacher={checkpoint}", f"train.seed={args.seed}",
-            *(f"train.{o}" for o in teacher_overrides if o.split("=", 1)[0].strip() not in RUN_KEYS),
+            *(f"train.{o}" for o in teacher_overrides if o.split("=", 1)[0].strip() not in (*RUN_KEYS, *DATA_KEYS)),
             f"student.control={str(args.distill_control).lower()}"])
         _timed(timings, "distill", run_distill, distill_config, verbose=verbose)
         distill_summary = _distill_rounds(paths["distill"])
@@ -284,18 +284,15 @@ def _distill_rounds(work_dir: str) -> list:
     return load_states(work_dir)
 
 
-# keys of a training config that name where a run reads and writes, not how it trains
-RUN_KEYS = ("name", "storage_path", "data.train", "data.val")
-
-
 def _same_training(teacher, student) -> bool:
     """Whether two :class:`~pipeline.train.config.TrainConfig` train alike: every result-changing
     setting equal (init, model, schedule, optim, augmentation, seed, batch), except the data they
     read. A student from scratch that trains like its teacher is compute-matched with it."""
     from pipeline import runrecord
-    from pipeline.train.config import NON_RESULT_KEYS
+    from pipeline.distill.config import DATA_KEYS
+    from pipeline.train.config import NON_RESULT_KEYS  # name and storage_path among them
 
-    return not runrecord.differences(teacher.to_dict(), student.to_dict(), ignore=(*NON_RESULT_KEYS, *RUN_KEYS))
+    return not runrecord.differences(teacher.to_dict(), student.to_dict(), ignore=(*NON_RESULT_KEYS, *DATA_KEYS))
 
 
 def _distill_verdict(state, extra_iterations: int = 0, matched: bool = False) -> str:

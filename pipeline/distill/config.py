@@ -41,6 +41,7 @@ SCORE_MODES = ("mean", "max")
 THRESHOLD_MODES = ("density", "fixed")
 STUDENT_INITS = ("scratch", "teacher")
 RUN_KEYS = ("name", "storage_path")  # keys of the train section set per run by the distill job
+DATA_KEYS = ("data.train", "data.val")  # ... and the datasets it fills per run (train_config)
 
 
 class DistillConfigError(ConfigError):
@@ -284,8 +285,9 @@ def load_distill_config(path: str, overrides: list[str] | None = None) -> Distil
             train = read_yaml(train_path)
             for key in RUN_KEYS:
                 train.pop(key, None)
-            for key in ("train", "val"):
-                (train.get("data") or {}).pop(key, None)
+            for key in DATA_KEYS:
+                section, _, name = key.partition(".")
+                (train.get(section) or {}).pop(name, None)
             data["train"] = train
         # `--set student.overrides.optim.base_lr=0.02` sets the dotted train key `optim.base_lr` of
         # the overrides (replacing the file's), not a nested `optim` section beside it
