@@ -1,12 +1,12 @@
 """``maskray demo``: the whole product end to end on synthetic shapes, on a local Ray.
 
 Steps (each skipped when its output is already there, so a rerun resumes; ``--fresh`` starts
-over): synthesize + convert/pack the data → train (2 Ray Train workers) → evaluate → batch
-segmentation of the unlabeled pool (Ray Data) → one data-distillation round (few labels, a pool 3x
-larger; the report says plainly what the student scored against its teacher, that this comparison
-is not compute-matched, and with ``--distill-control`` what the pseudo-labels gave over the same run
-on the labels alone) → a keypoint & mask model fine-tuned from the trained model on stick figures
-(scored with OKS AP) → overlay PNGs →
+over): synthesize + convert/pack the data → train on few labels (Ray Train) → evaluate → batch
+segmentation of the unlabeled pool (Ray Data) → one data-distillation round (40 labels, a pool 9x
+larger, the student from scratch; the report says plainly what the student scored against its
+teacher, whether that comparison is compute-matched, and with ``--distill-control`` what the
+pseudo-labels gave over the same run on the labels alone) → a keypoint & mask model fine-tuned from
+the best shapes model on stick figures (scored with OKS AP) → overlay PNGs →
 ``report.md``. Everything is written under ``--out`` (or ``--storage`` for the datasets, runs
 and predictions, e.g. an ``s3://`` prefix), and each step is the same code as its command.
 """
@@ -28,18 +28,17 @@ from jobs import cli
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
-# The distillation round's regime (issue 25): few labeled images and an unlabeled pool 3x larger.
-TRAIN_IMAGES = 200
-POOL_IMAGES = 600
-# The teacher's schedule on those 200 images (12 epochs; configs/shapes-cpu.yaml's 480 iterations are
-# sized for 2,000): the time it saves pays for the round's pseudo-labels and student in 12 minutes.
-TRAIN_SCHEDULE = ("schedule.max_iters=300", "schedule.steps=[240]")
+# The distillation round's regime (issue 25): few labeled 64-px images, which the model exhausts in its
+# 300 iterations (configs/shapes-64-cpu.yaml), and an unlabeled pool 9x larger.
+TRAIN_IMAGES = 40
+POOL_IMAGES = 360
+SHAPES_SYNTH = ("--size", "64", "--categories", "3", "--max-objects", "3")
 # The keypoint stage (issue 22): a joint keypoint & mask model on 96-px stick figures and shapes
 # (`maskray synth --keypoints`), trained by configs/keypoints-cpu.yaml, scored with OKS. It
-# fine-tunes the demo's trained model (`model.weights`, as users start from COCO weights: the
-# backbone, FPN, RPN and heads that fit are loaded; the classifier, box and mask predictors and the
-# keypoint head start new) for 240 iterations, where the config's 400 from scratch reach kp AP50
-# 0.78-0.81; 160 gave 0.38-0.69 (benchmarks/RESULTS.md, "make demo").
+# fine-tunes the demo's best shapes model, the round's student when it beat its teacher, else the
+# teacher (`model.weights`, as users start from COCO weights: the backbone, FPN and RPN that fit are
+# loaded; the predictors and the keypoint head start new) for 240 iterations, where the config's 400
+# from scratch reach kp AP50 0.78-0.81; 160 gave 0.38-0.69 (benchmarks/RESULTS.md, "make demo").
 KEYPOINT_IMAGES = 600
 KEYPOINT_SYNTH = ("--size", "96", "--categories", "2", "--max-objects", "3", "--keypoints")
 KEYPOINT_SCHEDULE = ("schedule.max_iters=240", "schedule.steps=[192]", "schedule.warmup_iters=30")
@@ -61,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, metavar="S",
                         help="seed of the synthetic data (train + pool: S, val: 1000 + S) and of every training "
                              "run (default 0)")
-    parser.add_argument("--train-config", default=str(REPO / "configs" / "shapes-cpu.yaml"), metavar="FILE",
-                        help="training config (default configs/shapes-cpu.yaml)")
+    parser.add_argument("--train-config", default=str(REPO / "configs" / "shapes-64-cpu.yaml"), metavar="FILE",
+                        help="training config (default configs/shapes-64-cpu.yaml)")
     parser.add_argument("--distill-config", default=str(REPO / "configs" / "distill-demo.yaml"), metavar="FILE",
                         help="distillation config (default configs/distill-demo.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
@@ -158,13 +157,14 @@ def run(args: argparse.Namespace) -> int:
     # 1. data: labeled train (+ unlabeled pool) and held-out val, as shards.
     if not storage.exists(storage.join(paths["train"], "manifest.json")):
         _step(timings, "synth train", ["synth", "--out", paths["synth_train"], "--images", str(args.train_images),
-                                       "--unlabeled", str(args.pool_images), "--seed", str(args.seed)])
+                                       "--unlabeled", str(args.pool_images), "--seed", str(args.seed),
+                                       *SHAPES_SYNTH])
         _step(timings, "convert train", ["convert", "--coco", storage.join(paths["synth_train"], "annotations.json"),
                                          "--images", storage.join(paths["synth_train"], "images"),
                                          "--out", paths["train"]])
     if not storage.exists(storage.join(paths["val"], "manifest.json")):
         _step(timings, "synth val", ["synth", "--out", paths["synth_val"], "--images", str(args.val_images),
-                                     "--seed", str(1000 + args.seed), "--first-id", "1000001"])
+                                     "--seed", str(1000 + args.seed), "--first-id", "1000001", *SHAPES_SYNTH])
         _step(timings, "convert val", ["convert", "--coco", storage.join(paths["synth_val"], "annotations.json"),
                                        "--images", storage.join(paths["synth_val"], "images"), "--out", paths["val"]])
     if not storage.exists(storage.join(paths["pool"], "manifest.json")):
@@ -172,13 +172,13 @@ def run(args: argparse.Namespace) -> int:
                                      "--out", paths["pool"], "--first-id", "2000001"])
 
     # 2. train with Ray Train (resumes by name when interrupted).
-    run_uri = storage.join(paths["runs"], "shapes-cpu")
+    run_uri = storage.join(paths["runs"], "shapes")
     final_uri = storage.join(run_uri, "final_metrics.json")
     from pipeline.train import fit, load_config
 
-    teacher_overrides = [*TRAIN_SCHEDULE, *args.overrides]
+    teacher_overrides = list(args.overrides)
     teacher_config = load_config(args.train_config, [f"data.train={paths['train']}", f"data.val={paths['val']}",
-                                                     f"storage_path={paths['runs']}", "name=shapes-cpu",
+                                                     f"storage_path={paths['runs']}", "name=shapes",
                                                      # the eval step below scores the model on all val images
                                                      "eval.at_end=false", f"seed={args.seed}", *teacher_overrides])
     if not storage.exists(final_uri):
@@ -200,7 +200,8 @@ def run(args: argparse.Namespace) -> int:
                              "--batch-size", "8"])
 
     # 5. one data-distillation round, the trained model as the round-0 teacher.
-    distill_summary, extra_iterations, matched = None, 0, False
+    distill_summary, extra_iterations, matched, fine_tuned = None, 0, False, False
+    best = checkpoint  # the demo's best shapes model: the student when it beat its teacher
     if not args.skip_distill:
         from pipeline.distill.config import DATA_KEYS, RUN_KEYS, load_distill_config
         from pipeline.distill.run import run_distill
@@ -216,14 +217,14 @@ def run(args: argparse.Namespace) -> int:
         distill_summary = _distill_rounds(paths["distill"])
         student = distill_config.train_config(paths["train"], "student", paths["distill"],
                                               distill_config.student.overrides)
-        if distill_config.student.init == "teacher":  # fine-tuned: it trained this much more than its teacher
-            extra_iterations = student.schedule.max_iters
-        else:
-            matched = _same_training(teacher_config, student)
+        fine_tuned = distill_config.student.init == "teacher"
+        extra_iterations, matched = _extra_training(teacher_config, student, fine_tuned)
+        last = distill_summary[-1] if distill_summary else None
+        if last is not None and last.student and (last.gain() or 0) > 0:
+            best = last.student
 
     # 6. keypoints: a joint keypoint & mask model on stick figures, trained and scored (OKS).
-    keypoints = None if args.skip_keypoints else _keypoint_stage(args, paths, out, timings, verbose,
-                                                                        init=checkpoint)
+    keypoints = None if args.skip_keypoints else _keypoint_stage(args, paths, out, timings, verbose, init=best)
 
     # 7. overlays and the report.
     overlays = out / "overlays"
@@ -232,7 +233,8 @@ def run(args: argparse.Namespace) -> int:
     report = out / "report.md"
     report.write_text(_report(paths, final, metrics, distill_summary, timings,
                               time.perf_counter() - started, out, overlays, keypoints=keypoints,
-                              extra_iterations=extra_iterations, matched=matched))
+                              extra_iterations=extra_iterations, matched=matched, fine_tuned=fine_tuned,
+                              keypoint_init=best))
     print(f"\nmaskray demo finished in {time.perf_counter() - started:.0f} s; report: {report}")
     return 0
 
@@ -295,12 +297,25 @@ def _same_training(teacher, student) -> bool:
     return not runrecord.differences(teacher.to_dict(), student.to_dict(), ignore=(*NON_RESULT_KEYS, *DATA_KEYS))
 
 
-def _distill_verdict(state, extra_iterations: int = 0, matched: bool = False) -> str:
+def _extra_training(teacher, student, fine_tuned: bool) -> tuple[int, bool]:
+    """``(extra_iterations, matched)`` of a round's student against its teacher (two
+    :class:`~pipeline.train.config.TrainConfig`): a student fine-tuned from the teacher trained all its
+    iterations more; one from scratch trained ``student - teacher`` more (0 when not longer), and is
+    compute-matched when it trains exactly as its teacher did (:func:`_same_training`)."""
+    if fine_tuned:
+        return student.schedule.max_iters, False
+    if _same_training(teacher, student):
+        return 0, True
+    return max(0, student.schedule.max_iters - teacher.schedule.max_iters), False
+
+
+def _distill_verdict(state, extra_iterations: int = 0, matched: bool = False, fine_tuned: bool = False) -> str:
     """Plain sentences on whether the round's student beat its teacher (mask AP, points), and its
     control when the round has one. ``extra_iterations``: how many more iterations the student
-    trained than its teacher (a student fine-tuned from the teacher): a gain over the teacher is
-    then not compute-matched, and it says so. ``matched``: the student trained from scratch exactly
-    as its teacher did (:func:`_same_training`) on its mixed data: the teacher is its control."""
+    trained than its teacher (``fine_tuned``: fine-tuned from it; else from scratch on a longer
+    schedule): a gain over the teacher is then not compute-matched, and it says so. ``matched``: the
+    student trained from scratch exactly as its teacher did (:func:`_same_training`) on its mixed
+    data: the teacher is its control."""
     gain = state.gain()
     if gain is None:
         return f"**Round {state.round} did not finish**: no student to compare with its teacher."
@@ -326,7 +341,9 @@ def _distill_verdict(state, extra_iterations: int = 0, matched: bool = False) ->
                           "pseudo-labeled instead of labeled, so the teacher is its control and the difference is "
                           "what the pseudo-labels gave.")
     if gain > 0 and extra_iterations:
-        verdict += (f" This is not a compute-matched comparison: the student was fine-tuned from the teacher for "
+        how = ("was fine-tuned from the teacher for" if fine_tuned
+               else "trained from scratch on a longer schedule:")
+        verdict += (f" This is not a compute-matched comparison: the student {how} "
                     f"{extra_iterations} more iterations, so the figure includes that extra training and does not "
                     "show on its own that the pseudo-labels helped; `--distill-control` also trains the control "
                     "(the same iterations on the labeled images alone) and compares with it.")
@@ -345,7 +362,8 @@ def _ap_row(name: str, metrics: dict) -> str:
 
 def _report(paths: dict, final: dict, metrics: dict, rounds: list | None, timings: Timings,
             total_s: float, out: Path, overlays: Path, *, keypoints: dict | None = None,
-            extra_iterations: int = 0, matched: bool = False) -> str:
+            extra_iterations: int = 0, matched: bool = False, fine_tuned: bool = False,
+            keypoint_init: str = "") -> str:
     lines = [
         "# maskray demo report",
         "",
@@ -360,21 +378,22 @@ def _report(paths: dict, final: dict, metrics: dict, rounds: list | None, timing
     ]
     if keypoints:
         lines += [_ap_row("keypoint & mask model (stick figures)", keypoints["metrics"]), "",
-                  "The keypoint & mask model (Mask R-CNN's keypoint branch, the paper's §5), fine-tuned from the "
-                  "model above, is scored on its own "
+                  "The keypoint & mask model (Mask R-CNN's keypoint branch, the paper's §5), fine-tuned from "
+                  + ("the distillation round's student" if keypoint_init and keypoint_init != final.get("model")
+                     else "the model above") + f" (`{keypoint_init or final.get('model')}`), is scored on its own "
                   "held-out split of stick figures with 7 keypoints beside shapes (`maskray synth --keypoints`); "
                   f"kp AP is COCOeval's OKS AP with the figures' sigmas ({keypoints['sigmas'] or 'COCO'}). "
                   f"Checkpoint `{keypoints['model']}`, overlays `{keypoints['overlays']}`."]
     if rounds:
         from pipeline.distill.rounds import format_summary
 
-        lines += ["", "## Distillation round", "", _distill_verdict(rounds[-1], extra_iterations, matched), "",
+        lines += ["", "## Distillation round", "", _distill_verdict(rounds[-1], extra_iterations, matched, fine_tuned), "",
                   "The semi-supervised regime: the teacher (the model above) was trained on the few labeled "
                   "images alone; it pseudo-labels the unlabeled pool, several times larger, with test-time "
                   "augmentation and per-class thresholds; the student trains on batches of half labeled, "
                   "half pseudo-labeled images (the data-distillation recipe, arXiv 1712.04440"
-                  + ("; to fit the demo's time the student fine-tunes the teacher, `student.init: teacher`, a "
-                     "variant of the recipe, whose student starts from scratch" if extra_iterations else "")
+                  + ("; the student fine-tunes the teacher, `student.init: teacher`, a variant of the recipe, "
+                     "whose student starts from scratch" if fine_tuned else "")
                   + "). Teacher and student are scored on the same val images, AP in points:",
                   "", "```", format_summary(rounds), "```"]
     lines += ["", "## Step timings", "", "| step | seconds |", "|---|---|"]

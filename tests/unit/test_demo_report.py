@@ -27,8 +27,12 @@ def test_report_has_the_accuracy_table_the_round_and_the_paths(tmp_path):
     assert "**The student scored +3.0 mask AP over its teacher** (45.0 -> 48.0)" in text
     assert "not a compute-matched" not in text  # a student from scratch: same footing as its teacher
     tuned = demo._report(paths, {}, _metrics(0.5, 0.5), [r0, r1], timings, 1.0, Path(tmp_path), Path(tmp_path),
-                         extra_iterations=150)
+                         extra_iterations=150, fine_tuned=True)
     assert "not a compute-matched comparison: the student was fine-tuned from the teacher for 150 more" in tuned
+    longer = demo._report(paths, {}, _metrics(0.5, 0.5), [r0, r1], timings, 1.0, Path(tmp_path), Path(tmp_path),
+                          extra_iterations=300)
+    assert ("not a compute-matched comparison: the student trained from scratch on a longer schedule: 300 more "
+            "iterations") in longer
     r1.metrics["control"] = _metrics(0.5, 0.5)  # the same run on labeled data alone beat the student
     controlled = demo._report(paths, {}, _metrics(0.5, 0.5), [r0, r1], timings, 1.0, Path(tmp_path), Path(tmp_path),
                               extra_iterations=150)
@@ -75,15 +79,16 @@ def test_a_student_trained_like_its_teacher_is_reported_compute_matched(tmp_path
     from pipeline.distill.config import load_distill_config
     from pipeline.train import load_config
 
-    overrides = [*demo.TRAIN_SCHEDULE, "optim.base_lr=0.01"]
-    teacher = load_config("configs/shapes-cpu.yaml", ["data.train=/l", "data.val=/v", "storage_path=/r",
-                                                      "name=shapes-cpu", "eval.at_end=false", "seed=3", *overrides])
+    overrides = ["schedule.max_iters=240", "schedule.steps=[192]", "optim.base_lr=0.01"]
+    teacher = load_config("configs/shapes-64-cpu.yaml", ["data.train=/l", "data.val=/v", "storage_path=/r",
+                                                         "name=shapes", "eval.at_end=false", "seed=3", *overrides])
     round_config = load_distill_config("configs/distill-demo-matched.yaml", [
         "work_dir=/w", "data.labeled=/l", "data.unlabeled=/u", "data.val=/v", "teacher=/t.pt", "train.seed=3",
         *(f"train.{o}" for o in overrides)])
     assert round_config.student.init == "scratch"
     student = round_config.train_config("/mixed", "student", "/w", round_config.student.overrides)
     assert demo._same_training(teacher, student)
+    assert demo._extra_training(teacher, student, fine_tuned=False) == (0, True)
     assert not demo._same_training(teacher, round_config.train_config("/mixed", "student", "/w",
                                                                       {"schedule.max_iters": 400}))
     assert not demo._same_training(teacher, round_config.train_config("/mixed", "student", "/w",
@@ -99,3 +104,30 @@ def test_a_student_trained_like_its_teacher_is_reported_compute_matched(tmp_path
     lost = demo._report(paths, {}, _metrics(0.5, 0.5), [r1], demo.Timings(), 1.0, Path(tmp_path), Path(tmp_path),
                         matched=True)
     assert "**Round 1 did not gain**" in lost and "over its teacher**" not in lost
+
+
+def test_the_default_round_is_reported_with_its_extra_training(tmp_path):
+    """configs/distill-demo.yaml: a student from scratch on twice the teacher's schedule is not
+    compute-matched (its 300 extra iterations are named); one fine-tuned from the teacher trained all
+    its iterations more. The keypoint stage names the model it started from."""
+    from pipeline.distill.config import load_distill_config
+    from pipeline.train import load_config
+
+    teacher = load_config("configs/shapes-64-cpu.yaml", ["data.train=/l", "data.val=/v", "storage_path=/r",
+                                                         "name=shapes", "eval.at_end=false", "seed=0"])
+    round_config = load_distill_config("configs/distill-demo.yaml", [
+        "work_dir=/w", "data.labeled=/l", "data.unlabeled=/u", "data.val=/v", "teacher=/t.pt", "train.seed=0"])
+    assert round_config.student.init == "scratch"
+    student = round_config.train_config("/mixed", "student", "/w", round_config.student.overrides)
+    assert demo._extra_training(teacher, student, fine_tuned=False) == (
+        student.schedule.max_iters - teacher.schedule.max_iters, False)
+    assert student.schedule.max_iters > teacher.schedule.max_iters
+    assert demo._extra_training(teacher, student, fine_tuned=True) == (student.schedule.max_iters, False)
+    kp = {"metrics": _metrics(0.6, 0.5), "model": "/k.pt", "run": "/r", "overlays": "/o", "sigmas": ""}
+    paths = {k: f"/s/{k}" for k in ("train", "val", "pool", "predictions", "distill")}
+    from_student = demo._report(paths, {"model": "/t.pt"}, _metrics(0.5, 0.5), None, demo.Timings(), 1.0,
+                                Path(tmp_path), Path(tmp_path), keypoints=kp, keypoint_init="/student.pt")
+    assert "fine-tuned from the distillation round's student (`/student.pt`)" in from_student
+    from_teacher = demo._report(paths, {"model": "/t.pt"}, _metrics(0.5, 0.5), None, demo.Timings(), 1.0,
+                                Path(tmp_path), Path(tmp_path), keypoints=kp, keypoint_init="/t.pt")
+    assert "fine-tuned from the model above (`/t.pt`)" in from_teacher

@@ -111,7 +111,7 @@ def test_epochs_convert_to_iterations(tmp_path):
     assert load_config(write(tmp_path, MINIMAL)).total_iters(train_images=400) == 100
 
 
-@pytest.mark.parametrize("name", ["shapes-cpu.yaml", "coco-r50-fpn-1x.yaml"])
+@pytest.mark.parametrize("name", ["shapes-cpu.yaml", "shapes-64-cpu.yaml", "coco-r50-fpn-1x.yaml"])
 def test_shipped_configs_load(name):
     config = load_config(str(REPO / "configs" / name))
     assert config.data.train and config.data.val
