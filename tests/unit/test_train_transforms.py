@@ -107,3 +107,26 @@ def test_empty_keypoint_target_passes_through():
               "masks": torch.zeros((0, 16, 16), dtype=torch.uint8), "keypoints": torch.zeros((0, 5, 3))}
     _, t = TrainAugment(hflip_prob=1.0, scale_range=(0.7, 1.3), seed=0, keypoint_flip=[0, 2, 1, 4, 3])(image, target)
     assert t["keypoints"].shape == (0, 5, 3)
+
+
+def test_every_copy_ray_sends_to_a_task_draws_its_own_augmentation():
+    """Ray pickles the decode + augment function into every read task of every epoch. Each copy
+    must draw its own flips, crops and scales: a pickled generator restarted every copy at one
+    state, so the k-th image of a task got the same flip in every epoch (frozen augmentation).
+    A seeded augmentation keeps its state (every copy alike: reproducible tests)."""
+    from ray import cloudpickle
+
+    from pipeline.train.data import DecodeAugment
+
+    image, target = sample()
+    fn = DecodeAugment([1, 2], hflip_prob=0.5, scale_range=(0.5, 1.5), crop=32)
+    blob = cloudpickle.dumps(fn)
+    epochs = [cloudpickle.loads(blob) for _ in range(2)]
+
+    def flips(copy):  # 64 images, in the order one task meets them
+        return [tuple(copy.augment(image, target)[1]["boxes"].flatten().tolist()) for _ in range(64)]
+
+    assert flips(epochs[0]) != flips(epochs[1])  # equal by chance: 2^-64 for the flips alone
+    assert [epochs[0]._crop_rng.random() for _ in range(4)] != [epochs[1]._crop_rng.random() for _ in range(4)]
+    seeded = cloudpickle.dumps(DecodeAugment([1, 2], hflip_prob=0.5, scale_range=(0.5, 1.5), seed=7))
+    assert flips(cloudpickle.loads(seeded)) == flips(cloudpickle.loads(seeded))
