@@ -3,9 +3,9 @@
 Steps (each skipped when its output is already there, so a rerun resumes; ``--fresh`` starts
 over): synthesize + convert/pack the data → train on few labels (Ray Train) → evaluate → batch
 segmentation of the unlabeled pool (Ray Data) → one data-distillation round (40 labels, a pool 9x
-larger, the student from scratch; the report says plainly what the student scored against its
-teacher, whether that comparison is compute-matched, and with ``--distill-control`` what the
-pseudo-labels gave over the same run on the labels alone) → a keypoint & mask model fine-tuned from
+larger, the student from scratch with the teacher's own schedule; the report says plainly what the
+student scored against its teacher and whether that comparison is compute-matched; with
+``--distill-control`` also what the pseudo-labels gave over the same run on the labels alone) → a keypoint & mask model fine-tuned from
 the best shapes model on stick figures (scored with OKS AP) → overlay PNGs →
 ``report.md``. Everything is written under ``--out`` (or ``--storage`` for the datasets, runs
 and predictions, e.g. an ``s3://`` prefix), and each step is the same code as its command.
