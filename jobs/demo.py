@@ -5,8 +5,9 @@ over): synthesize + convert/pack the data → train on few labels (Ray Train) �
 segmentation of the unlabeled pool (Ray Data) → one data-distillation round (40 labels, a pool 9x
 larger, the student from scratch with the teacher's own schedule; the report says plainly what the
 student scored against its teacher and whether that comparison is compute-matched; with
-``--distill-control`` also what the pseudo-labels gave over the same run on the labels alone) → a keypoint & mask model fine-tuned from
-the best shapes model on stick figures (scored with OKS AP) → overlay PNGs →
+``--distill-control`` also what the pseudo-labels gave over the same run on the labels alone) → a
+keypoint & mask model fine-tuned from the best shapes model on stick figures (scored with OKS AP) →
+overlay PNGs →
 ``report.md``. Everything is written under ``--out`` (or ``--storage`` for the datasets, runs
 and predictions, e.g. an ``s3://`` prefix), and each step is the same code as its command.
 """
@@ -28,8 +29,8 @@ from jobs import cli
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
-# The distillation round's regime (issue 25): few labeled 64-px images, which the model exhausts in its
-# 300 iterations (configs/shapes-64-cpu.yaml), and an unlabeled pool 9x larger.
+# The distillation round's regime (issue 25): few labeled 64-px images (configs/shapes-64-cpu.yaml trains
+# 300 iterations on them: 30 epochs) and an unlabeled pool 9x larger.
 TRAIN_IMAGES = 40
 POOL_IMAGES = 360
 SHAPES_SYNTH = ("--size", "64", "--categories", "3", "--max-objects", "3")
