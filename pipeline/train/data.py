@@ -146,29 +146,24 @@ def drop_crowd_and_degenerate(target: Target) -> Target:
     return target if bool(keep.all()) else select(target, keep)
 
 
-def unpickled_rngs(obj: Any, state: dict[str, Any], names: Sequence[str]) -> None:
-    """``obj.__setstate__`` for objects Ray copies into tasks: restore ``state`` and give each
-    ``random.Random`` in ``names`` that :func:`rngs_for_pickle` left out a fresh one (OS entropy)."""
-    obj.__dict__.update(state)
-    for name in names:
-        if name not in state:
-            setattr(obj, name, random.Random())
+class TaskRandom(random.Random):
+    """The ``random.Random`` of functions Ray copies into tasks (the train stream's augmentation).
 
+    Invariant: every copy draws its own numbers. Ray pickles the function into every read task of
+    every epoch; a plainly pickled generator restarts each copy at one state, so the k-th image of a
+    task got the same flip, crop and scale in every epoch (the demo's 40 images for 30 epochs: mask
+    AP 13.8 with frozen flips, 18.5 with fresh ones). An unseeded generator therefore pickles as a
+    new one, seeded from OS entropy in the copy; a seeded one (tests) keeps its state, so every copy
+    draws alike."""
 
-def rngs_for_pickle(obj: Any, names: Sequence[str]) -> dict[str, Any]:
-    """``obj.__getstate__``: its attributes, without the unseeded (``obj.seed is None``)
-    ``random.Random`` named in ``names``.
+    def __init__(self, seed: int | None = None) -> None:
+        super().__init__(seed)
+        self.seeded = seed is not None
 
-    Invariant: every copy of an augmentation that Ray sends to a task draws its own numbers. Ray
-    pickles the function into every read task of every epoch; a pickled generator restarts each
-    copy at one state, so the k-th image of a task got the same flip, crop and scale in every
-    epoch (the demo's 40 images for 30 epochs: mask AP 13.8 with frozen flips, 18.5 with fresh
-    ones). A seeded augmentation (tests) keeps its state: every copy then draws alike."""
-    state = dict(obj.__dict__)
-    if obj.seed is None:
-        for name in names:
-            state.pop(name, None)
-    return state
+    def __reduce__(self):
+        if not self.seeded:
+            return TaskRandom, ()
+        return TaskRandom, (0,), self.getstate()
 
 
 @dataclass
@@ -186,13 +181,7 @@ class TrainAugment:
     keypoint_flip: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
-        self._rng = random.Random(self.seed)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return rngs_for_pickle(self, ["_rng"])
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        unpickled_rngs(self, state, ["_rng"])
+        self._rng = TaskRandom(self.seed)
 
     def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
         rng = self._rng
@@ -236,14 +225,7 @@ class DecodeAugment:
         self.bad_rows = bad_rows
         self.crop = int(crop)
         self.crop_min_visible = float(crop_min_visible)
-        self.seed = seed
-        self._crop_rng = random.Random(None if seed is None else seed + 1)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return rngs_for_pickle(self, ["_crop_rng"])
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        unpickled_rngs(self, state, ["_crop_rng"])
+        self._crop_rng = TaskRandom(None if seed is None else seed + 1)
 
     def decode(self, row: dict[str, Any]) -> tuple[Tensor, Target]:
         """The row's image and target: whole, or with ``crop`` a random window of a larger image
