@@ -393,27 +393,28 @@ def noop_loop(data_uri: str, ckpt: str) -> dict:
 def noop_pipeline(data_uri: str, out_uri: str, ckpt: str, *, actors: int, batch_size: int, images_per_unit: int,
                   instances: int, threads: int | None = None, load_model: bool = True) -> dict:
     from pipeline.infer.config import InferConfig
-    from pipeline.infer.driver import run_inference
+    from pipeline.infer.driver import plan, run_inference
 
     marker = out_uri.rstrip("/") + ".first-batch"
-    commits: list[float] = []
+    commits: list[tuple[float, str]] = []
     ticks = cpu_ticks()
     start = time.time()
     summary = run_inference(InferConfig(input=data_uri, output=out_uri, checkpoint=ckpt, batch_size=batch_size,
                                         actors=str(actors), score_threshold=0.0,
                                         images_per_unit=images_per_unit, threads=threads),
                             predictor_factory=noop_predictor(instances, marker, load_model),
-                            on_unit_committed=lambda name: commits.append(time.time()))
+                            on_unit_committed=lambda name: commits.append((time.time(), name)))
     wall = time.time() - start
     steal = steal_since(ticks)
     first_batch = float(open(marker).read())
     actor_start, actor_ready = (float(v) for v in open(marker + ".actor").read().split())
-    after_first = summary.images - images_per_unit
+    sizes = {u.unit: u.images for u in plan(data_uri, images_per_unit, INFER_DEFAULTS["unit_bytes"])[0]}
+    after_first = summary.images - sizes[commits[0][1]]  # the rate after the first commit
     return {"images": summary.images, "instances": summary.instances, "seconds": wall,
             "images_per_s": summary.images / wall, "first_model_call_s": first_batch - start,
             "actor_process_up_s": actor_start - start, "actor_ready_s": actor_ready - start,
-            "first_commit_s": commits[0] - start, "steal": steal,
-            "steady_images_per_s": after_first / (commits[-1] - commits[0]) if len(commits) > 1 else 0.0}
+            "first_commit_s": commits[0][0] - start, "steal": steal, "units": len(sizes),
+            "steady_images_per_s": after_first / (commits[-1][0] - commits[0][0]) if len(commits) > 1 else 0.0}
 
 
 def stage_bytes(data_uri: str, ckpt: str, instances: int) -> dict:
@@ -572,7 +573,7 @@ def noop_benchmark(args: argparse.Namespace, work: str) -> dict:
             run["ratio_end_to_end"] = run["images_per_s"] / loop["images_per_s"]
             run["ratio_steady"] = run["steady_images_per_s"] / loop["images_per_s"]
             runs.append(run)
-            print(f"pipeline, no-op model, {args.actors[0]} actor(s), {per_unit} images per unit, {run['workers']}: end to end "
+            print(f"pipeline, no-op model, {args.actors[0]} actor(s), --images-per-unit {per_unit} ({run['units']} units), {run['workers']}: end to end "
                   f"{run['images_per_s']:.0f} images/s ({run['seconds']:.1f} s), steady {run['steady_images_per_s']:.0f} "
                   f"images/s; ratio to the loop: end to end {run['ratio_end_to_end']:.2f} (target 0.5), steady "
                   f"{run['ratio_steady']:.2f} (target 0.8); start-up: Ray started in {ray_start:.1f} s (before the "

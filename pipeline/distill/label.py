@@ -24,11 +24,13 @@ from collections.abc import Iterator
 
 from model.errors import MaskrayError
 from pipeline.distill.config import ThresholdConfig, TTAConfig
+from pipeline.infer.config import DEFAULT_IMAGES_PER_UNIT, DEFAULT_UNIT_BYTES
 
 logger = logging.getLogger(__name__)
 
 CANDIDATES = "candidates"
-IMAGES_PER_UNIT = 64  # images per unit of the candidates' inference (the driver's default)
+# the units of the candidates' inference: the inference driver's defaults
+IMAGES_PER_UNIT, UNIT_BYTES = DEFAULT_IMAGES_PER_UNIT, DEFAULT_UNIT_BYTES
 
 
 def _results_rows(uri: str) -> list[dict]:
@@ -40,7 +42,7 @@ def _results_rows(uri: str) -> list[dict]:
 
 def label_candidates(unlabeled_uri: str, out_uri: str, teacher: str, tta: TTAConfig, *, batch_size: int = 8,
                      actors: int = 1, cpus_per_actor: float = 1.0, threads: int = 0,
-                     images_per_unit: int = IMAGES_PER_UNIT):
+                     images_per_unit: int = IMAGES_PER_UNIT, unit_bytes: int = UNIT_BYTES):
     """Teacher TTA inference over every unlabeled image -> results files under ``out_uri``
     (see the module docstring); returns the driver's ``InferenceSummary``."""
     from pipeline.distill.tta import TTAPredictor
@@ -51,17 +53,19 @@ def label_candidates(unlabeled_uri: str, out_uri: str, teacher: str, tta: TTACon
                                      batch_size=batch_size, actors=str(actors), cpus_per_actor=cpus_per_actor,
                                      threads=threads or None, score_threshold=tta.min_score,
                                      tta=json.loads(json.dumps(dataclasses.asdict(tta))),
-                                     images_per_unit=images_per_unit), predictor_factory=TTAPredictor)
+                                     images_per_unit=images_per_unit, unit_bytes=unit_bytes),
+                         predictor_factory=TTAPredictor)
 
 
-def _units(unlabeled_uri: str, candidates_uri: str, images_per_unit: int) -> Iterator[tuple[list[dict], list[dict]]]:
+def _units(unlabeled_uri: str, candidates_uri: str, images_per_unit: int,
+           unit_bytes: int) -> Iterator[tuple[list[dict], list[dict]]]:
     """Per unit of the candidates' run, in order: (the unlabeled shard's rows, its results rows)."""
     import pyarrow.parquet as pq
 
     from pipeline import storage
     from pipeline.infer.driver import plan
 
-    units, _ = plan(unlabeled_uri, images_per_unit)
+    units, _ = plan(unlabeled_uri, images_per_unit, unit_bytes)
     shard_uri, shard_rows = None, []
     for unit in units:
         if unit.uri != shard_uri:
@@ -80,14 +84,15 @@ def _units(unlabeled_uri: str, candidates_uri: str, images_per_unit: int) -> Ite
 
 
 def candidate_scores(unlabeled_uri: str, candidates_uri: str,
-                     images_per_unit: int = IMAGES_PER_UNIT) -> tuple[dict[int, list[float]], int, int]:
+                     images_per_unit: int = IMAGES_PER_UNIT,
+                     unit_bytes: int = UNIT_BYTES) -> tuple[dict[int, list[float]], int, int]:
     """``(scores per category id, images labelled, images with an error)`` of the candidates."""
     from pipeline import storage
     from pipeline.infer.driver import plan
 
     scores: dict[int, list[float]] = {}
     images = errors = 0
-    units, _ = plan(unlabeled_uri, images_per_unit)
+    units, _ = plan(unlabeled_uri, images_per_unit, unit_bytes)
     for unit in units:
         for row in _results_rows(storage.join(candidates_uri, unit.unit)):
             if row["error"] is not None:
@@ -128,7 +133,8 @@ def to_annotations(image_id: int, instances: list[dict]) -> list[dict]:
 
 def write_pseudo_labels(unlabeled_uri: str, candidates_uri: str, out_uri: str, thresholds: dict[int, float], *,
                         categories: list[dict], extra: dict, keep_empty: bool = False,
-                        images_per_unit: int = IMAGES_PER_UNIT, images_per_shard: int = 1000) -> tuple[int, int]:
+                        images_per_unit: int = IMAGES_PER_UNIT, unit_bytes: int = UNIT_BYTES,
+                        images_per_shard: int = 1000) -> tuple[int, int]:
     """The thresholded candidates as a maskray dataset at ``out_uri`` (rows with an error left out;
     images without any instance left out unless ``keep_empty``); returns (images, instances)."""
     from pipeline.data.format import Manifest, ShardWriter, write_manifest
@@ -136,7 +142,7 @@ def write_pseudo_labels(unlabeled_uri: str, candidates_uri: str, out_uri: str, t
 
     images = instances = 0
     with ShardWriter(out_uri, images_per_shard=images_per_shard) as writer:
-        for rows, results in _units(unlabeled_uri, candidates_uri, images_per_unit):
+        for rows, results in _units(unlabeled_uri, candidates_uri, images_per_unit, unit_bytes):
             for row, result in zip(rows, results):
                 if result["error"] is not None:
                     continue

@@ -22,7 +22,13 @@ from pipeline.config import option, require, require_tiling, run_only_keys, to_d
 from pipeline.data.decode import DEFAULT_INTENSITY, DEFAULT_MAX_PIXELS, INTENSITY_MODES
 
 AMP_MODES = ("auto", "on", "off")
-DEFAULT_MAX_WHOLE_PIXELS = 1_000_000_000  # with --tile, for formats decoded whole (a 20k x 20k PNG is 400 MP)
+DEFAULT_MAX_WHOLE_PIXELS = 1_000_000_000
+# Units of work and commit (pipeline.infer.driver.plan). Each costs ~5-10 ms of Ray Data and write
+# overhead on a 2-core node: the no-op benchmark's 100-image shards of 64-px images split 64 + 36
+# ran at 0.75x a plain loop in steady state, whole (<= 128) at 0.99-1.13x (benchmarks/RESULTS.md).
+# The byte bound keeps large images few per unit (one 12-MP JPEG is ~4 MB encoded, 36 MB decoded).
+DEFAULT_IMAGES_PER_UNIT = 128
+DEFAULT_UNIT_BYTES = 16 * 2**20  # with --tile, for formats decoded whole (a 20k x 20k PNG is 400 MP)
 
 
 @dataclass(frozen=True)
@@ -42,8 +48,12 @@ class InferConfig:
     score_threshold: float = option(0.05, "drop detections scoring below T (default 0.05)")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, f"images with more pixels become error rows (default "
                              f"{DEFAULT_MAX_PIXELS:,}; 0 = no limit)")
-    images_per_unit: int = option(64, "images per unit of work and results file (default 64; their uint8 "
-                                  "pixels travel together, so use ~8 for 12-MP photos)")
+    images_per_unit: int = option(DEFAULT_IMAGES_PER_UNIT, f"images per unit of work and results file at most "
+                                  f"(default {DEFAULT_IMAGES_PER_UNIT}; see --unit-bytes)")
+    unit_bytes: int = option(DEFAULT_UNIT_BYTES, f"encoded image bytes per unit at most, by each shard's mean bytes "
+                             f"per image or each file's size (default {DEFAULT_UNIT_BYTES // 2**20} MiB: 12-MP "
+                             f"photos travel a few per unit, thumbnails --images-per-unit; 0 = no bound). A "
+                             f"unit's decoded pixels travel together")
     exif: bool = option(True, "apply EXIF orientation, as image viewers do (default); --no-exif keeps the raw "
                         "pixel frame")
     intensity: str = option(DEFAULT_INTENSITY, "how 16/32-bit images map to 0..255: percentile (default), "
@@ -86,6 +96,7 @@ class InferConfig:
         require(0.0 <= self.score_threshold <= 1.0, "score_threshold", f"must be in [0, 1], got {self.score_threshold}")
         require(self.max_pixels >= 0, "max_pixels", f"must be >= 0 (0 = no limit), got {self.max_pixels}")
         require(self.images_per_unit >= 1, "images_per_unit", f"must be >= 1, got {self.images_per_unit}")
+        require(self.unit_bytes >= 0, "unit_bytes", f"must be >= 0 (0 = no bound), got {self.unit_bytes}")
         require(self.intensity in INTENSITY_MODES, "intensity",
                 f"{self.intensity!r} is not one of {', '.join(INTENSITY_MODES)}")
         require(self.amp in AMP_MODES, "amp", f"{self.amp!r} is not one of {', '.join(AMP_MODES)}")

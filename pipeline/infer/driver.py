@@ -174,7 +174,7 @@ def shard_name(shard_path: str) -> str:
 
 def plan_shard_units(name: str, uri: str, count: int, images_per_unit: int) -> list[Unit]:
     """Units of one shard: the whole shard when it fits ``images_per_unit`` (results file named
-    like the shard), else consecutive row ranges."""
+    like the shard), else consecutive row ranges of ``images_per_unit`` rows."""
     if count <= images_per_unit:
         return [Unit(name, "shard", uri, 0, count, count)]
     stem = name[:-len(".parquet")] if name.endswith(".parquet") else name
@@ -182,9 +182,37 @@ def plan_shard_units(name: str, uri: str, count: int, images_per_unit: int) -> l
                  min(a + images_per_unit, count), count) for a in range(0, count, images_per_unit)]
 
 
-def plan(input_uri: str, images_per_unit: int) -> tuple[list[Unit], dict]:
+def shard_unit_images(images: int, shard_bytes: int, images_per_unit: int, unit_bytes: int) -> int:
+    """Images per unit of a shard of ``images`` images and ``shard_bytes`` bytes (its manifest
+    entry; 0 = not recorded): ``images_per_unit``, fewer when the shard's mean bytes per image
+    would put more than ``unit_bytes`` of it in one unit (0 = no byte bound); at least 1."""
+    if unit_bytes <= 0 or shard_bytes <= 0 or images <= 0:
+        return images_per_unit
+    return max(1, min(images_per_unit, unit_bytes * images // shard_bytes))
+
+
+def file_groups(sizes: Sequence[int], images_per_unit: int, unit_bytes: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` index ranges of consecutive files of ``sizes`` bytes: each range holds at most
+    ``images_per_unit`` files and, unless one file alone is larger, at most ``unit_bytes`` bytes
+    (0 = no byte bound)."""
+    ranges, start, total = [], 0, 0
+    for k, size in enumerate(sizes):
+        full = k - start >= images_per_unit or (unit_bytes > 0 and k > start and total + size > unit_bytes)
+        if full:
+            ranges.append((start, k))
+            start, total = k, 0
+        total += size
+    if start < len(sizes):
+        ranges.append((start, len(sizes)))
+    return ranges
+
+
+def plan(input_uri: str, images_per_unit: int, unit_bytes: int = 0) -> tuple[list[Unit], dict]:
     """``(units, input identity)`` of a dataset prefix (``manifest.json`` + shards) or of a raw
-    prefix of image files (keyed by object path, sorted)."""
+    prefix of image files (keyed by object path, sorted). A unit holds at most ``images_per_unit``
+    images and about ``unit_bytes`` of encoded images at most (0 = no byte bound; a shard's units
+    by its mean bytes per image, :func:`shard_unit_images`; files by their sizes,
+    :func:`file_groups`)."""
     from pipeline import storage
     from pipeline.data.format import manifest_uri, read_manifest, shard_uris
 
@@ -199,7 +227,8 @@ def plan(input_uri: str, images_per_unit: int) -> tuple[list[Unit], dict]:
                 raise MaskrayError(f"dataset {input_uri}: the manifest lists two shards named {name}, "
                                    "which would share one results file")
             names.add(name)
-            units.extend(plan_shard_units(name, uri, int(info.images), images_per_unit))
+            per = shard_unit_images(int(info.images), int(info.bytes), images_per_unit, unit_bytes)
+            units.extend(plan_shard_units(name, uri, int(info.images), per))
         return units, {"uri": input_uri, "kind": "shards", "manifest_sha256": hashlib.sha256(raw).hexdigest()}
     sizes = dict(storage.list_file_sizes(input_uri, suffixes=IMAGE_SUFFIXES))
     files = sorted(sizes)
@@ -207,9 +236,8 @@ def plan(input_uri: str, images_per_unit: int) -> tuple[list[Unit], dict]:
         raise MaskrayError(f"--input {input_uri}: no manifest.json and no image files "
                            f"({', '.join(IMAGE_SUFFIXES)}) there")
     listing = "\n".join(f"{storage.relative(u, input_uri)}\t{sizes[u]}" for u in files)
-    units = [Unit(f"files-{a:07d}-{min(a + images_per_unit, len(files)):07d}.parquet", "files",
-                  paths=tuple(files[a:a + images_per_unit]), prefix=input_uri)
-             for a in range(0, len(files), images_per_unit)]
+    units = [Unit(f"files-{a:07d}-{b:07d}.parquet", "files", paths=tuple(files[a:b]), prefix=input_uri)
+             for a, b in file_groups([sizes[u] for u in files], images_per_unit, unit_bytes)]
     return units, {"uri": input_uri, "kind": "files", "files": len(files),
                    "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
 
@@ -239,8 +267,10 @@ def check_provenance(output_uri: str, record: dict, *, overwrite: bool, existing
             "version or by hand); pass --overwrite to recompute them")
     from pipeline.config import field_defaults
 
-    # results recorded before an option existed were made with its default (e.g. --tile off)
+    # results recorded before an option existed were made with its default (e.g. --tile off), or
+    # with what it then meant: units planned by their image count alone
     defaults = {f"options.{key}": value for key, value in field_defaults(InferConfig).items()}
+    defaults["options.unit_bytes"] = 0
     diff = runrecord.compare(old, record, ignore=INFORMATIONAL, what=f"--output {output_uri}", flag="--overwrite",
                              alternative="choose another --output", override=overwrite, defaults=defaults)
     if overwrite and (diff or existing):
@@ -359,7 +389,7 @@ def run_inference(config: InferConfig, *, predictor_factory: type[Predictor] | N
     gpus_per_actor, cpus_per_actor, threads = config.gpus_per_actor, config.cpus_per_actor, config.threads
     amp, tta = config.autocast, config.tta
     started = time.perf_counter()
-    units, identity = plan(dataset_uri, config.images_per_unit)
+    units, identity = plan(dataset_uri, config.images_per_unit, config.unit_bytes)
     # sizes, categories, digest: no model built
     model_config, _, extra, source = read_model(checkpoint_uri)
     category_ids = list(model_config.category_ids())
@@ -419,12 +449,12 @@ def run_inference(config: InferConfig, *, predictor_factory: type[Predictor] | N
         elif threads is None:
             threads = cpu_actor_threads(
                 [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")], max_actors)
-        logger.info("model actors: %s x (%.2f CPU, %.2f GPU, %s torch threads), batch size %d, %d images per unit",
-                    config.actors, cpus_per_actor, gpus_per_actor, threads or "default", config.batch_size,
-                    config.images_per_unit)
+        logger.info("model actors: %s x (%.2f CPU, %.2f GPU, %s torch threads), batch size %d, %d units of up to %d "
+                    "images", config.actors, cpus_per_actor, gpus_per_actor, threads or "default", config.batch_size,
+                    len(pending), max(u.images for u in pending))
         sizes = ({"min_size": actors[0], "max_size": actors[1]} if actors[0] != actors[1] else {"size": actors[0]})
         compute = ActorPoolStrategy(**sizes, max_tasks_in_flight_per_actor=GROUPS_IN_FLIGHT_PER_ACTOR)
-        per_task = units_per_task(config.images_per_unit, len(pending), max_actors)
+        per_task = units_per_task(max(u.images for u in pending), len(pending), max_actors)
         ds = ray.data.from_items([u.row() for u in pending], override_num_blocks=-(-len(pending) // per_task))
         # invariant: every output row (a group of units, then one unit's metadata) is its own
         # block, so the model stage starts on a group as soon as it is read, and each unit's

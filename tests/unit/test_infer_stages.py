@@ -55,7 +55,7 @@ def write_dataset(root, rows_per_shard: list[list[bytes]], row_group_size: int =
                 for i, d in enumerate(datas)]
         next_id += len(datas)
         pq.write_table(fmt.rows_to_table(rows), str(root / path), row_group_size=row_group_size)
-        infos.append(fmt.ShardInfo(path=path, images=len(datas), instances=0))
+        infos.append(fmt.ShardInfo(path=path, images=len(datas), instances=0, bytes=(root / path).stat().st_size))
     fmt.write_manifest(str(root), fmt.Manifest(categories=CATEGORIES, shards=infos))
     return str(root)
 
@@ -365,6 +365,37 @@ def test_raw_prefix_plan_is_keyed_by_path(tmp_path):
         driver.plan(str(tmp_path / "empty"), 2)
 
 
+def test_units_are_bounded_by_images_and_by_encoded_bytes(tmp_path):
+    """A unit holds at most images_per_unit images and about unit_bytes of encoded images: a shard
+    by its mean bytes per image (its manifest entry), files by their own sizes; a file larger than
+    the bound is a unit alone; no bound (0) plans by image count alone, as before the bound."""
+    assert driver.shard_unit_images(100, 1_200_000, 128, 16 * 2**20) == 128  # 64-px PNGs: whole shards
+    assert driver.shard_unit_images(100, 400_000_000, 128, 16 * 2**20) == 4  # 12-MP JPEGs of 4 MB
+    assert driver.shard_unit_images(10, 10**10, 128, 16 * 2**20) == 1
+    assert driver.shard_unit_images(100, 0, 128, 16 * 2**20) == 128  # bytes not recorded
+    assert driver.shard_unit_images(100, 400_000_000, 128, 0) == 128
+    assert driver.file_groups([5, 5, 5, 20, 1, 1, 1], 3, 12) == [(0, 2), (2, 3), (3, 4), (4, 7)]
+    assert driver.file_groups([5] * 7, 3, 0) == [(0, 3), (3, 6), (6, 7)]
+    assert driver.file_groups([], 3, 10) == []
+
+    rng = np.random.default_rng(3)
+    big = [png(rng.integers(0, 255, (80, 80, 3), dtype=np.uint8)) for _ in range(6)]  # ~19 KB each
+    data = write_dataset(tmp_path / "d", [big])
+    shard_bytes = (tmp_path / "d" / "part-00000.parquet").stat().st_size
+    units, _ = driver.plan(data, images_per_unit=128, unit_bytes=-(-shard_bytes // 3))
+    assert [(u.start, u.stop) for u in units] == [(0, 2), (2, 4), (4, 6)]
+    assert [u.unit for u in driver.plan(data, 128, 0)[0]] == ["part-00000.parquet"]
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    for k, size in enumerate([3000, 3000, 9000, 100, 100]):
+        (root / f"{k}.jpg").write_bytes(b"x" * size)
+    units, _ = driver.plan(str(root), images_per_unit=128, unit_bytes=6000)
+    assert [u.unit for u in units] == ["files-0000000-0000002.parquet", "files-0000002-0000003.parquet",
+                                       "files-0000003-0000005.parquet"]
+    assert [len(u.paths) for u in units] == [2, 1, 2]
+
+
 def test_storage_retries_back_off_on_transient_errors_only():
     calls, sleeps = [], []
 
@@ -403,12 +434,13 @@ def test_job_arguments():
     config = cli.config_from_args(InferConfig, args)
     assert config.actor_range == (1, 3) and config.batch_size == 4 and config.gpus_per_actor is None
     assert config.threads is None and config.exif and not config.overwrite and not config.retry_errors
-    assert config.images_per_unit == 64 and config.amp == "auto"
+    assert config.images_per_unit == 128 and config.unit_bytes == 16 * 2**20 and config.amp == "auto"
     assert cli.config_from_args(InferConfig, parser.parse_args(
         ["--checkpoint", "c", "--input", "i", "--output", "o", "--no-exif", "--set", "amp=on"])).autocast is True
     for flags, key in ((["--actors", "0"], "actors"), (["--actors", "3,1"], "actors"), (["--actors", "x"], "actors"),
                        (["--batch-size", "0"], "batch_size"), (["--threads", "-1"], "threads"),
-                       (["--images-per-unit", "0"], "images_per_unit"), (["--set", "amp=maybe"], "amp"),
+                       (["--images-per-unit", "0"], "images_per_unit"), (["--unit-bytes", "-1"], "unit_bytes"),
+                       (["--set", "amp=maybe"], "amp"),
                        (["--score-threshold", "2"], "score_threshold")):
         bad = parser.parse_args(["--checkpoint", "c", "--input", "i", "--output", "o", *flags])
         with pytest.raises(ConfigError, match=rf"^the command line: {key}: "):
