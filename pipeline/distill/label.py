@@ -29,8 +29,6 @@ from pipeline.infer.config import DEFAULT_IMAGES_PER_UNIT, DEFAULT_UNIT_BYTES
 logger = logging.getLogger(__name__)
 
 CANDIDATES = "candidates"
-# the units of the candidates' inference: the inference driver's defaults
-IMAGES_PER_UNIT, UNIT_BYTES = DEFAULT_IMAGES_PER_UNIT, DEFAULT_UNIT_BYTES
 
 
 def _results_rows(uri: str) -> list[dict]:
@@ -42,7 +40,7 @@ def _results_rows(uri: str) -> list[dict]:
 
 def label_candidates(unlabeled_uri: str, out_uri: str, teacher: str, tta: TTAConfig, *, batch_size: int = 8,
                      actors: int = 1, cpus_per_actor: float = 1.0, threads: int = 0,
-                     images_per_unit: int = IMAGES_PER_UNIT, unit_bytes: int = UNIT_BYTES):
+                     images_per_unit: int = DEFAULT_IMAGES_PER_UNIT, unit_bytes: int = DEFAULT_UNIT_BYTES):
     """Teacher TTA inference over every unlabeled image -> results files under ``out_uri``
     (see the module docstring); returns the driver's ``InferenceSummary``."""
     from pipeline.distill.tta import TTAPredictor
@@ -84,8 +82,8 @@ def _units(unlabeled_uri: str, candidates_uri: str, images_per_unit: int,
 
 
 def candidate_scores(unlabeled_uri: str, candidates_uri: str,
-                     images_per_unit: int = IMAGES_PER_UNIT,
-                     unit_bytes: int = UNIT_BYTES) -> tuple[dict[int, list[float]], int, int]:
+                     images_per_unit: int = DEFAULT_IMAGES_PER_UNIT,
+                     unit_bytes: int = DEFAULT_UNIT_BYTES) -> tuple[dict[int, list[float]], int, int]:
     """``(scores per category id, images labelled, images with an error)`` of the candidates."""
     from pipeline import storage
     from pipeline.infer.driver import plan
@@ -133,7 +131,7 @@ def to_annotations(image_id: int, instances: list[dict]) -> list[dict]:
 
 def write_pseudo_labels(unlabeled_uri: str, candidates_uri: str, out_uri: str, thresholds: dict[int, float], *,
                         categories: list[dict], extra: dict, keep_empty: bool = False,
-                        images_per_unit: int = IMAGES_PER_UNIT, unit_bytes: int = UNIT_BYTES,
+                        images_per_unit: int = DEFAULT_IMAGES_PER_UNIT, unit_bytes: int = DEFAULT_UNIT_BYTES,
                         images_per_shard: int = 1000) -> tuple[int, int]:
     """The thresholded candidates as a maskray dataset at ``out_uri`` (rows with an error left out;
     images without any instance left out unless ``keep_empty``); returns (images, instances)."""

@@ -22,13 +22,13 @@ from pipeline.config import option, require, require_tiling, run_only_keys, to_d
 from pipeline.data.decode import DEFAULT_INTENSITY, DEFAULT_MAX_PIXELS, INTENSITY_MODES
 
 AMP_MODES = ("auto", "on", "off")
-DEFAULT_MAX_WHOLE_PIXELS = 1_000_000_000
+DEFAULT_MAX_WHOLE_PIXELS = 1_000_000_000  # with --tile, for formats decoded whole (a 20k x 20k PNG is 400 MP)
 # Units of work and commit (pipeline.infer.driver.plan). Each costs ~5-10 ms of Ray Data and write
 # overhead on a 2-core node: the no-op benchmark's 100-image shards of 64-px images split 64 + 36
 # ran at 0.75x a plain loop in steady state, whole (<= 128) at 0.99-1.13x (benchmarks/RESULTS.md).
 # The byte bound keeps large images few per unit (one 12-MP JPEG is ~4 MB encoded, 36 MB decoded).
 DEFAULT_IMAGES_PER_UNIT = 128
-DEFAULT_UNIT_BYTES = 16 * 2**20  # with --tile, for formats decoded whole (a 20k x 20k PNG is 400 MP)
+DEFAULT_UNIT_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
