@@ -399,16 +399,15 @@ def noop_pipeline(data_uri: str, out_uri: str, ckpt: str, *, actors: int, batch_
     commits: list[tuple[float, str]] = []
     ticks = cpu_ticks()
     start = time.time()
-    summary = run_inference(InferConfig(input=data_uri, output=out_uri, checkpoint=ckpt, batch_size=batch_size,
-                                        actors=str(actors), score_threshold=0.0,
-                                        images_per_unit=images_per_unit, threads=threads),
-                            predictor_factory=noop_predictor(instances, marker, load_model),
+    config = InferConfig(input=data_uri, output=out_uri, checkpoint=ckpt, batch_size=batch_size, actors=str(actors),
+                         score_threshold=0.0, images_per_unit=images_per_unit, threads=threads)
+    summary = run_inference(config, predictor_factory=noop_predictor(instances, marker, load_model),
                             on_unit_committed=lambda name: commits.append((time.time(), name)))
     wall = time.time() - start
     steal = steal_since(ticks)
     first_batch = float(open(marker).read())
     actor_start, actor_ready = (float(v) for v in open(marker + ".actor").read().split())
-    sizes = {u.unit: u.images for u in plan(data_uri, images_per_unit, INFER_DEFAULTS["unit_bytes"])[0]}
+    sizes = {u.unit: u.images for u in plan(data_uri, config.images_per_unit, config.unit_bytes)[0]}
     after_first = summary.images - sizes[commits[0][1]]  # the rate after the first commit
     return {"images": summary.images, "instances": summary.instances, "seconds": wall,
             "images_per_s": summary.images / wall, "first_model_call_s": first_batch - start,

@@ -449,12 +449,13 @@ def run_inference(config: InferConfig, *, predictor_factory: type[Predictor] | N
         elif threads is None:
             threads = cpu_actor_threads(
                 [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")], max_actors)
+        largest = max(u.images for u in pending)
         logger.info("model actors: %s x (%.2f CPU, %.2f GPU, %s torch threads), batch size %d, %d units of up to %d "
                     "images", config.actors, cpus_per_actor, gpus_per_actor, threads or "default", config.batch_size,
-                    len(pending), max(u.images for u in pending))
+                    len(pending), largest)
         sizes = ({"min_size": actors[0], "max_size": actors[1]} if actors[0] != actors[1] else {"size": actors[0]})
         compute = ActorPoolStrategy(**sizes, max_tasks_in_flight_per_actor=GROUPS_IN_FLIGHT_PER_ACTOR)
-        per_task = units_per_task(max(u.images for u in pending), len(pending), max_actors)
+        per_task = units_per_task(largest, len(pending), max_actors)
         ds = ray.data.from_items([u.row() for u in pending], override_num_blocks=-(-len(pending) // per_task))
         # invariant: every output row (a group of units, then one unit's metadata) is its own
         # block, so the model stage starts on a group as soon as it is read, and each unit's
