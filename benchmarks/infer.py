@@ -271,6 +271,18 @@ def gpu_benchmark(args: argparse.Namespace, work: str) -> dict:
     return run
 
 
+def process_start() -> float:
+    """This process's start, seconds since the epoch (``/proc``; 0.0 elsewhere)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0.0
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def noop_predictor(instances: int, marker: str | None = None, load_model: bool = True):
     """A Predictor whose model call does nothing: it loads the checkpoint as the real one does
     (``load_model``: the network built, its weights read and optimized for inference: the real
@@ -300,7 +312,7 @@ def noop_predictor(instances: int, marker: str | None = None, load_model: bool =
             self.sizes = (config.min_size, config.max_size)
             self.outputs: dict = {}
             if marker is not None:
-                mark_once(marker + ".actor", f"{started!r} {time.time()!r}")
+                mark_once(marker + ".actor", f"{started!r} {time.time()!r} {process_start()!r}")
 
         min_size = property(lambda self: self.sizes[0])
         max_size = property(lambda self: self.sizes[1])
@@ -406,14 +418,50 @@ def noop_pipeline(data_uri: str, out_uri: str, ckpt: str, *, actors: int, batch_
     wall = time.time() - start
     steal = steal_since(ticks)
     first_batch = float(open(marker).read())
-    actor_start, actor_ready = (float(v) for v in open(marker + ".actor").read().split())
+    actor_start, actor_ready, actor_process = (float(v) for v in open(marker + ".actor").read().split())
     sizes = {u.unit: u.images for u in plan(data_uri, config.images_per_unit, config.unit_bytes)[0]}
     after_first = summary.images - sizes[commits[0][1]]  # the rate after the first commit
     return {"images": summary.images, "instances": summary.instances, "seconds": wall,
             "images_per_s": summary.images / wall, "first_model_call_s": first_batch - start,
-            "actor_process_up_s": actor_start - start, "actor_ready_s": actor_ready - start,
+            "actor_process_started_s": actor_process - start, "actor_process_up_s": actor_start - start,
+            "actor_ready_s": actor_ready - start,
             "first_commit_s": commits[0][0] - start, "steal": steal, "units": len(sizes),
             "steady_images_per_s": after_first / (commits[-1][0] - commits[0][0]) if len(commits) > 1 else 0.0}
+
+
+def model_actor_bound(data_uri: str, ckpt: str, images: int, units: int = 20) -> dict:
+    """The model actor's own critical path, each part measured alone on this machine: in a fresh
+    Python process, importing what the actor imports (Ray Data, torch, torchvision) and loading the
+    checkpoint (seconds, wall, timed inside the process: its start and exit not counted), and the actor's work per image outside Ray (the no-op
+    :class:`~pipeline.infer.stages.SegmentAndWrite` over ``units`` already decoded units: resize,
+    post-process, results file). No end-to-end run of ``images`` images can finish before
+    ``imports_and_load_s + images * actor_ms_per_image`` however its reads overlap the start-up."""
+    import pyarrow as pa
+
+    from pipeline.infer import driver, stages
+
+    code = ("import time; t = time.perf_counter(); import ray.data, torch, torchvision; "
+            "from pipeline.infer.predictor import load_model; load_model(%r); print(time.perf_counter() - t)" % ckpt)
+    inside = float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.split()[-1])
+    plan_units = driver.plan(data_uri, INFER_DEFAULTS["images_per_unit"], INFER_DEFAULTS["unit_bytes"])[0][:units]
+    groups = [g for u in plan_units for g in stages.read_groups(pa.Table.from_pylist([u.row()]), max_pixels=None)]
+    out = tempfile.mkdtemp(prefix="maskray-bound-")
+    try:
+        actor = stages.SegmentAndWrite(output_uri=out, category_ids=[c["id"] for c in CATEGORIES],
+                                       predictor_factory=noop_predictor(0), checkpoint_uri=ckpt,
+                                       batch_size=INFER_DEFAULTS["batch_size"], threads=os.cpu_count())
+        for row in actor(groups[0]):  # warm-up: the first call's lazy imports
+            pass
+        start = time.perf_counter()
+        for g in groups[1:]:
+            for row in actor(g):
+                pass
+        per_image = (time.perf_counter() - start) / sum(u.images for u in plan_units[1:])
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return {"imports_and_load_s": inside, "actor_ms_per_image": 1e3 * per_image,
+            "bound_s": inside + images * per_image}
 
 
 def stage_bytes(data_uri: str, ckpt: str, instances: int) -> dict:
@@ -576,7 +624,9 @@ def noop_benchmark(args: argparse.Namespace, work: str) -> dict:
                   f"{run['images_per_s']:.0f} images/s ({run['seconds']:.1f} s), steady {run['steady_images_per_s']:.0f} "
                   f"images/s; ratio to the loop: end to end {run['ratio_end_to_end']:.2f} (target 0.5), steady "
                   f"{run['ratio_steady']:.2f} (target 0.8); start-up: Ray started in {ray_start:.1f} s (before the "
-                  f"runs), model actor process up at {run['actor_process_up_s']:.1f} s, its checkpoint loaded at "
+                  f"runs), model actor's process started at {run['actor_process_started_s']:.1f} s, its predictor "
+                  f"constructed from {run['actor_process_up_s']:.1f} s (after the process imported Ray Data "
+                  f"and torch), its checkpoint loaded at "
                   f"{run['actor_ready_s']:.1f} s, first model call at {run['first_model_call_s']:.1f} s, first results "
                   f"committed at {run['first_commit_s']:.1f} s (target 15); CPU stolen by the host: "
                   f"{100 * run['steal']:.0f}%", flush=True)
@@ -587,8 +637,15 @@ def noop_benchmark(args: argparse.Namespace, work: str) -> dict:
           f"nothing of ours): first output at {floor['first_output_s']:.1f} s = "
           f"{floor['first_output_s'] / loop['seconds']:.2f}x the loop's whole run of {loop['images']} images; "
           f"end to end 0.5x needs every image done in {2 * loop['seconds']:.1f} s", flush=True)
+    bound = model_actor_bound(data_uri, ckpt, loop["images"])
+    print(f"the model actor's own critical path (each part alone, no Ray): a fresh process importing Ray Data, "
+          f"torch, torchvision and loading the checkpoint {bound['imports_and_load_s']:.1f} s, then "
+          f"{bound['actor_ms_per_image']:.3f} ms of actor work per image: no run of {loop['images']} images ends "
+          f"before {bound['bound_s']:.1f} s = {loop['seconds'] / bound['bound_s']:.2f}x the loop end to end "
+          f"at best", flush=True)
     rss = driver_rss(args, work, ckpt)
-    return {"loop": loop, "pipeline": runs, "ray_data_floor": floor, "bytes": sizes, "driver_rss": rss}
+    return {"loop": loop, "pipeline": runs, "ray_data_floor": floor, "model_actor_bound": bound, "bytes": sizes,
+            "driver_rss": rss}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,11 +99,21 @@ def _timed(timings: Timings, name: str, fn, *args, **kwargs):
 
 
 def _step(timings: Timings, name: str, argv: list[str]) -> None:
-    """Run ``maskray ARGV`` in-process (same code as the command), timing it."""
+    """Run ``maskray ARGV`` in-process (same code as the command), timing it. A step whose output
+    an earlier demo made with other settings (another maskray version's defaults) is refused by
+    the step's run record; the demo's own way out is ``--fresh``, not the step's flag."""
+    from pipeline.runrecord import RunChangedError
+
     logger.info("demo: ── %s ── maskray %s", name, " ".join(argv))
     start = time.perf_counter()
-    code = cli.invoke(argv)
-    timings.record(name, time.perf_counter() - start)
+    try:
+        code = cli.invoke(argv)
+    except RunChangedError as exc:
+        raise RunChangedError(f"demo step '{name}': {str(exc).split('; pass ')[0]}; this output folder holds an "
+                              "earlier demo's results: `maskray demo --fresh` (or deleting the folder) starts "
+                              "over") from None
+    finally:
+        timings.record(name, time.perf_counter() - start)
     if code:
         from model.errors import MaskrayError
 

@@ -130,3 +130,42 @@ def test_a_longer_student_is_reported_with_its_extra_training(tmp_path):
     from_teacher = demo._report(paths, {"model": "/t.pt"}, _metrics(0.5, 0.5), None, demo.Timings(), 1.0,
                                 Path(tmp_path), Path(tmp_path), keypoints=kp, keypoint_init="/t.pt")
     assert "fine-tuned from the model above (`/t.pt`)" in from_teacher
+
+
+def test_a_step_refused_for_an_earlier_demos_settings_says_to_start_fresh(tmp_path, monkeypatch):
+    """An output folder made by an earlier demo with other infer settings: the infer step's run
+    record refuses it, and the demo names its own way out (--fresh), not the step's --overwrite."""
+    import pytest
+    import ray
+    import torch
+
+    import pyarrow.parquet as pq
+
+    from model.checkpoint import ModelConfig, build_from_config, save_checkpoint
+    from pipeline.data import format as fmt
+    from pipeline.runrecord import RunChangedError
+
+    categories = [{"id": 1, "name": "a"}]
+    torch.manual_seed(0)
+    config = ModelConfig.for_categories(categories, backbone="resnet18", min_size=64, max_size=96)
+    ckpt = str(tmp_path / "a.pt")
+    save_checkpoint(ckpt, build_from_config(config), config)
+    data = tmp_path / "pool"  # two empty shards: the step needs no Ray
+    data.mkdir()
+    infos = []
+    for index in range(2):
+        path = fmt.SHARD_PATTERN.format(index=index)
+        pq.write_table(fmt.rows_to_table([]), str(data / path))
+        infos.append(fmt.ShardInfo(path=path, images=0, instances=0, bytes=(data / path).stat().st_size))
+    fmt.write_manifest(str(data), fmt.Manifest(categories=categories, shards=infos))
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray must not start"))
+    out = str(tmp_path / "predictions")
+    argv = ["infer", "--checkpoint", ckpt, "--input", str(data), "--output", out]
+    timings = demo.Timings()
+    demo._step(timings, "infer", [*argv, "--images-per-unit", "64"])  # the earlier demo's defaults
+    with pytest.raises(RunChangedError) as refused:
+        demo._step(timings, "infer", argv)
+    message = str(refused.value)
+    assert message.startswith("demo step 'infer': ") and "options.images_per_unit (64 -> 128)" in message
+    assert "maskray demo --fresh" in message and "--overwrite" not in message
+    assert len(message.splitlines()) == 1
