@@ -72,8 +72,8 @@ logger = logging.getLogger(__name__)
 MAX_RESTARTS = 2  # a dead model actor is restarted at most this often ...
 MAX_TASK_RETRIES = 2  # ... and a unit retried on a new actor at most this often; then the run stops
 PROGRESS_SECONDS = 10.0
-TASK_IMAGES = 1024  # images per read task (several units of small images share one Ray task)
-MAX_UNITS_PER_TASK = 16
+TASK_IMAGES = 4096  # images per read task (several units of small images share one Ray task)
+MAX_UNITS_PER_TASK = 64
 READ_GROUPS_UNCONSUMED = 2  # groups a read task may leave for the model stage before it waits
 # Groups queued on each model actor. Ray Data's default (2) left a CPU actor idle ~40 % of the
 # time on 2 cores with one 100-image unit of 64-px images per task (~25 ms of work each): the
@@ -103,11 +103,15 @@ def units_per_task(images_per_unit: int, units: int | None = None, actors: int =
     :data:`TASKS_PER_ACTOR` tasks per actor (a group goes to one actor: 8 units in 4 groups were
     all queued on the first actor up, and the second stayed idle).
 
-    A Ray Data task costs ~70-100 ms of scheduling on a busy 2-core node, a 100-image unit of
-    64-px images ~30 ms of reading and decoding: one unit per task held the read stage at
-    ~700 images/s, ten per task at ~2,000 (benchmarks/RESULTS.md, issue 13 item 4). A task's
-    units travel in ~8 MB groups (:func:`~pipeline.infer.stages.read_groups`), so a large unit
-    (12-MP photos) never waits for the others.
+    Between one read task's end and the next one's start Ray Data spends 0.1-0.3 s on a 2-core
+    node (the longer while the model actor imports torch), against ~15 ms of reading and
+    decoding per 100-image unit of 64-px images: with one read task running at a time (the
+    actor holds the other CPU), ten units per task kept the read stage idle over half the
+    time (20,000 images in 200 units: 97 read before the actor's first model call at 5.0 s;
+    with forty per task 167-174 by 5.8 s; benchmarks/RESULTS.md, "maskray infer plumbing").
+    A task's units travel in ~8 MB groups (:func:`~pipeline.infer.stages.read_groups`), so a
+    large unit (12-MP photos) never waits for the others, and a task holds at most
+    :data:`READ_GROUPS_UNCONSUMED` unconsumed groups whatever its size.
     """
     per_task = max(1, min(MAX_UNITS_PER_TASK, TASK_IMAGES // max(1, images_per_unit)))
     if units is not None:

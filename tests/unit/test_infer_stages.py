@@ -176,8 +176,9 @@ def test_segment_and_write_runs_the_next_unit_while_the_last_is_written(tiny, tm
 
 
 def test_units_per_task_leaves_work_for_every_actor():
-    assert driver.units_per_task(100) == 10 and driver.units_per_task(1) == driver.MAX_UNITS_PER_TASK
-    assert driver.units_per_task(100, units=200, actors=1) == 10  # enough units: ~1,024 images a task
+    assert driver.units_per_task(100) == 40 and driver.units_per_task(1) == driver.MAX_UNITS_PER_TASK
+    assert driver.units_per_task(100, units=200, actors=1) == 40  # enough units: ~4,096 images a task
+    assert driver.units_per_task(100, units=200, actors=4) == 10  # still 5 tasks per actor
     # more groups per actor than it holds queued: the first actor up never takes them all
     assert driver.TASKS_PER_ACTOR > driver.GROUPS_IN_FLIGHT_PER_ACTOR
     assert driver.units_per_task(64, units=8, actors=2) == 1  # 8 groups, 4 in flight per actor
