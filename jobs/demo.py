@@ -109,9 +109,8 @@ def _step(timings: Timings, name: str, argv: list[str]) -> None:
     try:
         code = cli.invoke(argv)
     except RunChangedError as exc:
-        raise RunChangedError(f"demo step '{name}': {str(exc).split('; pass ')[0]}; this output folder holds an "
-                              "earlier demo's results: `maskray demo --fresh` (or deleting the folder) starts "
-                              "over") from None
+        raise RunChangedError(f"demo step '{name}': {exc.change}; this output folder holds an earlier demo's "
+                              "results: `maskray demo --fresh` (or deleting the folder) starts over") from None
     finally:
         timings.record(name, time.perf_counter() - start)
     if code:

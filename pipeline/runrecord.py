@@ -33,7 +33,13 @@ SHOWN = 6  # differences named in one message
 
 
 class RunChangedError(ConfigError):
-    """A rerun's result-changing settings differ from the record of the results already there."""
+    """A rerun's result-changing settings differ from the record of the results already there.
+    ``change``: what differs, without the way out the message names (a caller with its own way
+    out, such as ``maskray demo --fresh``, words its message from it)."""
+
+    def __init__(self, message: str, change: str | None = None) -> None:
+        super().__init__(message)
+        self.change = change or message
 
 
 def differences(old: dict[str, Any], new: dict[str, Any], ignore: Iterable[str] = (),
@@ -99,7 +105,7 @@ def compare(old: dict[str, Any] | None, settings: dict[str, Any], *, ignore: Ite
     verb = "recompute them" if flag == "--overwrite" else "continue under these settings"
     text = f"{what} was made with other settings: {describe(old, settings, diff)}"
     if not override:
-        raise RunChangedError(f"{text}; pass {flag} to {verb}, or {alternative}")
+        raise RunChangedError(f"{text}; pass {flag} to {verb}, or {alternative}", change=text)
     logger.warning("%s (%s given: going on)", text, flag)
     return diff
 

@@ -1,9 +1,18 @@
-"""The demo's report.md (jobs.demo._report) from a finished run's artifacts; no Ray, no training."""
+"""The demo's report.md (jobs.demo._report) from a finished run's artifacts, and its steps' refusals;
+no Ray started, no training."""
 
 from pathlib import Path
 
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+
 from jobs import demo
+from model.checkpoint import ModelConfig, build_from_config, save_checkpoint
+from pipeline.data import format as fmt
 from pipeline.distill.rounds import RoundState
+from pipeline.runrecord import RunChangedError
 
 
 def _metrics(box: float, mask: float) -> dict:
@@ -135,16 +144,6 @@ def test_a_longer_student_is_reported_with_its_extra_training(tmp_path):
 def test_a_step_refused_for_an_earlier_demos_settings_says_to_start_fresh(tmp_path, monkeypatch):
     """An output folder made by an earlier demo with other infer settings: the infer step's run
     record refuses it, and the demo names its own way out (--fresh), not the step's --overwrite."""
-    import pytest
-    import ray
-    import torch
-
-    import pyarrow.parquet as pq
-
-    from model.checkpoint import ModelConfig, build_from_config, save_checkpoint
-    from pipeline.data import format as fmt
-    from pipeline.runrecord import RunChangedError
-
     categories = [{"id": 1, "name": "a"}]
     torch.manual_seed(0)
     config = ModelConfig.for_categories(categories, backbone="resnet18", min_size=64, max_size=96)
