@@ -7,7 +7,9 @@ from ``chromium --screenshot`` must be a real PNG."""
 import asyncio
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -69,53 +71,81 @@ def page(tmp_path_factory):
     return Path(summary.page)
 
 
+def _stop_session(proc: subprocess.Popen) -> None:
+    """SIGTERM to the browser's whole session, then SIGKILL after 10 s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _remove_profile(path: str, timeout: float = 10.0) -> None:
+    """Remove the browser's profile folder; a helper process still exiting may write one last file
+    into it (``Directory not empty: 'Default'``), so retry for ``timeout`` seconds, then raise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            shutil.rmtree(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def _devtools_load(url: str, timeout: float = 60.0) -> tuple[list[dict], list[str]]:
     """Open ``url`` in a fresh headless Chromium; returns ``(every <img>'s src/complete/naturalWidth,
     error lines: console errors, uncaught exceptions, log entries of level error)``."""
     aiohttp = pytest.importorskip("aiohttp")
-    with tempfile.TemporaryDirectory() as profile:
-        proc = subprocess.Popen([BROWSER, *FLAGS, "--remote-debugging-port=0", "--remote-allow-origins=*",
-                                 f"--user-data-dir={profile}", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            port_file, deadline = Path(profile) / "DevToolsActivePort", time.monotonic() + timeout
-            while not (port_file.exists() and port_file.read_text().strip()):
-                assert proc.poll() is None and time.monotonic() < deadline, "chromium did not start its DevTools"
-                time.sleep(0.1)
-            port = int(port_file.read_text().split()[0])
-            targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read())
-            ws_url = next(t["webSocketDebuggerUrl"] for t in targets if t.get("type") == "page")
+    profile = tempfile.mkdtemp(prefix="maskray-chromium-")
+    # its own session: the browser's helper processes (renderer, GPU, crashpad) are stopped with it
+    proc = subprocess.Popen([BROWSER, *FLAGS, "--remote-debugging-port=0", "--remote-allow-origins=*",
+                             f"--user-data-dir={profile}", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        port_file, deadline = Path(profile) / "DevToolsActivePort", time.monotonic() + timeout
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, "chromium did not start its DevTools"
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read())
+        ws_url = next(t["webSocketDebuggerUrl"] for t in targets if t.get("type") == "page")
 
-            async def session():
-                async with aiohttp.ClientSession() as http, http.ws_connect(ws_url, max_msg_size=0) as ws:
-                    events, counter = [], iter(range(1, 10**6))
+        async def session():
+            async with aiohttp.ClientSession() as http, http.ws_connect(ws_url, max_msg_size=0) as ws:
+                events, counter = [], iter(range(1, 10**6))
 
-                    async def call(method, **params):
-                        number = next(counter)
-                        await ws.send_json({"id": number, "method": method, "params": params})
-                        while True:
-                            message = await ws.receive_json()
-                            if message.get("id") == number:
-                                assert "error" not in message, message
-                                return message.get("result", {})
-                            events.append(message)
+                async def call(method, **params):
+                    number = next(counter)
+                    await ws.send_json({"id": number, "method": method, "params": params})
+                    while True:
+                        message = await ws.receive_json()
+                        if message.get("id") == number:
+                            assert "error" not in message, message
+                            return message.get("result", {})
+                        events.append(message)
 
-                    for method in ("Page.enable", "Runtime.enable", "Log.enable"):
-                        await call(method)
-                    await call("Page.navigate", url=url)
-                    while not any(e.get("method") == "Page.loadEventFired" for e in events):
-                        events.append(await ws.receive_json())
-                    await asyncio.sleep(0.3)  # late console messages
-                    images = await call("Runtime.evaluate", expression=IMAGES_JS, returnByValue=True)
-                    return images["result"]["value"], events
+                for method in ("Page.enable", "Runtime.enable", "Log.enable"):
+                    await call(method)
+                await call("Page.navigate", url=url)
+                while not any(e.get("method") == "Page.loadEventFired" for e in events):
+                    events.append(await ws.receive_json())
+                await asyncio.sleep(0.3)  # late console messages
+                images = await call("Runtime.evaluate", expression=IMAGES_JS, returnByValue=True)
+                return images["result"]["value"], events
 
-            images, events = asyncio.run(asyncio.wait_for(session(), timeout))
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        images, events = asyncio.run(asyncio.wait_for(session(), timeout))
+    finally:
+        _stop_session(proc)
+        _remove_profile(profile)
     errors = []
     for e in events:
         params = e.get("params", {})
@@ -146,10 +176,13 @@ def test_the_check_catches_a_broken_image_and_a_console_error(tmp_path):
 
 def test_screenshot_is_a_png(page, tmp_path):
     shot = tmp_path / "page.png"
-    with tempfile.TemporaryDirectory() as profile:
+    profile = tempfile.mkdtemp(prefix="maskray-chromium-")
+    try:
         subprocess.run([BROWSER, *FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}",
                         "--window-size=1200,1600", page.as_uri()], check=True, timeout=120,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    finally:
+        _remove_profile(profile)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     picture = np.asarray(Image.open(shot).convert("RGB"))
     assert picture.shape[:2] == (1600, 1200) and picture.std() > 5  # drawn, not a blank page
