@@ -434,8 +434,9 @@ def model_actor_bound(data_uri: str, ckpt: str, images: int, units: int = 20) ->
     Python process, importing what the actor imports (Ray Data, torch, torchvision) and loading the
     checkpoint (seconds, wall, timed inside the process: its start and exit not counted), and the
     actor's work per image outside Ray (the no-op :class:`~pipeline.infer.stages.SegmentAndWrite`
-    over ``units`` already decoded units: resize, post-process, results file). No end-to-end run of ``images`` images can finish before
-    ``imports_and_load_s + images * actor_ms_per_image`` however its reads overlap the start-up."""
+    over ``units`` already decoded units: resize, post-process, results file). No end-to-end run of
+    ``images`` images can finish before ``imports_and_load_s + images * actor_ms_per_image``,
+    however its reads overlap the start-up."""
     import pyarrow as pa
 
     from pipeline.infer import driver, stages
